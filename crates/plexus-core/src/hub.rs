@@ -95,7 +95,9 @@ impl Default for Hub {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Hub {
@@ -125,7 +127,11 @@ impl Hub {
     }
 
     /// Adds a subscriber to a channel and returns the channel's shared name.
-    pub fn subscribe(&self, channel: &str, subscriber: Subscriber) -> Result<Arc<str>, SubscribeError> {
+    pub fn subscribe(
+        &self,
+        channel: &str,
+        subscriber: Subscriber,
+    ) -> Result<Arc<str>, SubscribeError> {
         let mut shard = self
             .shard(channel)
             .write()
@@ -245,7 +251,11 @@ mod tests {
     #[test]
     fn fan_out_in_order_to_the_channel_only() {
         let hub = Hub::new();
-        let (a, b, c) = (subscriber(&hub, 1 << 20), subscriber(&hub, 1 << 20), subscriber(&hub, 1 << 20));
+        let (a, b, c) = (
+            subscriber(&hub, 1 << 20),
+            subscriber(&hub, 1 << 20),
+            subscriber(&hub, 1 << 20),
+        );
         hub.subscribe("chat:x", a.clone()).unwrap();
         hub.subscribe("chat:x", b.clone()).unwrap();
         hub.subscribe("chat:y", c.clone()).unwrap();

@@ -16,5 +16,5 @@ mod publication;
 
 pub use hub::{ClientInfo, ConnectionId, Hub, PublishReport, SubscribeError, Subscriber};
 pub use outbox::{Outbox, OutboxState};
-pub use publication::{Encoding, Publication};
 pub use plexus_protocol::ws::MessageKind;
+pub use publication::{Encoding, Publication};

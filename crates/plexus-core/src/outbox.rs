@@ -53,7 +53,9 @@ impl Outbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A panic while holding this lock cannot leave the queue inconsistent (every update is
         // a single push or drain), so a poisoned lock is still usable.
-        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues a publication. Returns false if the outbox is not open (any more), in which case

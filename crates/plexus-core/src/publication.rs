@@ -72,7 +72,10 @@ mod tests {
         let calls = AtomicUsize::new(0);
         let encode = |publication: &Publication| {
             calls.fetch_add(1, Ordering::Relaxed);
-            Bytes::from(format!("<{}>", std::str::from_utf8(&publication.data).unwrap()))
+            Bytes::from(format!(
+                "<{}>",
+                std::str::from_utf8(&publication.data).unwrap()
+            ))
         };
         for _ in 0..3 {
             assert_eq!(publication.encoded(Encoding::WebSocketRaw, encode), "<hi>");

@@ -65,7 +65,9 @@ pub fn parse_line(raw: &[u8]) -> Result<ChatLine<'_>, ChatLineError> {
         "nick" => {
             let valid = !argument.is_empty()
                 && argument.chars().count() <= MAX_NICK_CHARS
-                && !argument.chars().any(|c| c.is_whitespace() || c.is_control());
+                && !argument
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control());
             if valid {
                 Ok(ChatLine::Nick(argument))
             } else {
@@ -84,7 +86,8 @@ pub fn parse_line(raw: &[u8]) -> Result<ChatLine<'_>, ChatLineError> {
 }
 
 /// Text of `/help`.
-pub const HELP: &str = "* commands: /nick NAME, /join ROOM, /who, /quit, /help; anything else is a message\n";
+pub const HELP: &str =
+    "* commands: /nick NAME, /join ROOM, /who, /quit, /help; anything else is a message\n";
 
 /// The publication data for a message typed over TCP: `NICK: TEXT`.
 pub fn message_data(nick: &str, text: &str) -> String {
@@ -129,14 +132,23 @@ mod tests {
         check("/nick  bob  ", Ok(ChatLine::Nick("bob")));
         check("/nick", Err(ChatLineError::BadNick));
         check("/nick a b", Err(ChatLineError::BadNick));
-        check(&format!("/nick {}", "x".repeat(33)), Err(ChatLineError::BadNick));
+        check(
+            &format!("/nick {}", "x".repeat(33)),
+            Err(ChatLineError::BadNick),
+        );
         check("/join lobby", Ok(ChatLine::Join("lobby")));
         check("/join", Err(ChatLineError::BadRoom(RoomError::Empty)));
-        check("/join a:b", Err(ChatLineError::BadRoom(RoomError::BadCharacter)));
+        check(
+            "/join a:b",
+            Err(ChatLineError::BadRoom(RoomError::BadCharacter)),
+        );
         check("/who", Ok(ChatLine::Who));
         check("/quit", Ok(ChatLine::Quit));
         check("/help", Ok(ChatLine::Help));
-        check("/dance", Err(ChatLineError::UnknownCommand("/dance".into())));
+        check(
+            "/dance",
+            Err(ChatLineError::UnknownCommand("/dance".into())),
+        );
         assert_eq!(parse_line(b"\xff\xfe"), Err(ChatLineError::NotUtf8));
     }
 

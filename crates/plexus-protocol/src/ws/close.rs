@@ -26,7 +26,9 @@ pub fn is_valid_received(code: u16) -> bool {
 mod tests {
     #[test]
     fn received_codes() {
-        for code in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999] {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999,
+        ] {
             assert!(super::is_valid_received(code), "{code}");
         }
         for code in [0, 999, 1004, 1005, 1006, 1012, 1015, 2999, 5000] {

@@ -18,11 +18,17 @@ pub struct DecoderConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A complete data message, reassembled and decompressed; text is valid UTF-8.
-    Message { kind: MessageKind, data: Bytes },
+    Message {
+        kind: MessageKind,
+        data: Bytes,
+    },
     Ping(Bytes),
     Pong(Bytes),
     /// The client started the close handshake; `code` is `None` for an empty close frame.
-    Close { code: Option<u16>, reason: String },
+    Close {
+        code: Option<u16>,
+        reason: String,
+    },
 }
 
 /// A protocol violation. The connection answers with [`DecodeError::close_code`] and closes.
@@ -97,7 +103,11 @@ impl Decoder {
 
     /// Bytes held for incomplete frames and messages.
     pub fn buffered(&self) -> usize {
-        self.buffer.len() + self.partial.as_ref().map_or(0, |partial| partial.data.len())
+        self.buffer.len()
+            + self
+                .partial
+                .as_ref()
+                .map_or(0, |partial| partial.data.len())
     }
 
     pub fn next_event(&mut self) -> Result<Option<Event>, DecodeError> {
@@ -137,7 +147,10 @@ impl Decoder {
             126 if buffer.len() < 4 => return Ok(None),
             126 => (u64::from(u16::from_be_bytes([buffer[2], buffer[3]])), 2),
             127 if buffer.len() < 10 => return Ok(None),
-            127 => (u64::from_be_bytes(buffer[2..10].try_into().expect("8 bytes")), 8),
+            127 => (
+                u64::from_be_bytes(buffer[2..10].try_into().expect("8 bytes")),
+                8,
+            ),
             short => (u64::from(short), 0),
         };
         let limit = self.config.max_message_size;
@@ -159,7 +172,10 @@ impl Decoder {
             if rsv1 && (opcode == OpCode::Continuation || !self.config.deflate) {
                 return Err(DecodeError::ReservedBits);
             }
-            let so_far = self.partial.as_ref().map_or(0, |partial| partial.data.len()) as u64;
+            let so_far = self
+                .partial
+                .as_ref()
+                .map_or(0, |partial| partial.data.len()) as u64;
             if so_far.saturating_add(length) > limit as u64 {
                 return Err(DecodeError::TooBig { limit });
             }
@@ -215,10 +231,12 @@ impl Decoder {
     ) -> Result<Event, DecodeError> {
         let data = if compressed {
             let limit = self.config.max_message_size;
-            Bytes::from(deflate::decompress(&data, limit).map_err(|error| match error {
-                InflateError::TooBig { limit } => DecodeError::TooBig { limit },
-                InflateError::Corrupt => DecodeError::CorruptCompression,
-            })?)
+            Bytes::from(
+                deflate::decompress(&data, limit).map_err(|error| match error {
+                    InflateError::TooBig { limit } => DecodeError::TooBig { limit },
+                    InflateError::Corrupt => DecodeError::CorruptCompression,
+                })?,
+            )
         } else {
             data.freeze()
         };
@@ -317,8 +335,13 @@ mod tests {
     #[test]
     fn rfc_masked_hello() {
         // RFC 6455 §5.7: a single-frame masked text message "Hello".
-        let bytes = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
-        assert_eq!(decode_all(&mut decoder(false), &bytes), Ok(vec![text("Hello")]));
+        let bytes = [
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
+        assert_eq!(
+            decode_all(&mut decoder(false), &bytes),
+            Ok(vec![text("Hello")])
+        );
     }
 
     #[test]
@@ -404,10 +427,18 @@ mod tests {
         two_starts.extend(frame(0x81, b"b"));
         check(two_starts, DecodeError::ExpectedContinuation, 1002);
         check(frame(0x81, &[0xC3, 0x28]), DecodeError::InvalidUtf8, 1007);
-        check(frame(0x82, &[0; 1025]), DecodeError::TooBig { limit: 1024 }, 1009);
+        check(
+            frame(0x82, &[0; 1025]),
+            DecodeError::TooBig { limit: 1024 },
+            1009,
+        );
         let mut fragmented_too_big = frame(0x02, &[0; 1000]);
         fragmented_too_big.extend(frame(0x80, &[0; 25]));
-        check(fragmented_too_big, DecodeError::TooBig { limit: 1024 }, 1009);
+        check(
+            fragmented_too_big,
+            DecodeError::TooBig { limit: 1024 },
+            1009,
+        );
     }
 
     #[test]

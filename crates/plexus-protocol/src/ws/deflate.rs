@@ -82,8 +82,8 @@ pub fn decompress(payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError>
                 if status == Status::StreamEnd {
                     return Ok(out);
                 }
-                let progressed = decompressor.total_in() != in_before
-                    || decompressor.total_out() != out_before;
+                let progressed =
+                    decompressor.total_in() != in_before || decompressor.total_out() != out_before;
                 if consumed == input.len() && out.len() < out.capacity() {
                     break;
                 }
@@ -122,7 +122,10 @@ mod tests {
             decompress(&bomb, 65_536),
             Err(InflateError::TooBig { limit: 65_536 })
         );
-        assert_eq!(decompress(&[0xFF, 0xFF, 0xFF, 0xFF], 1024), Err(InflateError::Corrupt));
+        assert_eq!(
+            decompress(&[0xFF, 0xFF, 0xFF, 0xFF], 1024),
+            Err(InflateError::Corrupt)
+        );
     }
 
     #[test]

@@ -109,7 +109,8 @@ pub fn accepts_deflate(extensions: &str) -> bool {
             let acceptable = match name {
                 "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
                 "client_max_window_bits" => value.is_none_or(|bits| {
-                    bits.parse::<u8>().is_ok_and(|bits| (8..=15).contains(&bits))
+                    bits.parse::<u8>()
+                        .is_ok_and(|bits| (8..=15).contains(&bits))
                 }),
                 "server_max_window_bits" => value == Some("15"),
                 _ => false,
@@ -146,25 +147,63 @@ mod tests {
         let check = |request: UpgradeRequest<'static>, expected: UpgradeError| {
             assert_eq!(request.accept(), Err(expected));
         };
-        check(UpgradeRequest { method_is_get: false, ..request() }, UpgradeError::NotGet);
-        check(UpgradeRequest { upgrade: None, ..request() }, UpgradeError::NoUpgradeHeader);
-        check(UpgradeRequest { connection: Some("close"), ..request() }, UpgradeError::NoConnectionUpgrade);
-        check(UpgradeRequest { version: Some("8"), ..request() }, UpgradeError::BadVersion);
-        check(UpgradeRequest { key: Some("short"), ..request() }, UpgradeError::BadKey);
+        check(
+            UpgradeRequest {
+                method_is_get: false,
+                ..request()
+            },
+            UpgradeError::NotGet,
+        );
+        check(
+            UpgradeRequest {
+                upgrade: None,
+                ..request()
+            },
+            UpgradeError::NoUpgradeHeader,
+        );
+        check(
+            UpgradeRequest {
+                connection: Some("close"),
+                ..request()
+            },
+            UpgradeError::NoConnectionUpgrade,
+        );
+        check(
+            UpgradeRequest {
+                version: Some("8"),
+                ..request()
+            },
+            UpgradeError::BadVersion,
+        );
+        check(
+            UpgradeRequest {
+                key: Some("short"),
+                ..request()
+            },
+            UpgradeError::BadKey,
+        );
         assert_eq!(UpgradeError::BadVersion.status(), 426);
     }
 
     #[test]
     fn deflate_offers() {
-        assert!(accepts_deflate("permessage-deflate; client_max_window_bits"));
+        assert!(accepts_deflate(
+            "permessage-deflate; client_max_window_bits"
+        ));
         assert!(accepts_deflate("permessage-deflate"));
-        assert!(accepts_deflate("x-webkit-deflate-frame, permessage-deflate; server_no_context_takeover"));
-        assert!(!accepts_deflate("permessage-deflate; server_max_window_bits=10"));
+        assert!(accepts_deflate(
+            "x-webkit-deflate-frame, permessage-deflate; server_no_context_takeover"
+        ));
+        assert!(!accepts_deflate(
+            "permessage-deflate; server_max_window_bits=10"
+        ));
         assert!(accepts_deflate(
             "permessage-deflate; server_max_window_bits=10, permessage-deflate"
         ));
         assert!(!accepts_deflate("permessage-deflate; unknown"));
-        assert!(!accepts_deflate("permessage-deflate; client_max_window_bits=20"));
+        assert!(!accepts_deflate(
+            "permessage-deflate; client_max_window_bits=20"
+        ));
         assert!(!accepts_deflate(
             "permessage-deflate; server_no_context_takeover; server_no_context_takeover"
         ));

@@ -1,0 +1,361 @@
+//! Configuration: one list of settings, read from a TOML file, `PLEXUS_*` environment variables
+//! and command-line flags, in that order of precedence from low to high.
+//!
+//! [`Settings`] is that list with every value optional; the binary parses flags and environment
+//! into one `Settings` (clap reads both), loads the file into another, layers them with
+//! [`Settings::or`] and turns the result into a checked [`Config`] with [`Settings::resolve`].
+//! A file that cannot be read or holds an unknown key or a bad value is an error naming the key,
+//! never a silent fallback to defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every setting, each optional. Field names are the TOML keys; flags are the same names in
+/// kebab-case (`--max-message-size`), environment variables the same in upper case with a
+/// `PLEXUS_` prefix (`PLEXUS_MAX_MESSAGE_SIZE`).
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP and WebSocket listener [default: 127.0.0.1:8000]
+    #[arg(long, env = "PLEXUS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// TCP echo listener, or `off` [default: 127.0.0.1:8001]
+    #[arg(long, env = "PLEXUS_TCP_ECHO", value_name = "ADDR|off")]
+    pub tcp_echo: Option<String>,
+    /// TCP chat listener, or `off` [default: 127.0.0.1:8002]
+    #[arg(long, env = "PLEXUS_TCP_CHAT", value_name = "ADDR|off")]
+    pub tcp_chat: Option<String>,
+    /// PEM certificate chain: serve https and wss on the main listener (with --tls-key)
+    #[arg(long, env = "PLEXUS_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert
+    #[arg(long, env = "PLEXUS_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Largest WebSocket message or TCP chat line accepted, in bytes [default: 65536]
+    #[arg(long, env = "PLEXUS_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
+    /// How often the server pings each WebSocket [default: 25s]
+    #[arg(long, env = "PLEXUS_PING_INTERVAL", value_name = "DURATION")]
+    pub ping_interval: Option<String>,
+    /// How long after a ping a silent peer is closed [default: 10s]
+    #[arg(long, env = "PLEXUS_PONG_TIMEOUT", value_name = "DURATION")]
+    pub pong_timeout: Option<String>,
+    /// Time allowed for the TLS handshake and the HTTP request head [default: 10s]
+    #[arg(long, env = "PLEXUS_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
+    pub handshake_timeout: Option<String>,
+    /// TCP echo and chat connections silent this long are closed [default: 5m]
+    #[arg(long, env = "PLEXUS_TCP_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub tcp_idle_timeout: Option<String>,
+    /// Longest wait for connections to close on shutdown [default: 10s]
+    #[arg(long, env = "PLEXUS_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
+    /// Most open connections in all [default: 100000]
+    #[arg(long, env = "PLEXUS_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most open connections from one IP address [default: 10000]
+    #[arg(long, env = "PLEXUS_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Bytes queued for one slow connection before it is cut with 3008 [default: 1048576]
+    #[arg(long, env = "PLEXUS_OUTBOX_LIMIT", value_name = "BYTES")]
+    pub outbox_limit: Option<usize>,
+    /// Offer permessage-deflate to WebSocket clients [default: false]
+    #[arg(long, env = "PLEXUS_WEBSOCKET_COMPRESSION", value_name = "BOOL")]
+    pub websocket_compression: Option<bool>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "PLEXUS_LOG_FORMAT", value_name = "text|json")]
+    pub log_format: Option<String>,
+    /// Log filter, e.g. info or plexus_server=debug [default: info]
+    #[arg(long, env = "PLEXUS_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// TLS certificate and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A complete, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// `None` when the listener is off.
+    pub tcp_echo: Option<SocketAddr>,
+    pub tcp_chat: Option<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    pub max_message_size: usize,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub tcp_idle_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub outbox_limit: usize,
+    pub websocket_compression: bool,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Settings::default()
+            .resolve()
+            .expect("the built-in defaults are valid")
+    }
+}
+
+impl Config {
+    /// The defaults with every listener on an ephemeral port of 127.0.0.1: what tests use.
+    pub fn for_tests() -> Config {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Config {
+            listen: any,
+            tcp_echo: Some(any),
+            tcp_chat: Some(any),
+            ..Config::default()
+        }
+    }
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| ConfigError::Invalid {
+        key,
+        reason: format!("{value:?} is not an address like 127.0.0.1:8000"),
+    })
+}
+
+fn parse_optional_addr(key: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.trim().eq_ignore_ascii_case("off") {
+        Ok(None)
+    } else {
+        parse_addr(key, value).map(Some)
+    }
+}
+
+fn parse_duration(key: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim()).map_err(|error| ConfigError::Invalid {
+        key,
+        reason: format!("{value:?} is not a duration like 25s or 500ms ({error})"),
+    })
+}
+
+fn positive(key: &'static str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "must be greater than 0".into(),
+        });
+    }
+    Ok(value)
+}
+
+impl Settings {
+    /// Reads a TOML file. Unknown keys are errors, so a typo is never silently ignored.
+    pub fn load_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: error.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Each setting from `self` if set there, else from `lower`.
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(lower.listen),
+            tcp_echo: self.tcp_echo.or(lower.tcp_echo),
+            tcp_chat: self.tcp_chat.or(lower.tcp_chat),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
+            max_message_size: self.max_message_size.or(lower.max_message_size),
+            ping_interval: self.ping_interval.or(lower.ping_interval),
+            pong_timeout: self.pong_timeout.or(lower.pong_timeout),
+            handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
+            tcp_idle_timeout: self.tcp_idle_timeout.or(lower.tcp_idle_timeout),
+            shutdown_timeout: self.shutdown_timeout.or(lower.shutdown_timeout),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
+            outbox_limit: self.outbox_limit.or(lower.outbox_limit),
+            websocket_compression: self.websocket_compression.or(lower.websocket_compression),
+            log_format: self.log_format.or(lower.log_format),
+            log_level: self.log_level.or(lower.log_level),
+        }
+    }
+
+    /// Fills in defaults and checks every value.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_key",
+                    reason: "tls_cert is set but tls_key is not".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_cert",
+                    reason: "tls_key is set but tls_cert is not".into(),
+                })
+            }
+        };
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "log_format",
+                    reason: format!("{other:?} is neither text nor json"),
+                })
+            }
+        };
+        let duration = |key, value: Option<String>, default: &str| {
+            parse_duration(key, value.as_deref().unwrap_or(default))
+        };
+        let ping_interval = duration("ping_interval", self.ping_interval, "25s")?;
+        if ping_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "ping_interval",
+                reason: "must be greater than 0".into(),
+            });
+        }
+        Ok(Config {
+            listen: parse_addr("listen", self.listen.as_deref().unwrap_or("127.0.0.1:8000"))?,
+            tcp_echo: parse_optional_addr(
+                "tcp_echo",
+                self.tcp_echo.as_deref().unwrap_or("127.0.0.1:8001"),
+            )?,
+            tcp_chat: parse_optional_addr(
+                "tcp_chat",
+                self.tcp_chat.as_deref().unwrap_or("127.0.0.1:8002"),
+            )?,
+            tls,
+            max_message_size: positive(
+                "max_message_size",
+                self.max_message_size.unwrap_or(64 * 1024),
+            )?,
+            ping_interval,
+            pong_timeout: duration("pong_timeout", self.pong_timeout, "10s")?,
+            handshake_timeout: duration("handshake_timeout", self.handshake_timeout, "10s")?,
+            tcp_idle_timeout: duration("tcp_idle_timeout", self.tcp_idle_timeout, "5m")?,
+            shutdown_timeout: duration("shutdown_timeout", self.shutdown_timeout, "10s")?,
+            max_connections: positive("max_connections", self.max_connections.unwrap_or(100_000))?,
+            max_connections_per_ip: positive(
+                "max_connections_per_ip",
+                self.max_connections_per_ip.unwrap_or(10_000),
+            )?,
+            outbox_limit: positive("outbox_limit", self.outbox_limit.unwrap_or(1 << 20))?,
+            websocket_compression: self.websocket_compression.unwrap_or(false),
+            log_format,
+            log_level: self.log_level.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let config = Config::default();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(config.tcp_echo.unwrap().to_string(), "127.0.0.1:8001");
+        assert_eq!(config.tcp_chat.unwrap().to_string(), "127.0.0.1:8002");
+        assert_eq!(config.max_message_size, 65_536);
+        assert_eq!(config.ping_interval, Duration::from_secs(25));
+        assert_eq!(config.pong_timeout, Duration::from_secs(10));
+        assert!(!config.websocket_compression);
+    }
+
+    #[test]
+    fn layers_and_off() {
+        let file: Settings = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\ntcp_echo = \"off\"\nping_interval = \"5s\"\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            listen: Some("127.0.0.1:9100".into()),
+            ..Settings::default()
+        };
+        let config = flags.or(file).resolve().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(config.tcp_echo, None);
+        assert_eq!(config.ping_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let error = toml::from_str::<Settings>("lissten = \"x\"").unwrap_err();
+        assert!(error.to_string().contains("lissten"), "{error}");
+        let check = |settings: Settings, key: &str| {
+            let error = settings.resolve().unwrap_err().to_string();
+            assert!(error.contains(key), "{error}");
+        };
+        check(
+            Settings {
+                listen: Some("nowhere".into()),
+                ..Default::default()
+            },
+            "listen",
+        );
+        check(
+            Settings {
+                ping_interval: Some("soon".into()),
+                ..Default::default()
+            },
+            "ping_interval",
+        );
+        check(
+            Settings {
+                tls_cert: Some("c.pem".into()),
+                ..Default::default()
+            },
+            "tls_key",
+        );
+        check(
+            Settings {
+                log_format: Some("xml".into()),
+                ..Default::default()
+            },
+            "log_format",
+        );
+        check(
+            Settings {
+                max_message_size: Some(0),
+                ..Default::default()
+            },
+            "max_message_size",
+        );
+    }
+}

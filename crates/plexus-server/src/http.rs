@@ -1,0 +1,161 @@
+//! The HTTP side of the main listener: TLS, hyper connections, routes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tower::Service;
+
+use crate::limits::ConnectionGuard;
+use crate::metrics::Refusal;
+use crate::tracked::Tracked;
+use crate::{ws, Shared};
+
+const INDEX_HTML: &str = include_str!("../static/index.html");
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/echo", get(ws::echo))
+        .route("/chat/{room}", get(ws::chat))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(shared)
+}
+
+async fn index() -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        INDEX_HTML,
+    )
+        .into_response()
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    Json(serde_json::json!({
+        "status": "ok",
+        "connections": shared.limits.open(),
+        "channels": shared.hub.n_channels(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "not found; try /, /echo, /chat/{room}, /health or /metrics\n",
+    )
+        .into_response()
+}
+
+/// Serves one accepted connection of the main listener: TLS if configured, then HTTP/1.1 with
+/// WebSocket upgrades.
+pub(crate) async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: ConnectionGuard,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+) {
+    let timeout = shared.config.handshake_timeout;
+    match tls {
+        None => serve_http(Tracked::new(stream, guard), shared, router).await,
+        Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => serve_http(Tracked::new(stream, guard), shared, router).await,
+            Ok(Err(error)) => {
+                shared.metrics.refused(Refusal::TlsFailed);
+                tracing::debug!(%peer, %error, "TLS handshake failed");
+            }
+            Err(_) => {
+                shared.metrics.refused(Refusal::HandshakeTimeout);
+                tracing::debug!(%peer, "TLS handshake timed out");
+            }
+        },
+    }
+}
+
+async fn serve_http<IO>(io: IO, shared: Arc<Shared>, router: Router)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let mut router = router.clone();
+        async move { router.call(request).await }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.handshake_timeout);
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shared.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.as_mut().await
+        }
+    };
+    if let Err(error) = result {
+        if error.is_timeout() {
+            shared.metrics.refused(Refusal::HandshakeTimeout);
+        }
+        tracing::debug!(%error, "HTTP connection ended with an error");
+    }
+}
+
+/// Tells a client that was over a connection limit why, then closes.
+pub(crate) async fn refuse_http(mut stream: TcpStream, refusal: Refusal) {
+    let reason = match refusal {
+        Refusal::AddressFull => "too many connections from your address",
+        _ => "server is at its connection limit",
+    };
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 5\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{reason}\n",
+        reason.len() + 1
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// The TCP listeners' refusal: one `ERR` line.
+pub(crate) async fn refuse_line(mut stream: TcpStream, refusal: Refusal) {
+    let line = match refusal {
+        Refusal::AddressFull => "ERR too many connections from your address\n",
+        _ => "ERR server is at its connection limit\n",
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let _ = stream.write_all(line.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,293 @@
+//! The Plexus server: the composition root.
+//!
+//! It reads nothing from the environment by itself: [`Server::bind`] takes a [`Config`], binds
+//! every listener (or fails naming the one that could not be bound) and returns a
+//! [`ServerHandle`] with the bound addresses, so tests start the real server on port 0.
+//!
+//! What lives here: configuration, listeners and connection limits, TLS, the HTTP routes, the
+//! raw WebSocket and TCP transports, metrics and graceful shutdown. What does not: channel and
+//! fan-out logic (`plexus-core`) and wire formats (`plexus-protocol`).
+
+pub mod config;
+mod http;
+mod limits;
+pub mod metrics;
+mod tcp;
+mod tls;
+mod tracked;
+mod wire;
+mod ws;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use plexus_core::Hub;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError, LogFormat, Settings};
+pub use tls::TlsError;
+
+use crate::limits::{ConnectionGuard, ConnectionLimits};
+use crate::metrics::{Metrics, Refusal};
+use crate::tracked::Tracked;
+
+/// State every connection shares.
+pub(crate) struct Shared {
+    config: Config,
+    hub: Hub,
+    metrics: Metrics,
+    limits: Arc<ConnectionLimits>,
+    /// Cancelled once to start a graceful shutdown.
+    shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    tasks: TaskTracker,
+}
+
+/// A listener that could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Listen {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl BindError {
+    /// Whether the address was already taken by another process.
+    pub fn is_addr_in_use(&self) -> bool {
+        matches!(self, BindError::Listen { source, .. } if source.kind() == io::ErrorKind::AddrInUse)
+    }
+}
+
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still open when `shutdown_timeout` ran out (they were dropped).
+    pub abandoned: usize,
+}
+
+pub struct Server;
+
+impl Server {
+    /// Binds every configured listener and starts serving.
+    pub async fn bind(config: Config) -> Result<ServerHandle, BindError> {
+        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        let listen = |listener: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError::Listen {
+                    listener,
+                    addr,
+                    source,
+                })
+        };
+        let http_listener = listen("http", config.listen).await?;
+        let echo_listener = match config.tcp_echo {
+            Some(addr) => Some(listen("tcp_echo", addr).await?),
+            None => None,
+        };
+        let chat_listener = match config.tcp_chat {
+            Some(addr) => Some(listen("tcp_chat", addr).await?),
+            None => None,
+        };
+        let local = |listener: &TcpListener| {
+            listener
+                .local_addr()
+                .expect("a bound listener has an address")
+        };
+        let http_addr = local(&http_listener);
+        let tcp_echo_addr = echo_listener.as_ref().map(local);
+        let tcp_chat_addr = chat_listener.as_ref().map(local);
+
+        let shared = Arc::new(Shared {
+            limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
+            config,
+            hub: Hub::new(),
+            metrics: Metrics::new(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        let accept_loops = TaskTracker::new();
+
+        let router = http::router(shared.clone());
+        let is_tls = tls.is_some();
+        accept_loops.spawn(accept_loop(
+            http_listener,
+            "http",
+            shared.clone(),
+            move |stream, peer, guard, shared| {
+                http::serve_connection(stream, peer, guard, shared, tls.clone(), router.clone())
+            },
+            move |stream, refusal| async move {
+                // A refused TLS client gets no handshake spent on it: the socket is just closed.
+                if !is_tls {
+                    http::refuse_http(stream, refusal).await;
+                }
+            },
+        ));
+        if let Some(listener) = echo_listener {
+            accept_loops.spawn(accept_loop(
+                listener,
+                "tcp_echo",
+                shared.clone(),
+                |stream, _peer, guard, shared| tcp::echo(Tracked::new(stream, guard), shared),
+                http::refuse_line,
+            ));
+        }
+        if let Some(listener) = chat_listener {
+            accept_loops.spawn(accept_loop(
+                listener,
+                "tcp_chat",
+                shared.clone(),
+                |stream, _peer, guard, shared| tcp::chat(Tracked::new(stream, guard), shared),
+                http::refuse_line,
+            ));
+        }
+        accept_loops.close();
+        Ok(ServerHandle {
+            shared,
+            accept_loops,
+            http_addr,
+            tcp_echo_addr,
+            tcp_chat_addr,
+            is_tls,
+        })
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    accept_loops: TaskTracker,
+    http_addr: SocketAddr,
+    tcp_echo_addr: Option<SocketAddr>,
+    tcp_chat_addr: Option<SocketAddr>,
+    is_tls: bool,
+}
+
+impl ServerHandle {
+    /// The HTTP and WebSocket listener's address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn tcp_echo_addr(&self) -> Option<SocketAddr> {
+        self.tcp_echo_addr
+    }
+
+    pub fn tcp_chat_addr(&self) -> Option<SocketAddr> {
+        self.tcp_chat_addr
+    }
+
+    /// Whether the main listener speaks TLS (https, wss).
+    pub fn is_tls(&self) -> bool {
+        self.is_tls
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The Prometheus text of the server's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// Stops accepting, asks every connection to close (WebSocket 1001, a goodbye line on
+    /// TCP) and waits up to `shutdown_timeout` for them.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.shared.shutdown.cancel();
+        self.accept_loops.wait().await;
+        self.shared.tasks.close();
+        let timeout = self.shared.config.shutdown_timeout;
+        let finished = tokio::time::timeout(timeout, self.shared.tasks.wait()).await;
+        ShutdownReport {
+            abandoned: if finished.is_ok() {
+                0
+            } else {
+                self.shared.tasks.len()
+            },
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// `EMFILE` and `ENFILE`: the process or the system ran out of file descriptors.
+fn is_out_of_files(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(23 | 24))
+}
+
+async fn accept_loop<Serve, ServeFuture, Refuse, RefuseFuture>(
+    listener: TcpListener,
+    name: &'static str,
+    shared: Arc<Shared>,
+    serve: Serve,
+    refuse: Refuse,
+) where
+    Serve: Fn(TcpStream, SocketAddr, ConnectionGuard, Arc<Shared>) -> ServeFuture,
+    ServeFuture: Future<Output = ()> + Send + 'static,
+    Refuse: Fn(TcpStream, Refusal) -> RefuseFuture,
+    RefuseFuture: Future<Output = ()> + Send + 'static,
+{
+    let mut last_fd_warning: Option<tokio::time::Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                match shared.limits.try_acquire(peer.ip()) {
+                    Ok(guard) => {
+                        shared
+                            .tasks
+                            .spawn(serve(stream, peer, guard, shared.clone()));
+                    }
+                    Err(refusal) => {
+                        shared.metrics.refused(refusal);
+                        tracing::debug!(%peer, listener = name, reason = refusal.as_str(), "connection refused");
+                        shared.tasks.spawn(refuse(stream, refusal));
+                    }
+                }
+            }
+            Err(error) if is_out_of_files(&error) => {
+                // Keep the listener; back off so pending connections wait in the backlog
+                // until descriptors free up.
+                let now = tokio::time::Instant::now();
+                if last_fd_warning.is_none_or(|last| now - last > Duration::from_secs(5)) {
+                    tracing::warn!(listener = name, %error, "out of file descriptors; accepting more slowly");
+                    last_fd_warning = Some(now);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => {
+                tracing::debug!(listener = name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit; returns (before, after).
+pub fn raise_open_files_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    if soft < hard {
+        rlimit::Resource::NOFILE.set(hard, hard)?;
+    }
+    Ok((soft, rlimit::Resource::NOFILE.get()?.0))
+}

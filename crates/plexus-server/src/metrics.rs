@@ -1,0 +1,192 @@
+//! Prometheus metrics, served at `/metrics`.
+//!
+//! Counters are created once at start-up and cloned into connections as plain atomics, so the
+//! hot path never looks a label set up.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: String,
+}
+
+/// The counters of one transport.
+#[derive(Debug, Clone, Default)]
+pub struct TransportMetrics {
+    pub connections: Gauge,
+    pub accepted: Counter,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+}
+
+/// Why a connection or request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_connections` reached.
+    ServerFull,
+    /// `max_connections_per_ip` reached.
+    AddressFull,
+    /// Not a valid WebSocket upgrade request.
+    BadUpgrade,
+    /// TLS handshake or request head not finished within `handshake_timeout`.
+    HandshakeTimeout,
+    /// TLS handshake failed.
+    TlsFailed,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::ServerFull => "server_full",
+            Refusal::AddressFull => "address_full",
+            Refusal::BadUpgrade => "bad_upgrade",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::TlsFailed => "tls_failed",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub websocket: TransportMetrics,
+    pub tcp_echo: TransportMetrics,
+    pub tcp_chat: TransportMetrics,
+    refused: Family<ReasonLabel, Counter>,
+    websocket_closes: Family<CodeLabel, Counter>,
+    pub publications: Counter,
+    pub deliveries: Counter,
+    pub slow_disconnects: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("plexus");
+        let connections = Family::<TransportLabel, Gauge>::default();
+        let accepted = Family::<TransportLabel, Counter>::default();
+        let messages_in = Family::<TransportLabel, Counter>::default();
+        let messages_out = Family::<TransportLabel, Counter>::default();
+        let bytes_in = Family::<TransportLabel, Counter>::default();
+        let bytes_out = Family::<TransportLabel, Counter>::default();
+        let transport = |name: &str| {
+            let label = TransportLabel {
+                transport: name.to_owned(),
+            };
+            TransportMetrics {
+                connections: connections.get_or_create(&label).clone(),
+                accepted: accepted.get_or_create(&label).clone(),
+                messages_in: messages_in.get_or_create(&label).clone(),
+                messages_out: messages_out.get_or_create(&label).clone(),
+                bytes_in: bytes_in.get_or_create(&label).clone(),
+                bytes_out: bytes_out.get_or_create(&label).clone(),
+            }
+        };
+        let (websocket, tcp_echo, tcp_chat) = (
+            transport("websocket"),
+            transport("tcp_echo"),
+            transport("tcp_chat"),
+        );
+        registry.register("connections", "Open connections", connections);
+        registry.register("connections_accepted", "Connections accepted", accepted);
+        registry.register(
+            "messages_received",
+            "Messages received from clients",
+            messages_in,
+        );
+        registry.register("messages_sent", "Messages sent to clients", messages_out);
+        registry.register("bytes_received", "Bytes received from clients", bytes_in);
+        registry.register("bytes_sent", "Bytes sent to clients", bytes_out);
+        let refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "refused",
+            "Connections and upgrades refused, by reason",
+            refused.clone(),
+        );
+        let websocket_closes = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "websocket_closes",
+            "WebSocket connections closed by the server, by close code",
+            websocket_closes.clone(),
+        );
+        let publications = Counter::default();
+        registry.register(
+            "publications",
+            "Publications fanned out by the hub",
+            publications.clone(),
+        );
+        let deliveries = Counter::default();
+        registry.register(
+            "deliveries",
+            "Publications queued to subscribers",
+            deliveries.clone(),
+        );
+        let slow_disconnects = Counter::default();
+        registry.register(
+            "slow_disconnects",
+            "Connections cut because their outbox overflowed",
+            slow_disconnects.clone(),
+        );
+        Metrics {
+            registry,
+            websocket,
+            tcp_echo,
+            tcp_chat,
+            refused,
+            websocket_closes,
+            publications,
+            deliveries,
+            slow_disconnects,
+        }
+    }
+
+    pub fn refused(&self, refusal: Refusal) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: refusal.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn websocket_closed(&self, code: u16) {
+        self.websocket_closes
+            .get_or_create(&CodeLabel {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,9 @@
+//! Raw WebSocket endpoints: `/echo` and `/chat/{room}`.
+//!
+//! [`upgrade`] checks the handshake and answers 101 or an HTTP error with a reason; the
+//! upgraded socket is then driven by [`connection`], one task per connection.
+
+mod connection;
+mod upgrade;
+
+pub(crate) use upgrade::{chat, echo};
