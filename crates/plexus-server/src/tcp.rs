@@ -171,10 +171,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
     fn process_lines(&mut self) {
         let max = self.shared.config.max_message_size;
         while self.leaving.is_none() {
-            let Some(end) = self.line.iter().position(|&byte| byte == b'\n') else {
-                if self.line.len() > max {
-                    self.leave(&format!("ERR line longer than {max} bytes\n"));
-                }
+            let end = self.line.iter().position(|&byte| byte == b'\n');
+            if end.unwrap_or(self.line.len()) > max {
+                self.leave(&format!("ERR line longer than {max} bytes\n"));
+                break;
+            }
+            let Some(end) = end else {
                 break;
             };
             let line = self.line.split_to(end + 1);
@@ -261,13 +263,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
     }
 
     fn drain_outbox(&mut self) {
-        if self.leaving.is_some() || self.wire.queued() >= HIGH_WATER {
+        if self.leaving.is_some() {
             return;
         }
         let mut batch = Vec::new();
-        let state = self
-            .outbox
-            .drain(HIGH_WATER - self.wire.queued(), &mut batch);
+        let room = HIGH_WATER.saturating_sub(self.wire.queued());
+        if self.outbox.drain(room, &mut batch) == OutboxState::Overflowed {
+            self.wire.discard_unsent();
+            self.leave("* disconnected: too slow to keep up with the room\n");
+            return;
+        }
         let mut n_sent = 0;
         for publication in batch {
             if publication.origin == Some(self.info.id) {
@@ -280,8 +285,5 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
             n_sent += 1;
         }
         self.shared.metrics.tcp_chat.messages_out.inc_by(n_sent);
-        if state == OutboxState::Overflowed {
-            self.leave("* disconnected: too slow to keep up with the room\n");
-        }
     }
 }

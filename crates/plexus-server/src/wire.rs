@@ -41,6 +41,8 @@ pub struct Wire<IO> {
     queued: usize,
     /// Written since the last flush (TLS keeps records until flushed).
     needs_flush: bool,
+    /// The first frame in `frames` is partly written.
+    front_started: bool,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
@@ -50,12 +52,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             frames: VecDeque::new(),
             queued: 0,
             needs_flush: false,
+            front_started: false,
         }
     }
 
     pub fn queue(&mut self, frame: Bytes) {
         self.queued += frame.len();
         self.frames.push_back(frame);
+    }
+
+    /// Drops queued frames that have not started to go out (a partly written one stays, so the
+    /// stream remains well-formed). Used when a connection is cut for being too slow: its close
+    /// frame should not wait behind data it will never read.
+    pub fn discard_unsent(&mut self) {
+        let keep = usize::from(self.front_started);
+        while self.frames.len() > keep {
+            let frame = self.frames.pop_back().expect("len checked");
+            self.queued -= frame.len();
+        }
     }
 
     /// Bytes waiting to be written.
@@ -130,8 +144,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             if written >= front.len() {
                 written -= front.len();
                 self.frames.pop_front();
+                self.front_started = false;
             } else {
                 front.advance(written);
+                self.front_started = true;
                 written = 0;
             }
         }

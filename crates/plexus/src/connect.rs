@@ -161,7 +161,7 @@ pub async fn run(args: ConnectArgs) -> Result<(), Failure> {
         }
     }
     match close {
-        Some((1000, _)) => Ok(()),
+        Some((1000 | 1001, _)) => Ok(()),
         Some((code, reason)) => Err(Failure::new(4, anyhow!("abnormal close: {code} {reason}"))),
         None => Err(Failure::new(
             4,

@@ -197,8 +197,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                         self.read_open = false;
                         self.start_close(close::POLICY, "ping timeout");
                     } else if self.closing.is_none() && now >= next_ping {
-                        self.wire.queue(encode_frame(OpCode::Ping, b"", false));
-                        pong_deadline = Some(now + config.pong_timeout);
+                        // While a ping is unanswered its deadline stands; no second ping.
+                        if pong_deadline.is_none() {
+                            self.wire.queue(encode_frame(OpCode::Ping, b"", false));
+                            pong_deadline = Some(now + config.pong_timeout);
+                        }
                         next_ping = now + config.ping_interval;
                     }
                 }
@@ -284,13 +287,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         let Some(membership) = self.membership else {
             return;
         };
-        if self.closing.is_some() || self.wire.queued() >= HIGH_WATER {
+        if self.closing.is_some() {
             return;
         }
         let mut batch = Vec::new();
-        let state = membership
-            .outbox
-            .drain(HIGH_WATER - self.wire.queued(), &mut batch);
+        let room = HIGH_WATER.saturating_sub(self.wire.queued());
+        if membership.outbox.drain(room, &mut batch) == OutboxState::Overflowed {
+            // Cut now: what was not sent yet is dropped so the close frame goes out next.
+            self.wire.discard_unsent();
+            self.start_close(close::SLOW, "slow: could not keep up with messages");
+            return;
+        }
         self.shared
             .metrics
             .websocket
@@ -307,9 +314,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 })
             };
             self.wire.queue(frame);
-        }
-        if state == OutboxState::Overflowed {
-            self.start_close(close::SLOW, "slow: could not keep up with messages");
         }
     }
 

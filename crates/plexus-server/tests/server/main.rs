@@ -1,0 +1,9 @@
+//! Integration tests: the real server on 127.0.0.1 port 0, driven by real clients
+//! (tokio-tungstenite, hand-written frames over a TcpStream, TCP line clients).
+
+mod operations;
+mod rooms;
+mod tcp;
+mod tls;
+mod util;
+mod websocket;

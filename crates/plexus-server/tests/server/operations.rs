@@ -1,0 +1,180 @@
+//! Operations: bad upgrades, connection limits, health, metrics, graceful shutdown.
+
+use plexus_server::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// Sends a raw HTTP/1.1 request and returns the whole response.
+async fn http(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn bad_upgrades_get_an_http_error_with_a_reason() {
+    let server = start_default().await;
+    let addr = server.http_addr();
+    let plain = http(
+        addr,
+        "GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
+    assert!(plain
+        .to_ascii_lowercase()
+        .contains("sec-websocket-version: 13"));
+    assert!(plain.contains("missing 'Upgrade: websocket'"), "{plain}");
+
+    let old_version = http(
+        addr,
+        "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(old_version.starts_with("HTTP/1.1 426"), "{old_version}");
+    assert!(old_version.contains("only 13"));
+
+    let bad_key = http(
+        addr,
+        "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: short\r\n\r\n",
+    )
+    .await;
+    assert!(bad_key.starts_with("HTTP/1.1 400"), "{bad_key}");
+    assert!(bad_key.contains("Sec-WebSocket-Key"));
+    assert!(server
+        .metrics_text()
+        .contains("plexus_refused_total{reason=\"bad_upgrade\"} 3"));
+}
+
+#[tokio::test]
+async fn per_ip_limit_refuses_with_a_reason_and_counts() {
+    let server = start(Config {
+        max_connections_per_ip: 2,
+        ..Config::for_tests()
+    })
+    .await;
+    let _first = ws(&server, "/echo").await;
+    let _second = ws(&server, "/echo").await;
+    let refused = http(
+        server.http_addr(),
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("too many connections from your address"));
+    let mut tcp = LineClient::connect(server.tcp_chat_addr().unwrap()).await;
+    assert_eq!(
+        tcp.line().await.unwrap(),
+        "ERR too many connections from your address"
+    );
+    assert!(server
+        .metrics_text()
+        .contains("plexus_refused_total{reason=\"address_full\"} 2"));
+    // Another address is not affected by this address's limit.
+    let other = TcpStream::connect((
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+        server.http_addr().port(),
+    ))
+    .await;
+    if let Ok(mut stream) = other {
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+}
+
+#[tokio::test]
+async fn global_limit_refuses() {
+    let server = start(Config {
+        max_connections: 1,
+        ..Config::for_tests()
+    })
+    .await;
+    let _only = ws(&server, "/echo").await;
+    let refused = http(
+        server.http_addr(),
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("connection limit"));
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let server = start_default().await;
+    let mut room = ws(&server, "/chat/metrics").await;
+    send_text(&mut room, "count me").await;
+    next_text(&mut room).await;
+    let health = http(
+        server.http_addr(),
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(health.contains("\"channels\":1"), "{health}");
+    let metrics = http(
+        server.http_addr(),
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    for expected in [
+        "plexus_connections{transport=\"websocket\"} 1",
+        "plexus_messages_received_total{transport=\"websocket\"} 1",
+        "plexus_messages_sent_total{transport=\"websocket\"} 1",
+        "plexus_publications_total 1",
+        "plexus_bytes_received_total{transport=\"websocket\"}",
+        "plexus_connections{transport=\"tcp_chat\"} 0",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in\n{metrics}"
+        );
+    }
+    let missing = http(
+        server.http_addr(),
+        "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(missing.starts_with("HTTP/1.1 404"));
+}
+
+#[tokio::test]
+async fn graceful_shutdown_closes_websockets_with_1001_and_tells_tcp_clients() {
+    let server = start_default().await;
+    let mut echo = ws(&server, "/echo").await;
+    let mut room = ws(&server, "/chat/bye").await;
+    let mut chat = LineClient::connect(server.tcp_chat_addr().unwrap()).await;
+    chat.line_where(|l| l.contains("in room lobby")).await;
+    let http_addr = server.http_addr();
+    let shutdown = tokio::spawn(server.shutdown());
+    assert_eq!(
+        expect_close(&mut echo).await,
+        (1001, "server shutting down".into())
+    );
+    assert_eq!(
+        expect_close(&mut room).await,
+        (1001, "server shutting down".into())
+    );
+    assert_eq!(chat.line().await.unwrap(), "* server shutting down");
+    assert_eq!(chat.line().await, None);
+    drop((echo, room));
+    let report = shutdown.await.unwrap();
+    assert_eq!(report.abandoned, 0);
+    assert!(
+        TcpStream::connect(http_addr).await.is_err(),
+        "no longer accepting"
+    );
+}
