@@ -60,6 +60,9 @@ fn main() -> ExitCode {
             Command::Connect(args) => connect::run(args).await,
         }
     });
+    // A blocking stdin read (connect) may still be parked in the blocking pool: do not wait
+    // for it.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

@@ -1,0 +1,356 @@
+//! The `plexus` binary as a user runs it: `serve` with flags, environment and files, and
+//! `connect` driven through a pipe.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn plexus() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_plexus"));
+    // Keep the user's environment from leaking into the tests.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PLEXUS_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// A running `plexus serve`, killed on drop.
+struct Served {
+    child: Child,
+    /// The `ws://…` base printed at start-up, e.g. `ws://127.0.0.1:41234`.
+    ws_base: String,
+    lines: Vec<String>,
+}
+
+impl Served {
+    fn start(args: &[&str], envs: &[(&str, &str)]) -> Served {
+        let mut command = plexus();
+        command
+            .arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--tcp-echo",
+                "off",
+                "--tcp-chat",
+                "off",
+            ])
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = command.spawn().expect("plexus serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = Vec::new();
+        let mut ws_base = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("plexus: websocket") {
+                let url = rest.split_whitespace().next().unwrap();
+                ws_base = url.trim_end_matches("/echo").to_owned();
+            }
+            let done = line.starts_with("plexus: tcp chat");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        assert!(!ws_base.is_empty(), "no websocket line in {lines:?}");
+        Served {
+            child,
+            ws_base,
+            lines,
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `plexus connect` with `input` on stdin.
+fn connect(args: &[&str], input: &str) -> Output {
+    let mut child = plexus()
+        .arg("connect")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("plexus-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn connect_echoes_lines_through_a_pipe() {
+    let served = Served::start(&[], &[]);
+    let output = connect(&[&format!("{}/echo", served.ws_base)], "hello\nworld ✓\n");
+    assert_eq!(text(&output.stdout), "hello\nworld ✓\n");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("(HTTP 101)"), "{stderr}");
+    assert!(stderr.contains("closed: 1000"), "{stderr}");
+    assert!(output.status.success());
+}
+
+#[test]
+fn connect_binary_and_rooms() {
+    let served = Served::start(&[], &[]);
+    let output = connect(
+        &["--binary", &format!("{}/chat/cli", served.ws_base)],
+        "AB\n",
+    );
+    assert_eq!(text(&output.stdout), "[binary 2 bytes] 4142\n");
+    assert!(output.status.success());
+}
+
+#[test]
+fn connect_reports_an_abnormal_close_with_exit_status_4() {
+    let served = Served::start(&["--max-message-size", "10"], &[]);
+    let output = connect(
+        &[&format!("{}/echo", served.ws_base)],
+        "this line is too long\n",
+    );
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("closed: 1009"), "{stderr}");
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+}
+
+#[test]
+fn connect_to_nothing_fails_with_status_1() {
+    let output = connect(&["ws://127.0.0.1:9/echo"], "");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("cannot connect"));
+    let output = connect(&["not a url"], "");
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn sigterm_closes_clients_with_1001_and_exits_cleanly() {
+    let mut served = Served::start(&[], &[]);
+    let mut client = plexus()
+        .args(["connect", &format!("{}/echo", served.ws_base)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    writeln!(stdin, "before").unwrap();
+    let mut stdout = BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "before\n");
+    let status = served.terminate();
+    assert!(status.success(), "server exit status {status:?}");
+    let output = client.wait_with_output().unwrap();
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("closed: 1001 server shutting down"),
+        "{stderr}"
+    );
+    assert!(
+        output.status.success(),
+        "1001 is a normal end for the client"
+    );
+    drop(stdin);
+}
+
+#[test]
+fn flags_beat_environment_beat_file() {
+    let dir = temp_dir("layers");
+    let file = dir.join("plexus.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmax_message_size = 5\n").unwrap();
+    let file_arg = file.to_str().unwrap();
+    // File only: its listen address and its limit.
+    let served = Served::start_with_config(file_arg, &[], &[]);
+    assert!(served.ws_base.starts_with("ws://127.0.0.1:"));
+    let output = connect(&[&format!("{}/echo", served.ws_base)], "123456\n");
+    assert!(text(&output.stderr).contains("closed: 1009"));
+    drop(served);
+    // Environment beats the file.
+    let served = Served::start_with_config(file_arg, &[], &[("PLEXUS_LISTEN", "127.0.0.2:0")]);
+    assert!(
+        served.ws_base.starts_with("ws://127.0.0.2:"),
+        "{:?}",
+        served.lines
+    );
+    drop(served);
+    // A flag beats both.
+    let served = Served::start_with_config(
+        file_arg,
+        &["--listen", "127.0.0.3:0"],
+        &[("PLEXUS_LISTEN", "127.0.0.2:0")],
+    );
+    assert!(
+        served.ws_base.starts_with("ws://127.0.0.3:"),
+        "{:?}",
+        served.lines
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+impl Served {
+    /// Like `start`, but with `--config FILE` and without forcing `--listen`.
+    fn start_with_config(file: &str, args: &[&str], envs: &[(&str, &str)]) -> Served {
+        let mut command = plexus();
+        command
+            .args([
+                "serve",
+                "--config",
+                file,
+                "--tcp-echo",
+                "off",
+                "--tcp-chat",
+                "off",
+            ])
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = command.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = Vec::new();
+        let mut ws_base = String::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("plexus: websocket") {
+                ws_base = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .trim_end_matches("/echo")
+                    .to_owned();
+            }
+            let done = line.starts_with("plexus: tcp chat");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        Served {
+            child,
+            ws_base,
+            lines,
+        }
+    }
+}
+
+fn serve_fails(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let output = plexus()
+        .arg("serve")
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    (output.status.code().unwrap(), text(&output.stderr))
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error_with_status_2() {
+    let (code, stderr) = serve_fails(&["--config", "/nonexistent/plexus.toml"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/plexus.toml"),
+        "{stderr}"
+    );
+
+    let dir = temp_dir("bad");
+    let file = dir.join("typo.toml");
+    std::fs::write(&file, "pnig_interval = \"5s\"\n").unwrap();
+    let (code, stderr) = serve_fails(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("pnig_interval"), "{stderr}");
+
+    let (code, stderr) = serve_fails(&[], &[("PLEXUS_PING_INTERVAL", "soon")]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("invalid ping_interval"), "{stderr}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn address_in_use_exits_with_status_3() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = serve_fails(
+        &["--listen", &addr, "--tcp-echo", "off", "--tcp-chat", "off"],
+        &[],
+    );
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn wss_with_insecure_for_a_self_signed_certificate() {
+    let dir = temp_dir("wss");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let served = Served::start(
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(served.ws_base.starts_with("wss://"), "{:?}", served.lines);
+    let url = format!("{}/echo", served.ws_base);
+    let output = connect(&["--insecure", &url], "secret\n");
+    assert_eq!(text(&output.stdout), "secret\n", "{}", text(&output.stderr));
+    assert!(output.status.success());
+    // Without --insecure the self-signed certificate is refused.
+    let output = connect(&[&url], "secret\n");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).to_lowercase().contains("certificate"),
+        "{}",
+        text(&output.stderr)
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
