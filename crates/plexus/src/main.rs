@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server (no configuration needed)
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Open a WebSocket: stdin lines are sent, received messages printed
     Connect(connect::ConnectArgs),
 }
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(args).await,
+            Command::Serve(args) => serve::run(*args).await,
             Command::Connect(args) => connect::run(args).await,
         }
     });
