@@ -354,3 +354,88 @@ fn wss_with_insecure_for_a_self_signed_certificate() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn raises_the_file_limit_and_survives_running_out_of_descriptors() {
+    let dir = temp_dir("fds");
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=24:40", "--"])
+        .arg(env!("CARGO_BIN_EXE_plexus"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tcp-echo",
+            "off",
+            "--tcp-chat",
+            "off",
+        ])
+        .args(["--log-format", "json", "--log-level", "info"])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("prlimit runs plexus");
+    let stdout = child.stdout.take().unwrap();
+    let mut addr = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("plexus: health") {
+            addr = rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_start_matches("http://")
+                .trim_end_matches("/health")
+                .to_owned();
+        }
+        if line.starts_with("plexus: tcp chat") {
+            break;
+        }
+    }
+    // Hold more connections than the server has descriptors for.
+    let held: Vec<_> = (0..60)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("the kernel accepts into the backlog"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(held);
+    // The listener survived: once descriptors are free, requests are served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let response = loop {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+        if response.starts_with("HTTP/1.1 200") || Instant::now() > deadline {
+            break response;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let _ = child.kill();
+    let _ = child.wait();
+    // Logs are JSON, one object a line; they say the limit was raised and descriptors ran out.
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    let events: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let limit = events
+        .iter()
+        .find(|event| event["fields"]["message"] == "open files limit")
+        .expect("the limit is logged");
+    assert_eq!(limit["fields"]["before"], 24);
+    assert_eq!(limit["fields"]["after"], 40);
+    assert!(
+        events.iter().any(|event| event["level"] == "WARN"
+            && event["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("out of file descriptors")),
+        "{logs}"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

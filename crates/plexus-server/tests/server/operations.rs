@@ -178,3 +178,25 @@ async fn graceful_shutdown_closes_websockets_with_1001_and_tells_tcp_clients() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn a_request_head_not_finished_in_time_is_closed_and_counted() {
+    let server = start(Config {
+        handshake_timeout: std::time::Duration::from_millis(200),
+        ..Config::for_tests()
+    })
+    .await;
+    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
+    stream
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the stalled connection")
+        .ok();
+    assert!(server
+        .metrics_text()
+        .contains("plexus_refused_total{reason=\"handshake_timeout\"} 1"));
+}
