@@ -439,3 +439,52 @@ fn raises_the_file_limit_and_survives_running_out_of_descriptors() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[test]
+fn connect_sends_headers_and_offers_subprotocols() {
+    // A separate WebSocket server (tungstenite) that records what the client sent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let (mut header, mut offered) = (String::new(), String::new());
+        let callback =
+            |request: &tungstenite::handshake::server::Request,
+             mut response: tungstenite::handshake::server::Response| {
+                let get = |name: &str| {
+                    request
+                        .headers()
+                        .get(name)
+                        .map(|value| value.to_str().unwrap().to_owned())
+                        .unwrap_or_default()
+                };
+                header = get("x-test");
+                offered = get("sec-websocket-protocol");
+                response
+                    .headers_mut()
+                    .insert("sec-websocket-protocol", "chat.v2".parse().unwrap());
+                Ok(response)
+            };
+        let mut socket = tungstenite::accept_hdr(stream, callback).unwrap();
+        let message = socket.read().unwrap();
+        socket.send(message).unwrap();
+        while socket.read().is_ok() {}
+        (header, offered)
+    });
+    let url = format!("ws://{addr}/");
+    let output = connect(
+        &["-H", "X-Test: yes", "-s", "chat.v1", "-s", "chat.v2", &url],
+        "ping\n",
+    );
+    assert_eq!(text(&output.stdout), "ping\n");
+    assert!(
+        text(&output.stderr).contains("subprotocol chat.v2"),
+        "{}",
+        text(&output.stderr)
+    );
+    let (header, offered) = peer.join().unwrap();
+    assert_eq!(header, "yes");
+    assert_eq!(offered, "chat.v1, chat.v2");
+    let output = connect(&["-H", "no colon here", &url], "");
+    assert_eq!(output.status.code(), Some(2));
+}
