@@ -25,7 +25,43 @@ struct Served {
     lines: Vec<String>,
 }
 
+/// Reads `plexus serve`'s start-up lines; returns the `ws://` base (e.g. `ws://127.0.0.1:41234`)
+/// and every line.
+fn read_banner(child: &mut Child) -> (String, Vec<String>) {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = Vec::new();
+    let mut ws_base = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("plexus: websocket") {
+            let url = rest.split_whitespace().next().unwrap();
+            ws_base = url.trim_end_matches("/echo").to_owned();
+        }
+        let done = line.starts_with("plexus: tcp chat");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(!ws_base.is_empty(), "no websocket line in {lines:?}");
+    (ws_base, lines)
+}
+
 impl Served {
+    fn spawn(mut command: Command) -> Served {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("plexus serve starts");
+        let (ws_base, lines) = read_banner(&mut child);
+        Served {
+            child,
+            ws_base,
+            lines,
+        }
+    }
+
     fn start(args: &[&str], envs: &[(&str, &str)]) -> Served {
         let mut command = plexus();
         command
@@ -39,31 +75,26 @@ impl Served {
                 "off",
             ])
             .args(args)
-            .envs(envs.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = command.spawn().expect("plexus serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = Vec::new();
-        let mut ws_base = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("plexus: websocket") {
-                let url = rest.split_whitespace().next().unwrap();
-                ws_base = url.trim_end_matches("/echo").to_owned();
-            }
-            let done = line.starts_with("plexus: tcp chat");
-            lines.push(line);
-            if done {
-                break;
-            }
-        }
-        assert!(!ws_base.is_empty(), "no websocket line in {lines:?}");
-        Served {
-            child,
-            ws_base,
-            lines,
-        }
+            .envs(envs.iter().copied());
+        Served::spawn(command)
+    }
+
+    /// Like `start`, but with `--config FILE` and without forcing `--listen`.
+    fn start_with_config(file: &str, args: &[&str], envs: &[(&str, &str)]) -> Served {
+        let mut command = plexus();
+        command
+            .args([
+                "serve",
+                "--config",
+                file,
+                "--tcp-echo",
+                "off",
+                "--tcp-chat",
+                "off",
+            ])
+            .args(args)
+            .envs(envs.iter().copied());
+        Served::spawn(command)
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
@@ -229,52 +260,6 @@ fn flags_beat_environment_beat_file() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-impl Served {
-    /// Like `start`, but with `--config FILE` and without forcing `--listen`.
-    fn start_with_config(file: &str, args: &[&str], envs: &[(&str, &str)]) -> Served {
-        let mut command = plexus();
-        command
-            .args([
-                "serve",
-                "--config",
-                file,
-                "--tcp-echo",
-                "off",
-                "--tcp-chat",
-                "off",
-            ])
-            .args(args)
-            .envs(envs.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = command.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = Vec::new();
-        let mut ws_base = String::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("plexus: websocket") {
-                ws_base = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .trim_end_matches("/echo")
-                    .to_owned();
-            }
-            let done = line.starts_with("plexus: tcp chat");
-            lines.push(line);
-            if done {
-                break;
-            }
-        }
-        Served {
-            child,
-            ws_base,
-            lines,
-        }
-    }
-}
-
 fn serve_fails(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     let output = plexus()
         .arg("serve")
@@ -377,23 +362,8 @@ fn raises_the_file_limit_and_survives_running_out_of_descriptors() {
         .stderr(log)
         .spawn()
         .expect("prlimit runs plexus");
-    let stdout = child.stdout.take().unwrap();
-    let mut addr = String::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("plexus: health") {
-            addr = rest
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .trim_start_matches("http://")
-                .trim_end_matches("/health")
-                .to_owned();
-        }
-        if line.starts_with("plexus: tcp chat") {
-            break;
-        }
-    }
+    let (ws_base, _) = read_banner(&mut child);
+    let addr = ws_base.trim_start_matches("ws://").to_owned();
     // Hold more connections than the server has descriptors for.
     let held: Vec<_> = (0..60)
         .map(|_| std::net::TcpStream::connect(&addr).expect("the kernel accepts into the backlog"))
