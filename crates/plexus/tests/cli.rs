@@ -411,6 +411,8 @@ fn raises_the_file_limit_and_survives_running_out_of_descriptors() {
 }
 
 #[test]
+// tungstenite's handshake callback type returns its large error response by value.
+#[allow(clippy::result_large_err)]
 fn connect_sends_headers_and_offers_subprotocols() {
     // A separate WebSocket server (tungstenite) that records what the client sent.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
