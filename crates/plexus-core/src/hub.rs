@@ -4,27 +4,46 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::outbox::Outbox;
-use crate::publication::Publication;
+use bytes::Bytes;
 
-/// Identifies one connection for the life of the process.
+use crate::engine::{Deliver, NodeCommand};
+use crate::outbox::{Control, Delivery, Outbox};
+use crate::publication::ClientDescriptor;
+
+/// Identifies one connection in this process.
 pub type ConnectionId = u64;
 
-/// Who a subscriber is, as presence shows it.
+/// A connected client, as this node knows it.
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: ConnectionId,
-    /// The transport it came in on (`websocket`, `tcp`), for presence and metrics.
+    /// The transport it came in on (`websocket`, `tcp`, `sse`…), for presence and metrics.
     pub transport: &'static str,
+    /// Client id, unique across nodes: what the protocol and presence call `client`.
+    pub client: Arc<str>,
+    /// User id from the token; empty for anonymous connections.
+    pub user: Arc<str>,
+    /// Connection info (raw JSON) from the token, shown to others in presence and publications.
+    pub conn_info: Option<Bytes>,
     /// Display name; the TCP chat's `/nick` changes it.
     name: RwLock<Arc<str>>,
 }
 
 impl ClientInfo {
-    pub fn new(id: ConnectionId, transport: &'static str, name: &str) -> ClientInfo {
+    pub fn new(
+        id: ConnectionId,
+        transport: &'static str,
+        client: Arc<str>,
+        user: Arc<str>,
+        conn_info: Option<Bytes>,
+        name: &str,
+    ) -> ClientInfo {
         ClientInfo {
             id,
             transport,
+            client,
+            user,
+            conn_info,
             name: RwLock::new(name.into()),
         }
     }
@@ -42,9 +61,19 @@ impl ClientInfo {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = name.into();
     }
+
+    /// How other clients see this one.
+    pub fn descriptor(&self, chan_info: Option<Bytes>) -> Arc<ClientDescriptor> {
+        Arc::new(ClientDescriptor {
+            user: self.user.clone(),
+            client: self.client.clone(),
+            conn_info: self.conn_info.clone(),
+            chan_info,
+        })
+    }
 }
 
-/// A connection's membership in a channel.
+/// A connection's membership in a channel, and its registration in the hub.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     pub info: Arc<ClientInfo>,
@@ -52,15 +81,17 @@ pub struct Subscriber {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubscribeError {
+pub enum HubError {
     #[error("already subscribed to {0}")]
     AlreadySubscribed(String),
+    #[error("channel {0} has reached its subscriber limit")]
+    TooManySubscribers(String),
 }
 
-/// What a publish did.
+/// What a fan-out did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PublishReport {
-    /// Subscribers whose outbox took the publication.
+pub struct FanOutReport {
+    /// Subscribers whose outbox took the delivery.
     pub delivered: usize,
     /// Subscribers left out because their outbox overflowed (they will be disconnected).
     pub dropped_slow: usize,
@@ -68,7 +99,7 @@ pub struct PublishReport {
 
 #[derive(Debug)]
 struct Channel {
-    /// The subscriber list's lock is also the channel's order: publications to one channel are
+    /// The subscriber list's lock is also the channel's order: deliveries to one channel are
     /// queued to every subscriber in the same order.
     subscribers: Mutex<Vec<Subscriber>>,
 }
@@ -77,15 +108,18 @@ type Shard = RwLock<HashMap<Arc<str>, Arc<Channel>>>;
 
 const N_SHARDS: usize = 64;
 
-/// Channels, their subscribers, and fan-out.
+/// Local channels, their subscribers, fan-out, and the connections of this node.
 ///
 /// The channel table is split into shards so that subscribing in one channel does not block
-/// publishing in another; a publish holds only its channel's lock while it queues the
-/// publication into each subscriber's [`Outbox`] (a pointer push, no copy of the data).
+/// delivering in another; a delivery holds only its channel's lock while it queues an `Arc` into
+/// each subscriber's [`Outbox`] (no copy of the data, no socket touched).
 #[derive(Debug)]
 pub struct Hub {
     shards: Box<[Shard]>,
+    connections: RwLock<HashMap<ConnectionId, Subscriber>>,
     next_connection_id: AtomicU64,
+    delivered: AtomicU64,
+    dropped_slow: AtomicU64,
 }
 
 impl Default for Hub {
@@ -100,16 +134,53 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Hub {
     pub fn new() -> Hub {
         Hub {
             shards: (0..N_SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            connections: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
+            delivered: AtomicU64::new(0),
+            dropped_slow: AtomicU64::new(0),
         }
     }
 
     pub fn next_connection_id(&self) -> ConnectionId {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes a connection reachable by [`NodeCommand`]s (disconnect, server-side subscribe).
+    pub fn register(&self, connection: Subscriber) {
+        write(&self.connections).insert(connection.info.id, connection);
+    }
+
+    pub fn unregister(&self, id: ConnectionId) {
+        write(&self.connections).remove(&id);
+    }
+
+    pub fn n_connections(&self) -> usize {
+        read(&self.connections).len()
+    }
+
+    /// Registered connections of `user` (and, if given, with client id `client`).
+    pub fn connections_of(&self, user: &str, client: Option<&str>) -> Vec<Subscriber> {
+        read(&self.connections)
+            .values()
+            .filter(|connection| {
+                &*connection.info.user == user
+                    && client.is_none_or(|client| &*connection.info.client == client)
+            })
+            .cloned()
+            .collect()
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -119,23 +190,18 @@ impl Hub {
     }
 
     fn channel(&self, channel: &str) -> Option<Arc<Channel>> {
-        self.shard(channel)
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(channel)
-            .cloned()
+        read(self.shard(channel)).get(channel).cloned()
     }
 
-    /// Adds a subscriber to a channel and returns the channel's shared name.
+    /// Adds a subscriber to a channel. Returns the channel's shared name and whether it is the
+    /// channel's first subscriber on this node. `max_subscribers` 0 means no limit.
     pub fn subscribe(
         &self,
         channel: &str,
         subscriber: Subscriber,
-    ) -> Result<Arc<str>, SubscribeError> {
-        let mut shard = self
-            .shard(channel)
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        max_subscribers: usize,
+    ) -> Result<(Arc<str>, bool), HubError> {
+        let mut shard = write(self.shard(channel));
         let (name, entry) = match shard.get_key_value(channel) {
             Some((name, entry)) => (name.clone(), entry.clone()),
             None => {
@@ -152,20 +218,21 @@ impl Hub {
             .iter()
             .any(|existing| existing.info.id == subscriber.info.id)
         {
-            return Err(SubscribeError::AlreadySubscribed(channel.to_owned()));
+            return Err(HubError::AlreadySubscribed(channel.to_owned()));
+        }
+        if max_subscribers > 0 && subscribers.len() >= max_subscribers {
+            return Err(HubError::TooManySubscribers(channel.to_owned()));
         }
         subscribers.push(subscriber);
-        Ok(name)
+        Ok((name, subscribers.len() == 1))
     }
 
     /// Removes a connection from a channel; the channel goes away with its last subscriber.
-    pub fn unsubscribe(&self, channel: &str, id: ConnectionId) -> bool {
-        let mut shard = self
-            .shard(channel)
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    /// Returns (whether it was subscribed, whether the channel is now empty on this node).
+    pub fn unsubscribe(&self, channel: &str, id: ConnectionId) -> (bool, bool) {
+        let mut shard = write(self.shard(channel));
         let Entry::Occupied(entry) = shard.entry(channel.into()) else {
-            return false;
+            return (false, false);
         };
         let mut subscribers = lock(&entry.get().subscribers);
         let before = subscribers.len();
@@ -176,19 +243,18 @@ impl Hub {
         if now_empty {
             entry.remove();
         }
-        removed
+        (removed, removed && now_empty)
     }
 
-    /// Queues a publication to every subscriber of its channel.
-    pub fn publish(&self, publication: Publication) -> PublishReport {
-        let Some(channel) = self.channel(&publication.channel) else {
-            return PublishReport::default();
+    /// Queues a delivery to every local subscriber of its channel.
+    pub fn fan_out(&self, channel: &str, delivery: Delivery) -> FanOutReport {
+        let Some(channel) = self.channel(channel) else {
+            return FanOutReport::default();
         };
-        let publication = Arc::new(publication);
-        let mut report = PublishReport::default();
+        let mut report = FanOutReport::default();
         let mut subscribers = lock(&channel.subscribers);
         subscribers.retain(|subscriber| {
-            if subscriber.outbox.push(publication.clone()) {
+            if subscriber.outbox.push(delivery.clone()) {
                 report.delivered += 1;
                 true
             } else {
@@ -196,10 +262,23 @@ impl Hub {
                 false
             }
         });
+        drop(subscribers);
+        self.delivered
+            .fetch_add(report.delivered as u64, Ordering::Relaxed);
+        self.dropped_slow
+            .fetch_add(report.dropped_slow as u64, Ordering::Relaxed);
         report
     }
 
-    /// Who is subscribed to a channel, in order of arrival.
+    /// Deliveries queued and subscribers dropped as too slow, since start.
+    pub fn fan_out_totals(&self) -> (u64, u64) {
+        (
+            self.delivered.load(Ordering::Relaxed),
+            self.dropped_slow.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Local subscribers of a channel, in order of arrival.
     pub fn presence(&self, channel: &str) -> Vec<Arc<ClientInfo>> {
         self.channel(channel).map_or_else(Vec::new, |channel| {
             lock(&channel.subscribers)
@@ -209,42 +288,109 @@ impl Hub {
         })
     }
 
-    /// Number of channels with at least one subscriber.
+    /// Number of channels with at least one local subscriber.
     pub fn n_channels(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|shard| read(shard).len()).sum()
+    }
+
+    /// Names of channels with local subscribers, and how many each has.
+    pub fn channels(&self) -> Vec<(Arc<str>, usize)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (name, channel) in read(shard).iter() {
+                out.push((name.clone(), lock(&channel.subscribers).len()));
+            }
+        }
+        out
+    }
+}
+
+impl Deliver for Hub {
+    fn deliver(&self, delivery: Delivery) {
+        let channel = match &delivery {
+            Delivery::Publication(publication) => publication.channel.clone(),
+            Delivery::Join(membership) | Delivery::Leave(membership) => membership.channel.clone(),
+            Delivery::Control(_) => return, // controls go to one connection, not a channel
+        };
+        self.fan_out(&channel, delivery);
+    }
+
+    fn command(&self, command: &NodeCommand) {
+        let (user, client, control) = match command {
+            NodeCommand::Disconnect {
+                user,
+                client,
+                code,
+                reason,
+            } => (
+                user,
+                client.as_deref(),
+                Control::Disconnect {
+                    code: *code,
+                    reason: reason.clone(),
+                },
+            ),
+            NodeCommand::Unsubscribe { user, channel } => (
+                user,
+                None,
+                Control::Unsubscribe {
+                    channel: channel.clone(),
+                    code: 2000,
+                    reason: "server unsubscribe".into(),
+                },
+            ),
+            NodeCommand::Subscribe { user, channel } => (
+                user,
+                None,
+                Control::Subscribe {
+                    channel: channel.clone(),
+                },
+            ),
+        };
+        for connection in self.connections_of(user, client) {
+            connection.outbox.push_control(control.clone());
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{MessageKind, OutboxState};
+    use crate::{MessageKind, OutboxState, Publication};
 
     fn subscriber(hub: &Hub, limit: usize) -> Subscriber {
         let id = hub.next_connection_id();
         Subscriber {
-            info: Arc::new(ClientInfo::new(id, "test", &format!("client{id}"))),
+            info: Arc::new(ClientInfo::new(
+                id,
+                "test",
+                format!("c{id}").into(),
+                format!("u{id}").into(),
+                None,
+                &format!("client{id}"),
+            )),
             outbox: Arc::new(Outbox::new(limit)),
         }
     }
 
-    fn publish(hub: &Hub, channel: &str, data: &str) -> PublishReport {
-        hub.publish(Publication::new(
+    fn publish(hub: &Hub, channel: &str, data: &str) -> FanOutReport {
+        let publication = Publication::new(
             channel.into(),
             MessageKind::Text,
             data.to_owned().into(),
             None,
-        ))
+        );
+        hub.fan_out(channel, Delivery::Publication(Arc::new(publication)))
     }
 
     fn received(subscriber: &Subscriber) -> Vec<String> {
         let mut out = Vec::new();
         subscriber.outbox.drain(usize::MAX, &mut out);
         out.iter()
-            .map(|p| String::from_utf8(p.data.to_vec()).unwrap())
+            .map(|delivery| match delivery {
+                Delivery::Publication(p) => String::from_utf8(p.data.to_vec()).unwrap(),
+                other => format!("{other:?}"),
+            })
             .collect()
     }
 
@@ -256,9 +402,12 @@ mod tests {
             subscriber(&hub, 1 << 20),
             subscriber(&hub, 1 << 20),
         );
-        hub.subscribe("chat:x", a.clone()).unwrap();
-        hub.subscribe("chat:x", b.clone()).unwrap();
-        hub.subscribe("chat:y", c.clone()).unwrap();
+        assert!(
+            hub.subscribe("chat:x", a.clone(), 0).unwrap().1,
+            "first subscriber"
+        );
+        assert!(!hub.subscribe("chat:x", b.clone(), 0).unwrap().1);
+        hub.subscribe("chat:y", c.clone(), 0).unwrap();
         assert_eq!(publish(&hub, "chat:x", "1").delivered, 2);
         publish(&hub, "chat:x", "2");
         publish(&hub, "chat:y", "3");
@@ -269,20 +418,24 @@ mod tests {
     }
 
     #[test]
-    fn subscribe_twice_unsubscribe_and_cleanup() {
+    fn subscribe_twice_limits_unsubscribe_and_cleanup() {
         let hub = Hub::new();
         let a = subscriber(&hub, 1 << 20);
-        hub.subscribe("chat:x", a.clone()).unwrap();
+        let b = subscriber(&hub, 1 << 20);
+        hub.subscribe("chat:x", a.clone(), 1).unwrap();
         assert_eq!(
-            hub.subscribe("chat:x", a.clone()),
-            Err(SubscribeError::AlreadySubscribed("chat:x".into()))
+            hub.subscribe("chat:x", a.clone(), 0),
+            Err(HubError::AlreadySubscribed("chat:x".into()))
+        );
+        assert_eq!(
+            hub.subscribe("chat:x", b.clone(), 1),
+            Err(HubError::TooManySubscribers("chat:x".into()))
         );
         assert_eq!(hub.presence("chat:x").len(), 1);
         assert_eq!(hub.n_channels(), 1);
-        assert!(hub.unsubscribe("chat:x", a.info.id));
-        assert!(!hub.unsubscribe("chat:x", a.info.id));
+        assert_eq!(hub.unsubscribe("chat:x", a.info.id), (true, true));
+        assert_eq!(hub.unsubscribe("chat:x", a.info.id), (false, false));
         assert_eq!(hub.n_channels(), 0);
-        assert!(hub.presence("chat:x").is_empty());
     }
 
     #[test]
@@ -290,8 +443,8 @@ mod tests {
         let hub = Hub::new();
         let slow = subscriber(&hub, 200);
         let fast = subscriber(&hub, 1 << 20);
-        hub.subscribe("chat:x", slow.clone()).unwrap();
-        hub.subscribe("chat:x", fast.clone()).unwrap();
+        hub.subscribe("chat:x", slow.clone(), 0).unwrap();
+        hub.subscribe("chat:x", fast.clone(), 0).unwrap();
         let mut dropped = 0;
         for i in 0..10 {
             dropped += publish(&hub, "chat:x", &format!("{i:0>50}")).dropped_slow;
@@ -303,11 +456,26 @@ mod tests {
     }
 
     #[test]
-    fn presence_shows_name_changes() {
+    fn commands_reach_the_users_connections() {
         let hub = Hub::new();
         let a = subscriber(&hub, 1 << 20);
-        hub.subscribe("chat:x", a.clone()).unwrap();
-        a.info.set_name("alice");
-        assert_eq!(&*hub.presence("chat:x")[0].name(), "alice");
+        let b = subscriber(&hub, 1 << 20);
+        hub.register(a.clone());
+        hub.register(b.clone());
+        hub.command(&NodeCommand::Disconnect {
+            user: a.info.user.clone(),
+            client: None,
+            code: 3503,
+            reason: "force disconnect".into(),
+        });
+        let mut out = Vec::new();
+        a.outbox.drain(usize::MAX, &mut out);
+        assert!(matches!(
+            &out[..],
+            [Delivery::Control(Control::Disconnect { code: 3503, .. })]
+        ));
+        assert!(b.outbox.is_empty());
+        hub.unregister(a.info.id);
+        assert_eq!(hub.n_connections(), 1);
     }
 }

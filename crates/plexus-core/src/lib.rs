@@ -1,20 +1,35 @@
-//! The Plexus hub: who is subscribed to which channel, and getting each publication to all of
-//! them.
+//! The Plexus core: channels, subscriptions, fan-out, history and presence rules, and the
+//! engine trait.
 //!
-//! - [`Hub`] keeps channels and their subscribers and fans publications out.
-//! - [`Publication`] is one message in one channel; it caches each wire encoding the first time a
-//!   transport asks for it, so a broadcast is encoded once per encoding, not once per subscriber.
-//! - [`Outbox`] is a connection's bounded queue of publications waiting to be written.
+//! - [`Node`] is what transports talk to: publish, subscribe (with recovery), unsubscribe,
+//!   history, presence, commands. It applies the channel's [`ChannelOptions`] and uses an
+//!   [`Engine`] for storage and cross-node delivery.
+//! - [`Hub`] keeps this node's channels and subscribers and fans deliveries out.
+//! - [`Publication`] and [`Membership`] cache each wire encoding the first time a transport asks
+//!   for it, so a broadcast is encoded once per encoding, not once per subscriber.
+//! - [`Outbox`] is a connection's bounded queue of [`Delivery`]s.
+//! - [`MemoryEngine`] keeps history and presence in this process.
 //!
-//! This crate does **no network I/O** and knows no socket, transport or wire format: transports
-//! (in `plexus-server`) own sockets, drain outboxes and encode. It only uses synchronisation
-//! primitives, so it is tested without a network.
+//! This crate does **no network I/O** and knows no socket, transport, wire format or concrete
+//! storage beyond memory: transports (in `plexus-server`) own sockets and encode; other engines
+//! are crates that implement [`Engine`].
 
+mod engine;
 mod hub;
+mod memory;
+mod node;
+mod options;
 mod outbox;
 mod publication;
 
-pub use hub::{ClientInfo, ConnectionId, Hub, PublishReport, SubscribeError, Subscriber};
-pub use outbox::{Outbox, OutboxState};
+pub use engine::{
+    BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
+    NodeCommand, StreamPosition,
+};
+pub use hub::{ClientInfo, ConnectionId, FanOutReport, Hub, HubError, Subscriber};
+pub use memory::{new_epoch, MemoryEngine};
+pub use node::{recovery_is_complete, Node, PublishError, SubscribeError, Subscription};
+pub use options::{allowed_users, user_may_subscribe, ChannelError, ChannelOptions, Namespaces};
+pub use outbox::{Control, Delivery, Outbox, OutboxState};
 pub use plexus_protocol::ws::MessageKind;
-pub use publication::{Encoding, Publication};
+pub use publication::{ClientDescriptor, CorruptPublication, Encoding, Membership, Publication};

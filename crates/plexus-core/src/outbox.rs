@@ -3,7 +3,48 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::publication::Publication;
+use bytes::Bytes;
+
+use crate::publication::{Membership, Publication};
+
+/// Something for one connection to write.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Publication(Arc<Publication>),
+    Join(Arc<Membership>),
+    Leave(Arc<Membership>),
+    /// For this connection only.
+    Control(Control),
+}
+
+/// A command for one connection, from the server API or from its own asynchronous work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Close the connection with a disconnect code and reason.
+    Disconnect { code: u16, reason: Arc<str> },
+    /// The server unsubscribed the connection from a channel.
+    Unsubscribe {
+        channel: Arc<str>,
+        code: u16,
+        reason: Arc<str>,
+    },
+    /// The server subscribes the connection to a channel.
+    Subscribe { channel: Arc<str> },
+    /// A finished frame to write as is (a reply completed asynchronously).
+    Frame(Bytes),
+}
+
+impl Delivery {
+    /// Bytes this delivery counts for in an outbox.
+    pub fn weight(&self) -> usize {
+        match self {
+            Delivery::Publication(publication) => publication.weight(),
+            Delivery::Join(_) | Delivery::Leave(_) => 128,
+            Delivery::Control(Control::Frame(frame)) => frame.len() + 32,
+            Delivery::Control(_) => 64,
+        }
+    }
+}
 
 /// Whether an outbox still accepts publications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,8 +59,8 @@ pub enum OutboxState {
 
 #[derive(Debug)]
 struct Queue {
-    items: VecDeque<Arc<Publication>>,
-    /// Sum of the items' [`Publication::weight`].
+    items: VecDeque<Delivery>,
+    /// Sum of the items' [`Delivery::weight`].
     bytes: usize,
     state: OutboxState,
 }
@@ -58,14 +99,14 @@ impl Outbox {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a publication. Returns false if the outbox is not open (any more), in which case
-    /// the caller should stop delivering to it.
-    pub fn push(&self, publication: Arc<Publication>) -> bool {
+    /// Queues a delivery from a channel. Returns false if the outbox is not open (any more), in
+    /// which case the caller should stop delivering to it.
+    pub fn push(&self, delivery: Delivery) -> bool {
         let mut queue = self.lock();
         if queue.state != OutboxState::Open {
             return false;
         }
-        let weight = publication.weight();
+        let weight = delivery.weight();
         if queue.bytes + weight > self.limit {
             queue.state = OutboxState::Overflowed;
             queue.items = VecDeque::new();
@@ -74,28 +115,50 @@ impl Outbox {
             self.notify.notify_one();
             return false;
         }
+        self.enqueue(queue, delivery, weight);
+        true
+    }
+
+    /// Queues a command for this connection. It is not subject to the byte limit (the server
+    /// sends few of them); it is dropped only when the connection is going away anyway.
+    pub fn push_control(&self, control: Control) -> bool {
+        let queue = self.lock();
+        if queue.state != OutboxState::Open {
+            return false;
+        }
+        let delivery = Delivery::Control(control);
+        let weight = delivery.weight();
+        self.enqueue(queue, delivery, weight);
+        true
+    }
+
+    fn enqueue(
+        &self,
+        mut queue: std::sync::MutexGuard<'_, Queue>,
+        delivery: Delivery,
+        weight: usize,
+    ) {
         let was_empty = queue.items.is_empty();
-        queue.items.push_back(publication);
+        queue.items.push_back(delivery);
         queue.bytes += weight;
         drop(queue);
         if was_empty {
             self.notify.notify_one();
         }
-        true
     }
 
-    /// Moves queued publications into `out`, up to about `max_bytes`, and returns the state.
-    pub fn drain(&self, max_bytes: usize, out: &mut Vec<Arc<Publication>>) -> OutboxState {
+    /// Moves queued deliveries into `out`, up to about `max_bytes`, and returns the state.
+    pub fn drain(&self, max_bytes: usize, out: &mut Vec<Delivery>) -> OutboxState {
         let mut queue = self.lock();
         let mut taken = 0;
         while taken < max_bytes {
-            let Some(publication) = queue.items.pop_front() else {
+            let Some(delivery) = queue.items.pop_front() else {
                 break;
             };
-            let weight = publication.weight();
+            let weight = delivery.weight();
             taken += weight;
             queue.bytes -= weight;
-            out.push(publication);
+            out.push(delivery);
         }
         if queue.items.is_empty() && queue.items.capacity() > 16 {
             queue.items = VecDeque::new();
@@ -130,13 +193,20 @@ mod tests {
     use super::*;
     use crate::MessageKind;
 
-    fn publication(size: usize) -> Arc<Publication> {
-        Arc::new(Publication::new(
+    fn publication(size: usize) -> Delivery {
+        Delivery::Publication(Arc::new(Publication::new(
             "chat:a".into(),
             MessageKind::Binary,
             vec![0; size].into(),
             None,
-        ))
+        )))
+    }
+
+    fn size(delivery: &Delivery) -> usize {
+        match delivery {
+            Delivery::Publication(publication) => publication.data.len(),
+            _ => panic!("not a publication"),
+        }
     }
 
     #[tokio::test]
@@ -147,7 +217,7 @@ mod tests {
         outbox.ready().await;
         let mut out = Vec::new();
         assert_eq!(outbox.drain(usize::MAX, &mut out), OutboxState::Open);
-        assert_eq!(out.iter().map(|p| p.data.len()).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(out.iter().map(size).collect::<Vec<_>>(), [1, 2]);
         assert!(outbox.is_empty());
     }
 
@@ -159,6 +229,18 @@ mod tests {
         assert_eq!(outbox.state(), OutboxState::Overflowed);
         assert!(outbox.is_empty());
         assert!(!outbox.push(publication(1)));
+        assert!(!outbox.push_control(Control::Subscribe {
+            channel: "x".into()
+        }));
+    }
+
+    #[test]
+    fn control_is_not_limited() {
+        let outbox = Outbox::new(100);
+        for _ in 0..10 {
+            assert!(outbox.push_control(Control::Frame(Bytes::from(vec![0; 50]))));
+        }
+        assert_eq!(outbox.state(), OutboxState::Open);
     }
 
     #[test]

@@ -1,12 +1,23 @@
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use plexus_protocol::ws::MessageKind;
 
-use crate::hub::ConnectionId;
+/// A client as others see it: in a publication's `info`, in presence, in join and leave.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientDescriptor {
+    /// User id; empty for anonymous connections.
+    pub user: Arc<str>,
+    /// Client (connection) id, unique across nodes.
+    pub client: Arc<str>,
+    /// Connection info from the token or connect request (raw JSON), if any.
+    pub conn_info: Option<Bytes>,
+    /// Channel info from the subscription token (raw JSON), if any.
+    pub chan_info: Option<Bytes>,
+}
 
-/// The wire encodings a publication can be cached in. The hub never produces them; transports
-/// do, through [`Publication::encoded`], and each is computed at most once per publication.
+/// The wire encodings a delivery can be cached in. The hub never produces them; transports
+/// do, through `encoded`, and each is computed at most once per delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     /// A raw WebSocket frame carrying the data unchanged (`/chat/{room}`).
@@ -15,9 +26,25 @@ pub enum Encoding {
     WebSocketRawDeflated = 1,
     /// The TCP chat's line form.
     ChatLine = 2,
+    /// A native-protocol JSON push in a WebSocket frame.
+    WebSocketJson = 3,
+    /// The same, compressed.
+    WebSocketJsonDeflated = 4,
+    /// A native-protocol JSON push, unframed (for batching and other transports).
+    Json = 5,
 }
 
-const N_ENCODINGS: usize = 3;
+const N_ENCODINGS: usize = 6;
+
+/// Cached encodings of one delivery.
+#[derive(Debug, Default)]
+pub struct EncodingCache([OnceLock<Bytes>; N_ENCODINGS]);
+
+impl EncodingCache {
+    pub fn get_or_init(&self, encoding: Encoding, encode: impl FnOnce() -> Bytes) -> Bytes {
+        self.0[encoding as usize].get_or_init(encode).clone()
+    }
+}
 
 /// One message published in one channel.
 #[derive(Debug)]
@@ -25,39 +52,162 @@ pub struct Publication {
     pub channel: Arc<str>,
     pub kind: MessageKind,
     pub data: Bytes,
-    /// The connection that published it, if any: lets a transport whose convention is "to
-    /// everyone else" (the TCP chat) skip its own messages.
-    pub origin: Option<ConnectionId>,
-    /// Encoded forms, filled on first use and then shared by every subscriber.
-    encodings: [OnceLock<Bytes>; N_ENCODINGS],
+    /// The publishing client, when a client published it.
+    pub info: Option<Arc<ClientDescriptor>>,
+    /// Position in the channel's stream; 0 when the channel keeps no history.
+    pub offset: u64,
+    encodings: EncodingCache,
 }
+
+/// Why stored bytes could not be read back as a publication.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stored publication is corrupt")]
+pub struct CorruptPublication;
+
+const STORED_VERSION: u8 = 1;
 
 impl Publication {
     pub fn new(
         channel: Arc<str>,
         kind: MessageKind,
         data: Bytes,
-        origin: Option<ConnectionId>,
+        info: Option<Arc<ClientDescriptor>>,
     ) -> Publication {
         Publication {
             channel,
             kind,
             data,
-            origin,
-            encodings: Default::default(),
+            info,
+            offset: 0,
+            encodings: EncodingCache::default(),
         }
+    }
+
+    /// The same publication at a stream position.
+    pub fn with_offset(mut self, offset: u64) -> Publication {
+        self.offset = offset;
+        self
     }
 
     /// The publication in `encoding`, produced by `encode` the first time it is asked for.
     pub fn encoded(&self, encoding: Encoding, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
-        self.encodings[encoding as usize]
-            .get_or_init(|| encode(self))
-            .clone()
+        self.encodings.get_or_init(encoding, || encode(self))
     }
 
     /// Bytes this publication counts for in an outbox.
     pub fn weight(&self) -> usize {
         self.data.len() + 64
+    }
+
+    /// The publisher's client id, if a client published it.
+    pub fn publisher(&self) -> Option<&str> {
+        self.info.as_ref().map(|info| &*info.client)
+    }
+
+    /// The storage form engines keep in history (channel and offset are kept by the engine).
+    pub fn to_stored(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.data.len() + 64);
+        out.put_u8(STORED_VERSION);
+        out.put_u8(match self.kind {
+            MessageKind::Text => 0,
+            MessageKind::Binary => 1,
+        });
+        match &self.info {
+            None => out.put_u8(0),
+            Some(info) => {
+                out.put_u8(1);
+                for part in [info.user.as_bytes(), info.client.as_bytes()] {
+                    out.put_u32(part.len() as u32);
+                    out.put_slice(part);
+                }
+                for part in [&info.conn_info, &info.chan_info] {
+                    match part {
+                        None => out.put_u32(u32::MAX),
+                        Some(bytes) => {
+                            out.put_u32(bytes.len() as u32);
+                            out.put_slice(bytes);
+                        }
+                    }
+                }
+            }
+        }
+        out.put_slice(&self.data);
+        out.freeze()
+    }
+
+    /// Reads back [`Publication::to_stored`].
+    pub fn from_stored(
+        channel: Arc<str>,
+        offset: u64,
+        mut stored: Bytes,
+    ) -> Result<Publication, CorruptPublication> {
+        fn take(stored: &mut Bytes) -> Result<Option<Bytes>, CorruptPublication> {
+            if stored.remaining() < 4 {
+                return Err(CorruptPublication);
+            }
+            let len = stored.get_u32();
+            if len == u32::MAX {
+                return Ok(None);
+            }
+            let len = len as usize;
+            if stored.remaining() < len {
+                return Err(CorruptPublication);
+            }
+            Ok(Some(stored.split_to(len)))
+        }
+        fn text(bytes: Option<Bytes>) -> Result<Arc<str>, CorruptPublication> {
+            let bytes = bytes.ok_or(CorruptPublication)?;
+            std::str::from_utf8(&bytes)
+                .map(Arc::from)
+                .map_err(|_| CorruptPublication)
+        }
+        if stored.remaining() < 3 || stored.get_u8() != STORED_VERSION {
+            return Err(CorruptPublication);
+        }
+        let kind = match stored.get_u8() {
+            0 => MessageKind::Text,
+            1 => MessageKind::Binary,
+            _ => return Err(CorruptPublication),
+        };
+        let info = match stored.get_u8() {
+            0 => None,
+            1 => {
+                let user = text(take(&mut stored)?)?;
+                let client = text(take(&mut stored)?)?;
+                let conn_info = take(&mut stored)?;
+                let chan_info = take(&mut stored)?;
+                Some(Arc::new(ClientDescriptor {
+                    user,
+                    client,
+                    conn_info,
+                    chan_info,
+                }))
+            }
+            _ => return Err(CorruptPublication),
+        };
+        Ok(Publication::new(channel, kind, stored, info).with_offset(offset))
+    }
+}
+
+/// A client joining or leaving a channel (`join_leave`).
+#[derive(Debug)]
+pub struct Membership {
+    pub channel: Arc<str>,
+    pub client: Arc<ClientDescriptor>,
+    encodings: EncodingCache,
+}
+
+impl Membership {
+    pub fn new(channel: Arc<str>, client: Arc<ClientDescriptor>) -> Membership {
+        Membership {
+            channel,
+            client,
+            encodings: EncodingCache::default(),
+        }
+    }
+
+    pub fn encoded(&self, encoding: Encoding, encode: impl FnOnce(&Membership) -> Bytes) -> Bytes {
+        self.encodings.get_or_init(encoding, || encode(self))
     }
 }
 
@@ -83,5 +233,34 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 1);
         publication.encoded(Encoding::ChatLine, encode);
         assert_eq!(calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn stored_round_trip() {
+        let info = Arc::new(ClientDescriptor {
+            user: "42".into(),
+            client: "c-1".into(),
+            conn_info: Some(Bytes::from_static(b"{\"name\":\"ann\"}")),
+            chan_info: None,
+        });
+        for (kind, info) in [(MessageKind::Text, None), (MessageKind::Binary, Some(info))] {
+            let publication = Publication::new(
+                "chat:a".into(),
+                kind,
+                Bytes::from_static(b"\x00data"),
+                info.clone(),
+            );
+            let back =
+                Publication::from_stored("chat:a".into(), 9, publication.to_stored()).unwrap();
+            assert_eq!(
+                (back.kind, &back.data, &back.info, back.offset),
+                (kind, &publication.data, &info, 9)
+            );
+        }
+        assert_eq!(
+            Publication::from_stored("x".into(), 1, Bytes::from_static(b"\x01\x00\x01\x00"))
+                .unwrap_err(),
+            CorruptPublication
+        );
     }
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use plexus_core::{ChannelOptions, Namespaces};
 use serde::Deserialize;
 
 /// Every setting, each optional. Field names are the TOML keys; flags are the same names in
@@ -64,12 +65,81 @@ pub struct Settings {
     /// Offer permessage-deflate to WebSocket clients [default: false]
     #[arg(long, env = "PLEXUS_WEBSOCKET_COMPRESSION", value_name = "BOOL")]
     pub websocket_compression: Option<bool>,
+    /// Where durable history and generated secrets live [default: ./plexus-data]
+    #[arg(long, env = "PLEXUS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Storage engine: embedded (durable, under data_dir) or memory [default: embedded]
+    #[arg(long, env = "PLEXUS_ENGINE", value_name = "embedded|memory")]
+    pub engine: Option<String>,
+    /// Keep everything in memory (same as --engine memory)
+    #[arg(long, env = "PLEXUS_MEMORY")]
+    #[serde(skip)]
+    pub memory: bool,
+    /// Key for the server HTTP API [default: generated in data_dir on first start]
+    #[arg(
+        long,
+        env = "PLEXUS_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// HMAC secret for connection and subscription JWTs [default: generated in data_dir]
+    #[arg(
+        long,
+        env = "PLEXUS_TOKEN_HMAC_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub token_hmac_secret: Option<String>,
+    /// RSA public key (PEM text or a file path) for RS256 tokens
+    #[arg(long, env = "PLEXUS_TOKEN_RSA_PUBLIC_KEY", value_name = "PEM|FILE")]
+    pub token_rsa_public_key: Option<String>,
+    /// ECDSA public key (PEM text or a file path) for ES256 tokens
+    #[arg(long, env = "PLEXUS_TOKEN_ECDSA_PUBLIC_KEY", value_name = "PEM|FILE")]
+    pub token_ecdsa_public_key: Option<String>,
+    /// Let protocol clients connect without a token, as anonymous users [default: false]
+    #[arg(
+        long,
+        env = "PLEXUS_ALLOW_ANONYMOUS_CONNECT_WITHOUT_TOKEN",
+        value_name = "BOOL"
+    )]
+    pub allow_anonymous_connect_without_token: Option<bool>,
+    /// Browser origins allowed to open WebSockets, comma-separated (`*` for any); same-origin
+    /// pages and non-browser clients are always allowed
+    #[arg(
+        long,
+        env = "PLEXUS_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Channel namespaces (TOML `[[namespaces]]` only)
+    #[arg(skip)]
+    pub namespaces: Option<Vec<NamespaceSettings>>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "PLEXUS_LOG_FORMAT", value_name = "text|json")]
     pub log_format: Option<String>,
     /// Log filter, e.g. info or plexus_server=debug [default: info]
     #[arg(long, env = "PLEXUS_LOG_LEVEL", value_name = "FILTER")]
     pub log_level: Option<String>,
+}
+
+/// One `[[namespaces]]` entry; options left out take the closed default (nothing kept,
+/// nothing allowed) — except for a namespace named `chat`, which starts from the built-in one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceSettings {
+    pub name: String,
+    pub history_size: Option<usize>,
+    pub history_ttl: Option<String>,
+    pub recover: Option<bool>,
+    pub presence: Option<bool>,
+    pub join_leave: Option<bool>,
+    pub allow_publish_for_client: Option<bool>,
+    pub allow_subscribe_for_anonymous: Option<bool>,
+    pub allow_history_for_client: Option<bool>,
+    pub private: Option<bool>,
+    pub max_subscribers: Option<usize>,
 }
 
 /// A configuration that could not be loaded.
@@ -118,8 +188,27 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     pub outbox_limit: usize,
     pub websocket_compression: bool,
+    pub data_dir: PathBuf,
+    pub engine: EngineKind,
+    /// `None`: generate one in `data_dir` on first start.
+    pub api_key: Option<String>,
+    pub token_hmac_secret: Option<String>,
+    /// PEM text.
+    pub token_rsa_public_key: Option<String>,
+    pub token_ecdsa_public_key: Option<String>,
+    pub allow_anonymous_connect_without_token: bool,
+    pub allowed_origins: Vec<String>,
+    pub namespaces: Namespaces,
     pub log_format: LogFormat,
     pub log_level: String,
+}
+
+/// Where history and presence live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// Durable, on disk under `data_dir`.
+    Embedded,
+    Memory,
 }
 
 impl Default for Config {
@@ -138,6 +227,7 @@ impl Config {
             listen: any,
             tcp_echo: Some(any),
             tcp_chat: Some(any),
+            engine: EngineKind::Memory,
             ..Config::default()
         }
     }
@@ -175,6 +265,96 @@ fn positive(key: &'static str, value: usize) -> Result<usize, ConfigError> {
     Ok(value)
 }
 
+fn non_empty(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    match value {
+        Some(value) if value.trim().is_empty() => Err(ConfigError::Invalid {
+            key,
+            reason: "must not be empty".into(),
+        }),
+        other => Ok(other),
+    }
+}
+
+/// A PEM given inline, or read from the file it names.
+fn pem_or_file(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.trim_start().starts_with("-----BEGIN") {
+        return Ok(Some(value));
+    }
+    std::fs::read_to_string(value.trim())
+        .map(Some)
+        .map_err(|error| ConfigError::Invalid {
+            key,
+            reason: format!("cannot read {:?}: {error}", value.trim()),
+        })
+}
+
+fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError> {
+    let mut namespaces = Namespaces::default();
+    let mut seen = std::collections::HashSet::new();
+    for entry in entries {
+        if entry.name.is_empty()
+            || !entry
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(ConfigError::Invalid {
+                key: "namespaces.name",
+                reason: format!("{:?} must be letters, digits, '_', '-' or '.'", entry.name),
+            });
+        }
+        if !seen.insert(entry.name.clone()) {
+            return Err(ConfigError::Invalid {
+                key: "namespaces.name",
+                reason: format!("namespace {:?} is defined twice", entry.name),
+            });
+        }
+        let base = if entry.name == "chat" {
+            ChannelOptions::chat()
+        } else {
+            ChannelOptions::closed()
+        };
+        let history_ttl = match &entry.history_ttl {
+            Some(ttl) => parse_duration("namespaces.history_ttl", ttl)?,
+            None if entry.history_size.is_some_and(|size| size > 0)
+                && base.history_ttl.is_zero() =>
+            {
+                std::time::Duration::from_secs(300)
+            }
+            None => base.history_ttl,
+        };
+        let options = ChannelOptions {
+            history_size: entry.history_size.unwrap_or(base.history_size),
+            history_ttl,
+            recover: entry.recover.unwrap_or(base.recover),
+            presence: entry.presence.unwrap_or(base.presence),
+            join_leave: entry.join_leave.unwrap_or(base.join_leave),
+            allow_publish_for_client: entry
+                .allow_publish_for_client
+                .unwrap_or(base.allow_publish_for_client),
+            allow_subscribe_for_anonymous: entry
+                .allow_subscribe_for_anonymous
+                .unwrap_or(base.allow_subscribe_for_anonymous),
+            allow_history_for_client: entry
+                .allow_history_for_client
+                .unwrap_or(base.allow_history_for_client),
+            private: entry.private.unwrap_or(base.private),
+            max_subscribers: entry.max_subscribers.unwrap_or(base.max_subscribers),
+        };
+        if options.recover && !options.has_history() {
+            return Err(ConfigError::Invalid {
+                key: "namespaces.recover",
+                reason: format!("namespace {:?} recovers but keeps no history (set history_size and history_ttl)", entry.name),
+            });
+        }
+        namespaces.insert(&entry.name, options);
+    }
+    Ok(namespaces)
+}
+
 impl Settings {
     /// Reads a TOML file. Unknown keys are errors, so a typo is never silently ignored.
     pub fn load_file(path: &Path) -> Result<Settings, ConfigError> {
@@ -206,6 +386,18 @@ impl Settings {
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             outbox_limit: self.outbox_limit.or(lower.outbox_limit),
             websocket_compression: self.websocket_compression.or(lower.websocket_compression),
+            data_dir: self.data_dir.or(lower.data_dir),
+            engine: self.engine.or(lower.engine),
+            memory: self.memory || lower.memory,
+            api_key: self.api_key.or(lower.api_key),
+            token_hmac_secret: self.token_hmac_secret.or(lower.token_hmac_secret),
+            token_rsa_public_key: self.token_rsa_public_key.or(lower.token_rsa_public_key),
+            token_ecdsa_public_key: self.token_ecdsa_public_key.or(lower.token_ecdsa_public_key),
+            allow_anonymous_connect_without_token: self
+                .allow_anonymous_connect_without_token
+                .or(lower.allow_anonymous_connect_without_token),
+            allowed_origins: self.allowed_origins.or(lower.allowed_origins),
+            namespaces: self.namespaces.or(lower.namespaces),
             log_format: self.log_format.or(lower.log_format),
             log_level: self.log_level.or(lower.log_level),
         }
@@ -276,6 +468,31 @@ impl Settings {
             )?,
             outbox_limit: positive("outbox_limit", self.outbox_limit.unwrap_or(1 << 20))?,
             websocket_compression: self.websocket_compression.unwrap_or(false),
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("plexus-data")),
+            engine: match (self.memory, self.engine.as_deref().unwrap_or("embedded")) {
+                (true, _) | (false, "memory") => EngineKind::Memory,
+                (false, "embedded") => EngineKind::Embedded,
+                (false, other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "engine",
+                        reason: format!("{other:?} is neither embedded nor memory"),
+                    })
+                }
+            },
+            api_key: non_empty("api_key", self.api_key)?,
+            token_hmac_secret: non_empty("token_hmac_secret", self.token_hmac_secret)?,
+            token_rsa_public_key: pem_or_file("token_rsa_public_key", self.token_rsa_public_key)?,
+            token_ecdsa_public_key: pem_or_file(
+                "token_ecdsa_public_key",
+                self.token_ecdsa_public_key,
+            )?,
+            allow_anonymous_connect_without_token: self
+                .allow_anonymous_connect_without_token
+                .unwrap_or(false),
+            allowed_origins: self.allowed_origins.unwrap_or_default(),
+            namespaces: namespaces(self.namespaces.unwrap_or_default())?,
             log_format,
             log_level: self.log_level.unwrap_or_else(|| "info".into()),
         })
@@ -312,6 +529,35 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:9100");
         assert_eq!(config.tcp_echo, None);
         assert_eq!(config.ping_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn namespaces_from_toml() {
+        let settings: Settings = toml::from_str(
+            "[[namespaces]]\nname = \"news\"\nhistory_size = 10\nrecover = true\n\n[[namespaces]]\nname = \"secret\"\nprivate = true\n",
+        )
+        .unwrap();
+        let config = settings.resolve().unwrap();
+        let news = config.namespaces.resolve("news:1").unwrap();
+        assert_eq!(
+            (news.history_size, news.history_ttl.as_secs(), news.recover),
+            (10, 300, true)
+        );
+        assert!(config.namespaces.resolve("secret:x").unwrap().private);
+        assert!(
+            config.namespaces.resolve("chat:x").unwrap().join_leave,
+            "built-in chat stays"
+        );
+        let twice: Settings =
+            toml::from_str("[[namespaces]]\nname = \"a\"\n[[namespaces]]\nname = \"a\"\n").unwrap();
+        assert!(twice.resolve().unwrap_err().to_string().contains("twice"));
+        let bad: Settings =
+            toml::from_str("[[namespaces]]\nname = \"b\"\nrecover = true\n").unwrap();
+        assert!(bad
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("namespaces.recover"));
     }
 
     #[test]

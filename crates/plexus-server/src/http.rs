@@ -48,7 +48,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
     Json(serde_json::json!({
         "status": "ok",
         "connections": shared.limits.open(),
-        "channels": shared.hub.n_channels(),
+        "channels": shared.node.hub().n_channels(),
     }))
     .into_response()
 }
@@ -59,7 +59,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             CONTENT_TYPE,
             HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         )],
-        shared.metrics.render(),
+        shared.metrics.render(shared.node.hub().fan_out_totals().0),
     )
         .into_response()
 }

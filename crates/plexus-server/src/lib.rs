@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use plexus_core::Hub;
+use plexus_core::{MemoryEngine, Namespaces, Node};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,7 +39,8 @@ use crate::tracked::Tracked;
 /// State every connection shares.
 pub(crate) struct Shared {
     config: Config,
-    hub: Hub,
+    /// The hub, the engine and the channel rules.
+    node: Node,
     metrics: Metrics,
     limits: Arc<ConnectionLimits>,
     /// Cancelled once to start a graceful shutdown.
@@ -111,7 +112,9 @@ impl Server {
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
             config,
-            hub: Hub::new(),
+            node: Node::new(Namespaces::default(), |deliver| {
+                Arc::new(MemoryEngine::new(deliver))
+            }),
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -199,7 +202,9 @@ impl ServerHandle {
 
     /// The Prometheus text of the server's metrics.
     pub fn metrics_text(&self) -> String {
-        self.shared.metrics.render()
+        self.shared
+            .metrics
+            .render(self.shared.node.hub().fan_out_totals().0)
     }
 
     /// Stops accepting, asks every connection to close (WebSocket 1001, a goodbye line on
@@ -281,6 +286,11 @@ async fn accept_loop<Serve, ServeFuture, Refuse, RefuseFuture>(
             }
         }
     }
+}
+
+/// A new client id, unique across nodes (a random UUID).
+pub(crate) fn new_client_id() -> Arc<str> {
+    uuid::Uuid::new_v4().to_string().into()
 }
 
 /// Raises the soft open-files limit to the hard limit; returns (before, after).

@@ -70,8 +70,11 @@ pub struct Metrics {
     refused: Family<ReasonLabel, Counter>,
     websocket_closes: Family<CodeLabel, Counter>,
     pub publications: Counter,
-    pub deliveries: Counter,
+    /// Set from the hub's own total when rendered.
+    deliveries: Counter,
     pub slow_disconnects: Counter,
+    /// Serialises renders, which move `deliveries` up to the hub's total.
+    render_lock: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -163,6 +166,7 @@ impl Metrics {
             publications,
             deliveries,
             slow_disconnects,
+            render_lock: std::sync::Mutex::new(()),
         }
     }
 
@@ -182,8 +186,14 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of every metric; `deliveries_total` is the hub's count of
+    /// deliveries queued to subscribers.
+    pub fn render(&self, deliveries_total: u64) -> String {
+        let _guard = self.render_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = self.deliveries.get();
+        if deliveries_total > seen {
+            self.deliveries.inc_by(deliveries_total - seen);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

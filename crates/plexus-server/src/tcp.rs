@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use plexus_core::{
-    ClientInfo, Encoding, MessageKind, Outbox, OutboxState, Publication, Subscriber,
+    ClientInfo, Control, Delivery, Encoding, MessageKind, Outbox, OutboxState, Publication,
+    Subscriber,
 };
 use plexus_protocol::channel::room_channel;
 use plexus_protocol::chat::{message_data, parse_line, render_publication, ChatLine, HELP};
@@ -84,12 +85,25 @@ pub(crate) async fn chat<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, shared: Arc
     let metrics = &shared.metrics.tcp_chat;
     metrics.accepted.inc();
     metrics.connections.inc();
-    let id = shared.hub.next_connection_id();
+    let id = shared.node.hub().next_connection_id();
+    let info = Arc::new(ClientInfo::new(
+        id,
+        "tcp",
+        crate::new_client_id(),
+        "".into(),
+        None,
+        &format!("guest-{id}"),
+    ));
+    let outbox = Arc::new(Outbox::new(shared.config.outbox_limit));
+    shared.node.hub().register(Subscriber {
+        info: info.clone(),
+        outbox: outbox.clone(),
+    });
     let mut session = ChatSession {
         wire: Wire::new(io),
         shared: &shared,
-        info: Arc::new(ClientInfo::new(id, "tcp", &format!("guest-{id}"))),
-        outbox: Arc::new(Outbox::new(shared.config.outbox_limit)),
+        info,
+        outbox,
         room: None,
         line: BytesMut::new(),
         leaving: None,
@@ -98,13 +112,14 @@ pub(crate) async fn chat<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, shared: Arc
         "* welcome to Plexus chat, {}. Commands: /nick NAME, /join ROOM, /who, /quit, /help\n",
         session.info.name()
     ));
-    session.join(DEFAULT_ROOM);
+    session.join(DEFAULT_ROOM).await;
     session.drive().await;
     session.wire.finish(GOODBYE_TIMEOUT).await;
     session.outbox.close();
     if let Some((_, channel)) = &session.room {
-        shared.hub.unsubscribe(channel, id);
+        shared.node.unsubscribe(channel, &session.info).await;
     }
+    shared.node.hub().unregister(id);
     metrics.connections.dec();
 }
 
@@ -150,7 +165,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                 Wake::Wire(WireEvent::Read(n)) => {
                     shared.metrics.tcp_chat.bytes_in.inc_by(n as u64);
                     idle_deadline = Instant::now() + idle_timeout;
-                    self.process_lines();
+                    self.process_lines().await;
                 }
                 Wake::Wire(WireEvent::Wrote(n)) => {
                     shared.metrics.tcp_chat.bytes_out.inc_by(n as u64);
@@ -168,7 +183,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
         }
     }
 
-    fn process_lines(&mut self) {
+    async fn process_lines(&mut self) {
         let max = self.shared.config.max_message_size;
         while self.leaving.is_none() {
             let end = self.line.iter().position(|&byte| byte == b'\n');
@@ -180,14 +195,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                 break;
             };
             let line = self.line.split_to(end + 1);
-            self.handle_line(&line[..end]);
+            self.handle_line(&line[..end]).await;
         }
         if self.line.is_empty() {
             self.line = BytesMut::new();
         }
     }
 
-    fn handle_line(&mut self, raw: &[u8]) {
+    async fn handle_line(&mut self, raw: &[u8]) {
         let metrics = &self.shared.metrics;
         match parse_line(raw) {
             Ok(ChatLine::Empty) => {}
@@ -201,25 +216,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                     channel.clone(),
                     MessageKind::Text,
                     data.into(),
-                    Some(self.info.id),
+                    Some(self.info.descriptor(None)),
                 );
-                let report = self.shared.hub.publish(publication);
+                match self.shared.node.publish(publication) {
+                    // Ordered now; a chat line needs no durability acknowledgement.
+                    Ok(acknowledgement) => drop(acknowledgement),
+                    Err(error) => self.say(&format!("ERR {error}\n")),
+                }
                 metrics.publications.inc();
-                metrics.deliveries.inc_by(report.delivered as u64);
-                metrics.slow_disconnects.inc_by(report.dropped_slow as u64);
             }
             Ok(ChatLine::Nick(nick)) => {
                 self.info.set_name(nick);
                 self.say(&format!("* you are now {nick}\n"));
             }
-            Ok(ChatLine::Join(room)) => self.join(room),
+            Ok(ChatLine::Join(room)) => self.join(room).await,
             Ok(ChatLine::Who) => {
                 let Some((room, channel)) = &self.room else {
                     return;
                 };
                 let names: Vec<String> = self
                     .shared
-                    .hub
+                    .node
+                    .hub()
                     .presence(channel)
                     .iter()
                     .map(|info| info.name().to_string())
@@ -233,7 +251,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
         }
     }
 
-    fn join(&mut self, room: &str) {
+    async fn join(&mut self, room: &str) {
         if self
             .room
             .as_ref()
@@ -247,14 +265,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
             info: self.info.clone(),
             outbox: self.outbox.clone(),
         };
-        let hub = &self.shared.hub;
-        let channel = hub
-            .subscribe(&channel, subscriber)
-            .expect("not yet in this room");
+        let node = &self.shared.node;
+        let channel = match node.subscribe(&channel, subscriber, None, None).await {
+            Ok(subscription) => subscription.channel,
+            Err(error) => {
+                self.say(&format!("ERR cannot join {room}: {error}\n"));
+                return;
+            }
+        };
         if let Some((_, previous)) = self.room.take() {
-            hub.unsubscribe(&previous, self.info.id);
+            node.unsubscribe(&previous, &self.info).await;
         }
-        let n_here = hub.presence(&channel).len();
+        let n_here = node.hub().presence(&channel).len();
         self.room = Some((room.to_owned(), channel));
         self.say(&format!(
             "* you are {} in room {room} ({n_here} here)\n",
@@ -270,19 +292,42 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
         let room = HIGH_WATER.saturating_sub(self.wire.queued());
         if self.outbox.drain(room, &mut batch) == OutboxState::Overflowed {
             self.wire.discard_unsent();
+            self.shared.metrics.slow_disconnects.inc();
             self.leave("* disconnected: too slow to keep up with the room\n");
             return;
         }
         let mut n_sent = 0;
-        for publication in batch {
-            if publication.origin == Some(self.info.id) {
-                continue; // TCP chat convention: your own lines are not echoed back
+        for delivery in batch {
+            match delivery {
+                Delivery::Publication(publication) => {
+                    if publication.publisher() == Some(&*self.info.client) {
+                        continue; // TCP chat convention: your own lines are not echoed back
+                    }
+                    let line = publication.encoded(Encoding::ChatLine, |p| {
+                        render_publication(&p.data, p.kind == MessageKind::Text).into()
+                    });
+                    self.wire.queue(line);
+                    n_sent += 1;
+                }
+                Delivery::Join(_) | Delivery::Leave(_) => {}
+                Delivery::Control(Control::Disconnect { reason, .. }) => {
+                    self.leave(&format!("* disconnected by the server: {reason}\n"));
+                    return;
+                }
+                Delivery::Control(Control::Unsubscribe { channel, .. }) => {
+                    if self
+                        .room
+                        .as_ref()
+                        .is_some_and(|(_, current)| *current == channel)
+                    {
+                        self.room = None;
+                        self.say(&format!(
+                            "* the server removed you from {channel}; /join a room\n"
+                        ));
+                    }
+                }
+                Delivery::Control(Control::Subscribe { .. } | Control::Frame(_)) => {}
             }
-            let line = publication.encoded(Encoding::ChatLine, |p| {
-                render_publication(&p.data, p.kind == MessageKind::Text).into()
-            });
-            self.wire.queue(line);
-            n_sent += 1;
         }
         self.shared.metrics.tcp_chat.messages_out.inc_by(n_sent);
     }

@@ -1,77 +1,119 @@
-//! The life of one raw WebSocket connection.
+//! The life of one WebSocket connection, whatever it speaks.
 //!
-//! One task per connection `select!`s over the socket, the connection's outbox (publications
-//! from the hub), its heartbeat timer and server shutdown. Rules it keeps:
-//! - the server pings every `ping_interval`; a peer that sends nothing at all within
-//!   `pong_timeout` after a ping is closed with 1008 "ping timeout";
+//! One task per connection `select!`s over the socket, the connection's outbox (deliveries from
+//! the hub), its heartbeat timer and server shutdown. A [`Handler`] decides what messages and
+//! deliveries mean (`/echo`, a raw room, the native protocol); this driver keeps the rules every
+//! WebSocket shares:
+//! - the server sends the handler's heartbeat every `ping_interval`; a peer that sends nothing
+//!   at all within `pong_timeout` after it is closed with the handler's timeout code;
 //! - a protocol violation closes with the code the decoder names (1002, 1007, 1009);
-//! - an outbox overflow (a reader too slow for its channel) closes with 3008;
-//! - shutdown closes with 1001; every server close waits up to [`CLOSE_TIMEOUT`] for the peer's
-//!   close frame, then drops the socket.
+//! - an outbox overflow (a reader too slow for its channels) closes with 3008;
+//! - shutdown closes with the handler's shutdown code; every server close waits up to
+//!   [`CLOSE_TIMEOUT`] for the peer's close frame, then drops the socket.
 
 use std::future::{pending, poll_fn};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use plexus_core::{ClientInfo, Encoding, Outbox, OutboxState, Publication, Subscriber};
+use plexus_core::{MessageKind, Outbox, OutboxState};
 use plexus_protocol::ws::{
-    close, deflate, encode_close, encode_frame, Decoder, DecoderConfig, Event, MessageKind, OpCode,
+    close, encode_close, encode_frame, Decoder, DecoderConfig, Event, OpCode,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, Instant};
 
+use super::raw::{data_frame, RawRoom};
 use crate::wire::{Wire, WireEvent};
 use crate::Shared;
 
 /// Stop reading and stop draining the outbox while this much waits to be written.
 const HIGH_WATER: usize = 256 * 1024;
-/// Messages shorter than this go uncompressed even when deflate was negotiated.
-const COMPRESS_MIN: usize = 128;
 /// How long the server waits for the peer's close frame after sending its own.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub(crate) enum Endpoint {
+/// What a handler asks the connection to do.
+pub(crate) enum Out {
+    /// A finished frame (shared by every subscriber of a broadcast).
+    Frame(Bytes),
+    /// A message to frame (and compress, if negotiated and worth it).
+    Message(MessageKind, Bytes),
+    /// Close with this code and reason.
+    Close(u16, String),
+}
+
+/// What a connection speaks.
+pub(crate) enum Handler {
     Echo,
-    /// A raw chat room: the channel it is subscribed to.
-    Room(String),
+    Room(RawRoom),
 }
 
-/// A room connection's place in the hub.
-struct Membership {
-    channel: Arc<str>,
-    info: Arc<ClientInfo>,
-    outbox: Arc<Outbox>,
+impl Handler {
+    fn outbox(&self) -> Option<&Arc<Outbox>> {
+        match self {
+            Handler::Echo => None,
+            Handler::Room(room) => Some(room.outbox()),
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        shared: &Shared,
+        kind: MessageKind,
+        data: Bytes,
+        out: &mut Vec<Out>,
+    ) {
+        match self {
+            Handler::Echo => out.push(Out::Message(kind, data)),
+            Handler::Room(room) => room.on_message(shared, kind, data),
+        }
+    }
+
+    fn on_deliveries(
+        &mut self,
+        batch: Vec<plexus_core::Delivery>,
+        deflate: bool,
+        out: &mut Vec<Out>,
+    ) {
+        match self {
+            Handler::Echo => {}
+            Handler::Room(room) => room.on_deliveries(batch, deflate, out),
+        }
+    }
+
+    /// The frame that asks the peer for a sign of life.
+    fn heartbeat(&self) -> Bytes {
+        encode_frame(OpCode::Ping, b"", false)
+    }
+
+    fn timeout_close(&self) -> (u16, &'static str) {
+        (close::POLICY, "ping timeout")
+    }
+
+    fn slow_close(&self) -> (u16, &'static str) {
+        (close::SLOW, "slow: could not keep up with messages")
+    }
+
+    fn shutdown_close(&self) -> (u16, &'static str) {
+        (close::GOING_AWAY, "server shutting down")
+    }
+
+    async fn finish(&mut self, shared: &Shared) {
+        match self {
+            Handler::Echo => {}
+            Handler::Room(room) => room.leave(shared).await,
+        }
+    }
 }
 
-pub(crate) async fn run<IO>(io: IO, shared: Arc<Shared>, endpoint: Endpoint, deflate: bool)
+/// Drives an upgraded socket with `handler` until it closes.
+pub(crate) async fn run<IO>(io: IO, shared: Arc<Shared>, mut handler: Handler, deflate: bool)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let metrics = &shared.metrics.websocket;
     metrics.accepted.inc();
     metrics.connections.inc();
-    let membership = match endpoint {
-        Endpoint::Echo => None,
-        Endpoint::Room(channel) => {
-            let id = shared.hub.next_connection_id();
-            let info = Arc::new(ClientInfo::new(id, "websocket", &format!("ws-{id}")));
-            let outbox = Arc::new(Outbox::new(shared.config.outbox_limit));
-            let subscriber = Subscriber {
-                info: info.clone(),
-                outbox: outbox.clone(),
-            };
-            let channel = shared
-                .hub
-                .subscribe(&channel, subscriber)
-                .expect("a fresh connection id is subscribed nowhere");
-            Some(Membership {
-                channel,
-                info,
-                outbox,
-            })
-        }
-    };
     let mut connection = Connection {
         wire: Wire::new(io),
         decoder: Decoder::new(DecoderConfig {
@@ -80,19 +122,14 @@ where
         }),
         deflate,
         shared: &shared,
-        membership: membership.as_ref(),
         closing: None,
         close_received: false,
         read_open: true,
+        out: Vec::new(),
     };
-    connection.drive().await;
+    connection.drive(&mut handler).await;
     connection.wire.finish(Duration::from_secs(1)).await;
-    if let Some(membership) = &membership {
-        membership.outbox.close();
-        shared
-            .hub
-            .unsubscribe(&membership.channel, membership.info.id);
-    }
+    handler.finish(&shared).await;
     metrics.connections.dec();
 }
 
@@ -102,12 +139,13 @@ struct Connection<'a, IO> {
     /// permessage-deflate was negotiated.
     deflate: bool,
     shared: &'a Shared,
-    membership: Option<&'a Membership>,
     /// When the server has sent its close frame: the moment it stops waiting for the peer's.
     closing: Option<Instant>,
     close_received: bool,
     /// False once the peer closed, broke the protocol or stopped answering.
     read_open: bool,
+    /// The handler's requests, applied after each call.
+    out: Vec<Out>,
 }
 
 /// What woke the connection.
@@ -118,25 +156,17 @@ enum Wake {
     Timer,
 }
 
-async fn outbox_ready(membership: Option<&Membership>) {
-    match membership {
-        Some(membership) => membership.outbox.ready().await,
+async fn outbox_ready(outbox: Option<&Arc<Outbox>>) {
+    match outbox {
+        Some(outbox) => outbox.ready().await,
         None => pending().await,
     }
 }
 
-fn opcode(kind: MessageKind) -> OpCode {
-    match kind {
-        MessageKind::Text => OpCode::Text,
-        MessageKind::Binary => OpCode::Binary,
-    }
-}
-
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
-    async fn drive(&mut self) {
+    async fn drive(&mut self, handler: &mut Handler) {
         let shared = self.shared;
         let config = &shared.config;
-        let membership = self.membership;
         let mut next_ping = Instant::now() + config.ping_interval;
         let mut pong_deadline: Option<Instant> = None;
         let timer = sleep_until(next_ping);
@@ -158,9 +188,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             let want_read = self.read_open && self.wire.queued() < HIGH_WATER;
             let wire = &mut self.wire;
             let decoder = &mut self.decoder;
+            let outbox = handler.outbox();
             let wake = tokio::select! {
                 event = poll_fn(|cx| wire.poll_io(cx, want_read, &mut |bytes| decoder.feed(bytes))) => Wake::Wire(event),
-                () = outbox_ready(membership) => Wake::Outbox,
+                () = outbox_ready(outbox) => Wake::Outbox,
                 () = shared.shutdown.cancelled(), if self.closing.is_none() => Wake::Shutdown,
                 () = &mut timer => Wake::Timer,
             };
@@ -168,13 +199,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 Wake::Wire(WireEvent::Read(n)) => {
                     shared.metrics.websocket.bytes_in.inc_by(n as u64);
                     pong_deadline = None;
-                    self.process_input();
+                    self.process_input(handler).await;
                 }
                 Wake::Wire(WireEvent::Wrote(n)) => {
                     shared.metrics.websocket.bytes_out.inc_by(n as u64);
-                    self.drain_outbox();
+                    self.drain_outbox(handler);
                 }
-                Wake::Wire(WireEvent::Flushed) => self.drain_outbox(),
+                Wake::Wire(WireEvent::Flushed) => self.drain_outbox(handler),
                 Wake::Wire(WireEvent::Eof) => {
                     self.read_open = false;
                     if self.closing.is_none() {
@@ -186,8 +217,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     tracing::debug!(%error, "WebSocket I/O failed");
                     return;
                 }
-                Wake::Outbox => self.drain_outbox(),
-                Wake::Shutdown => self.start_close(close::GOING_AWAY, "server shutting down"),
+                Wake::Outbox => self.drain_outbox(handler),
+                Wake::Shutdown => {
+                    let (code, reason) = handler.shutdown_close();
+                    self.start_close(code, reason);
+                }
                 Wake::Timer => {
                     let now = Instant::now();
                     if self.closing.is_some_and(|deadline| now >= deadline) {
@@ -195,11 +229,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     }
                     if self.closing.is_none() && pong_deadline.is_some_and(|pong| now >= pong) {
                         self.read_open = false;
-                        self.start_close(close::POLICY, "ping timeout");
+                        let (code, reason) = handler.timeout_close();
+                        self.start_close(code, reason);
                     } else if self.closing.is_none() && now >= next_ping {
                         // While a ping is unanswered its deadline stands; no second ping.
                         if pong_deadline.is_none() {
-                            self.wire.queue(encode_frame(OpCode::Ping, b"", false));
+                            self.wire.queue(handler.heartbeat());
                             pong_deadline = Some(now + config.pong_timeout);
                         }
                         next_ping = now + config.ping_interval;
@@ -209,10 +244,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         }
     }
 
-    fn process_input(&mut self) {
+    async fn process_input(&mut self, handler: &mut Handler) {
         while self.read_open {
             match self.decoder.next_event() {
-                Ok(Some(event)) => self.on_event(event),
+                Ok(Some(event)) => self.on_event(handler, event).await,
                 Ok(None) => return,
                 Err(error) => {
                     tracing::debug!(%error, "closing a WebSocket that broke the protocol");
@@ -223,33 +258,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         }
     }
 
-    fn on_event(&mut self, event: Event) {
-        let metrics = &self.shared.metrics;
+    async fn on_event(&mut self, handler: &mut Handler, event: Event) {
         match event {
             Event::Message { kind, data } => {
                 if self.closing.is_some() {
                     return; // data after our close frame is discarded (RFC 6455 §5.5.1)
                 }
-                metrics.websocket.messages_in.inc();
-                match self.membership {
-                    None => {
-                        let frame = self.frame(kind, &data);
-                        self.wire.queue(frame);
-                        metrics.websocket.messages_out.inc();
-                    }
-                    Some(membership) => {
-                        let publication = Publication::new(
-                            membership.channel.clone(),
-                            kind,
-                            data,
-                            Some(membership.info.id),
-                        );
-                        let report = self.shared.hub.publish(publication);
-                        metrics.publications.inc();
-                        metrics.deliveries.inc_by(report.delivered as u64);
-                        metrics.slow_disconnects.inc_by(report.dropped_slow as u64);
-                    }
-                }
+                self.shared.metrics.websocket.messages_in.inc();
+                let mut out = std::mem::take(&mut self.out);
+                handler.on_message(self.shared, kind, data, &mut out).await;
+                self.apply(&mut out);
+                self.out = out;
             }
             Event::Ping(payload) => {
                 if self.closing.is_none() {
@@ -265,26 +284,40 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     self.wire
                         .queue(encode_close(code.unwrap_or(close::NORMAL), ""));
                     self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
-                    if let Some(membership) = self.membership {
-                        membership.outbox.close();
-                    }
                 }
             }
         }
     }
 
-    /// An echo frame, compressed when that pays.
-    fn frame(&self, kind: MessageKind, data: &Bytes) -> Bytes {
-        if self.deflate && data.len() >= COMPRESS_MIN {
-            encode_frame(opcode(kind), &deflate::compress(data), true)
-        } else {
-            encode_frame(opcode(kind), data, false)
+    /// Applies a handler's requests.
+    fn apply(&mut self, out: &mut Vec<Out>) {
+        let mut n_messages = 0;
+        for item in out.drain(..) {
+            if self.closing.is_some() {
+                continue;
+            }
+            match item {
+                Out::Frame(frame) => {
+                    n_messages += 1;
+                    self.wire.queue(frame);
+                }
+                Out::Message(kind, data) => {
+                    n_messages += 1;
+                    self.wire.queue(data_frame(kind, &data, self.deflate));
+                }
+                Out::Close(code, reason) => self.start_close(code, &reason),
+            }
         }
+        self.shared
+            .metrics
+            .websocket
+            .messages_out
+            .inc_by(n_messages);
     }
 
-    /// Moves publications from the outbox to the socket, each encoded once for all subscribers.
-    fn drain_outbox(&mut self) {
-        let Some(membership) = self.membership else {
+    /// Moves deliveries from the outbox to the socket.
+    fn drain_outbox(&mut self, handler: &mut Handler) {
+        let Some(outbox) = handler.outbox() else {
             return;
         };
         if self.closing.is_some() {
@@ -292,29 +325,21 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         }
         let mut batch = Vec::new();
         let room = HIGH_WATER.saturating_sub(self.wire.queued());
-        if membership.outbox.drain(room, &mut batch) == OutboxState::Overflowed {
+        if outbox.drain(room, &mut batch) == OutboxState::Overflowed {
             // Cut now: what was not sent yet is dropped so the close frame goes out next.
             self.wire.discard_unsent();
-            self.start_close(close::SLOW, "slow: could not keep up with messages");
+            self.shared.metrics.slow_disconnects.inc();
+            let (code, reason) = handler.slow_close();
+            self.start_close(code, reason);
             return;
         }
-        self.shared
-            .metrics
-            .websocket
-            .messages_out
-            .inc_by(batch.len() as u64);
-        for publication in batch {
-            let frame = if self.deflate && publication.data.len() >= COMPRESS_MIN {
-                publication.encoded(Encoding::WebSocketRawDeflated, |p| {
-                    encode_frame(opcode(p.kind), &deflate::compress(&p.data), true)
-                })
-            } else {
-                publication.encoded(Encoding::WebSocketRaw, |p| {
-                    encode_frame(opcode(p.kind), &p.data, false)
-                })
-            };
-            self.wire.queue(frame);
+        if batch.is_empty() {
+            return;
         }
+        let mut out = std::mem::take(&mut self.out);
+        handler.on_deliveries(batch, self.deflate, &mut out);
+        self.apply(&mut out);
+        self.out = out;
     }
 
     /// Sends the server's close frame once; from then on only the close handshake runs.
@@ -325,8 +350,5 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         self.shared.metrics.websocket_closed(code);
         self.wire.queue(encode_close(code, reason));
         self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
-        if let Some(membership) = self.membership {
-            membership.outbox.close();
-        }
     }
 }

@@ -4,6 +4,7 @@
 //! upgraded socket is then driven by [`connection`], one task per connection.
 
 mod connection;
+mod raw;
 mod upgrade;
 
 pub(crate) use upgrade::{chat, echo};

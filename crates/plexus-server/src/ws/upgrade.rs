@@ -14,7 +14,8 @@ use plexus_protocol::ws::handshake::{
     accepts_deflate, UpgradeError, UpgradeRequest, DEFLATE_RESPONSE,
 };
 
-use super::connection::{self, Endpoint};
+use super::connection::{self, Handler};
+use super::raw::RawRoom;
 use crate::metrics::Refusal;
 use crate::Shared;
 
@@ -49,6 +50,13 @@ fn refuse(error: UpgradeError) -> Response {
     response
 }
 
+/// What an upgraded connection will speak.
+enum Endpoint {
+    Echo,
+    /// A raw room in this channel.
+    Room(String),
+}
+
 fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Response {
     let headers = request.headers();
     let text = |name| {
@@ -81,7 +89,21 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
     shared.tasks.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                connection::run(TokioIo::new(upgraded), task_shared, endpoint, deflate).await
+                let handler = match endpoint {
+                    Endpoint::Echo => Handler::Echo,
+                    Endpoint::Room(channel) => match RawRoom::join(&task_shared, &channel).await {
+                        Ok(room) => Handler::Room(room),
+                        Err((code, reason)) => {
+                            tracing::debug!(%channel, %reason, "raw room subscribe refused");
+                            task_shared.metrics.websocket_closed(code);
+                            let mut wire = crate::wire::Wire::new(TokioIo::new(upgraded));
+                            wire.queue(plexus_protocol::ws::encode_close(code, &reason));
+                            wire.finish(std::time::Duration::from_secs(1)).await;
+                            return;
+                        }
+                    },
+                };
+                connection::run(TokioIo::new(upgraded), task_shared, handler, deflate).await
             }
             Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete"),
         }

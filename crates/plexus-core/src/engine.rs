@@ -1,0 +1,141 @@
+//! The engine trait: what the hub needs from whatever stores history and carries publications
+//! between nodes. The memory engine lives in this crate; the embedded (durable), Redis and NATS
+//! engines are crates of their own that depend on this one only.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::outbox::Delivery;
+use crate::publication::{ClientDescriptor, CorruptPublication, Membership, Publication};
+
+/// A boxed future that owns what it needs.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A place in a channel's stream: the offset of a publication and the stream's epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamPosition {
+    pub offset: u64,
+    /// Changes only when the stream's history is lost; a position from another epoch cannot
+    /// be recovered from.
+    pub epoch: Arc<str>,
+}
+
+/// How much history a channel keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRetention {
+    /// Newest publications kept.
+    pub size: usize,
+    /// How long each publication is kept.
+    pub ttl: Duration,
+}
+
+/// Which part of a channel's history to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Only publications with a greater offset; `None` for all that is retained.
+    pub since: Option<u64>,
+    /// At most this many (the oldest first, or the newest first with `reverse`).
+    pub limit: Option<usize>,
+    pub reverse: bool,
+}
+
+/// Publications read from history, and the stream's current top.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub publications: Vec<Arc<Publication>>,
+    pub top: StreamPosition,
+}
+
+/// A command for connections on every node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCommand {
+    /// Disconnect every connection of a user (or one client of it).
+    Disconnect {
+        user: Arc<str>,
+        client: Option<Arc<str>>,
+        code: u16,
+        reason: Arc<str>,
+    },
+    /// Unsubscribe a user's connections from a channel.
+    Unsubscribe { user: Arc<str>, channel: Arc<str> },
+    /// Subscribe a user's connections to a channel.
+    Subscribe { user: Arc<str>, channel: Arc<str> },
+}
+
+/// Why an engine could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{engine} engine is unavailable")]
+    Unavailable {
+        engine: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{engine} engine is shut down")]
+    Closed { engine: &'static str },
+    #[error(transparent)]
+    Corrupt(#[from] CorruptPublication),
+}
+
+/// Where an engine hands what it carries: the local hub.
+pub trait Deliver: Send + Sync + 'static {
+    /// A publication, join or leave for the local subscribers of its channel, in stream order.
+    fn deliver(&self, delivery: Delivery);
+    /// A command for the local connections it concerns.
+    fn command(&self, command: &NodeCommand);
+}
+
+/// Storage of history and presence, and transport of publications between nodes.
+///
+/// Contract every engine keeps (checked by one conformance suite):
+/// - `publish` orders the publication in its channel when it is called, before the returned
+///   future is polled, so a caller may publish several times and drop the futures without
+///   losing or reordering anything;
+/// - with `retention`, the publication gets the next offset of its channel's stream and is kept
+///   in history; without, it gets offset 0 and is only delivered;
+/// - it is delivered to [`Deliver::deliver`] on every node, in offset order, after it is stored
+///   as durably as the engine promises; the future then resolves with its position.
+pub trait Engine: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    fn publish(
+        &self,
+        publication: Publication,
+        retention: Option<HistoryRetention>,
+    ) -> BoxFuture<Result<Option<StreamPosition>, EngineError>>;
+
+    /// Tells every node's subscribers of the channel that a client joined (or left).
+    fn publish_membership(
+        &self,
+        joined: bool,
+        membership: Membership,
+    ) -> BoxFuture<Result<(), EngineError>>;
+
+    fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> BoxFuture<Result<HistoryPage, EngineError>>;
+
+    /// Drops a channel's publications; its epoch and top offset stay.
+    fn remove_history(&self, channel: &str) -> BoxFuture<Result<(), EngineError>>;
+
+    /// This node now has subscribers in `channel` (a broker subscribes to it) or no longer has.
+    fn watch(&self, channel: &str, watching: bool) -> BoxFuture<Result<(), EngineError>>;
+
+    fn add_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+    ) -> BoxFuture<Result<(), EngineError>>;
+
+    fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>>;
+
+    fn presence(&self, channel: &str)
+        -> BoxFuture<Result<Vec<Arc<ClientDescriptor>>, EngineError>>;
+
+    /// Sends a command to every node, this one included.
+    fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>>;
+}

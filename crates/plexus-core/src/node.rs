@@ -1,0 +1,389 @@
+//! A node: this process's hub, its engine and its namespaces, and the rules that tie them:
+//! what a publish keeps, what a subscribe recovers, who hears joins and leaves. Transports talk
+//! to a `Node`; it talks to the engine through the [`Engine`] trait only.
+
+use std::sync::Arc;
+
+use crate::engine::{
+    BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
+    NodeCommand, StreamPosition,
+};
+use crate::hub::{ClientInfo, Hub, HubError, Subscriber};
+use crate::options::{ChannelError, ChannelOptions, Namespaces};
+use crate::publication::{ClientDescriptor, Membership, Publication};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// The outcome of a subscribe.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub channel: Arc<str>,
+    /// The stream's top when the channel keeps history and recovers; publications delivered
+    /// later with an offset at or below it are already covered by this reply.
+    pub position: Option<StreamPosition>,
+    /// The client asked to recover from a position.
+    pub was_recovering: bool,
+    /// Every publication after that position is in `publications` (same epoch, within the
+    /// retained window). False means some may be missing: never a silent gap.
+    pub recovered: bool,
+    pub publications: Vec<Arc<Publication>>,
+}
+
+pub struct Node {
+    hub: Arc<Hub>,
+    engine: Arc<dyn Engine>,
+    namespaces: Namespaces,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Node")
+            .field("engine", &self.engine.name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn retention(options: &ChannelOptions) -> Option<HistoryRetention> {
+    options.has_history().then_some(HistoryRetention {
+        size: options.history_size,
+        ttl: options.history_ttl,
+    })
+}
+
+impl Node {
+    /// Builds a node; `engine` receives the hub to deliver into.
+    pub fn new(
+        namespaces: Namespaces,
+        engine: impl FnOnce(Arc<dyn Deliver>) -> Arc<dyn Engine>,
+    ) -> Node {
+        let hub = Arc::new(Hub::new());
+        let engine = engine(hub.clone());
+        Node {
+            hub,
+            engine,
+            namespaces,
+        }
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    pub fn options(&self, channel: &str) -> Result<&ChannelOptions, ChannelError> {
+        self.namespaces.resolve(channel)
+    }
+
+    /// Orders a publication now and returns a future for its position (resolved once stored as
+    /// the engine promises). Dropping the future does not cancel the publication.
+    pub fn publish(
+        &self,
+        publication: Publication,
+    ) -> Result<BoxFuture<Result<Option<StreamPosition>, EngineError>>, ChannelError> {
+        let options = self.options(&publication.channel)?;
+        Ok(self.engine.publish(publication, retention(options)))
+    }
+
+    /// Subscribes a connection, registers presence, announces the join and, if asked, recovers
+    /// what it missed since `recover_from`.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        subscriber: Subscriber,
+        chan_info: Option<bytes::Bytes>,
+        recover_from: Option<StreamPosition>,
+    ) -> Result<Subscription, SubscribeError> {
+        let options = self.options(channel)?.clone();
+        let info = subscriber.info.clone();
+        // Subscribe locally first, then read history: nothing published in between is missed
+        // (a duplicate is possible, and transports drop offsets at or below `position`).
+        let (name, first) = self
+            .hub
+            .subscribe(channel, subscriber, options.max_subscribers)?;
+        let result = self
+            .after_local_subscribe(&name, first, &options, &info, chan_info, recover_from)
+            .await;
+        if result.is_err() {
+            self.hub.unsubscribe(&name, info.id);
+        }
+        result
+    }
+
+    async fn after_local_subscribe(
+        &self,
+        name: &Arc<str>,
+        first: bool,
+        options: &ChannelOptions,
+        info: &ClientInfo,
+        chan_info: Option<bytes::Bytes>,
+        recover_from: Option<StreamPosition>,
+    ) -> Result<Subscription, SubscribeError> {
+        if first {
+            self.engine.watch(name, true).await?;
+        }
+        let descriptor = info.descriptor(chan_info);
+        if options.presence {
+            self.engine.add_presence(name, descriptor.clone()).await?;
+        }
+        if options.join_leave {
+            drop(
+                self.engine
+                    .publish_membership(true, Membership::new(name.clone(), descriptor)),
+            );
+        }
+        let mut subscription = Subscription {
+            channel: name.clone(),
+            position: None,
+            was_recovering: recover_from.is_some(),
+            recovered: false,
+            publications: Vec::new(),
+        };
+        if !(options.has_history() && options.recover) {
+            return Ok(subscription);
+        }
+        let since = recover_from.as_ref().map(|from| from.offset);
+        let page = self
+            .engine
+            .history(
+                name,
+                HistoryQuery {
+                    since,
+                    limit: if since.is_some() { None } else { Some(0) },
+                    reverse: false,
+                },
+            )
+            .await?;
+        if let Some(from) = recover_from {
+            subscription.recovered = recovery_is_complete(&from, &page);
+            if subscription.recovered {
+                subscription.publications = page.publications;
+            }
+        }
+        subscription.position = Some(page.top);
+        Ok(subscription)
+    }
+
+    /// Removes a subscription, its presence, and announces the leave. Returns whether the
+    /// connection was subscribed.
+    pub async fn unsubscribe(&self, channel: &str, info: &ClientInfo) -> bool {
+        let (removed, now_empty) = self.hub.unsubscribe(channel, info.id);
+        if !removed {
+            return false;
+        }
+        if now_empty {
+            let _ = self.engine.watch(channel, false).await;
+        }
+        if let Ok(options) = self.options(channel) {
+            if options.presence {
+                let _ = self.engine.remove_presence(channel, &info.client).await;
+            }
+            if options.join_leave {
+                let membership = Membership::new(channel.into(), info.descriptor(None));
+                drop(self.engine.publish_membership(false, membership));
+            }
+        }
+        true
+    }
+
+    pub async fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, PublishError> {
+        self.options(channel)?;
+        Ok(self.engine.history(channel, query).await?)
+    }
+
+    pub async fn remove_history(&self, channel: &str) -> Result<(), PublishError> {
+        self.options(channel)?;
+        Ok(self.engine.remove_history(channel).await?)
+    }
+
+    pub async fn presence(
+        &self,
+        channel: &str,
+    ) -> Result<Vec<Arc<ClientDescriptor>>, PublishError> {
+        self.options(channel)?;
+        Ok(self.engine.presence(channel).await?)
+    }
+
+    pub async fn command(&self, command: NodeCommand) -> Result<(), EngineError> {
+        self.engine.command(command).await
+    }
+}
+
+/// Whether a page read since `from` holds every publication after it.
+pub fn recovery_is_complete(from: &StreamPosition, page: &HistoryPage) -> bool {
+    if page.top.epoch != from.epoch || from.offset > page.top.offset {
+        return false;
+    }
+    if from.offset == page.top.offset {
+        return true;
+    }
+    page.publications.first().map(|first| first.offset) == Some(from.offset + 1)
+        && page.publications.last().map(|last| last.offset) == Some(page.top.offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryEngine;
+    use crate::outbox::{Delivery, Outbox};
+    use crate::MessageKind;
+
+    fn node() -> Node {
+        Node::new(Namespaces::default(), |deliver| {
+            Arc::new(MemoryEngine::new(deliver))
+        })
+    }
+
+    fn subscriber(node: &Node, user: &str) -> Subscriber {
+        let id = node.hub().next_connection_id();
+        Subscriber {
+            info: Arc::new(ClientInfo::new(
+                id,
+                "test",
+                format!("c{id}").into(),
+                user.into(),
+                None,
+                user,
+            )),
+            outbox: Arc::new(Outbox::new(1 << 20)),
+        }
+    }
+
+    async fn publish(node: &Node, channel: &str, text: &str) -> Option<StreamPosition> {
+        let publication = Publication::new(
+            channel.into(),
+            MessageKind::Text,
+            text.to_owned().into(),
+            None,
+        );
+        node.publish(publication).unwrap().await.unwrap()
+    }
+
+    fn texts(deliveries: &[Delivery]) -> Vec<String> {
+        deliveries
+            .iter()
+            .filter_map(|delivery| match delivery {
+                Delivery::Publication(p) => Some(String::from_utf8(p.data.to_vec()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn offsets_history_and_recovery() {
+        let node = node();
+        let first = publish(&node, "chat:r", "1").await.unwrap();
+        assert_eq!(first.offset, 1);
+        let alice = subscriber(&node, "alice");
+        let subscription = node
+            .subscribe("chat:r", alice.clone(), None, None)
+            .await
+            .unwrap();
+        let position = subscription.position.clone().unwrap();
+        assert_eq!(position, first);
+        assert!(!subscription.was_recovering);
+        // Alice leaves; two publications happen; she comes back and recovers both.
+        node.unsubscribe("chat:r", &alice.info).await;
+        publish(&node, "chat:r", "2").await;
+        publish(&node, "chat:r", "3").await;
+        let again = subscriber(&node, "alice");
+        let recovered = node
+            .subscribe("chat:r", again.clone(), None, Some(position.clone()))
+            .await
+            .unwrap();
+        assert!(recovered.was_recovering && recovered.recovered);
+        let offsets: Vec<u64> = recovered.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [2, 3]);
+        // Wrong epoch: not recovered, nothing pretended.
+        let wrong = StreamPosition {
+            offset: 1,
+            epoch: "other".into(),
+        };
+        let third = subscriber(&node, "bob");
+        let result = node
+            .subscribe("chat:r", third, None, Some(wrong))
+            .await
+            .unwrap();
+        assert!(!result.recovered && result.publications.is_empty());
+    }
+
+    #[tokio::test]
+    async fn window_exceeded_is_not_recovered() {
+        let node = node();
+        let start = publish(&node, "chat:w", "0").await.unwrap();
+        for i in 0..150 {
+            publish(&node, "chat:w", &i.to_string()).await; // history_size is 100
+        }
+        let subscriber = subscriber(&node, "carol");
+        let result = node
+            .subscribe("chat:w", subscriber, None, Some(start))
+            .await
+            .unwrap();
+        assert!(result.was_recovering && !result.recovered);
+        assert!(result.publications.is_empty());
+        assert_eq!(result.position.unwrap().offset, 151);
+    }
+
+    #[tokio::test]
+    async fn deliveries_presence_and_join_leave() {
+        let node = node();
+        let ann = subscriber(&node, "ann");
+        let ben = subscriber(&node, "ben");
+        node.subscribe("chat:p", ann.clone(), None, None)
+            .await
+            .unwrap();
+        node.subscribe("chat:p", ben.clone(), None, None)
+            .await
+            .unwrap();
+        let presence = node.presence("chat:p").await.unwrap();
+        let users: Vec<&str> = presence.iter().map(|c| &*c.user).collect();
+        assert_eq!(users, ["ann", "ben"]);
+        publish(&node, "chat:p", "hello").await;
+        let mut got = Vec::new();
+        ann.outbox.drain(usize::MAX, &mut got);
+        // ann saw her own join, ben's join, then the publication.
+        assert!(matches!(got[0], Delivery::Join(_)));
+        assert!(matches!(&got[1], Delivery::Join(m) if &*m.client.user == "ben"));
+        assert_eq!(texts(&got), ["hello"]);
+        node.unsubscribe("chat:p", &ben.info).await;
+        got.clear();
+        ann.outbox.drain(usize::MAX, &mut got);
+        assert!(matches!(&got[..], [Delivery::Leave(m)] if &*m.client.user == "ben"));
+        assert_eq!(node.presence("chat:p").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_namespace_and_no_history() {
+        let node = node();
+        let publication = Publication::new("nope:x".into(), MessageKind::Text, "x".into(), None);
+        assert!(matches!(
+            node.publish(publication),
+            Err(ChannelError::UnknownNamespace(_))
+        ));
+        // The default namespace keeps no history: offset 0, no position.
+        assert_eq!(publish(&node, "plain", "x").await, None);
+    }
+}

@@ -1,0 +1,184 @@
+//! Channel names and the options that govern them.
+//!
+//! A channel is `namespace:name`, or just `name` in the default namespace. Each namespace has
+//! [`ChannelOptions`]. A name may end in `#user1,user2` to make it user-limited: only those users
+//! may subscribe (`dialog#42,43`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// What a namespace allows and keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// Publications kept per channel; 0 means no history (and no offsets).
+    pub history_size: usize,
+    /// How long each publication is kept.
+    pub history_ttl: Duration,
+    /// Subscribers get a stream position and may recover what they missed.
+    pub recover: bool,
+    /// Who is subscribed is tracked and may be asked for.
+    pub presence: bool,
+    /// Subscribers are told when others join and leave.
+    pub join_leave: bool,
+    /// Clients may publish here (the server API always may).
+    pub allow_publish_for_client: bool,
+    /// Connections without a user may subscribe.
+    pub allow_subscribe_for_anonymous: bool,
+    /// Subscribers may read the history.
+    pub allow_history_for_client: bool,
+    /// A subscription token is required to subscribe.
+    pub private: bool,
+    /// Most subscribers per channel on this node; 0 means no limit.
+    pub max_subscribers: usize,
+}
+
+impl ChannelOptions {
+    /// A namespace that keeps nothing and allows nothing beyond subscribing with a user.
+    pub fn closed() -> ChannelOptions {
+        ChannelOptions {
+            history_size: 0,
+            history_ttl: Duration::ZERO,
+            recover: false,
+            presence: false,
+            join_leave: false,
+            allow_publish_for_client: false,
+            allow_subscribe_for_anonymous: false,
+            allow_history_for_client: false,
+            private: false,
+            max_subscribers: 0,
+        }
+    }
+
+    /// The built-in `chat` namespace: history 100 / 5 min, recovery, presence, join/leave,
+    /// clients may publish and read history, anonymous clients may subscribe.
+    pub fn chat() -> ChannelOptions {
+        ChannelOptions {
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            recover: true,
+            presence: true,
+            join_leave: true,
+            allow_publish_for_client: true,
+            allow_subscribe_for_anonymous: true,
+            allow_history_for_client: true,
+            private: false,
+            max_subscribers: 0,
+        }
+    }
+
+    pub fn has_history(&self) -> bool {
+        self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+}
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("channel name is empty")]
+    Empty,
+    #[error("channel name is longer than {MAX_CHANNEL_LEN} bytes")]
+    TooLong,
+    #[error("unknown namespace {0:?}")]
+    UnknownNamespace(String),
+}
+
+pub const MAX_CHANNEL_LEN: usize = 255;
+
+/// All namespaces, and the options of channels without one.
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    default: ChannelOptions,
+    by_name: HashMap<String, ChannelOptions>,
+}
+
+impl Default for Namespaces {
+    /// Zero configuration: a `chat` namespace ([`ChannelOptions::chat`]); the default namespace is
+    /// closed.
+    fn default() -> Namespaces {
+        let mut namespaces = Namespaces::new(ChannelOptions::closed());
+        namespaces.insert("chat", ChannelOptions::chat());
+        namespaces
+    }
+}
+
+impl Namespaces {
+    pub fn new(default: ChannelOptions) -> Namespaces {
+        Namespaces {
+            default,
+            by_name: HashMap::new(),
+        }
+    }
+
+    pub fn insert(&mut self, name: &str, options: ChannelOptions) {
+        self.by_name.insert(name.to_owned(), options);
+    }
+
+    /// The options of a channel, or why the name is not acceptable.
+    pub fn resolve(&self, channel: &str) -> Result<&ChannelOptions, ChannelError> {
+        if channel.is_empty() {
+            return Err(ChannelError::Empty);
+        }
+        if channel.len() > MAX_CHANNEL_LEN {
+            return Err(ChannelError::TooLong);
+        }
+        match channel.split_once(':') {
+            None => Ok(&self.default),
+            Some((namespace, _)) => self
+                .by_name
+                .get(namespace)
+                .ok_or_else(|| ChannelError::UnknownNamespace(namespace.to_owned())),
+        }
+    }
+}
+
+/// The users a user-limited channel (`name#a,b`) is for, or `None` for an ordinary channel.
+pub fn allowed_users(channel: &str) -> Option<impl Iterator<Item = &str>> {
+    channel
+        .rsplit_once('#')
+        .map(|(_, users)| users.split(',').filter(|user| !user.is_empty()))
+}
+
+/// Whether `user` may subscribe to `channel` as far as user limits go.
+pub fn user_may_subscribe(channel: &str, user: &str) -> bool {
+    match allowed_users(channel) {
+        None => true,
+        Some(mut users) => !user.is_empty() && users.any(|allowed| allowed == user),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_namespaces() {
+        let namespaces = Namespaces::default();
+        assert_eq!(
+            namespaces.resolve("chat:lobby").unwrap(),
+            &ChannelOptions::chat()
+        );
+        assert_eq!(
+            namespaces.resolve("plain").unwrap(),
+            &ChannelOptions::closed()
+        );
+        assert_eq!(
+            namespaces.resolve("nope:x"),
+            Err(ChannelError::UnknownNamespace("nope".into()))
+        );
+        assert_eq!(namespaces.resolve(""), Err(ChannelError::Empty));
+        assert_eq!(
+            namespaces.resolve(&"x".repeat(256)),
+            Err(ChannelError::TooLong)
+        );
+    }
+
+    #[test]
+    fn user_limited_channels() {
+        assert!(user_may_subscribe("dialog#42,43", "42"));
+        assert!(user_may_subscribe("dialog#42,43", "43"));
+        assert!(!user_may_subscribe("dialog#42,43", "44"));
+        assert!(!user_may_subscribe("dialog#42,43", ""));
+        assert!(user_may_subscribe("chat:lobby", ""));
+        assert!(user_may_subscribe("chat:a#b#7", "7"));
+    }
+}

@@ -1,0 +1,130 @@
+//! The raw room handler behind `/chat/{room}`: each message is published unchanged to the
+//! room's channel; each publication comes back as one frame with the data unchanged.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use plexus_core::{
+    ClientInfo, Control, Delivery, Encoding, MessageKind, Outbox, Publication, Subscriber,
+};
+use plexus_protocol::ws::{close, deflate, encode_frame, OpCode};
+
+use super::connection::Out;
+use crate::Shared;
+
+/// Messages shorter than this go uncompressed even when deflate was negotiated.
+pub(crate) const COMPRESS_MIN: usize = 128;
+
+pub(crate) fn opcode(kind: MessageKind) -> OpCode {
+    match kind {
+        MessageKind::Text => OpCode::Text,
+        MessageKind::Binary => OpCode::Binary,
+    }
+}
+
+/// A data frame for a message, compressed when that pays.
+pub(crate) fn data_frame(kind: MessageKind, data: &[u8], deflate: bool) -> Bytes {
+    if deflate && data.len() >= COMPRESS_MIN {
+        encode_frame(opcode(kind), &deflate::compress(data), true)
+    } else {
+        encode_frame(opcode(kind), data, false)
+    }
+}
+
+/// A publication as a raw frame, encoded once for every raw subscriber.
+pub(crate) fn publication_frame(publication: &Publication, deflate: bool) -> Bytes {
+    let encoding = if deflate && publication.data.len() >= COMPRESS_MIN {
+        Encoding::WebSocketRawDeflated
+    } else {
+        Encoding::WebSocketRaw
+    };
+    publication.encoded(encoding, |p| data_frame(p.kind, &p.data, deflate))
+}
+
+pub(crate) struct RawRoom {
+    channel: Arc<str>,
+    info: Arc<ClientInfo>,
+    outbox: Arc<Outbox>,
+}
+
+impl RawRoom {
+    /// Registers an anonymous connection and subscribes it to `channel`.
+    pub(crate) async fn join(shared: &Shared, channel: &str) -> Result<RawRoom, (u16, String)> {
+        let id = shared.node.hub().next_connection_id();
+        let info = Arc::new(ClientInfo::new(
+            id,
+            "websocket",
+            crate::new_client_id(),
+            "".into(),
+            None,
+            &format!("ws-{id}"),
+        ));
+        let outbox = Arc::new(Outbox::new(shared.config.outbox_limit));
+        let subscriber = Subscriber {
+            info: info.clone(),
+            outbox: outbox.clone(),
+        };
+        shared.node.hub().register(subscriber.clone());
+        match shared.node.subscribe(channel, subscriber, None, None).await {
+            Ok(subscription) => Ok(RawRoom {
+                channel: subscription.channel,
+                info,
+                outbox,
+            }),
+            Err(error) => {
+                shared.node.hub().unregister(id);
+                Err((close::POLICY, error.to_string()))
+            }
+        }
+    }
+
+    pub(crate) fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    pub(crate) fn on_message(&mut self, shared: &Shared, kind: MessageKind, data: Bytes) {
+        let publication = Publication::new(
+            self.channel.clone(),
+            kind,
+            data,
+            Some(self.info.descriptor(None)),
+        );
+        match shared.node.publish(publication) {
+            // Ordered now; the durability acknowledgement is not needed by a raw client.
+            Ok(acknowledgement) => drop(acknowledgement),
+            Err(error) => tracing::warn!(%error, "raw room publish refused"),
+        }
+        shared.metrics.publications.inc();
+    }
+
+    pub(crate) fn on_deliveries(
+        &mut self,
+        batch: Vec<Delivery>,
+        deflate: bool,
+        out: &mut Vec<Out>,
+    ) {
+        for delivery in batch {
+            match delivery {
+                Delivery::Publication(publication) => {
+                    out.push(Out::Frame(publication_frame(&publication, deflate)))
+                }
+                Delivery::Join(_) | Delivery::Leave(_) => {} // raw clients get data only
+                Delivery::Control(Control::Disconnect { code, reason }) => {
+                    out.push(Out::Close(code, reason.to_string()))
+                }
+                Delivery::Control(Control::Unsubscribe { .. }) => out.push(Out::Close(
+                    close::NORMAL,
+                    "unsubscribed by the server".into(),
+                )),
+                Delivery::Control(Control::Subscribe { .. }) => {} // one room per raw connection
+                Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
+            }
+        }
+    }
+
+    pub(crate) async fn leave(&mut self, shared: &Shared) {
+        self.outbox.close();
+        shared.node.unsubscribe(&self.channel, &self.info).await;
+        shared.node.hub().unregister(self.info.id);
+    }
+}
