@@ -220,7 +220,8 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The defaults with every listener on an ephemeral port of 127.0.0.1: what tests use.
+    /// The defaults with every listener on an ephemeral port of 127.0.0.1, the memory engine,
+    /// API key `test-api-key` and token secret `test-token-secret`: what tests use.
     pub fn for_tests() -> Config {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Config {
@@ -228,6 +229,8 @@ impl Config {
             tcp_echo: Some(any),
             tcp_chat: Some(any),
             engine: EngineKind::Memory,
+            api_key: Some("test-api-key".into()),
+            token_hmac_secret: Some("test-token-secret".into()),
             ..Config::default()
         }
     }

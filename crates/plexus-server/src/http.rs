@@ -27,6 +27,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/", get(index))
         .route("/echo", get(ws::echo))
         .route("/chat/{room}", get(ws::chat))
+        .route("/connection/websocket", get(ws::native))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -67,7 +68,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found; try /, /echo, /chat/{room}, /health or /metrics\n",
+        "not found; try /, /echo, /chat/{room}, /connection/websocket, /health or /metrics\n",
     )
         .into_response()
 }

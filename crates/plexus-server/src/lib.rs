@@ -12,6 +12,8 @@ pub mod config;
 mod http;
 mod limits;
 pub mod metrics;
+mod native;
+pub mod secrets;
 mod tcp;
 mod tls;
 mod tracked;
@@ -47,6 +49,11 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     tasks: TaskTracker,
+    /// Checks connection and subscription tokens.
+    verifier: Option<plexus_auth::TokenVerifier>,
+    /// The server API key.
+    #[allow(dead_code)] // read by the server API, which lands next
+    api_key: String,
 }
 
 /// A listener that could not be started.
@@ -60,6 +67,10 @@ pub enum BindError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretsError),
+    #[error("token key: {0}")]
+    TokenKey(#[from] plexus_auth::KeyError),
 }
 
 impl BindError {
@@ -82,6 +93,12 @@ impl Server {
     /// Binds every configured listener and starts serving.
     pub async fn bind(config: Config) -> Result<ServerHandle, BindError> {
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        let secrets = secrets::resolve(&config)?;
+        let verifier = plexus_auth::TokenVerifier::new(&plexus_auth::VerifierKeys {
+            hmac_secret: Some(secrets.token_hmac_secret.clone()),
+            rsa_public_key_pem: config.token_rsa_public_key.clone(),
+            ecdsa_public_key_pem: config.token_ecdsa_public_key.clone(),
+        })?;
         let listen = |listener: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -118,6 +135,8 @@ impl Server {
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            verifier: Some(verifier),
+            api_key: secrets.api_key.clone(),
         });
         let accept_loops = TaskTracker::new();
 
@@ -157,6 +176,7 @@ impl Server {
         }
         accept_loops.close();
         Ok(ServerHandle {
+            secrets,
             shared,
             accept_loops,
             http_addr,
@@ -169,6 +189,7 @@ impl Server {
 
 /// A running server.
 pub struct ServerHandle {
+    secrets: secrets::Secrets,
     shared: Arc<Shared>,
     accept_loops: TaskTracker,
     http_addr: SocketAddr,
@@ -198,6 +219,11 @@ impl ServerHandle {
 
     pub fn config(&self) -> &Config {
         &self.shared.config
+    }
+
+    /// The API key and token secret in use, and where they are kept.
+    pub fn secrets(&self) -> &secrets::Secrets {
+        &self.secrets
     }
 
     /// The Prometheus text of the server's metrics.

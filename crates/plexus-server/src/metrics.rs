@@ -48,6 +48,8 @@ pub enum Refusal {
     HandshakeTimeout,
     /// TLS handshake failed.
     TlsFailed,
+    /// A browser `Origin` not in `allowed_origins`.
+    BadOrigin,
 }
 
 impl Refusal {
@@ -58,6 +60,7 @@ impl Refusal {
             Refusal::BadUpgrade => "bad_upgrade",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::TlsFailed => "tls_failed",
+            Refusal::BadOrigin => "bad_origin",
         }
     }
 }

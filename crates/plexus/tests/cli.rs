@@ -14,6 +14,8 @@ fn plexus() -> Command {
             command.env_remove(key);
         }
     }
+    // Generated secrets and history go to a scratch directory, not the source tree.
+    command.env("PLEXUS_DATA_DIR", temp_dir("data"));
     command
 }
 
@@ -358,6 +360,7 @@ fn raises_the_file_limit_and_survives_running_out_of_descriptors() {
             "off",
         ])
         .args(["--log-format", "json", "--log-level", "info"])
+        .env("PLEXUS_DATA_DIR", dir.join("data"))
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, Instant};
 
 use super::raw::{data_frame, RawRoom};
+use crate::native::session::ClientSession;
 use crate::wire::{Wire, WireEvent};
 use crate::Shared;
 
@@ -46,6 +47,8 @@ pub(crate) enum Out {
 pub(crate) enum Handler {
     Echo,
     Room(RawRoom),
+    /// The native protocol (`/connection/websocket`).
+    Native(Box<ClientSession>),
 }
 
 impl Handler {
@@ -53,6 +56,21 @@ impl Handler {
         match self {
             Handler::Echo => None,
             Handler::Room(room) => Some(room.outbox()),
+            Handler::Native(session) => Some(session.outbox()),
+        }
+    }
+
+    /// A moment the handler must act at without input.
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Handler::Native(session) => session.deadline(),
+            _ => None,
+        }
+    }
+
+    fn on_deadline(&mut self, out: &mut Vec<Out>) {
+        if let Handler::Native(session) = self {
+            session.on_deadline(out);
         }
     }
 
@@ -66,11 +84,13 @@ impl Handler {
         match self {
             Handler::Echo => out.push(Out::Message(kind, data)),
             Handler::Room(room) => room.on_message(shared, kind, data),
+            Handler::Native(session) => session.on_message(shared, data, out).await,
         }
     }
 
-    fn on_deliveries(
+    async fn on_deliveries(
         &mut self,
+        shared: &Shared,
         batch: Vec<plexus_core::Delivery>,
         deflate: bool,
         out: &mut Vec<Out>,
@@ -78,30 +98,47 @@ impl Handler {
         match self {
             Handler::Echo => {}
             Handler::Room(room) => room.on_deliveries(batch, deflate, out),
+            Handler::Native(session) => session.on_deliveries(shared, batch, deflate, out).await,
         }
     }
 
-    /// The frame that asks the peer for a sign of life.
+    /// The frame that asks the peer for a sign of life: a WebSocket ping, or the protocol's
+    /// `{}` (which JavaScript in a browser can see and answer).
     fn heartbeat(&self) -> Bytes {
-        encode_frame(OpCode::Ping, b"", false)
+        match self {
+            Handler::Native(_) => {
+                encode_frame(OpCode::Text, plexus_protocol::client::SERVER_PING, false)
+            }
+            _ => encode_frame(OpCode::Ping, b"", false),
+        }
     }
 
     fn timeout_close(&self) -> (u16, &'static str) {
-        (close::POLICY, "ping timeout")
+        match self {
+            Handler::Native(_) => (3012, "no pong"),
+            _ => (close::POLICY, "ping timeout"),
+        }
     }
 
     fn slow_close(&self) -> (u16, &'static str) {
-        (close::SLOW, "slow: could not keep up with messages")
+        match self {
+            Handler::Native(_) => (close::SLOW, "slow"),
+            _ => (close::SLOW, "slow: could not keep up with messages"),
+        }
     }
 
     fn shutdown_close(&self) -> (u16, &'static str) {
-        (close::GOING_AWAY, "server shutting down")
+        match self {
+            Handler::Native(_) => (3001, "shutdown"),
+            _ => (close::GOING_AWAY, "server shutting down"),
+        }
     }
 
     async fn finish(&mut self, shared: &Shared) {
         match self {
             Handler::Echo => {}
             Handler::Room(room) => room.leave(shared).await,
+            Handler::Native(session) => session.finish(shared).await,
         }
     }
 }
@@ -180,7 +217,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             }
             let deadline = match self.closing {
                 Some(deadline) => deadline,
-                None => pong_deadline.map_or(next_ping, |pong| pong.min(next_ping)),
+                None => [pong_deadline, handler.deadline()]
+                    .into_iter()
+                    .flatten()
+                    .fold(next_ping, Instant::min),
             };
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
@@ -203,9 +243,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 }
                 Wake::Wire(WireEvent::Wrote(n)) => {
                     shared.metrics.websocket.bytes_out.inc_by(n as u64);
-                    self.drain_outbox(handler);
+                    self.drain_outbox(handler).await;
                 }
-                Wake::Wire(WireEvent::Flushed) => self.drain_outbox(handler),
+                Wake::Wire(WireEvent::Flushed) => self.drain_outbox(handler).await,
                 Wake::Wire(WireEvent::Eof) => {
                     self.read_open = false;
                     if self.closing.is_none() {
@@ -217,7 +257,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     tracing::debug!(%error, "WebSocket I/O failed");
                     return;
                 }
-                Wake::Outbox => self.drain_outbox(handler),
+                Wake::Outbox => self.drain_outbox(handler).await,
                 Wake::Shutdown => {
                     let (code, reason) = handler.shutdown_close();
                     self.start_close(code, reason);
@@ -226,6 +266,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     let now = Instant::now();
                     if self.closing.is_some_and(|deadline| now >= deadline) {
                         return;
+                    }
+                    if self.closing.is_none() && handler.deadline().is_some_and(|at| now >= at) {
+                        let mut out = std::mem::take(&mut self.out);
+                        handler.on_deadline(&mut out);
+                        self.apply(&mut out);
+                        self.out = out;
+                        if self.closing.is_some() {
+                            self.read_open = false;
+                        }
                     }
                     if self.closing.is_none() && pong_deadline.is_some_and(|pong| now >= pong) {
                         self.read_open = false;
@@ -316,7 +365,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
     }
 
     /// Moves deliveries from the outbox to the socket.
-    fn drain_outbox(&mut self, handler: &mut Handler) {
+    async fn drain_outbox(&mut self, handler: &mut Handler) {
         let Some(outbox) = handler.outbox() else {
             return;
         };
@@ -337,7 +386,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             return;
         }
         let mut out = std::mem::take(&mut self.out);
-        handler.on_deliveries(batch, self.deflate, &mut out);
+        handler
+            .on_deliveries(self.shared, batch, self.deflate, &mut out)
+            .await;
         self.apply(&mut out);
         self.out = out;
     }

@@ -1,4 +1,5 @@
-//! Raw WebSocket endpoints: `/echo` and `/chat/{room}`.
+//! WebSocket endpoints: `/echo`, `/chat/{room}` and the native protocol at
+//! `/connection/websocket`.
 //!
 //! [`upgrade`] checks the handshake and answers 101 or an HTTP error with a reason; the
 //! upgraded socket is then driven by [`connection`], one task per connection.
@@ -7,4 +8,6 @@ mod connection;
 mod raw;
 mod upgrade;
 
-pub(crate) use upgrade::{chat, echo};
+pub(crate) use connection::Out;
+pub(crate) use raw::data_frame;
+pub(crate) use upgrade::{chat, echo, native};

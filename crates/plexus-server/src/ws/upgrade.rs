@@ -24,6 +24,11 @@ pub(crate) async fn echo(State(shared): State<Arc<Shared>>, request: Request) ->
     upgrade(shared, request, Endpoint::Echo)
 }
 
+/// `GET /connection/websocket`: the native (Centrifugo-compatible) protocol.
+pub(crate) async fn native(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    upgrade(shared, request, Endpoint::Native)
+}
+
 /// `GET /chat/{room}`: every message goes to everyone in channel `chat:{room}`, sender included.
 pub(crate) async fn chat(
     State(shared): State<Arc<Shared>>,
@@ -53,6 +58,7 @@ fn refuse(error: UpgradeError) -> Response {
 /// What an upgraded connection will speak.
 enum Endpoint {
     Echo,
+    Native,
     /// A raw room in this channel.
     Room(String),
 }
@@ -78,6 +84,14 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
             return refuse(error);
         }
     };
+    if let Err(origin) = check_origin(&shared.config.allowed_origins, headers) {
+        shared.metrics.refused(Refusal::BadOrigin);
+        return (
+            StatusCode::FORBIDDEN,
+            format!("origin {origin} is not allowed\n"),
+        )
+            .into_response();
+    }
     let deflate = shared.config.websocket_compression
         && headers
             .get_all(SEC_WEBSOCKET_EXTENSIONS)
@@ -91,6 +105,9 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
             Ok(upgraded) => {
                 let handler = match endpoint {
                     Endpoint::Echo => Handler::Echo,
+                    Endpoint::Native => Handler::Native(Box::new(
+                        crate::native::session::ClientSession::new(&task_shared, "websocket"),
+                    )),
                     Endpoint::Room(channel) => match RawRoom::join(&task_shared, &channel).await {
                         Ok(room) => Handler::Room(room),
                         Err((code, reason)) => {
@@ -119,4 +136,55 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
     response
         .body(Body::empty())
         .expect("static headers are valid")
+}
+
+/// Cross-site WebSocket hijacking guard: a browser's `Origin` must be this server itself, or be
+/// listed in `allowed_origins` (`*` allows any). Requests without `Origin` come from
+/// non-browser clients and are allowed.
+fn check_origin(allowed: &[String], headers: &http::HeaderMap) -> Result<(), String> {
+    let Some(origin) = headers.get(http::header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("").trim();
+    if allowed
+        .iter()
+        .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or("");
+    if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+        return Ok(());
+    }
+    Err(origin.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_origin;
+
+    #[test]
+    fn origins() {
+        let headers = |origin: Option<&str>| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(http::header::HOST, "chat.example:8000".parse().unwrap());
+            if let Some(origin) = origin {
+                headers.insert(http::header::ORIGIN, origin.parse().unwrap());
+            }
+            headers
+        };
+        assert!(check_origin(&[], &headers(None)).is_ok());
+        assert!(check_origin(&[], &headers(Some("http://chat.example:8000"))).is_ok());
+        assert!(check_origin(&[], &headers(Some("https://evil.example"))).is_err());
+        let listed = vec!["https://app.example".to_owned()];
+        assert!(check_origin(&listed, &headers(Some("https://app.example"))).is_ok());
+        assert!(check_origin(&["*".into()], &headers(Some("https://any.example"))).is_ok());
+    }
 }

@@ -1,0 +1,673 @@
+//! One protocol client: connect, subscriptions, commands and pushes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use plexus_auth::{check_subscription, TokenError};
+use plexus_core::{
+    user_may_subscribe, ChannelError, ClientInfo, Control, Delivery, HistoryQuery, MessageKind,
+    Outbox, Publication, StreamPosition, SubscribeError, Subscriber, Subscription,
+};
+use plexus_protocol::client::{
+    self as proto, encode_push, encode_reply, join_batch, parse_frame, DisconnectCode, ErrorCode,
+    Incoming, PushBody, Reply, ReplyBody, Request,
+};
+use tokio::time::Instant;
+
+use super::json;
+use crate::ws::Out;
+use crate::Shared;
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Seconds until `at`, at least 1 (the protocol's `ttl`).
+fn ttl(at: u64) -> u32 {
+    at.saturating_sub(now_unix()).clamp(1, u64::from(u32::MAX)) as u32
+}
+
+/// What a command ends in.
+enum Outcome {
+    Reply(ReplyBody),
+    Error(ErrorCode),
+    NoReply,
+    Disconnect(DisconnectCode),
+}
+
+impl From<ErrorCode> for Outcome {
+    fn from(code: ErrorCode) -> Outcome {
+        Outcome::Error(code)
+    }
+}
+
+/// A channel this client is subscribed to.
+struct ChannelState {
+    /// Highest offset the client has (from the subscribe reply or a push): duplicates at or
+    /// below it, possible right after a subscribe, are dropped.
+    last_offset: u64,
+}
+
+struct Connected {
+    info: Arc<ClientInfo>,
+    /// When the connection expires (Unix seconds) unless refreshed.
+    expires_at: Option<u64>,
+    channels: HashMap<Arc<str>, ChannelState>,
+}
+
+pub(crate) struct ClientSession {
+    transport: &'static str,
+    outbox: Arc<Outbox>,
+    /// `None` until a successful connect.
+    connected: Option<Connected>,
+    /// A client that has not connected by then is closed (3502 stale).
+    connect_deadline: Instant,
+}
+
+impl ClientSession {
+    pub(crate) fn new(shared: &Shared, transport: &'static str) -> ClientSession {
+        ClientSession {
+            transport,
+            outbox: Arc::new(Outbox::new(shared.config.outbox_limit)),
+            connected: None,
+            connect_deadline: Instant::now() + shared.config.handshake_timeout,
+        }
+    }
+
+    pub(crate) fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// The next moment something must happen without input: the connect deadline, or the
+    /// connection's expiry.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        match &self.connected {
+            None => Some(self.connect_deadline),
+            Some(connected) => connected.expires_at.map(|at| {
+                let left = at.saturating_sub(now_unix());
+                Instant::now() + Duration::from_secs(left)
+            }),
+        }
+    }
+
+    /// Called when [`ClientSession::deadline`] passed.
+    pub(crate) fn on_deadline(&mut self, out: &mut Vec<Out>) {
+        match &self.connected {
+            None => close(out, DisconnectCode::Stale),
+            Some(connected) => {
+                if connected.expires_at.is_some_and(|at| at <= now_unix()) {
+                    close(out, DisconnectCode::Expired);
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn on_message(&mut self, shared: &Shared, data: Bytes, out: &mut Vec<Out>) {
+        let Ok(text) = std::str::from_utf8(&data) else {
+            return close(out, DisconnectCode::BadRequest);
+        };
+        let mut replies: Vec<Vec<u8>> = Vec::new();
+        for incoming in parse_frame(text) {
+            let outcome = match incoming {
+                Ok(Incoming::Pong) => continue,
+                Ok(Incoming::Command { id, request }) => (id, self.command(shared, request).await),
+                Err(error) if error.is_fatal() => {
+                    (0, Outcome::Disconnect(DisconnectCode::BadRequest))
+                }
+                Err(error) => match error.reply() {
+                    Some(reply) => {
+                        replies.push(encode_reply(&reply));
+                        continue;
+                    }
+                    None => continue,
+                },
+            };
+            match outcome {
+                (id, Outcome::Reply(body)) => replies.push(encode_reply(&Reply::result(id, body))),
+                (id, Outcome::Error(code)) => replies.push(encode_reply(&Reply::error(id, code))),
+                (_, Outcome::NoReply) => {}
+                (_, Outcome::Disconnect(code)) => {
+                    flush(out, &mut replies);
+                    return close(out, code);
+                }
+            }
+        }
+        flush(out, &mut replies);
+    }
+
+    async fn command(&mut self, shared: &Shared, request: Request) -> Outcome {
+        if let Request::Connect(request) = request {
+            if self.connected.is_some() {
+                return Outcome::Disconnect(DisconnectCode::BadRequest);
+            }
+            return self.connect(shared, request).await;
+        }
+        let Some(connected) = self.connected.as_mut() else {
+            return Outcome::Disconnect(DisconnectCode::BadRequest);
+        };
+        match request {
+            Request::Connect(_) => unreachable!("handled above"),
+            Request::Subscribe(request) => {
+                subscribe_command(shared, connected, &self.outbox, request).await
+            }
+            Request::Unsubscribe(request) => {
+                if connected
+                    .channels
+                    .remove(request.channel.as_str())
+                    .is_some()
+                {
+                    shared
+                        .node
+                        .unsubscribe(&request.channel, &connected.info)
+                        .await;
+                }
+                Outcome::Reply(ReplyBody::Unsubscribe(proto::UnsubscribeResult {}))
+            }
+            Request::Publish(request) => publish_command(shared, connected, request).await,
+            Request::Presence(request) => {
+                presence_command(shared, connected, &request.channel, false).await
+            }
+            Request::PresenceStats(request) => {
+                presence_command(shared, connected, &request.channel, true).await
+            }
+            Request::History(request) => history_command(shared, request).await,
+            Request::Ping(_) => Outcome::Reply(ReplyBody::Ping(proto::PingResult {})),
+            Request::Send(_) => Outcome::NoReply, // no message handler is configured
+            Request::Rpc(_) => ErrorCode::NotAvailable.into(),
+            Request::Refresh(request) => refresh_command(shared, connected, &request.token),
+            Request::SubRefresh(request) => sub_refresh_command(shared, connected, request),
+        }
+    }
+
+    async fn connect(&mut self, shared: &Shared, request: proto::ConnectRequest) -> Outcome {
+        let (user, conn_info, expires_at, channels) = if request.token.is_empty() {
+            if !shared.config.allow_anonymous_connect_without_token {
+                return Outcome::Disconnect(DisconnectCode::InvalidToken);
+            }
+            (String::new(), None, None, Vec::new())
+        } else {
+            let Some(verifier) = &shared.verifier else {
+                return Outcome::Disconnect(DisconnectCode::InvalidToken);
+            };
+            match verifier.verify_connection(&request.token, now_unix()) {
+                Ok(claims) => {
+                    let expires_at = claims.connection_expires_at();
+                    (claims.sub, claims.info, expires_at, claims.channels)
+                }
+                Err(TokenError::Expired) => return ErrorCode::TokenExpired.into(),
+                Err(error) => {
+                    tracing::debug!(%error, "connect refused");
+                    return Outcome::Disconnect(DisconnectCode::InvalidToken);
+                }
+            }
+        };
+        let id = shared.node.hub().next_connection_id();
+        let name = if request.name.is_empty() {
+            "client"
+        } else {
+            &request.name
+        };
+        let info = Arc::new(ClientInfo::new(
+            id,
+            self.transport,
+            crate::new_client_id(),
+            user.into(),
+            conn_info,
+            name,
+        ));
+        let subscriber = Subscriber {
+            info: info.clone(),
+            outbox: self.outbox.clone(),
+        };
+        shared.node.hub().register(subscriber);
+        let mut connected = Connected {
+            info: info.clone(),
+            expires_at,
+            channels: HashMap::new(),
+        };
+        // Server-side subscriptions from the token, recovering from positions the client sent.
+        let mut subs = std::collections::BTreeMap::new();
+        for channel in channels {
+            let recover = request
+                .subs
+                .get(&channel)
+                .filter(|sub| sub.recover)
+                .map(|sub| StreamPosition {
+                    offset: sub.offset,
+                    epoch: sub.epoch.as_str().into(),
+                });
+            match subscribe(
+                shared,
+                &mut connected,
+                &self.outbox,
+                &channel,
+                None,
+                recover,
+            )
+            .await
+            {
+                Ok(result) => {
+                    subs.insert(channel, result);
+                }
+                Err(code) => {
+                    tracing::warn!(%channel, code = code.code(), "server-side subscription failed")
+                }
+            }
+        }
+        self.connected = Some(connected);
+        Outcome::Reply(ReplyBody::Connect(proto::ConnectResult {
+            client: info.client.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            expires: expires_at.is_some(),
+            ttl: expires_at.map_or(0, ttl),
+            subs,
+            ping: shared.config.ping_interval.as_secs().max(1) as u32,
+            pong: true,
+            ..proto::ConnectResult::default()
+        }))
+    }
+
+    /// Pushes for this client, from the outbox.
+    pub(crate) async fn on_deliveries(
+        &mut self,
+        shared: &Shared,
+        batch: Vec<Delivery>,
+        deflate: bool,
+        out: &mut Vec<Out>,
+    ) {
+        let Some(connected) = self.connected.as_mut() else {
+            return;
+        };
+        for delivery in batch {
+            match delivery {
+                Delivery::Publication(publication) => {
+                    let Some(state) = connected.channels.get_mut(&publication.channel) else {
+                        continue;
+                    };
+                    if publication.offset > 0 {
+                        if publication.offset <= state.last_offset {
+                            continue; // already in the subscribe reply
+                        }
+                        state.last_offset = publication.offset;
+                    }
+                    out.push(Out::Frame(json::publication_frame(&publication, deflate)));
+                }
+                Delivery::Join(membership) | Delivery::Leave(membership)
+                    if !connected.channels.contains_key(&membership.channel) => {}
+                Delivery::Join(membership) => out.push(Out::Frame(json::membership_frame(
+                    &membership,
+                    true,
+                    deflate,
+                ))),
+                Delivery::Leave(membership) => out.push(Out::Frame(json::membership_frame(
+                    &membership,
+                    false,
+                    deflate,
+                ))),
+                Delivery::Control(Control::Disconnect { code, reason }) => {
+                    out.push(Out::Close(code, reason.to_string()));
+                    return;
+                }
+                Delivery::Control(Control::Unsubscribe {
+                    channel,
+                    code,
+                    reason,
+                }) => {
+                    if connected.channels.remove(&channel).is_some() {
+                        shared.node.unsubscribe(&channel, &connected.info).await;
+                        let body = PushBody::Unsubscribe(proto::Unsubscribe {
+                            code: u32::from(code),
+                            reason: reason.to_string(),
+                        });
+                        out.push(Out::Message(
+                            MessageKind::Text,
+                            encode_push(&channel, &body).into(),
+                        ));
+                    }
+                }
+                Delivery::Control(Control::Subscribe { channel }) => {
+                    if connected.channels.contains_key(&channel) {
+                        continue;
+                    }
+                    if let Ok(result) =
+                        subscribe(shared, connected, &self.outbox, &channel, None, None).await
+                    {
+                        let body = PushBody::Subscribe(proto::Subscribe {
+                            recoverable: result.recoverable,
+                            epoch: result.epoch,
+                            offset: result.offset,
+                            positioned: result.positioned,
+                            data: None,
+                        });
+                        out.push(Out::Message(
+                            MessageKind::Text,
+                            encode_push(&channel, &body).into(),
+                        ));
+                    }
+                }
+                Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
+            }
+        }
+    }
+
+    /// Leaves every channel and the hub.
+    pub(crate) async fn finish(&mut self, shared: &Shared) {
+        self.outbox.close();
+        if let Some(connected) = self.connected.take() {
+            for channel in connected.channels.keys() {
+                shared.node.unsubscribe(channel, &connected.info).await;
+            }
+            shared.node.hub().unregister(connected.info.id);
+        }
+    }
+}
+
+fn flush(out: &mut Vec<Out>, replies: &mut Vec<Vec<u8>>) {
+    if !replies.is_empty() {
+        out.push(Out::Message(
+            MessageKind::Text,
+            join_batch(replies.drain(..)).into(),
+        ));
+    }
+}
+
+fn close(out: &mut Vec<Out>, code: DisconnectCode) {
+    out.push(Out::Close(code.close_code(), code.reason().to_owned()));
+}
+
+fn channel_error(error: &ChannelError) -> ErrorCode {
+    match error {
+        ChannelError::UnknownNamespace(_) => ErrorCode::UnknownChannel,
+        ChannelError::Empty | ChannelError::TooLong => ErrorCode::BadRequest,
+    }
+}
+
+async fn subscribe_command(
+    shared: &Shared,
+    connected: &mut Connected,
+    outbox: &Arc<Outbox>,
+    request: proto::SubscribeRequest,
+) -> Outcome {
+    let channel = request.channel.as_str();
+    let options = match shared.node.options(channel) {
+        Ok(options) => options,
+        Err(error) => return channel_error(&error).into(),
+    };
+    if connected.channels.contains_key(channel) {
+        return ErrorCode::AlreadySubscribed.into();
+    }
+    let user = &*connected.info.user;
+    if !user_may_subscribe(channel, user) {
+        return ErrorCode::PermissionDenied.into();
+    }
+    let mut chan_info = None;
+    if !request.token.is_empty() {
+        let Some(verifier) = &shared.verifier else {
+            return ErrorCode::PermissionDenied.into();
+        };
+        match verifier.verify_subscription(&request.token, now_unix()) {
+            Ok(claims) => {
+                if check_subscription(&claims, user, channel).is_err() {
+                    return ErrorCode::PermissionDenied.into();
+                }
+                chan_info = claims.info;
+            }
+            Err(TokenError::Expired) => return ErrorCode::TokenExpired.into(),
+            Err(_) => return ErrorCode::PermissionDenied.into(),
+        }
+    } else if options.private || (user.is_empty() && !options.allow_subscribe_for_anonymous) {
+        // Private channels need a subscription token; anonymous users need the namespace's
+        // permission.
+        return ErrorCode::PermissionDenied.into();
+    }
+    let recover = (request.recover && options.recover).then(|| StreamPosition {
+        offset: request.offset,
+        epoch: request.epoch.as_str().into(),
+    });
+    match subscribe(shared, connected, outbox, channel, chan_info, recover).await {
+        Ok(result) => Outcome::Reply(ReplyBody::Subscribe(result)),
+        Err(code) => code.into(),
+    }
+}
+
+/// Subscribes and builds the protocol result; shared by client- and server-side subscriptions.
+async fn subscribe(
+    shared: &Shared,
+    connected: &mut Connected,
+    outbox: &Arc<Outbox>,
+    channel: &str,
+    chan_info: Option<Bytes>,
+    recover: Option<StreamPosition>,
+) -> Result<proto::SubscribeResult, ErrorCode> {
+    let subscriber = Subscriber {
+        info: connected.info.clone(),
+        outbox: outbox.clone(),
+    };
+    let subscription: Subscription = match shared
+        .node
+        .subscribe(channel, subscriber, chan_info, recover)
+        .await
+    {
+        Ok(subscription) => subscription,
+        Err(SubscribeError::Channel(error)) => return Err(channel_error(&error)),
+        Err(SubscribeError::Hub(plexus_core::HubError::AlreadySubscribed(_))) => {
+            return Err(ErrorCode::AlreadySubscribed)
+        }
+        Err(SubscribeError::Hub(plexus_core::HubError::TooManySubscribers(_))) => {
+            return Err(ErrorCode::LimitExceeded)
+        }
+        Err(SubscribeError::Engine(error)) => {
+            tracing::warn!(%error, channel, "subscribe failed in the engine");
+            return Err(ErrorCode::Internal);
+        }
+    };
+    let last_offset = subscription
+        .publications
+        .iter()
+        .map(|p| p.offset)
+        .chain(subscription.position.as_ref().map(|p| p.offset))
+        .max()
+        .unwrap_or(0);
+    connected
+        .channels
+        .insert(subscription.channel.clone(), ChannelState { last_offset });
+    let positioned = subscription.position.is_some();
+    let (epoch, offset) = subscription
+        .position
+        .map_or((String::new(), 0), |p| (p.epoch.to_string(), p.offset));
+    Ok(proto::SubscribeResult {
+        recoverable: positioned,
+        positioned,
+        epoch,
+        offset,
+        was_recovering: subscription.was_recovering,
+        recovered: subscription.recovered,
+        publications: subscription
+            .publications
+            .iter()
+            .map(|p| json::publication(p))
+            .collect(),
+        ..proto::SubscribeResult::default()
+    })
+}
+
+async fn publish_command(
+    shared: &Shared,
+    connected: &Connected,
+    request: proto::PublishRequest,
+) -> Outcome {
+    let options = match shared.node.options(&request.channel) {
+        Ok(options) => options,
+        Err(error) => return channel_error(&error).into(),
+    };
+    if !options.allow_publish_for_client {
+        return ErrorCode::PermissionDenied.into();
+    }
+    let Some(data) = request.data else {
+        return ErrorCode::BadRequest.into();
+    };
+    let publication = Publication::new(
+        request.channel.as_str().into(),
+        MessageKind::Text,
+        Bytes::copy_from_slice(data.as_bytes()),
+        Some(connected.info.descriptor(None)),
+    );
+    let acknowledgement = match shared.node.publish(publication) {
+        Ok(acknowledgement) => acknowledgement,
+        Err(error) => return channel_error(&error).into(),
+    };
+    shared.metrics.publications.inc();
+    match acknowledgement.await {
+        Ok(_) => Outcome::Reply(ReplyBody::Publish(proto::PublishResult {})),
+        Err(error) => {
+            tracing::warn!(%error, "publish failed in the engine");
+            ErrorCode::Internal.into()
+        }
+    }
+}
+
+async fn presence_command(
+    shared: &Shared,
+    connected: &Connected,
+    channel: &str,
+    stats: bool,
+) -> Outcome {
+    let options = match shared.node.options(channel) {
+        Ok(options) => options,
+        Err(error) => return channel_error(&error).into(),
+    };
+    if !options.presence {
+        return ErrorCode::NotAvailable.into();
+    }
+    if !connected.channels.contains_key(channel) {
+        return ErrorCode::PermissionDenied.into();
+    }
+    let clients = match shared.node.presence(channel).await {
+        Ok(clients) => clients,
+        Err(_) => return ErrorCode::Internal.into(),
+    };
+    if stats {
+        let users: std::collections::HashSet<&str> = clients.iter().map(|c| &*c.user).collect();
+        return Outcome::Reply(ReplyBody::PresenceStats(proto::PresenceStatsResult {
+            num_clients: clients.len() as u32,
+            num_users: users.len() as u32,
+        }));
+    }
+    Outcome::Reply(ReplyBody::Presence(proto::PresenceResult {
+        presence: clients
+            .iter()
+            .map(|client| (client.client.to_string(), json::client_info(client)))
+            .collect(),
+    }))
+}
+
+async fn history_command(shared: &Shared, request: proto::HistoryRequest) -> Outcome {
+    let options = match shared.node.options(&request.channel) {
+        Ok(options) => options,
+        Err(error) => return channel_error(&error).into(),
+    };
+    if !options.has_history() {
+        return ErrorCode::NotAvailable.into();
+    }
+    if !options.allow_history_for_client {
+        return ErrorCode::PermissionDenied.into();
+    }
+    match history(
+        shared,
+        &request.channel,
+        request.limit,
+        request.since.as_ref(),
+        request.reverse,
+    )
+    .await
+    {
+        Ok(result) => Outcome::Reply(ReplyBody::History(result)),
+        Err(code) => code.into(),
+    }
+}
+
+/// Reads history as the protocol and the server API describe it: `limit` 0 returns only the
+/// stream position, a negative limit everything retained; a `since` from another epoch is
+/// error 112.
+pub(crate) async fn history(
+    shared: &Shared,
+    channel: &str,
+    limit: i32,
+    since: Option<&proto::StreamPosition>,
+    reverse: bool,
+) -> Result<proto::HistoryResult, ErrorCode> {
+    let query = HistoryQuery {
+        since: since.map(|since| since.offset),
+        limit: usize::try_from(limit).ok(),
+        reverse,
+    };
+    let page = match shared.node.history(channel, query).await {
+        Ok(page) => page,
+        Err(plexus_core::PublishError::Channel(error)) => return Err(channel_error(&error)),
+        Err(plexus_core::PublishError::Engine(error)) => {
+            tracing::warn!(%error, channel, "history failed in the engine");
+            return Err(ErrorCode::Internal);
+        }
+    };
+    if since.is_some_and(|since| *since.epoch != *page.top.epoch) {
+        return Err(ErrorCode::UnrecoverablePosition);
+    }
+    Ok(proto::HistoryResult {
+        publications: page
+            .publications
+            .iter()
+            .map(|p| json::publication(p))
+            .collect(),
+        epoch: page.top.epoch.to_string(),
+        offset: page.top.offset,
+    })
+}
+
+fn refresh_command(shared: &Shared, connected: &mut Connected, token: &str) -> Outcome {
+    let Some(verifier) = &shared.verifier else {
+        return Outcome::Disconnect(DisconnectCode::InvalidToken);
+    };
+    match verifier.verify_connection(token, now_unix()) {
+        Ok(claims) if claims.sub == *connected.info.user => {
+            connected.expires_at = claims.connection_expires_at();
+            Outcome::Reply(ReplyBody::Refresh(proto::RefreshResult {
+                client: connected.info.client.to_string(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                expires: connected.expires_at.is_some(),
+                ttl: connected.expires_at.map_or(0, ttl),
+            }))
+        }
+        Err(TokenError::Expired) => ErrorCode::TokenExpired.into(),
+        Ok(_) | Err(_) => Outcome::Disconnect(DisconnectCode::InvalidToken),
+    }
+}
+
+fn sub_refresh_command(
+    shared: &Shared,
+    connected: &Connected,
+    request: proto::SubRefreshRequest,
+) -> Outcome {
+    if !connected.channels.contains_key(request.channel.as_str()) {
+        return ErrorCode::PermissionDenied.into();
+    }
+    let Some(verifier) = &shared.verifier else {
+        return ErrorCode::PermissionDenied.into();
+    };
+    match verifier.verify_subscription(&request.token, now_unix()) {
+        Ok(claims)
+            if check_subscription(&claims, &connected.info.user, &request.channel).is_ok() =>
+        {
+            let expires_at = claims.subscription_expires_at();
+            Outcome::Reply(ReplyBody::SubRefresh(proto::SubRefreshResult {
+                expires: expires_at.is_some(),
+                ttl: expires_at.map_or(0, ttl),
+            }))
+        }
+        Err(TokenError::Expired) => ErrorCode::TokenExpired.into(),
+        Ok(_) | Err(_) => ErrorCode::PermissionDenied.into(),
+    }
+}
