@@ -37,3 +37,6 @@ fi
   npm ci --no-audit --no-fund --loglevel=error
   PLEXUS_BIN="$PWD/../../target/debug/plexus" npm test
 )
+
+step "official SDKs (centrifuge-js, centrifuge-python) against the real binary"
+PLEXUS_BIN="$PWD/target/debug/plexus" tests/sdk/run.sh

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bytes::Bytes;
 
 use crate::engine::{Deliver, NodeCommand};
-use crate::outbox::{Control, Delivery, Outbox};
+use crate::outbox::{Control, Delivery, Outbox, OutboxState};
 use crate::publication::ClientDescriptor;
 
 /// Identifies one connection in this process.
@@ -253,15 +253,20 @@ impl Hub {
         };
         let mut report = FanOutReport::default();
         let mut subscribers = lock(&channel.subscribers);
-        subscribers.retain(|subscriber| {
-            if subscriber.outbox.push(delivery.clone()) {
-                report.delivered += 1;
-                true
-            } else {
-                report.dropped_slow += 1;
-                false
-            }
-        });
+        subscribers.retain(
+            |subscriber| match subscriber.outbox.push(delivery.clone()) {
+                Ok(()) => {
+                    report.delivered += 1;
+                    true
+                }
+                Err(OutboxState::Overflowed) => {
+                    report.dropped_slow += 1;
+                    false
+                }
+                // Closing: it unsubscribes itself shortly; a closed outbox is not a slow one.
+                Err(_) => false,
+            },
+        );
         drop(subscribers);
         self.delivered
             .fetch_add(report.delivered as u64, Ordering::Relaxed);
@@ -356,7 +361,7 @@ impl Deliver for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{MessageKind, OutboxState, Publication};
+    use crate::{MessageKind, Publication};
 
     fn subscriber(hub: &Hub, limit: usize) -> Subscriber {
         let id = hub.next_connection_id();

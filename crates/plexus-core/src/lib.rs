@@ -14,6 +14,8 @@
 //! storage beyond memory: transports (in `plexus-server`) own sockets and encode; other engines
 //! are crates that implement [`Engine`].
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod engine;
 mod hub;
 mod memory;

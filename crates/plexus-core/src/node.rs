@@ -68,6 +68,20 @@ fn retention(options: &ChannelOptions) -> Option<HistoryRetention> {
 }
 
 impl Node {
+    /// Builds a node with an engine that may fail to start (it opens files, connects…).
+    pub fn try_new<E>(
+        namespaces: Namespaces,
+        engine: impl FnOnce(Arc<dyn Deliver>) -> Result<Arc<dyn Engine>, E>,
+    ) -> Result<Node, E> {
+        let hub = Arc::new(Hub::new());
+        let engine = engine(hub.clone())?;
+        Ok(Node {
+            hub,
+            engine,
+            namespaces,
+        })
+    }
+
     /// Builds a node; `engine` receives the hub to deliver into.
     pub fn new(
         namespaces: Namespaces,

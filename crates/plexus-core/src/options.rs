@@ -18,8 +18,10 @@ pub struct ChannelOptions {
     pub recover: bool,
     /// Who is subscribed is tracked and may be asked for.
     pub presence: bool,
-    /// Subscribers are told when others join and leave.
+    /// Joins and leaves are announced (to subscribers that ask for them).
     pub join_leave: bool,
+    /// Joins and leaves are pushed to every subscriber, asked or not.
+    pub force_push_join_leave: bool,
     /// Clients may publish here (the server API always may).
     pub allow_publish_for_client: bool,
     /// Connections without a user may subscribe.
@@ -41,6 +43,7 @@ impl ChannelOptions {
             recover: false,
             presence: false,
             join_leave: false,
+            force_push_join_leave: false,
             allow_publish_for_client: false,
             allow_subscribe_for_anonymous: false,
             allow_history_for_client: false,
@@ -58,6 +61,7 @@ impl ChannelOptions {
             recover: true,
             presence: true,
             join_leave: true,
+            force_push_join_leave: false,
             allow_publish_for_client: true,
             allow_subscribe_for_anonymous: true,
             allow_history_for_client: true,

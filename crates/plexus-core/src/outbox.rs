@@ -99,12 +99,12 @@ impl Outbox {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a delivery from a channel. Returns false if the outbox is not open (any more), in
-    /// which case the caller should stop delivering to it.
-    pub fn push(&self, delivery: Delivery) -> bool {
+    /// Queues a delivery from a channel. An error means the caller should stop delivering to
+    /// this outbox: it overflowed just now or before, or its connection is closing.
+    pub fn push(&self, delivery: Delivery) -> Result<(), OutboxState> {
         let mut queue = self.lock();
         if queue.state != OutboxState::Open {
-            return false;
+            return Err(queue.state);
         }
         let weight = delivery.weight();
         if queue.bytes + weight > self.limit {
@@ -113,10 +113,10 @@ impl Outbox {
             queue.bytes = 0;
             drop(queue);
             self.notify.notify_one();
-            return false;
+            return Err(OutboxState::Overflowed);
         }
         self.enqueue(queue, delivery, weight);
-        true
+        Ok(())
     }
 
     /// Queues a command for this connection. It is not subject to the byte limit (the server
@@ -212,8 +212,8 @@ mod tests {
     #[tokio::test]
     async fn wakes_and_drains_in_order() {
         let outbox = Outbox::new(10_000);
-        assert!(outbox.push(publication(1)));
-        assert!(outbox.push(publication(2)));
+        assert!(outbox.push(publication(1)).is_ok());
+        assert!(outbox.push(publication(2)).is_ok());
         outbox.ready().await;
         let mut out = Vec::new();
         assert_eq!(outbox.drain(usize::MAX, &mut out), OutboxState::Open);
@@ -224,11 +224,17 @@ mod tests {
     #[test]
     fn overflow_drops_the_queue_and_refuses_more() {
         let outbox = Outbox::new(1000);
-        assert!(outbox.push(publication(500)));
-        assert!(!outbox.push(publication(500)));
+        assert!(outbox.push(publication(500)).is_ok());
+        assert_eq!(outbox.push(publication(500)), Err(OutboxState::Overflowed));
         assert_eq!(outbox.state(), OutboxState::Overflowed);
         assert!(outbox.is_empty());
-        assert!(!outbox.push(publication(1)));
+        assert_eq!(outbox.push(publication(1)), Err(OutboxState::Overflowed));
+        outbox.close();
+        assert_eq!(
+            outbox.state(),
+            OutboxState::Overflowed,
+            "close keeps the overflow"
+        );
         assert!(!outbox.push_control(Control::Subscribe {
             channel: "x".into()
         }));
@@ -247,7 +253,7 @@ mod tests {
     fn drain_respects_the_byte_budget() {
         let outbox = Outbox::new(100_000);
         for _ in 0..10 {
-            outbox.push(publication(936)); // weight 1000
+            outbox.push(publication(936)).unwrap(); // weight 1000
         }
         let mut out = Vec::new();
         outbox.drain(2500, &mut out);

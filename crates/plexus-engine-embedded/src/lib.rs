@@ -1,11 +1,181 @@
-//! Embedded storage engine for Plexus.
+//! The embedded engine, Plexus's default: history durable on disk, everything else in process.
 //!
-//! For now this crate holds [`log`]: a per-channel, append-only publication history that is
-//! durable on disk (one [redb](https://docs.rs/redb) file) and commits concurrent appends
-//! together (group commit), acknowledging each append only once it is durable.
+//! - [`log`]: a per-channel, append-only publication log in one [redb](https://docs.rs/redb)
+//!   file with group commit: concurrent appends share one transaction and one `fsync`, and each
+//!   is acknowledged only once durable.
+//! - [`EmbeddedEngine`]: the `plexus_core::Engine` on top of it. Publications in channels with
+//!   history go through the log and are delivered to subscribers from the log's commit callback,
+//!   so subscribers see them in offset order and only once they would survive a crash (`kill -9`
+//!   included). Presence, join/leave and channels without history are handled in memory, as one
+//!   node needs nothing else.
+//!
+//! It does not do cross-node delivery: for several nodes use a broker engine (Redis, NATS).
 
 pub mod log;
 
-pub use log::{
-    DurableLog, Entry, LogError, LogOptions, LogStats, OnCommit, Retention, StreamPosition,
+use std::path::Path;
+use std::sync::Arc;
+
+use plexus_core::{
+    BoxFuture, ClientDescriptor, Deliver, Delivery, Engine, EngineError, HistoryPage, HistoryQuery,
+    HistoryRetention, Membership, MemoryEngine, NodeCommand, Publication, StreamPosition,
 };
+
+pub use log::{DurableLog, Entry, LogError, LogOptions, LogStats, OnCommit, Retention};
+
+const NAME: &str = "embedded";
+
+/// Durable history in a [`DurableLog`]; the rest delegated to a [`MemoryEngine`].
+pub struct EmbeddedEngine {
+    log: DurableLog,
+    memory: MemoryEngine,
+}
+
+impl std::fmt::Debug for EmbeddedEngine {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EmbeddedEngine")
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(error: LogError) -> EngineError {
+    match error {
+        LogError::Closed => EngineError::Closed { engine: NAME },
+        other => EngineError::Unavailable {
+            engine: NAME,
+            source: Box::new(other),
+        },
+    }
+}
+
+fn position(position: log::StreamPosition) -> StreamPosition {
+    StreamPosition {
+        offset: position.offset,
+        epoch: position.epoch.into(),
+    }
+}
+
+impl EmbeddedEngine {
+    /// Opens (or creates) the history under `dir` and delivers committed publications to
+    /// `deliver`.
+    pub fn open(dir: &Path, deliver: Arc<dyn Deliver>) -> Result<EmbeddedEngine, LogError> {
+        let on_commit_deliver = deliver.clone();
+        let on_commit: OnCommit = Arc::new(move |channel, position, stored| {
+            match Publication::from_stored(channel.into(), position.offset, stored.clone()) {
+                Ok(publication) => {
+                    on_commit_deliver.deliver(Delivery::Publication(Arc::new(publication)))
+                }
+                Err(error) => {
+                    tracing::error!(channel, offset = position.offset, %error, "cannot deliver a stored publication")
+                }
+            }
+        });
+        let log = DurableLog::open(dir, on_commit)?;
+        Ok(EmbeddedEngine {
+            log,
+            memory: MemoryEngine::new(deliver),
+        })
+    }
+
+    pub fn stats(&self) -> LogStats {
+        self.log.stats()
+    }
+}
+
+impl Engine for EmbeddedEngine {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn publish(
+        &self,
+        publication: Publication,
+        retention: Option<HistoryRetention>,
+    ) -> BoxFuture<Result<Option<StreamPosition>, EngineError>> {
+        let Some(retention) = retention else {
+            return self.memory.publish(publication, None);
+        };
+        let appended = self.log.append(
+            &publication.channel,
+            publication.to_stored(),
+            Retention {
+                max_len: retention.size,
+                ttl: retention.ttl,
+            },
+        );
+        Box::pin(async move {
+            appended
+                .await
+                .map(|appended| Some(position(appended)))
+                .map_err(unavailable)
+        })
+    }
+
+    fn publish_membership(
+        &self,
+        joined: bool,
+        membership: Membership,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        self.memory.publish_membership(joined, membership)
+    }
+
+    fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> BoxFuture<Result<HistoryPage, EngineError>> {
+        let result = self
+            .log
+            .read(channel, query.since, query.limit, query.reverse)
+            .map_err(unavailable)
+            .and_then(|(entries, top)| {
+                let channel: Arc<str> = channel.into();
+                let publications = entries
+                    .into_iter()
+                    .map(|entry| {
+                        Publication::from_stored(channel.clone(), entry.offset, entry.data)
+                            .map(Arc::new)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(HistoryPage {
+                    publications,
+                    top: position(top),
+                })
+            });
+        Box::pin(std::future::ready(result))
+    }
+
+    fn remove_history(&self, channel: &str) -> BoxFuture<Result<(), EngineError>> {
+        Box::pin(std::future::ready(
+            self.log.remove(channel).map_err(unavailable),
+        ))
+    }
+
+    fn watch(&self, channel: &str, watching: bool) -> BoxFuture<Result<(), EngineError>> {
+        self.memory.watch(channel, watching)
+    }
+
+    fn add_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        self.memory.add_presence(channel, client)
+    }
+
+    fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
+        self.memory.remove_presence(channel, client)
+    }
+
+    fn presence(
+        &self,
+        channel: &str,
+    ) -> BoxFuture<Result<Vec<Arc<ClientDescriptor>>, EngineError>> {
+        self.memory.presence(channel)
+    }
+
+    fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>> {
+        self.memory.command(command)
+    }
+}

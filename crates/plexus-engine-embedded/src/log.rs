@@ -276,15 +276,29 @@ impl DurableLog {
         })
     }
 
-    /// Appends `data` to `channel` and resolves once it is durable, after `on_commit` was
-    /// called for it. If the future is dropped after the request was queued, the entry is
-    /// still committed (and `on_commit` still called); only the acknowledgement is lost.
-    pub async fn append(
+    /// Appends `data` to `channel`. The request is queued when this is called (so appends are
+    /// ordered by call, not by when their futures are polled); the future resolves once the
+    /// entry is durable, after `on_commit` was called for it. If the future is dropped, the
+    /// entry is still committed (and `on_commit` still called); only the acknowledgement is lost.
+    pub fn append(
         &self,
         channel: &str,
         data: Bytes,
         retention: Retention,
-    ) -> Result<StreamPosition, LogError> {
+    ) -> impl std::future::Future<Output = Result<StreamPosition, LogError>> + Send + 'static {
+        let queued = self.enqueue(channel, data, retention);
+        async move {
+            // A dropped reply sender means the writer stopped before committing this entry.
+            queued?.await.map_err(|_| LogError::Closed)?
+        }
+    }
+
+    fn enqueue(
+        &self,
+        channel: &str,
+        data: Bytes,
+        retention: Retention,
+    ) -> Result<oneshot::Receiver<Result<StreamPosition, LogError>>, LogError> {
         if retention.max_len == 0 || retention.ttl.is_zero() {
             return Err(LogError::InvalidRetention);
         }
@@ -301,8 +315,7 @@ impl DurableLog {
                 reply,
             })
             .map_err(|_| LogError::Closed)?;
-        // A dropped reply sender means the writer stopped before committing this entry.
-        rx.await.map_err(|_| LogError::Closed)?
+        Ok(rx)
     }
 
     /// Retained entries of `channel`. With `since = Some(o)`, only entries with offset > `o`;

@@ -50,6 +50,9 @@ pub struct Settings {
     /// TCP echo and chat connections silent this long are closed [default: 5m]
     #[arg(long, env = "PLEXUS_TCP_IDLE_TIMEOUT", value_name = "DURATION")]
     pub tcp_idle_timeout: Option<String>,
+    /// A write that makes no progress this long closes its connection [default: 30s]
+    #[arg(long, env = "PLEXUS_WRITE_TIMEOUT", value_name = "DURATION")]
+    pub write_timeout: Option<String>,
     /// Longest wait for connections to close on shutdown [default: 10s]
     #[arg(long, env = "PLEXUS_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
     pub shutdown_timeout: Option<String>,
@@ -135,6 +138,7 @@ pub struct NamespaceSettings {
     pub recover: Option<bool>,
     pub presence: Option<bool>,
     pub join_leave: Option<bool>,
+    pub force_push_join_leave: Option<bool>,
     pub allow_publish_for_client: Option<bool>,
     pub allow_subscribe_for_anonymous: Option<bool>,
     pub allow_history_for_client: Option<bool>,
@@ -183,6 +187,7 @@ pub struct Config {
     pub pong_timeout: Duration,
     pub handshake_timeout: Duration,
     pub tcp_idle_timeout: Duration,
+    pub write_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
@@ -335,6 +340,9 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
             recover: entry.recover.unwrap_or(base.recover),
             presence: entry.presence.unwrap_or(base.presence),
             join_leave: entry.join_leave.unwrap_or(base.join_leave),
+            force_push_join_leave: entry
+                .force_push_join_leave
+                .unwrap_or(base.force_push_join_leave),
             allow_publish_for_client: entry
                 .allow_publish_for_client
                 .unwrap_or(base.allow_publish_for_client),
@@ -384,6 +392,7 @@ impl Settings {
             pong_timeout: self.pong_timeout.or(lower.pong_timeout),
             handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
             tcp_idle_timeout: self.tcp_idle_timeout.or(lower.tcp_idle_timeout),
+            write_timeout: self.write_timeout.or(lower.write_timeout),
             shutdown_timeout: self.shutdown_timeout.or(lower.shutdown_timeout),
             max_connections: self.max_connections.or(lower.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
@@ -463,6 +472,7 @@ impl Settings {
             pong_timeout: duration("pong_timeout", self.pong_timeout, "10s")?,
             handshake_timeout: duration("handshake_timeout", self.handshake_timeout, "10s")?,
             tcp_idle_timeout: duration("tcp_idle_timeout", self.tcp_idle_timeout, "5m")?,
+            write_timeout: duration("write_timeout", self.write_timeout, "30s")?,
             shutdown_timeout: duration("shutdown_timeout", self.shutdown_timeout, "10s")?,
             max_connections: positive("max_connections", self.max_connections.unwrap_or(100_000))?,
             max_connections_per_ip: positive(

@@ -30,6 +30,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/connection/websocket", get(ws::native))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/api/{method}", crate::api::route(&shared))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -85,9 +86,23 @@ pub(crate) async fn serve_connection(
 ) {
     let timeout = shared.config.handshake_timeout;
     match tls {
-        None => serve_http(Tracked::new(stream, guard), shared, router).await,
+        None => {
+            serve_http(
+                Tracked::new(stream, guard, shared.config.write_timeout),
+                shared,
+                router,
+            )
+            .await
+        }
         Some(acceptor) => match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => serve_http(Tracked::new(stream, guard), shared, router).await,
+            Ok(Ok(stream)) => {
+                serve_http(
+                    Tracked::new(stream, guard, shared.config.write_timeout),
+                    shared,
+                    router,
+                )
+                .await
+            }
             Ok(Err(error)) => {
                 shared.metrics.refused(Refusal::TlsFailed);
                 tracing::debug!(%peer, %error, "TLS handshake failed");

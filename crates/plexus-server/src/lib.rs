@@ -8,6 +8,7 @@
 //! raw WebSocket and TCP transports, metrics and graceful shutdown. What does not: channel and
 //! fan-out logic (`plexus-core`) and wire formats (`plexus-protocol`).
 
+mod api;
 pub mod config;
 mod http;
 mod limits;
@@ -26,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use plexus_core::{MemoryEngine, Namespaces, Node};
+use plexus_core::{MemoryEngine, Node};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,7 +53,6 @@ pub(crate) struct Shared {
     /// Checks connection and subscription tokens.
     verifier: Option<plexus_auth::TokenVerifier>,
     /// The server API key.
-    #[allow(dead_code)] // read by the server API, which lands next
     api_key: String,
 }
 
@@ -71,6 +71,11 @@ pub enum BindError {
     Secrets(#[from] secrets::SecretsError),
     #[error("token key: {0}")]
     TokenKey(#[from] plexus_auth::KeyError),
+    #[error("cannot open the history in {dir}: {source}")]
+    Engine {
+        dir: std::path::PathBuf,
+        source: plexus_engine_embedded::LogError,
+    },
 }
 
 impl BindError {
@@ -128,10 +133,8 @@ impl Server {
 
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
+            node: node(&config)?,
             config,
-            node: Node::new(Namespaces::default(), |deliver| {
-                Arc::new(MemoryEngine::new(deliver))
-            }),
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -161,7 +164,10 @@ impl Server {
                 listener,
                 "tcp_echo",
                 shared.clone(),
-                |stream, _peer, guard, shared| tcp::echo(Tracked::new(stream, guard), shared),
+                |stream, _peer, guard, shared| {
+                    let write_timeout = shared.config.write_timeout;
+                    tcp::echo(Tracked::new(stream, guard, write_timeout), shared)
+                },
                 http::refuse_line,
             ));
         }
@@ -170,7 +176,10 @@ impl Server {
                 listener,
                 "tcp_chat",
                 shared.clone(),
-                |stream, _peer, guard, shared| tcp::chat(Tracked::new(stream, guard), shared),
+                |stream, _peer, guard, shared| {
+                    let write_timeout = shared.config.write_timeout;
+                    tcp::chat(Tracked::new(stream, guard, write_timeout), shared)
+                },
                 http::refuse_line,
             ));
         }
@@ -215,6 +224,11 @@ impl ServerHandle {
     /// Whether the main listener speaks TLS (https, wss).
     pub fn is_tls(&self) -> bool {
         self.is_tls
+    }
+
+    /// The engine's name (`embedded`, `memory`).
+    pub fn engine(&self) -> &'static str {
+        self.shared.node.engine().name()
     }
 
     pub fn config(&self) -> &Config {
@@ -311,6 +325,24 @@ async fn accept_loop<Serve, ServeFuture, Refuse, RefuseFuture>(
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
+    }
+}
+
+/// The node, with the configured engine.
+fn node(config: &Config) -> Result<Node, BindError> {
+    let namespaces = config.namespaces.clone();
+    match config.engine {
+        config::EngineKind::Memory => Ok(Node::new(namespaces, |deliver| {
+            Arc::new(MemoryEngine::new(deliver))
+        })),
+        config::EngineKind::Embedded => Node::try_new(namespaces, |deliver| {
+            let engine = plexus_engine_embedded::EmbeddedEngine::open(&config.data_dir, deliver)
+                .map_err(|source| BindError::Engine {
+                    dir: config.data_dir.clone(),
+                    source,
+                })?;
+            Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
+        }),
     }
 }
 

@@ -169,6 +169,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                 }
                 Wake::Wire(WireEvent::Wrote(n)) => {
                     shared.metrics.tcp_chat.bytes_out.inc_by(n as u64);
+                    self.process_lines().await;
                     self.drain_outbox();
                 }
                 Wake::Wire(WireEvent::Flushed) | Wake::Outbox => self.drain_outbox(),
@@ -185,7 +186,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
 
     async fn process_lines(&mut self) {
         let max = self.shared.config.max_message_size;
-        while self.leaving.is_none() {
+        // Answers wait in the socket queue; past the high-water mark, stop and resume after
+        // writes, so a flood of commands cannot grow the queue without bound.
+        while self.leaving.is_none() && self.wire.queued() < HIGH_WATER {
             let end = self.line.iter().position(|&byte| byte == b'\n');
             if end.unwrap_or(self.line.len()) > max {
                 self.leave(&format!("ERR line longer than {max} bytes\n"));
@@ -285,16 +288,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
     }
 
     fn drain_outbox(&mut self) {
-        if self.leaving.is_some() {
-            return;
+        // Keep draining while a batch wrote nothing (all of it this client's own lines): no later
+        // write would wake us for what is left, and the outbox wakes only on empty → non-empty.
+        while self.leaving.is_none() && self.wire.queued() < HIGH_WATER {
+            if self.drain_once() > 0 || self.outbox.is_empty() {
+                break;
+            }
         }
+    }
+
+    /// One batch from the outbox to the socket; returns how many lines it queued.
+    fn drain_once(&mut self) -> u64 {
         let mut batch = Vec::new();
         let room = HIGH_WATER.saturating_sub(self.wire.queued());
         if self.outbox.drain(room, &mut batch) == OutboxState::Overflowed {
             self.wire.discard_unsent();
             self.shared.metrics.slow_disconnects.inc();
             self.leave("* disconnected: too slow to keep up with the room\n");
-            return;
+            return 1;
         }
         let mut n_sent = 0;
         for delivery in batch {
@@ -312,7 +323,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                 Delivery::Join(_) | Delivery::Leave(_) => {}
                 Delivery::Control(Control::Disconnect { reason, .. }) => {
                     self.leave(&format!("* disconnected by the server: {reason}\n"));
-                    return;
+                    return n_sent + 1;
                 }
                 Delivery::Control(Control::Unsubscribe { channel, .. }) => {
                     if self
@@ -330,5 +341,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
             }
         }
         self.shared.metrics.tcp_chat.messages_out.inc_by(n_sent);
+        n_sent
     }
 }

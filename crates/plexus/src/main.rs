@@ -5,7 +5,9 @@
 //! configuration; 3 a listener address is in use; 4 `connect` saw an abnormal close.
 
 mod connect;
+mod publish;
 mod serve;
+mod token;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,10 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Open a WebSocket: stdin lines are sent, received messages printed
     Connect(connect::ConnectArgs),
+    /// Publish into a channel through the server HTTP API
+    Publish(Box<publish::PublishArgs>),
+    /// Print a connection (or subscription) token signed with the server's HMAC secret
+    Token(Box<token::TokenArgs>),
 }
 
 /// An error with the exit code it maps to.
@@ -58,6 +64,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve::run(*args).await,
             Command::Connect(args) => connect::run(args).await,
+            Command::Publish(args) => publish::run(*args).await,
+            Command::Token(args) => token::run(*args),
         }
     });
     // A blocking stdin read (connect) may still be parked in the blocking pool: do not wait

@@ -73,6 +73,27 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
     println!("plexus: chat page     {http}://{addr}/");
     println!("plexus: websocket     {ws}://{addr}/echo  {ws}://{addr}/chat/{{room}}");
     println!("plexus: health        {http}://{addr}/health  {http}://{addr}/metrics");
+    println!("plexus: protocol      {ws}://{addr}/connection/websocket");
+    println!("plexus: server api    {http}://{addr}/api/{{method}}");
+    match server.engine() {
+        "memory" => println!("plexus: history       in memory (lost on restart)"),
+        engine => println!(
+            "plexus: history       {engine}, durable in {}",
+            server.config().data_dir.display()
+        ),
+    }
+    let secrets = server.secrets();
+    if let Some(file) = &secrets.file {
+        let verb = if secrets.generated {
+            "generated in"
+        } else {
+            "read from"
+        };
+        println!(
+            "plexus: secrets       api_key and token_hmac_secret {verb} {}",
+            file.display()
+        );
+    }
     match server.tcp_echo_addr() {
         Some(addr) => println!("plexus: tcp echo      {addr}"),
         None => println!("plexus: tcp echo      off"),

@@ -463,3 +463,182 @@ fn connect_sends_headers_and_offers_subprotocols() {
     let output = connect(&["-H", "no colon here", &url], "");
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// A raw WebSocket client of `/chat/{room}`, known to be subscribed (its own message came back).
+fn chat_subscriber(
+    served: &Served,
+    room: &str,
+) -> tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>> {
+    let url = format!("{}/chat/{room}", served.ws_base);
+    let (mut socket, _) = tungstenite::connect(url).expect("WebSocket connects");
+    if let tungstenite::stream::MaybeTlsStream::Plain(stream) = socket.get_ref() {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+    }
+    socket.send("ready".into()).unwrap();
+    assert_eq!(next_ws_text(&mut socket), "ready");
+    socket
+}
+
+fn next_ws_text<S: std::io::Read + std::io::Write>(
+    socket: &mut tungstenite::WebSocket<S>,
+) -> String {
+    loop {
+        match socket.read().expect("a message in time") {
+            tungstenite::Message::Text(text) => return text.to_string(),
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => {}
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// A server with the memory engine and its own data directory (for generated secrets).
+fn served_with_data_dir(name: &str) -> (Served, PathBuf) {
+    let dir = temp_dir(name).join("data");
+    let served = Served::start(&["--memory"], &[("PLEXUS_DATA_DIR", dir.to_str().unwrap())]);
+    (served, dir)
+}
+
+/// Runs `plexus ARGS` with `PLEXUS_DATA_DIR=data_dir`.
+fn plexus_with_data_dir(data_dir: &std::path::Path, args: &[&str]) -> Output {
+    plexus()
+        .env("PLEXUS_DATA_DIR", data_dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn token_uses_the_servers_generated_secret() {
+    let (served, data_dir) = served_with_data_dir("token");
+    let output = plexus_with_data_dir(&data_dir, &["token", "--user", "u1", "--ttl", "1h"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let token = text(&output.stdout).trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    assert_eq!(text(&output.stdout), format!("{token}\n"), "only the token");
+
+    // The server accepts it: a native-protocol connect succeeds as u1.
+    let url = format!("{}/connection/websocket", served.ws_base);
+    let (mut socket, _) = tungstenite::connect(url).expect("WebSocket connects");
+    let connect = serde_json::json!({"id": 1, "connect": {"token": token}});
+    socket.send(connect.to_string().into()).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&next_ws_text(&mut socket)).unwrap();
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+
+    // A subscription token carries its channel, signed with the same secret.
+    let output = plexus_with_data_dir(
+        &data_dir,
+        &[
+            "token",
+            "--user",
+            "u1",
+            "--sub-channel",
+            "chat:private",
+            "--info",
+            r#"{"role":"x"}"#,
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let config = plexus_server::Config {
+        data_dir: data_dir.clone(),
+        ..plexus_server::Config::default()
+    };
+    let secret = plexus_server::secrets::resolve(&config)
+        .unwrap()
+        .token_hmac_secret;
+    let verifier = plexus_auth::TokenVerifier::new(&plexus_auth::VerifierKeys {
+        hmac_secret: Some(secret),
+        rsa_public_key_pem: None,
+        ecdsa_public_key_pem: None,
+    })
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = verifier
+        .verify_subscription(text(&output.stdout).trim(), now)
+        .unwrap();
+    assert_eq!(
+        (claims.sub.as_str(), claims.channel.as_str()),
+        ("u1", "chat:private")
+    );
+    assert!(
+        claims.exp.is_some_and(|exp| exp > now + 23 * 3600),
+        "24h by default"
+    );
+
+    let output = plexus_with_data_dir(&data_dir, &["token", "--user", "u1", "--info", "{oops"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    drop(served);
+}
+
+#[test]
+fn publish_reaches_a_raw_subscriber() {
+    let (served, data_dir) = served_with_data_dir("publish");
+    let mut subscriber = chat_subscriber(&served, "cli");
+    let http = served.ws_base.replace("ws://", "http://");
+    let output = plexus_with_data_dir(
+        &data_dir,
+        &["publish", "chat:cli", r#"{"x":1}"#, "--url", &http],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let result: serde_json::Value = serde_json::from_str(&text(&output.stdout)).unwrap();
+    assert_eq!(result["offset"], 2, "{result}"); // after the subscriber's "ready"
+    assert!(result["epoch"].is_string(), "{result}");
+    assert_eq!(next_ws_text(&mut subscriber), r#"{"x":1}"#);
+
+    // Without --url: the configured listen address; text that is not JSON goes as a string.
+    let addr = served.ws_base.trim_start_matches("ws://").to_owned();
+    let output = plexus_with_data_dir(
+        &data_dir,
+        &["publish", "--listen", &addr, "chat:cli", "plain words"],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(next_ws_text(&mut subscriber), r#""plain words""#);
+
+    // The server's own error: exit status 1, and what it said.
+    let output = plexus_with_data_dir(&data_dir, &["publish", "nope:x", "1", "--url", &http]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("unknown channel (code 102)"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn publish_with_a_wrong_key_or_no_server_fails_clearly() {
+    let (served, data_dir) = served_with_data_dir("publish-key");
+    let http = served.ws_base.replace("ws://", "http://");
+    let output = plexus_with_data_dir(
+        &data_dir,
+        &[
+            "publish",
+            "--api-key",
+            "wrong",
+            "--url",
+            &http,
+            "chat:x",
+            "1",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("refused the API key (HTTP 401"), "{stderr}");
+    // Another data directory holds another generated key.
+    let other = temp_dir("publish-other").join("data");
+    let output = plexus_with_data_dir(&other, &["publish", "--url", &http, "chat:x", "1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("HTTP 401"));
+
+    let output = plexus_with_data_dir(
+        &data_dir,
+        &["publish", "--url", "http://127.0.0.1:9", "chat:x", "1"],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    assert!(text(&output.stderr).contains("cannot connect to 127.0.0.1:9"));
+    let output = plexus_with_data_dir(&data_dir, &["publish", "--url", "https://x", "chat:x", "1"]);
+    assert_eq!(output.status.code(), Some(2));
+}

@@ -72,7 +72,8 @@ impl DecodeError {
 struct Partial {
     kind: MessageKind,
     compressed: bool,
-    data: BytesMut,
+    /// Grown exactly (never past the message limit), not by doubling.
+    data: Vec<u8>,
 }
 
 /// Turns the byte stream from one client into [`Event`]s.
@@ -189,18 +190,22 @@ impl Decoder {
         let mask: [u8; 4] = self.buffer[2 + extended..header]
             .try_into()
             .expect("4 bytes");
-        let mut payload = self.buffer.split_to(header + length);
-        payload.advance(header);
+        // Each payload gets an allocation of its own size: a small message must not keep a whole
+        // read buffer alive while it waits in subscribers' outboxes.
+        let mut payload = Vec::with_capacity(length);
+        payload.extend_from_slice(&self.buffer[header..header + length]);
+        self.buffer.advance(header + length);
         unmask(&mut payload, mask);
 
         let kind = match opcode {
-            OpCode::Ping => return Ok(Some(Some(Event::Ping(payload.freeze())))),
-            OpCode::Pong => return Ok(Some(Some(Event::Pong(payload.freeze())))),
+            OpCode::Ping => return Ok(Some(Some(Event::Ping(payload.into())))),
+            OpCode::Pong => return Ok(Some(Some(Event::Pong(payload.into())))),
             OpCode::Close => return parse_close(&payload).map(|event| Some(Some(event))),
             OpCode::Text => MessageKind::Text,
             OpCode::Binary => MessageKind::Binary,
             OpCode::Continuation => {
                 let mut partial = self.partial.take().expect("checked above");
+                partial.data.reserve_exact(payload.len());
                 partial.data.extend_from_slice(&payload);
                 if !fin {
                     self.partial = Some(partial);
@@ -227,19 +232,19 @@ impl Decoder {
         &self,
         kind: MessageKind,
         compressed: bool,
-        data: BytesMut,
+        data: Vec<u8>,
     ) -> Result<Event, DecodeError> {
-        let data = if compressed {
+        let mut data = if compressed {
             let limit = self.config.max_message_size;
-            Bytes::from(
-                deflate::decompress(&data, limit).map_err(|error| match error {
-                    InflateError::TooBig { limit } => DecodeError::TooBig { limit },
-                    InflateError::Corrupt => DecodeError::CorruptCompression,
-                })?,
-            )
+            deflate::decompress(&data, limit).map_err(|error| match error {
+                InflateError::TooBig { limit } => DecodeError::TooBig { limit },
+                InflateError::Corrupt => DecodeError::CorruptCompression,
+            })?
         } else {
-            data.freeze()
+            data
         };
+        data.shrink_to_fit();
+        let data = Bytes::from(data);
         if kind == MessageKind::Text && std::str::from_utf8(&data).is_err() {
             return Err(DecodeError::InvalidUtf8);
         }

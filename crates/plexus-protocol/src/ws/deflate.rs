@@ -60,7 +60,9 @@ pub fn decompress(payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError>
     DECOMPRESSOR.with(|decompressor| {
         let mut decompressor = decompressor.borrow_mut();
         decompressor.reset(false);
-        let mut out: Vec<u8> = Vec::with_capacity((payload.len() * 3).clamp(64, limit + 1));
+        // Never more than one byte past the limit (that byte proves the limit was passed).
+        let cap = limit.saturating_add(1);
+        let mut out: Vec<u8> = Vec::with_capacity(payload.len().saturating_mul(3).max(64).min(cap));
         for input in [payload, &SYNC_TRAILER[..]] {
             let mut consumed = 0;
             loop {
@@ -68,8 +70,8 @@ pub fn decompress(payload: &[u8], limit: usize) -> Result<Vec<u8>, InflateError>
                     if out.len() > limit {
                         return Err(InflateError::TooBig { limit });
                     }
-                    let room = (limit + 1 - out.len()).min(out.capacity().max(64));
-                    out.reserve(room.max(1));
+                    let room = (cap - out.len()).min(out.capacity().max(64));
+                    out.reserve_exact(room.max(1));
                 }
                 let (in_before, out_before) = (decompressor.total_in(), decompressor.total_out());
                 let status = decompressor
@@ -126,6 +128,17 @@ mod tests {
             decompress(&[0xFF, 0xFF, 0xFF, 0xFF], 1024),
             Err(InflateError::Corrupt)
         );
+    }
+
+    #[test]
+    fn tiny_and_huge_limits() {
+        let compressed = compress(b"hi");
+        assert_eq!(decompress(&compressed, 2).unwrap(), b"hi");
+        assert_eq!(
+            decompress(&compressed, 1),
+            Err(InflateError::TooBig { limit: 1 })
+        );
+        assert_eq!(decompress(&compressed, usize::MAX).unwrap(), b"hi");
     }
 
     #[test]

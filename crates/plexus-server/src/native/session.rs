@@ -50,6 +50,8 @@ struct ChannelState {
     /// Highest offset the client has (from the subscribe reply or a push): duplicates at or
     /// below it, possible right after a subscribe, are dropped.
     last_offset: u64,
+    /// Joins and leaves are pushed: the client asked (`join_leave`) or the namespace forces it.
+    join_leave: bool,
 }
 
 struct Connected {
@@ -247,6 +249,7 @@ impl ClientSession {
                 &channel,
                 None,
                 recover,
+                false,
             )
             .await
             {
@@ -297,7 +300,10 @@ impl ClientSession {
                     out.push(Out::Frame(json::publication_frame(&publication, deflate)));
                 }
                 Delivery::Join(membership) | Delivery::Leave(membership)
-                    if !connected.channels.contains_key(&membership.channel) => {}
+                    if !connected
+                        .channels
+                        .get(&membership.channel)
+                        .is_some_and(|state| state.join_leave) => {}
                 Delivery::Join(membership) => out.push(Out::Frame(json::membership_frame(
                     &membership,
                     true,
@@ -334,7 +340,8 @@ impl ClientSession {
                         continue;
                     }
                     if let Ok(result) =
-                        subscribe(shared, connected, &self.outbox, &channel, None, None).await
+                        subscribe(shared, connected, &self.outbox, &channel, None, None, false)
+                            .await
                     {
                         let body = PushBody::Subscribe(proto::Subscribe {
                             recoverable: result.recoverable,
@@ -428,7 +435,17 @@ async fn subscribe_command(
         offset: request.offset,
         epoch: request.epoch.as_str().into(),
     });
-    match subscribe(shared, connected, outbox, channel, chan_info, recover).await {
+    match subscribe(
+        shared,
+        connected,
+        outbox,
+        channel,
+        chan_info,
+        recover,
+        request.join_leave,
+    )
+    .await
+    {
         Ok(result) => Outcome::Reply(ReplyBody::Subscribe(result)),
         Err(code) => code.into(),
     }
@@ -442,7 +459,13 @@ async fn subscribe(
     channel: &str,
     chan_info: Option<Bytes>,
     recover: Option<StreamPosition>,
+    asked_for_join_leave: bool,
 ) -> Result<proto::SubscribeResult, ErrorCode> {
+    let join_leave = asked_for_join_leave
+        || shared
+            .node
+            .options(channel)
+            .is_ok_and(|options| options.force_push_join_leave);
     let subscriber = Subscriber {
         info: connected.info.clone(),
         outbox: outbox.clone(),
@@ -472,9 +495,13 @@ async fn subscribe(
         .chain(subscription.position.as_ref().map(|p| p.offset))
         .max()
         .unwrap_or(0);
-    connected
-        .channels
-        .insert(subscription.channel.clone(), ChannelState { last_offset });
+    connected.channels.insert(
+        subscription.channel.clone(),
+        ChannelState {
+            last_offset,
+            join_leave,
+        },
+    );
     let positioned = subscription.position.is_some();
     let (epoch, offset) = subscription
         .position

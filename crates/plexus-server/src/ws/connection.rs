@@ -32,6 +32,8 @@ use crate::Shared;
 const HIGH_WATER: usize = 256 * 1024;
 /// How long the server waits for the peer's close frame after sending its own.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a peer's close may wait for the connection's own publishes to be delivered.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a handler asks the connection to do.
 pub(crate) enum Out {
@@ -131,6 +133,13 @@ impl Handler {
         match self {
             Handler::Native(_) => (3001, "shutdown"),
             _ => (close::GOING_AWAY, "server shutting down"),
+        }
+    }
+
+    /// Lets the connection's own in-flight publishes land before a close is answered.
+    async fn settle(&mut self) {
+        if let Handler::Room(room) = self {
+            room.settle(SETTLE_TIMEOUT).await;
         }
     }
 
@@ -329,6 +338,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 self.close_received = true;
                 self.read_open = false;
                 if self.closing.is_none() {
+                    // Deliver what is due to the peer (its own messages included) first.
+                    handler.settle().await;
+                    self.drain_outbox(handler).await;
                     // Answer with the peer's own code (RFC 6455 §5.5.1).
                     self.wire
                         .queue(encode_close(code.unwrap_or(close::NORMAL), ""));

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use plexus_core::{
-    ClientInfo, Control, Delivery, Encoding, MessageKind, Outbox, Publication, Subscriber,
+    BoxFuture, ClientInfo, Control, Delivery, Encoding, EngineError, MessageKind, Outbox,
+    Publication, StreamPosition, Subscriber,
 };
 use plexus_protocol::ws::{close, deflate, encode_frame, OpCode};
 
@@ -45,6 +46,10 @@ pub(crate) struct RawRoom {
     channel: Arc<str>,
     info: Arc<ClientInfo>,
     outbox: Arc<Outbox>,
+    /// The acknowledgement of this connection's latest publish (the engine acknowledges in
+    /// order, so it covers all earlier ones). Awaited before answering a close, so a client that
+    /// sends and closes at once still gets its own messages back.
+    last_publish: Option<BoxFuture<Result<Option<StreamPosition>, EngineError>>>,
 }
 
 impl RawRoom {
@@ -70,6 +75,7 @@ impl RawRoom {
                 channel: subscription.channel,
                 info,
                 outbox,
+                last_publish: None,
             }),
             Err(error) => {
                 shared.node.hub().unregister(id);
@@ -90,11 +96,18 @@ impl RawRoom {
             Some(self.info.descriptor(None)),
         );
         match shared.node.publish(publication) {
-            // Ordered now; the durability acknowledgement is not needed by a raw client.
-            Ok(acknowledgement) => drop(acknowledgement),
+            // Ordered now; a raw client gets no acknowledgement, so only the latest is kept.
+            Ok(acknowledgement) => self.last_publish = Some(acknowledgement),
             Err(error) => tracing::warn!(%error, "raw room publish refused"),
         }
         shared.metrics.publications.inc();
+    }
+
+    /// Waits (at most `timeout`) until this connection's publishes are stored and delivered.
+    pub(crate) async fn settle(&mut self, timeout: std::time::Duration) {
+        if let Some(acknowledgement) = self.last_publish.take() {
+            let _ = tokio::time::timeout(timeout, acknowledgement).await;
+        }
     }
 
     pub(crate) fn on_deliveries(

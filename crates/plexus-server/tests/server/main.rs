@@ -1,6 +1,7 @@
 //! Integration tests: the real server on 127.0.0.1 port 0, driven by real clients
 //! (tokio-tungstenite, hand-written frames over a TcpStream, TCP line clients).
 
+mod api;
 mod operations;
 mod rooms;
 mod tcp;

@@ -200,3 +200,33 @@ async fn a_request_head_not_finished_in_time_is_closed_and_counted() {
         .metrics_text()
         .contains("plexus_refused_total{reason=\"handshake_timeout\"} 1"));
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_dropped_after_write_timeout() {
+    let server = start(Config {
+        write_timeout: std::time::Duration::from_millis(300),
+        ..Config::for_tests()
+    })
+    .await;
+    let mut stalled = TcpStream::connect(server.http_addr()).await.unwrap();
+    // Thousands of pipelined page requests, never reading the answers.
+    let requests = "GET / HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3000);
+    let _ = tokio::time::timeout(TIMEOUT, stalled.write_all(requests.as_bytes())).await;
+    let mut open = String::new();
+    for _ in 0..100 {
+        open = http(
+            server.http_addr(),
+            "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if open.contains("\"connections\":1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        open.contains("\"connections\":1"),
+        "the stalled connection is gone: {open}"
+    );
+    drop(stalled);
+}

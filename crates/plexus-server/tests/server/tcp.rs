@@ -109,3 +109,23 @@ async fn tcp_chat_overlong_line_is_refused() {
     assert_eq!(line, "ERR line longer than 100 bytes");
     assert_eq!(client.line().await, None);
 }
+
+#[tokio::test]
+async fn a_burst_of_own_lines_does_not_stall_delivery() {
+    let server = start_default().await;
+    let addr = server.tcp_chat_addr().unwrap();
+    let mut ann = LineClient::connect(addr).await;
+    ann.line_where(|l| l.contains("in room lobby")).await;
+    let mut ben = LineClient::connect(addr).await;
+    ben.line_where(|l| l.contains("in room lobby")).await;
+    ben.send("/nick ben").await;
+    ben.line().await;
+    // Ann pastes thousands of lines: her outbox fills with her own messages, none for her.
+    let burst = "a\n".repeat(4096);
+    ann.send(burst.trim_end()).await;
+    for _ in 0..4096 {
+        ben.line_where(|l| l.ends_with(": a")).await;
+    }
+    ben.send("are you there?").await;
+    assert_eq!(ann.line().await.unwrap(), "ben: are you there?");
+}

@@ -222,3 +222,24 @@ async fn deflate_is_off_by_default() {
     raw.send(&client_frame(0xC1, &raw_deflate(b"x"))).await;
     assert_eq!(raw.frame().await.close_code(), 1002);
 }
+
+#[tokio::test]
+async fn compressed_message_with_a_tiny_limit_does_not_break_the_server() {
+    let server = start(Config {
+        websocket_compression: true,
+        max_message_size: 32,
+        ..Config::for_tests()
+    })
+    .await;
+    let mut raw = RawWs::connect(
+        server.http_addr(),
+        "/echo",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    raw.send(&client_frame(0xC1, &raw_deflate(b"hi"))).await;
+    assert_eq!(raw.frame().await.payload, b"hi");
+    raw.send(&client_frame(0xC1, &raw_deflate(&[b'z'; 100])))
+        .await;
+    assert_eq!(raw.frame().await.close_code(), 1009);
+}

@@ -1,0 +1,332 @@
+//! One conformance suite for every [`Engine`]: the memory engine runs it here, other engines in
+//! their own crates (enable the `conformance` feature and call [`check_engine`]).
+//!
+//! Each check builds a fresh engine with the factory, delivers into a recording [`Deliver`],
+//! and asserts what every engine promises (see [`Engine`]'s contract).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::engine::{Deliver, Engine, HistoryQuery, HistoryRetention, NodeCommand};
+use crate::outbox::Delivery;
+use crate::publication::{ClientDescriptor, Membership, Publication};
+use crate::MessageKind;
+
+/// Records what an engine delivers.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    deliveries: Mutex<Vec<Delivery>>,
+    commands: Mutex<Vec<NodeCommand>>,
+}
+
+impl Recorder {
+    /// Data of the publications delivered so far, with their offsets.
+    pub fn publications(&self) -> Vec<(String, u64)> {
+        self.deliveries
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|delivery| match delivery {
+                Delivery::Publication(p) => {
+                    Some((String::from_utf8_lossy(&p.data).into_owned(), p.offset))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn memberships(&self) -> Vec<(bool, String)> {
+        self.deliveries
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|delivery| match delivery {
+                Delivery::Join(m) => Some((true, m.client.user.to_string())),
+                Delivery::Leave(m) => Some((false, m.client.user.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Deliver for Recorder {
+    fn deliver(&self, delivery: Delivery) {
+        self.deliveries.lock().unwrap().push(delivery);
+    }
+
+    fn command(&self, command: &NodeCommand) {
+        self.commands.lock().unwrap().push(command.clone());
+    }
+}
+
+/// Builds a fresh engine delivering into the given recorder.
+pub type Factory<'a> = &'a dyn Fn(Arc<dyn Deliver>) -> Arc<dyn Engine>;
+
+const RETENTION: HistoryRetention = HistoryRetention {
+    size: 5,
+    ttl: Duration::from_secs(60),
+};
+
+fn publication(channel: &str, text: &str) -> Publication {
+    let info = Arc::new(ClientDescriptor {
+        user: "u".into(),
+        client: "c".into(),
+        conn_info: None,
+        chan_info: None,
+    });
+    Publication::new(
+        channel.into(),
+        MessageKind::Text,
+        text.to_owned().into(),
+        Some(info),
+    )
+}
+
+fn engine(factory: Factory<'_>) -> (Arc<Recorder>, Arc<dyn Engine>) {
+    let recorder = Arc::new(Recorder::default());
+    let engine = factory(recorder.clone());
+    (recorder, engine)
+}
+
+/// Waits until `condition` holds (deliveries may come from another thread), at most 5 s.
+async fn eventually(mut condition: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(condition(), "condition not met within 5 s");
+}
+
+/// Runs every check.
+pub async fn check_engine(factory: Factory<'_>) {
+    offsets_history_and_delivery_order(factory).await;
+    ordered_at_call_time(factory).await;
+    retention_and_removal(factory).await;
+    without_history(factory).await;
+    presence_and_membership(factory).await;
+    commands(factory).await;
+}
+
+async fn offsets_history_and_delivery_order(factory: Factory<'_>) {
+    let (recorder, engine) = engine(factory);
+    let first = engine
+        .publish(publication("a:1", "one"), Some(RETENTION))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.offset, 1);
+    let second = engine
+        .publish(publication("a:1", "two"), Some(RETENTION))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (second.offset, &second.epoch),
+        (2, &first.epoch),
+        "same stream, next offset"
+    );
+    let other = engine
+        .publish(publication("a:2", "x"), Some(RETENTION))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.offset, 1, "channels have their own streams");
+    eventually(|| recorder.publications().len() == 3).await;
+    assert_eq!(
+        recorder.publications(),
+        [("one".into(), 1), ("two".into(), 2), ("x".into(), 1)]
+    );
+    let page = engine
+        .history("a:1", HistoryQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(page.top, second);
+    let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [1, 2]);
+    assert_eq!(
+        page.publications[0].publisher(),
+        Some("c"),
+        "publisher info is kept"
+    );
+    let since = engine
+        .history(
+            "a:1",
+            HistoryQuery {
+                since: Some(1),
+                ..HistoryQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(since.publications.len(), 1);
+    let newest = engine
+        .history(
+            "a:1",
+            HistoryQuery {
+                limit: Some(1),
+                reverse: true,
+                ..HistoryQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(newest.publications[0].offset, 2);
+    let position_only = engine
+        .history(
+            "a:1",
+            HistoryQuery {
+                limit: Some(0),
+                ..HistoryQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(position_only.publications.is_empty());
+    assert_eq!(position_only.top, second);
+}
+
+async fn ordered_at_call_time(factory: Factory<'_>) {
+    let (recorder, engine) = engine(factory);
+    // Futures created in order and awaited in reverse (or dropped) keep the call order.
+    let futures: Vec<_> = (0..20)
+        .map(|i| engine.publish(publication("o:1", &i.to_string()), Some(RETENTION)))
+        .collect();
+    let mut positions = Vec::new();
+    for future in futures.into_iter().rev() {
+        positions.push(future.await.unwrap().unwrap().offset);
+    }
+    positions.reverse();
+    assert_eq!(positions, (1..=20).collect::<Vec<u64>>());
+    drop(engine.publish(publication("o:1", "dropped"), Some(RETENTION)));
+    eventually(|| recorder.publications().len() == 21).await;
+    let delivered: Vec<u64> = recorder
+        .publications()
+        .iter()
+        .map(|(_, offset)| *offset)
+        .collect();
+    assert_eq!(
+        delivered,
+        (1..=21).collect::<Vec<u64>>(),
+        "delivered in offset order, dropped ones too"
+    );
+}
+
+async fn retention_and_removal(factory: Factory<'_>) {
+    let (_recorder, engine) = engine(factory);
+    for i in 0..8 {
+        engine
+            .publish(publication("r:1", &i.to_string()), Some(RETENTION))
+            .await
+            .unwrap();
+    }
+    let page = engine
+        .history("r:1", HistoryQuery::default())
+        .await
+        .unwrap();
+    let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [4, 5, 6, 7, 8], "only the newest `size` are kept");
+    engine.remove_history("r:1").await.unwrap();
+    let removed = engine
+        .history("r:1", HistoryQuery::default())
+        .await
+        .unwrap();
+    assert!(removed.publications.is_empty());
+    assert_eq!(
+        (removed.top.offset, &removed.top.epoch),
+        (8, &page.top.epoch),
+        "top and epoch stay"
+    );
+    let short = HistoryRetention {
+        size: 10,
+        ttl: Duration::from_millis(200),
+    };
+    engine
+        .publish(publication("t:1", "soon gone"), Some(short))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    engine
+        .publish(publication("t:1", "fresh"), Some(short))
+        .await
+        .unwrap();
+    let page = engine
+        .history("t:1", HistoryQuery::default())
+        .await
+        .unwrap();
+    let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, [2], "expired publications are not returned");
+}
+
+async fn without_history(factory: Factory<'_>) {
+    let (recorder, engine) = engine(factory);
+    assert_eq!(
+        engine
+            .publish(publication("n:1", "plain"), None)
+            .await
+            .unwrap(),
+        None
+    );
+    eventually(|| recorder.publications() == [("plain".to_owned(), 0)]).await;
+}
+
+async fn presence_and_membership(factory: Factory<'_>) {
+    let (recorder, engine) = engine(factory);
+    let client = |user: &str| {
+        Arc::new(ClientDescriptor {
+            user: user.into(),
+            client: format!("client-{user}").into(),
+            conn_info: None,
+            chan_info: None,
+        })
+    };
+    engine.add_presence("p:1", client("ann")).await.unwrap();
+    engine.add_presence("p:1", client("ben")).await.unwrap();
+    engine.add_presence("p:1", client("ben")).await.unwrap();
+    let users: Vec<String> = engine
+        .presence("p:1")
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.user.to_string())
+        .collect();
+    assert_eq!(users.len(), 2, "{users:?}");
+    engine.remove_presence("p:1", "client-ann").await.unwrap();
+    assert_eq!(engine.presence("p:1").await.unwrap().len(), 1);
+    engine
+        .publish_membership(true, Membership::new("p:1".into(), client("cid")))
+        .await
+        .unwrap();
+    engine
+        .publish_membership(false, Membership::new("p:1".into(), client("cid")))
+        .await
+        .unwrap();
+    eventually(|| recorder.memberships().len() == 2).await;
+    assert_eq!(
+        recorder.memberships(),
+        [(true, "cid".into()), (false, "cid".into())]
+    );
+}
+
+async fn commands(factory: Factory<'_>) {
+    let (recorder, engine) = engine(factory);
+    let command = NodeCommand::Disconnect {
+        user: "u1".into(),
+        client: None,
+        code: 3011,
+        reason: "force reconnect".into(),
+    };
+    engine.command(command.clone()).await.unwrap();
+    eventually(|| recorder.commands.lock().unwrap().len() == 1).await;
+    assert_eq!(recorder.commands.lock().unwrap()[0], command);
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn memory_engine_conforms() {
+        super::check_engine(&|deliver| std::sync::Arc::new(crate::MemoryEngine::new(deliver)))
+            .await;
+    }
+}

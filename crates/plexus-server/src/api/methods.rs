@@ -1,0 +1,456 @@
+//! One function per API method: a request in, a result or an [`ErrorCode`] out.
+//!
+//! Requests ignore fields they do not know (as Centrifugo's do), so `tags`, `b64data`,
+//! `idempotency_key`, `session`, `info`… are accepted and have no effect.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use plexus_core::{
+    BoxFuture, ChannelError, ChannelOptions, Control, EngineError, MessageKind, NodeCommand,
+    Publication, StreamPosition,
+};
+use plexus_protocol::client::{self as proto, DisconnectCode, ErrorCode, RawJson, UnsubscribeCode};
+use serde::{Deserialize, Serialize};
+
+use super::{required, Validate};
+use crate::native::{json, session};
+use crate::Shared;
+
+/// `{}`: the result of methods that only act.
+#[derive(Debug, Serialize)]
+pub(super) struct Empty {}
+
+fn channel_error(error: ChannelError) -> ErrorCode {
+    match error {
+        ChannelError::UnknownNamespace(_) => ErrorCode::UnknownChannel,
+        ChannelError::Empty | ChannelError::TooLong => ErrorCode::BadRequest,
+    }
+}
+
+fn options<'a>(shared: &'a Shared, channel: &str) -> Result<&'a ChannelOptions, ErrorCode> {
+    shared.node.options(channel).map_err(channel_error)
+}
+
+fn engine_error(error: &EngineError, what: &str) -> ErrorCode {
+    tracing::warn!(%error, "API {what} failed in the engine");
+    ErrorCode::Internal
+}
+
+// ---- publish, broadcast ----
+
+#[derive(Debug, Deserialize)]
+pub(super) struct PublishRequest {
+    channel: String,
+    /// Any JSON value, published as its text (raw subscribers receive exactly this text).
+    data: RawJson,
+    /// Deliver without keeping it in history (no offset).
+    #[serde(default)]
+    skip_history: bool,
+}
+
+impl Validate for PublishRequest {
+    fn validate(&self) -> Result<(), String> {
+        required("channel", &self.channel)
+    }
+}
+
+/// Where a publication landed; both left out when the channel keeps no history.
+#[derive(Debug, Serialize)]
+pub(super) struct PublishResult {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<String>,
+}
+
+type Acknowledgement = BoxFuture<Result<Option<StreamPosition>, EngineError>>;
+
+/// Orders a publication now (so several keep their order) and returns its acknowledgement.
+fn start_publish(
+    shared: &Shared,
+    channel: &str,
+    data: &Bytes,
+    skip_history: bool,
+) -> Result<Acknowledgement, ErrorCode> {
+    let options = options(shared, channel)?;
+    let publication = Publication::new(channel.into(), MessageKind::Text, data.clone(), None);
+    let acknowledgement = if skip_history && options.has_history() {
+        // What `Node::publish` does, without the retention.
+        shared.node.engine().publish(publication, None)
+    } else {
+        shared.node.publish(publication).map_err(channel_error)?
+    };
+    shared.metrics.publications.inc();
+    Ok(acknowledgement)
+}
+
+/// Waits until the engine stored (and delivered) the publication.
+async fn finish_publish(acknowledgement: Acknowledgement) -> Result<PublishResult, ErrorCode> {
+    let position = acknowledgement
+        .await
+        .map_err(|error| engine_error(&error, "publish"))?;
+    Ok(PublishResult {
+        offset: position.as_ref().map(|p| p.offset),
+        epoch: position.map(|p| p.epoch.to_string()),
+    })
+}
+
+pub(super) async fn publish(
+    shared: &Shared,
+    request: PublishRequest,
+) -> Result<PublishResult, ErrorCode> {
+    let data = Bytes::copy_from_slice(request.data.as_bytes());
+    let acknowledgement = start_publish(shared, &request.channel, &data, request.skip_history)?;
+    finish_publish(acknowledgement).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct BroadcastRequest {
+    channels: Vec<String>,
+    data: RawJson,
+    #[serde(default)]
+    skip_history: bool,
+}
+
+impl Validate for BroadcastRequest {
+    fn validate(&self) -> Result<(), String> {
+        if self.channels.is_empty() {
+            return Err("channels required".into());
+        }
+        self.channels
+            .iter()
+            .try_for_each(|channel| required("channel", channel))
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct BroadcastResult {
+    responses: Vec<super::Reply>,
+}
+
+/// Publishes to every channel (all ordered first, then awaited); one response per channel.
+pub(super) async fn broadcast(
+    shared: &Shared,
+    request: BroadcastRequest,
+) -> Result<BroadcastResult, ErrorCode> {
+    let data = Bytes::copy_from_slice(request.data.as_bytes());
+    let started: Vec<_> = request
+        .channels
+        .iter()
+        .map(|channel| start_publish(shared, channel, &data, request.skip_history))
+        .collect();
+    let mut responses = Vec::with_capacity(started.len());
+    for acknowledgement in started {
+        let outcome = match acknowledgement {
+            Ok(acknowledgement) => finish_publish(acknowledgement).await,
+            Err(code) => Err(code),
+        };
+        responses.push(match outcome {
+            Ok(result) => super::Reply::result(&result),
+            Err(code) => super::Reply::Error(code.into()),
+        });
+    }
+    Ok(BroadcastResult { responses })
+}
+
+// ---- commands for a user's connections ----
+
+#[derive(Debug, Deserialize)]
+pub(super) struct UserChannelRequest {
+    user: String,
+    channel: String,
+    /// Only this client (connection) of the user.
+    #[serde(default)]
+    client: String,
+}
+
+impl Validate for UserChannelRequest {
+    fn validate(&self) -> Result<(), String> {
+        required("user", &self.user)?;
+        required("channel", &self.channel)
+    }
+}
+
+async fn node_command(shared: &Shared, command: NodeCommand) -> Result<Empty, ErrorCode> {
+    shared
+        .node
+        .command(command)
+        .await
+        .map_err(|error| engine_error(&error, "command"))?;
+    Ok(Empty {})
+}
+
+/// A control for one client of a user. [`NodeCommand`] subscribe and unsubscribe address all of
+/// a user's connections, so a request naming a client reaches that client on this node only.
+fn client_control(shared: &Shared, user: &str, client: &str, control: Control) -> Empty {
+    for connection in shared.node.hub().connections_of(user, Some(client)) {
+        connection.outbox.push_control(control.clone());
+    }
+    Empty {}
+}
+
+pub(super) async fn subscribe(
+    shared: &Shared,
+    request: UserChannelRequest,
+) -> Result<Empty, ErrorCode> {
+    options(shared, &request.channel)?;
+    let channel: Arc<str> = request.channel.into();
+    if !request.client.is_empty() {
+        let control = Control::Subscribe { channel };
+        return Ok(client_control(
+            shared,
+            &request.user,
+            &request.client,
+            control,
+        ));
+    }
+    let user = request.user.into();
+    node_command(shared, NodeCommand::Subscribe { user, channel }).await
+}
+
+pub(super) async fn unsubscribe(
+    shared: &Shared,
+    request: UserChannelRequest,
+) -> Result<Empty, ErrorCode> {
+    options(shared, &request.channel)?;
+    let channel: Arc<str> = request.channel.into();
+    if !request.client.is_empty() {
+        let code = UnsubscribeCode::Server;
+        let control = Control::Unsubscribe {
+            channel,
+            code: code.code() as u16,
+            reason: code.reason().into(),
+        };
+        return Ok(client_control(
+            shared,
+            &request.user,
+            &request.client,
+            control,
+        ));
+    }
+    let user = request.user.into();
+    node_command(shared, NodeCommand::Unsubscribe { user, channel }).await
+}
+
+#[derive(Debug, Deserialize)]
+struct DisconnectWith {
+    code: u32,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct DisconnectRequest {
+    user: String,
+    #[serde(default)]
+    client: String,
+    /// Default: 3503 "force disconnect" (do not reconnect).
+    disconnect: Option<DisconnectWith>,
+}
+
+/// Longest close reason a WebSocket close frame can carry.
+const MAX_REASON: usize = 123;
+
+impl Validate for DisconnectRequest {
+    fn validate(&self) -> Result<(), String> {
+        required("user", &self.user)?;
+        match &self.disconnect {
+            Some(with) if !(3000..=4999).contains(&with.code) => {
+                Err("disconnect code must be from 3000 to 4999".into())
+            }
+            Some(with) if with.reason.len() > MAX_REASON => Err(format!(
+                "disconnect reason is longer than {MAX_REASON} bytes"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn disconnect_command(user: String, client: String, code: u16, reason: &str) -> NodeCommand {
+    NodeCommand::Disconnect {
+        user: user.into(),
+        client: (!client.is_empty()).then(|| client.into()),
+        code,
+        reason: reason.into(),
+    }
+}
+
+pub(super) async fn disconnect(
+    shared: &Shared,
+    request: DisconnectRequest,
+) -> Result<Empty, ErrorCode> {
+    let (code, reason) = match &request.disconnect {
+        // Checked in `validate`: 3000..=4999 fits a u16.
+        Some(with) => (with.code as u16, with.reason.as_str()),
+        None => {
+            let code = DisconnectCode::ForceNoReconnect;
+            (code.close_code(), code.reason())
+        }
+    };
+    let command = disconnect_command(request.user, request.client, code, reason);
+    node_command(shared, command).await
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RefreshRequest {
+    user: String,
+    #[serde(default)]
+    client: String,
+    /// The connections expired: they are disconnected with 3005.
+    #[serde(default)]
+    expired: bool,
+}
+
+impl Validate for RefreshRequest {
+    fn validate(&self) -> Result<(), String> {
+        required("user", &self.user)
+    }
+}
+
+/// `expired: true` disconnects with 3005; otherwise nothing changes yet (a new `expire_at` is
+/// not applied to live connections).
+pub(super) async fn refresh(shared: &Shared, request: RefreshRequest) -> Result<Empty, ErrorCode> {
+    if !request.expired {
+        return Ok(Empty {});
+    }
+    let code = DisconnectCode::Expired;
+    let command = disconnect_command(
+        request.user,
+        request.client,
+        code.close_code(),
+        code.reason(),
+    );
+    node_command(shared, command).await
+}
+
+// ---- presence, history ----
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ChannelRequest {
+    channel: String,
+}
+
+impl Validate for ChannelRequest {
+    fn validate(&self) -> Result<(), String> {
+        required("channel", &self.channel)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct PresenceResult {
+    presence: BTreeMap<String, proto::ClientInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct PresenceStatsResult {
+    num_clients: u32,
+    num_users: u32,
+}
+
+async fn presence_of(
+    shared: &Shared,
+    channel: &str,
+) -> Result<Vec<Arc<plexus_core::ClientDescriptor>>, ErrorCode> {
+    if !options(shared, channel)?.presence {
+        return Err(ErrorCode::NotAvailable);
+    }
+    match shared.node.presence(channel).await {
+        Ok(clients) => Ok(clients),
+        Err(plexus_core::PublishError::Channel(error)) => Err(channel_error(error)),
+        Err(plexus_core::PublishError::Engine(error)) => Err(engine_error(&error, "presence")),
+    }
+}
+
+pub(super) async fn presence(
+    shared: &Shared,
+    request: ChannelRequest,
+) -> Result<PresenceResult, ErrorCode> {
+    let clients = presence_of(shared, &request.channel).await?;
+    Ok(PresenceResult {
+        presence: clients
+            .iter()
+            .map(|client| (client.client.to_string(), json::client_info(client)))
+            .collect(),
+    })
+}
+
+pub(super) async fn presence_stats(
+    shared: &Shared,
+    request: ChannelRequest,
+) -> Result<PresenceStatsResult, ErrorCode> {
+    let clients = presence_of(shared, &request.channel).await?;
+    let users: HashSet<&str> = clients.iter().map(|client| &*client.user).collect();
+    Ok(PresenceStatsResult {
+        num_clients: clients.len() as u32,
+        num_users: users.len() as u32,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct HistoryRequest {
+    channel: String,
+    /// 0 (the default): only the stream position; -1: everything kept.
+    #[serde(default)]
+    limit: i32,
+    since: Option<proto::StreamPosition>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+impl Validate for HistoryRequest {
+    fn validate(&self) -> Result<(), String> {
+        required("channel", &self.channel)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct HistoryResult {
+    publications: Vec<proto::Publication>,
+    epoch: String,
+    offset: u64,
+}
+
+fn with_history(shared: &Shared, channel: &str) -> Result<(), ErrorCode> {
+    if options(shared, channel)?.has_history() {
+        Ok(())
+    } else {
+        Err(ErrorCode::NotAvailable)
+    }
+}
+
+/// History with the native protocol's rules (same limit and epoch handling).
+pub(super) async fn history(
+    shared: &Shared,
+    request: HistoryRequest,
+) -> Result<HistoryResult, ErrorCode> {
+    with_history(shared, &request.channel)?;
+    let page = session::history(
+        shared,
+        &request.channel,
+        request.limit,
+        request.since.as_ref(),
+        request.reverse,
+    )
+    .await?;
+    Ok(HistoryResult {
+        publications: page.publications,
+        epoch: page.epoch,
+        offset: page.offset,
+    })
+}
+
+pub(super) async fn history_remove(
+    shared: &Shared,
+    request: ChannelRequest,
+) -> Result<Empty, ErrorCode> {
+    with_history(shared, &request.channel)?;
+    match shared.node.remove_history(&request.channel).await {
+        Ok(()) => Ok(Empty {}),
+        Err(plexus_core::PublishError::Channel(error)) => Err(channel_error(error)),
+        Err(plexus_core::PublishError::Engine(error)) => {
+            Err(engine_error(&error, "history_remove"))
+        }
+    }
+}

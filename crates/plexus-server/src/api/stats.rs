@@ -1,0 +1,184 @@
+//! `channels` and `info`: this node's view (the hub's channels and connections).
+
+use std::collections::{BTreeMap, HashSet};
+
+use plexus_protocol::client::ErrorCode;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::Validate;
+use crate::Shared;
+
+/// Who this node is, for `info`: an id made at start, a name, and the start time.
+pub(super) struct NodeIdentity {
+    uid: String,
+    name: String,
+    started: Instant,
+}
+
+impl NodeIdentity {
+    pub(super) fn new() -> NodeIdentity {
+        NodeIdentity {
+            uid: uuid::Uuid::new_v4().to_string(),
+            name: host_name(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The machine's host name, or `plexus` when it cannot be read.
+fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| {
+            let name = std::fs::read_to_string(path).ok()?;
+            let name = name.trim();
+            (!name.is_empty()).then(|| name.to_owned())
+        })
+        .unwrap_or_else(|| "plexus".to_owned())
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ChannelsRequest {
+    /// Only channels matching this pattern, where `*` matches any run of characters.
+    #[serde(default)]
+    pattern: String,
+}
+
+impl Validate for ChannelsRequest {}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ChannelInfo {
+    num_clients: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct ChannelsResult {
+    channels: BTreeMap<String, ChannelInfo>,
+}
+
+/// Channels with subscribers on this node (not the whole cluster).
+pub(super) async fn channels(
+    shared: &Shared,
+    request: ChannelsRequest,
+) -> Result<ChannelsResult, ErrorCode> {
+    let channels = shared
+        .node
+        .hub()
+        .channels()
+        .into_iter()
+        .filter(|(name, _)| request.pattern.is_empty() || glob_matches(&request.pattern, name))
+        .map(|(name, clients)| {
+            let info = ChannelInfo {
+                num_clients: clients as u32,
+            };
+            (name.to_string(), info)
+        })
+        .collect();
+    Ok(ChannelsResult { channels })
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct InfoRequest {}
+
+impl Validate for InfoRequest {}
+
+#[derive(Debug, Serialize)]
+pub(super) struct NodeInfo {
+    uid: String,
+    name: String,
+    version: &'static str,
+    num_clients: u32,
+    /// Distinct users among this node's subscribers.
+    num_users: u32,
+    num_channels: u32,
+    num_subs: u32,
+    /// Seconds since the server started.
+    uptime: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct InfoResult {
+    nodes: Vec<NodeInfo>,
+}
+
+/// This node only: nodes do not share their statistics yet.
+pub(super) async fn info(
+    shared: &Shared,
+    node: &NodeIdentity,
+    _request: InfoRequest,
+) -> Result<InfoResult, ErrorCode> {
+    let hub = shared.node.hub();
+    let channels = hub.channels();
+    let mut users = HashSet::new();
+    for (name, _) in &channels {
+        users.extend(hub.presence(name).iter().map(|client| client.user.clone()));
+    }
+    let num_subs: usize = channels.iter().map(|(_, clients)| clients).sum();
+    Ok(InfoResult {
+        nodes: vec![NodeInfo {
+            uid: node.uid.clone(),
+            name: node.name.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            num_clients: hub.n_connections() as u32,
+            num_users: users.len() as u32,
+            num_channels: channels.len() as u32,
+            num_subs: num_subs as u32,
+            uptime: node.started.elapsed().as_secs(),
+        }],
+    })
+}
+
+/// Whether `name` matches `pattern`, in which `*` stands for any run of characters (none
+/// included) and every other character for itself.
+fn glob_matches(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let name: Vec<char> = name.chars().collect();
+    let (mut p, mut n) = (0, 0);
+    // The last `*` seen, and where in `name` its run currently ends.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if pattern.get(p) == Some(&'*') {
+            star = Some((p, n));
+            p += 1;
+        } else if pattern.get(p) == Some(&name[n]) {
+            p += 1;
+            n += 1;
+        } else if let Some((star_p, star_n)) = star {
+            // Let the `*` take one more character and retry after it.
+            star = Some((star_p, star_n + 1));
+            p = star_p + 1;
+            n = star_n + 1;
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        let check = |pattern: &str, name: &str, expected: bool| {
+            assert_eq!(glob_matches(pattern, name), expected, "{pattern} ~ {name}");
+        };
+        check("chat:*", "chat:lobby", true);
+        check("chat:*", "chat:", true);
+        check("chat:*", "news:lobby", false);
+        check("*", "", true);
+        check("", "", true);
+        check("", "x", false);
+        check("*lob*", "chat:lobby", true);
+        check("*:l*y", "chat:lobby", true);
+        check("*:l*x", "chat:lobby", false);
+        check("a*b*c", "aXbYbZc", true);
+        check("a*b*c", "aXbYbZ", false);
+        check("chat:lobby", "chat:lobby", true);
+        check("chat:lobb", "chat:lobby", false);
+        check("ch**y", "chat:lobby", true);
+        check("é*", "éa", true);
+    }
+}

@@ -1,0 +1,472 @@
+//! The server HTTP API (`POST /api/{method}`), Centrifugo-compatible: key checks, request
+//! errors, and each method against real raw and native-protocol clients.
+
+use plexus_server::ServerHandle;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+const KEY: &str = "test-api-key";
+
+/// One HTTP/1.1 request; returns the status and the body as JSON (`null` when it is not JSON).
+async fn request(server: &ServerHandle, path: &str, headers: &str, body: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Calls a method with the right key; expects HTTP 200 and returns the body.
+async fn call(server: &ServerHandle, method: &str, body: Value) -> Value {
+    let headers = format!("X-API-Key: {KEY}\r\n");
+    let (status, reply) = request(
+        server,
+        &format!("/api/{method}"),
+        &headers,
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{method}: {reply}");
+    reply
+}
+
+/// Calls a method and returns its `result`, failing on an `error`.
+async fn result(server: &ServerHandle, method: &str, body: Value) -> Value {
+    let reply = call(server, method, body).await;
+    assert!(reply.get("error").is_none(), "{method}: {reply}");
+    reply["result"].clone()
+}
+
+/// A raw `/chat/{room}` client, known to be subscribed: its own first message came back.
+async fn raw_subscriber(server: &ServerHandle, room: &str) -> Ws {
+    let mut socket = ws(server, &format!("/chat/{room}")).await;
+    send_text(&mut socket, "ready").await;
+    assert_eq!(next_text(&mut socket).await, "ready");
+    socket
+}
+
+fn token(user: &str) -> String {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    plexus_auth::mint_hs256(
+        "test-token-secret",
+        &plexus_auth::MintRequest {
+            sub: user.into(),
+            now_unix,
+            ..Default::default()
+        },
+    )
+}
+
+/// The next native-protocol message as JSON.
+async fn next_json(socket: &mut Ws) -> Value {
+    let text = next_text(socket).await;
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+/// A native-protocol client connected as `user`; returns it and its client id.
+async fn native(server: &ServerHandle, user: &str) -> (Ws, String) {
+    let mut socket = ws(server, "/connection/websocket").await;
+    let connect = json!({"id": 1, "connect": {"token": token(user)}});
+    send_text(&mut socket, &connect.to_string()).await;
+    let reply = next_json(&mut socket).await;
+    assert_eq!(reply["id"], 1, "{reply}");
+    let client = reply["connect"]["client"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no client id: {reply}"))
+        .to_owned();
+    (socket, client)
+}
+
+#[tokio::test]
+async fn key_body_and_method_errors_are_http_errors() {
+    let server = start_default().await;
+    let unauthorized = json!({"error": {"code": 101, "message": "unauthorized"}});
+    let body = r#"{"channel":"chat:x","data":1}"#;
+    assert_eq!(
+        request(&server, "/api/publish", "", body).await,
+        (401, unauthorized.clone())
+    );
+    let wrong = "X-API-Key: not-the-key\r\n";
+    assert_eq!(
+        request(&server, "/api/publish", wrong, body).await,
+        (401, unauthorized.clone())
+    );
+    // Unknown methods are not revealed without the key either.
+    assert_eq!(
+        request(&server, "/api/nope", "", "{}").await,
+        (401, unauthorized)
+    );
+    let authorization = format!("Authorization: apikey {KEY}\r\n");
+    let (status, reply) = request(&server, "/api/publish", &authorization, body).await;
+    assert_eq!((status, &reply["result"]["offset"]), (200, &json!(1)));
+
+    let key = format!("X-API-Key: {KEY}\r\n");
+    let bad = |status: u16, reply: &Value, detail: &str| {
+        assert_eq!(status, 400, "{reply}");
+        assert_eq!(reply["error"]["code"], 107, "{reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("bad request: ") && message.contains(detail),
+            "{message}"
+        );
+    };
+    let (status, reply) = request(&server, "/api/publish", &key, "{not json").await;
+    bad(status, &reply, "key must be a string");
+    let (status, reply) = request(&server, "/api/publish", &key, r#"{"data":1}"#).await;
+    bad(status, &reply, "missing field `channel`");
+    let (status, reply) =
+        request(&server, "/api/publish", &key, r#"{"channel":"","data":1}"#).await;
+    bad(status, &reply, "channel required");
+    let (status, reply) = request(&server, "/api/disconnect", &key, r#"{"user":""}"#).await;
+    bad(status, &reply, "user required");
+    assert_eq!(
+        request(&server, "/api/nope", &key, "{}").await,
+        (
+            404,
+            json!({"error": {"code": 104, "message": "method not found"}})
+        )
+    );
+    // A method's own error is HTTP 200 with an error body.
+    assert_eq!(
+        call(&server, "publish", json!({"channel": "nope:x", "data": 1})).await,
+        json!({"error": {"code": 102, "message": "unknown channel"}})
+    );
+}
+
+#[tokio::test]
+async fn publish_reaches_raw_subscribers_and_history_keeps_it() {
+    let server = start_default().await;
+    let mut subscriber = raw_subscriber(&server, "api-pub").await; // its "ready" is offset 1
+                                                                   // Sent as text: the data reaches raw subscribers exactly as written, keys in order.
+    let key = format!("X-API-Key: {KEY}\r\n");
+    let body = r#"{"channel": "chat:api-pub", "data": {"text":"hi","n":1}}"#;
+    let (status, reply) = request(&server, "/api/publish", &key, body).await;
+    assert_eq!(status, 200, "{reply}");
+    let published = &reply["result"];
+    assert_eq!(published["offset"], 2, "{reply}");
+    let epoch = published["epoch"].as_str().unwrap().to_owned();
+    assert!(!epoch.is_empty());
+    assert_eq!(next_text(&mut subscriber).await, r#"{"text":"hi","n":1}"#);
+
+    let history = result(
+        &server,
+        "history",
+        json!({"channel": "chat:api-pub", "limit": -1}),
+    )
+    .await;
+    assert_eq!(
+        history,
+        json!({
+            "publications": [
+                {"data": "ready", "info": history["publications"][0]["info"], "offset": 1},
+                {"data": {"text": "hi", "n": 1}, "offset": 2},
+            ],
+            "epoch": epoch,
+            "offset": 2,
+        })
+    );
+    // limit 0 (the default): only the position; a position from another epoch: 112.
+    let position = result(&server, "history", json!({"channel": "chat:api-pub"})).await;
+    assert_eq!(
+        position,
+        json!({"publications": [], "epoch": epoch, "offset": 2})
+    );
+    let since =
+        json!({"channel": "chat:api-pub", "limit": -1, "since": {"offset": 1, "epoch": "other"}});
+    assert_eq!(call(&server, "history", since).await["error"]["code"], 112);
+    let since =
+        json!({"channel": "chat:api-pub", "limit": -1, "since": {"offset": 1, "epoch": epoch}});
+    let newer = result(&server, "history", since).await;
+    assert_eq!(newer["publications"].as_array().unwrap().len(), 1);
+
+    // skip_history: delivered, not kept, no offset.
+    let skipped = result(
+        &server,
+        "publish",
+        json!({"channel": "chat:api-pub", "data": "quiet", "skip_history": true}),
+    )
+    .await;
+    assert_eq!(skipped, json!({}));
+    assert_eq!(next_text(&mut subscriber).await, r#""quiet""#);
+
+    // The default namespace keeps no history: publish has no position, history is 108.
+    assert_eq!(
+        result(&server, "publish", json!({"channel": "plain", "data": 1})).await,
+        json!({})
+    );
+    let not_available = json!({"error": {"code": 108, "message": "not available"}});
+    assert_eq!(
+        call(&server, "history", json!({"channel": "plain"})).await,
+        not_available
+    );
+
+    assert_eq!(
+        result(
+            &server,
+            "history_remove",
+            json!({"channel": "chat:api-pub"})
+        )
+        .await,
+        json!({})
+    );
+    let emptied = result(
+        &server,
+        "history",
+        json!({"channel": "chat:api-pub", "limit": -1}),
+    )
+    .await;
+    assert_eq!(
+        emptied,
+        json!({"publications": [], "epoch": epoch, "offset": 2})
+    );
+}
+
+#[tokio::test]
+async fn broadcast_answers_per_channel() {
+    let server = start_default().await;
+    let mut first = raw_subscriber(&server, "api-b1").await;
+    let mut second = raw_subscriber(&server, "api-b2").await;
+    let reply = result(
+        &server,
+        "broadcast",
+        json!({"channels": ["chat:api-b1", "nope:x", "chat:api-b2"], "data": [1, 2]}),
+    )
+    .await;
+    let responses = reply["responses"].as_array().unwrap();
+    assert_eq!(responses.len(), 3, "{reply}");
+    assert_eq!(responses[0]["result"]["offset"], 2);
+    assert_eq!(
+        responses[1],
+        json!({"error": {"code": 102, "message": "unknown channel"}})
+    );
+    assert_eq!(responses[2]["result"]["offset"], 2);
+    assert_eq!(next_text(&mut first).await, "[1,2]");
+    assert_eq!(next_text(&mut second).await, "[1,2]");
+    let (status, _) = request(
+        &server,
+        "/api/broadcast",
+        &format!("X-API-Key: {KEY}\r\n"),
+        r#"{"channels":[],"data":1}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn presence_and_stats_of_a_room() {
+    let server = start_default().await;
+    let _one = raw_subscriber(&server, "api-presence").await;
+    let _two = raw_subscriber(&server, "api-presence").await;
+    let (mut native_client, client_id) = native(&server, "u1").await;
+    let subscribe = json!({"id": 2, "subscribe": {"channel": "chat:api-presence"}});
+    send_text(&mut native_client, &subscribe.to_string()).await;
+    assert_eq!(next_json(&mut native_client).await["id"], 2);
+
+    let presence = result(&server, "presence", json!({"channel": "chat:api-presence"})).await;
+    let clients = presence["presence"].as_object().unwrap();
+    assert_eq!(clients.len(), 3, "{presence}");
+    assert_eq!(
+        clients[&client_id],
+        json!({"user": "u1", "client": client_id})
+    );
+    let stats = result(
+        &server,
+        "presence_stats",
+        json!({"channel": "chat:api-presence"}),
+    )
+    .await;
+    // Two anonymous raw clients (user "") and u1.
+    assert_eq!(stats, json!({"num_clients": 3, "num_users": 2}));
+    assert_eq!(
+        call(&server, "presence", json!({"channel": "plain"})).await["error"]["code"],
+        108
+    );
+    assert_eq!(
+        result(&server, "presence_stats", json!({"channel": "chat:empty"})).await,
+        json!({"num_clients": 0, "num_users": 0})
+    );
+}
+
+#[tokio::test]
+async fn disconnect_closes_the_users_connections() {
+    let server = start_default().await;
+    let (mut u1, _) = native(&server, "u1").await;
+    let (mut u2, _) = native(&server, "u2").await;
+    assert_eq!(
+        result(&server, "disconnect", json!({"user": "u1"})).await,
+        json!({})
+    );
+    assert_eq!(
+        expect_close(&mut u1).await,
+        (3503, "force disconnect".into())
+    );
+    // A custom code and reason, and one client only.
+    let (mut again, client) = native(&server, "u2").await;
+    let custom =
+        json!({"user": "u2", "client": client, "disconnect": {"code": 4001, "reason": "bye"}});
+    result(&server, "disconnect", custom).await;
+    assert_eq!(expect_close(&mut again).await, (4001, "bye".into()));
+    // u2's first connection is still there.
+    send_text(&mut u2, r#"{"id":5,"ping":{}}"#).await;
+    assert_eq!(next_json(&mut u2).await["id"], 5);
+    let (status, reply) = request(
+        &server,
+        "/api/disconnect",
+        &format!("X-API-Key: {KEY}\r\n"),
+        r#"{"user":"u2","disconnect":{"code":1000}}"#,
+    )
+    .await;
+    assert_eq!((status, &reply["error"]["code"]), (400, &json!(107)));
+    // refresh with expired: 3005.
+    result(&server, "refresh", json!({"user": "u2", "expired": true})).await;
+    assert_eq!(
+        expect_close(&mut u2).await,
+        (3005, "connection expired".into())
+    );
+    assert_eq!(
+        result(&server, "refresh", json!({"user": "u3"})).await,
+        json!({})
+    );
+}
+
+#[tokio::test]
+async fn server_side_subscribe_and_unsubscribe_push_to_the_user() {
+    let server = start_default().await;
+    let (mut u1, client) = native(&server, "u1").await;
+    let subscribe = json!({"user": "u1", "channel": "chat:api-srv"});
+    assert_eq!(result(&server, "subscribe", subscribe).await, json!({}));
+    let push = next_json(&mut u1).await;
+    assert_eq!(push["push"]["channel"], "chat:api-srv", "{push}");
+    assert!(push["push"]["subscribe"].is_object(), "{push}");
+
+    // Subscribed for real: a publication arrives as a `pub` push.
+    let published = json!({"channel": "chat:api-srv", "data": {"n": 1}});
+    result(&server, "publish", published).await;
+    let push = loop {
+        let push = next_json(&mut u1).await;
+        if push["push"].get("pub").is_some() {
+            break push;
+        }
+    };
+    assert_eq!(push["push"]["pub"]["data"], json!({"n": 1}), "{push}");
+
+    // Unsubscribe naming the client.
+    let unsubscribe = json!({"user": "u1", "channel": "chat:api-srv", "client": client});
+    assert_eq!(result(&server, "unsubscribe", unsubscribe).await, json!({}));
+    let push = loop {
+        let push = next_json(&mut u1).await;
+        if push["push"].get("unsubscribe").is_some() {
+            break push;
+        }
+    };
+    assert_eq!(
+        push,
+        json!({"push": {"channel": "chat:api-srv", "unsubscribe": {"code": 2000, "reason": "server unsubscribe"}}})
+    );
+    assert_eq!(
+        call(
+            &server,
+            "subscribe",
+            json!({"user": "u1", "channel": "nope:x"})
+        )
+        .await["error"]["code"],
+        102
+    );
+}
+
+#[tokio::test]
+async fn batch_runs_commands_in_order() {
+    let server = start_default().await;
+    let mut subscriber = raw_subscriber(&server, "api-batch").await;
+    for parallel in [false, true] {
+        let reply = result(
+            &server,
+            "batch",
+            json!({
+                "parallel": parallel,
+                "commands": [
+                    {"publish": {"channel": "chat:api-batch", "data": "one"}},
+                    {"frobnicate": {}},
+                    {"publish": {"channel": "chat:api-batch"}},
+                    {"presence_stats": {"channel": "chat:api-batch"}},
+                    {"batch": {"commands": []}},
+                ],
+            }),
+        )
+        .await;
+        let replies = reply["replies"].as_array().unwrap();
+        assert_eq!(replies.len(), 5, "{reply}");
+        assert!(replies[0]["publish"]["offset"].is_u64(), "{reply}");
+        assert_eq!(replies[1]["error"]["code"], 104);
+        assert_eq!(replies[2]["error"]["code"], 107);
+        assert!(
+            replies[2]["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("missing field `data`"),
+            "{reply}"
+        );
+        assert_eq!(
+            replies[3],
+            json!({"presence_stats": {"num_clients": 1, "num_users": 1}})
+        );
+        assert_eq!(replies[4]["error"]["code"], 107);
+        assert_eq!(next_text(&mut subscriber).await, r#""one""#);
+    }
+    let two = json!({"commands": [
+        {"publish": {"channel": "chat:api-batch", "data": "a"}},
+        {"publish": {"channel": "chat:api-batch", "data": "b"}},
+    ]});
+    let reply = result(&server, "batch", two).await;
+    assert_eq!(reply["replies"][0]["publish"]["offset"], 4);
+    assert_eq!(reply["replies"][1]["publish"]["offset"], 5);
+    assert_eq!(next_text(&mut subscriber).await, r#""a""#);
+    assert_eq!(next_text(&mut subscriber).await, r#""b""#);
+}
+
+#[tokio::test]
+async fn channels_and_info_describe_this_node() {
+    let server = start_default().await;
+    let _lobby = raw_subscriber(&server, "api-lobby").await;
+    let _lobby_too = raw_subscriber(&server, "api-lobby").await;
+    let _other = raw_subscriber(&server, "elsewhere").await;
+    let all = result(&server, "channels", json!({})).await;
+    assert_eq!(all["channels"]["chat:api-lobby"], json!({"num_clients": 2}));
+    assert_eq!(all["channels"]["chat:elsewhere"], json!({"num_clients": 1}));
+    let some = result(&server, "channels", json!({"pattern": "chat:api-*"})).await;
+    assert_eq!(
+        some,
+        json!({"channels": {"chat:api-lobby": {"num_clients": 2}}})
+    );
+    // An empty body reads as `{}`.
+    let (status, reply) = request(&server, "/api/info", &format!("X-API-Key: {KEY}\r\n"), "").await;
+    assert_eq!(status, 200, "{reply}");
+    let nodes = reply["result"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{reply}");
+    let node = &nodes[0];
+    assert!(!node["uid"].as_str().unwrap().is_empty());
+    assert_eq!(node["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(node["num_clients"], 3);
+    assert_eq!(node["num_channels"], 2);
+    assert_eq!(node["num_subs"], 3);
+    assert_eq!(node["num_users"], 1); // all anonymous
+    assert!(node["uptime"].is_u64() && node["name"].is_string());
+}

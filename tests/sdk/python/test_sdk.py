@@ -1,0 +1,114 @@
+"""The official centrifuge-python SDK against Plexus (memory engine)."""
+
+import asyncio
+
+from centrifuge import Client, ClientState, SubscriptionState
+
+from harness import Events, Relay, publications, room, token, until
+
+
+async def test_connect_subscribe_receive_presence_history(server, clients, recorder):
+    channel = room("py")
+    ann_events = Events(recorder, "ann")
+    ann = Client(server.ws, events=ann_events, token=token("u1", info={"name": "Ann"}), proxy=None)
+    bob = Client(server.ws, events=Events(recorder, "bob"), token=token("u2"), proxy=None)
+    clients.extend([ann, bob])
+
+    await ann.connect()
+    await ann.ready(timeout=5)
+    assert ann.state == ClientState.CONNECTED
+    connected = ann_events.of("connected")
+    assert len(connected) == 1 and connected[0].client
+
+    sub_events = Events(recorder, "ann/sub")
+    sub = ann.new_subscription(channel, events=sub_events)
+    await sub.subscribe()
+    await sub.ready(timeout=5)
+    assert sub.state == SubscriptionState.SUBSCRIBED
+    subscribed = sub_events.of("subscribed")[0]
+    assert subscribed.recoverable is True, subscribed
+    assert subscribed.was_recovering is False
+    assert subscribed.stream_position is not None and subscribed.stream_position.epoch, subscribed
+
+    await bob.connect()
+    bob_sub = bob.new_subscription(channel, events=Events(recorder, "bob/sub"))
+    await bob_sub.subscribe()
+    await bob_sub.ready(timeout=5)
+
+    first = await server.publish(channel, {"text": "one"})
+    second = await server.publish(channel, {"text": "two"})
+    assert first["epoch"] == subscribed.stream_position.epoch
+    assert second["offset"] == first["offset"] + 1
+    await until(lambda: len(publications(sub_events)) >= 2, "two publications")
+    got = publications(sub_events)
+    assert [p.data for p in got] == [{"text": "one"}, {"text": "two"}]
+    assert [p.offset for p in got] == [first["offset"], second["offset"]]
+    assert got[0].info is None, "an API publication has no publisher"
+
+    presence = await sub.presence()
+    assert sorted(info.user for info in presence.clients.values()) == ["u1", "u2"], presence
+    assert connected[0].client in presence.clients
+    ann_info = presence.clients[connected[0].client]
+    assert ann_info.conn_info == {"name": "Ann"}
+    stats = await sub.presence_stats()
+    assert (stats.num_clients, stats.num_users) == (2, 2)
+
+    history = await sub.history(limit=10)
+    assert [p.data for p in history.publications] == [{"text": "one"}, {"text": "two"}]
+    assert [p.offset for p in history.publications] == [first["offset"], second["offset"]]
+    assert history.offset == second["offset"]
+    assert history.epoch == first["epoch"]
+
+    await asyncio.sleep(0.2)
+    assert len(publications(sub_events)) == 2, "nothing arrived twice"
+
+
+async def test_recovery_after_api_disconnect(server, clients, recorder):
+    channel = room("pyrecover")
+    relay = await Relay(server.port).start()
+    try:
+        events = Events(recorder, "ann")
+        ann = Client(relay.ws, events=events, token=token("u1"), proxy=None,
+                     min_reconnect_delay=0.2, max_reconnect_delay=1.0)
+        clients.append(ann)
+        sub_events = Events(recorder, "ann/sub")
+        await ann.connect()
+        sub = ann.new_subscription(channel, events=sub_events)
+        await sub.subscribe()
+        await sub.ready(timeout=5)
+
+        before = [await server.publish(channel, {"n": n}) for n in (1, 2)]
+        await until(lambda: len(publications(sub_events)) >= 2, "the first two publications")
+
+        # Reconnects are held back until the missed publications are in: they can only come
+        # back by recovery.
+        relay.held = True
+        mark = len(events.seen)
+        reply = await server.api("disconnect", {"user": "u1",
+                                                "disconnect": {"code": 3011, "reason": "force reconnect"}})
+        assert "result" in reply, reply
+        connecting = await events.next("connecting", mark, "connecting after the server's disconnect")
+        assert (connecting.code, connecting.reason) == (3011, "force reconnect"), connecting
+
+        missed = [await server.publish(channel, {"n": n}) for n in range(3, 8)]
+        assert ann.state != ClientState.CONNECTED, "the five were published while ann was away"
+
+        sub_mark = len(sub_events.seen)
+        relay.held = False
+        resubscribed = await sub_events.next("subscribed", sub_mark, "resubscribed", timeout=8)
+        assert resubscribed.was_recovering is True, resubscribed
+        assert resubscribed.recovered is True, resubscribed
+        assert resubscribed.stream_position.epoch == before[0]["epoch"]
+
+        await until(lambda: len(publications(sub_events)) >= 7, "all seven publications")
+        await asyncio.sleep(0.3)  # time for a duplicate to show up
+        got = publications(sub_events)
+        assert [p.data["n"] for p in got] == [1, 2, 3, 4, 5, 6, 7], "in order, none missing, none twice"
+        assert [p.offset for p in got] == [r["offset"] for r in before + missed]
+
+        # The five came in the subscribe reply, i.e. by recovery.
+        replies = [f["subscribe"] for f in recorder.received() if "subscribe" in f and "id" in f]
+        assert replies[-1].get("recovered") is True, replies[-1]
+        assert [p["data"]["n"] for p in replies[-1].get("publications", [])] == [3, 4, 5, 6, 7]
+    finally:
+        await relay.close()
