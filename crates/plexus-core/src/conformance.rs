@@ -99,7 +99,10 @@ async fn eventually(mut condition: impl FnMut() -> bool) {
     assert!(condition(), "condition not met within 5 s");
 }
 
-/// Runs every check.
+/// Runs every check. Each builds its own engine, so an engine that shares state between
+/// instances (a Redis or NATS server) must use fresh channel names per factory call or clean
+/// up: the checks use the channels `a:1`, `a:2`, `o:1`, `r:1`, `t:1`, `n:1`, `p:1` (prefix them in
+/// the factory's engine if needed) and expect them empty.
 pub async fn check_engine(factory: Factory<'_>) {
     offsets_history_and_delivery_order(factory).await;
     ordered_at_call_time(factory).await;
@@ -109,8 +112,16 @@ pub async fn check_engine(factory: Factory<'_>) {
     commands(factory).await;
 }
 
+/// Subscribes the node to channels, as a hub does when it gets its first local subscriber.
+async fn watch(engine: &Arc<dyn Engine>, channels: &[&str]) {
+    for channel in channels {
+        engine.watch(channel, true).await.unwrap();
+    }
+}
+
 async fn offsets_history_and_delivery_order(factory: Factory<'_>) {
     let (recorder, engine) = engine(factory);
+    watch(&engine, &["a:1", "a:2"]).await;
     let first = engine
         .publish(publication("a:1", "one"), Some(RETENTION))
         .await
@@ -189,6 +200,7 @@ async fn offsets_history_and_delivery_order(factory: Factory<'_>) {
 
 async fn ordered_at_call_time(factory: Factory<'_>) {
     let (recorder, engine) = engine(factory);
+    watch(&engine, &["o:1"]).await;
     // Futures created in order and awaited in reverse (or dropped) keep the call order.
     let futures: Vec<_> = (0..20)
         .map(|i| engine.publish(publication("o:1", &i.to_string()), Some(RETENTION)))
@@ -261,6 +273,7 @@ async fn retention_and_removal(factory: Factory<'_>) {
 
 async fn without_history(factory: Factory<'_>) {
     let (recorder, engine) = engine(factory);
+    watch(&engine, &["n:1"]).await;
     assert_eq!(
         engine
             .publish(publication("n:1", "plain"), None)
@@ -294,6 +307,7 @@ async fn presence_and_membership(factory: Factory<'_>) {
     assert_eq!(users.len(), 2, "{users:?}");
     engine.remove_presence("p:1", "client-ann").await.unwrap();
     assert_eq!(engine.presence("p:1").await.unwrap().len(), 1);
+    watch(&engine, &["p:1"]).await;
     engine
         .publish_membership(true, Membership::new("p:1".into(), client("cid")))
         .await
