@@ -60,41 +60,6 @@ async fn raw_subscriber(server: &ServerHandle, room: &str) -> Ws {
     socket
 }
 
-fn token(user: &str) -> String {
-    let now_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    plexus_auth::mint_hs256(
-        "test-token-secret",
-        &plexus_auth::MintRequest {
-            sub: user.into(),
-            now_unix,
-            ..Default::default()
-        },
-    )
-}
-
-/// The next native-protocol message as JSON.
-async fn next_json(socket: &mut Ws) -> Value {
-    let text = next_text(socket).await;
-    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
-}
-
-/// A native-protocol client connected as `user`; returns it and its client id.
-async fn native(server: &ServerHandle, user: &str) -> (Ws, String) {
-    let mut socket = ws(server, "/connection/websocket").await;
-    let connect = json!({"id": 1, "connect": {"token": token(user)}});
-    send_text(&mut socket, &connect.to_string()).await;
-    let reply = next_json(&mut socket).await;
-    assert_eq!(reply["id"], 1, "{reply}");
-    let client = reply["connect"]["client"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no client id: {reply}"))
-        .to_owned();
-    (socket, client)
-}
-
 #[tokio::test]
 async fn key_body_and_method_errors_are_http_errors() {
     let server = start_default().await;

@@ -2,6 +2,7 @@
 //! (tokio-tungstenite, hand-written frames over a TcpStream, TCP line clients).
 
 mod api;
+mod native;
 mod operations;
 mod rooms;
 mod tcp;

@@ -221,3 +221,58 @@ impl RawWs {
             .ok();
     }
 }
+
+/// A connection token for `user`, signed with the test secret (`Config::for_tests`).
+pub fn token(user: &str) -> String {
+    token_with(user, None)
+}
+
+/// A token for `user`; with `channel`, a subscription token for that channel.
+pub fn token_with(user: &str, channel: Option<&str>) -> String {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    plexus_auth::mint_hs256(
+        "test-token-secret",
+        &plexus_auth::MintRequest {
+            sub: user.into(),
+            channel: channel.map(str::to_owned),
+            now_unix,
+            ..Default::default()
+        },
+    )
+}
+
+/// The next native-protocol message as JSON (server pings `{}` included).
+pub async fn next_json(socket: &mut Ws) -> serde_json::Value {
+    let text = next_text(socket).await;
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+/// A native-protocol client connected as `user`; returns it and its client id.
+pub async fn native(server: &ServerHandle, user: &str) -> (Ws, String) {
+    let mut socket = ws(server, "/connection/websocket").await;
+    let connect = serde_json::json!({"id": 1, "connect": {"token": token(user)}});
+    send_text(&mut socket, &connect.to_string()).await;
+    let reply = next_json(&mut socket).await;
+    assert_eq!(reply["id"], 1, "{reply}");
+    let client = reply["connect"]["client"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no client id: {reply}"))
+        .to_owned();
+    (socket, client)
+}
+
+/// Sends one native command and returns the reply with the same id (pushes before it skipped).
+pub async fn command(socket: &mut Ws, id: u32, body: serde_json::Value) -> serde_json::Value {
+    let mut command = body;
+    command["id"] = id.into();
+    send_text(socket, &command.to_string()).await;
+    loop {
+        let reply = next_json(socket).await;
+        if reply["id"] == id {
+            return reply;
+        }
+    }
+}

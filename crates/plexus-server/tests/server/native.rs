@@ -1,0 +1,271 @@
+//! The native protocol over WebSocket, driven frame by frame: refusals with their documented
+//! codes, private and limited channels, the slow-subscriber cut.
+
+use futures_util::SinkExt;
+use plexus_core::{ChannelOptions, Namespaces};
+use plexus_server::Config;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::*;
+
+fn config_with(namespace: &str, options: ChannelOptions) -> Config {
+    let mut namespaces = Namespaces::default();
+    namespaces.insert(namespace, options);
+    Config {
+        namespaces,
+        ..Config::for_tests()
+    }
+}
+
+async fn upgrade_with_origin(
+    server: &plexus_server::ServerHandle,
+    origin: &str,
+) -> Result<Ws, u16> {
+    let url = format!("ws://{}/connection/websocket", server.http_addr());
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", origin.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(other) => panic!("unexpected error {other}"),
+    }
+}
+
+#[tokio::test]
+async fn foreign_origins_are_refused_same_origin_and_listed_ones_allowed() {
+    let server = start_default().await;
+    assert_eq!(
+        upgrade_with_origin(&server, "https://evil.example")
+            .await
+            .err(),
+        Some(403)
+    );
+    let same = format!("http://{}", server.http_addr());
+    assert!(upgrade_with_origin(&server, &same).await.is_ok());
+    assert!(server
+        .metrics_text()
+        .contains("plexus_refused_total{reason=\"bad_origin\"} 1"));
+    let listed = start(Config {
+        allowed_origins: vec!["https://app.example".into()],
+        ..Config::for_tests()
+    })
+    .await;
+    assert!(upgrade_with_origin(&listed, "https://app.example")
+        .await
+        .is_ok());
+    assert_eq!(
+        upgrade_with_origin(&listed, "https://evil.example")
+            .await
+            .err(),
+        Some(403)
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_required_unless_anonymous_is_allowed() {
+    let server = start_default().await;
+    let mut socket = ws(&server, "/connection/websocket").await;
+    send_text(&mut socket, r#"{"id":1,"connect":{}}"#).await;
+    assert_eq!(
+        expect_close(&mut socket).await,
+        (3500, "invalid token".into())
+    );
+    let mut forged = ws(&server, "/connection/websocket").await;
+    let token = plexus_auth::mint_hs256(
+        "another-secret",
+        &plexus_auth::MintRequest {
+            sub: "mallory".into(),
+            ..Default::default()
+        },
+    );
+    send_text(
+        &mut forged,
+        &json!({"id": 1, "connect": {"token": token}}).to_string(),
+    )
+    .await;
+    assert_eq!(expect_close(&mut forged).await.0, 3500);
+    // The process keeps serving.
+    let (mut fine, _) = native(&server, "u1").await;
+    assert_eq!(
+        command(&mut fine, 2, json!({"ping": {}})).await,
+        json!({"id": 2, "ping": {}})
+    );
+
+    let open = start(Config {
+        allow_anonymous_connect_without_token: true,
+        ..Config::for_tests()
+    })
+    .await;
+    let mut anonymous = ws(&open, "/connection/websocket").await;
+    send_text(&mut anonymous, r#"{"id":1,"connect":{}}"#).await;
+    let reply = next_json(&mut anonymous).await;
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    // Anonymous users may subscribe where the namespace allows it (chat) and not elsewhere.
+    let chat = command(
+        &mut anonymous,
+        2,
+        json!({"subscribe": {"channel": "chat:a"}}),
+    )
+    .await;
+    assert!(chat["subscribe"].is_object(), "{chat}");
+    let plain = command(
+        &mut anonymous,
+        3,
+        json!({"subscribe": {"channel": "plain"}}),
+    )
+    .await;
+    assert_eq!(plain["error"]["code"], 103, "{plain}");
+}
+
+#[tokio::test]
+async fn commands_before_connect_and_garbage_are_bad_requests() {
+    let server = start_default().await;
+    let mut early = ws(&server, "/connection/websocket").await;
+    send_text(&mut early, r#"{"id":1,"subscribe":{"channel":"chat:a"}}"#).await;
+    assert_eq!(expect_close(&mut early).await, (3501, "bad request".into()));
+    let (mut garbage, _) = native(&server, "u1").await;
+    send_text(&mut garbage, "{not json").await;
+    assert_eq!(expect_close(&mut garbage).await.0, 3501);
+    let (mut rpc, _) = native(&server, "u1").await;
+    let reply = command(&mut rpc, 2, json!({"rpc": {"method": "x", "data": {}}})).await;
+    assert_eq!(reply["error"]["code"], 108, "{reply}");
+}
+
+#[tokio::test]
+async fn private_channels_need_a_matching_subscription_token() {
+    let server = start(config_with(
+        "secret",
+        ChannelOptions {
+            private: true,
+            ..ChannelOptions::chat()
+        },
+    ))
+    .await;
+    let (mut alice, _) = native(&server, "alice").await;
+    let refused = command(
+        &mut alice,
+        2,
+        json!({"subscribe": {"channel": "secret:plans"}}),
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], 103, "{refused}");
+    let wrong_user = token_with("bob", Some("secret:plans"));
+    let refused = command(
+        &mut alice,
+        3,
+        json!({"subscribe": {"channel": "secret:plans", "token": wrong_user}}),
+    )
+    .await;
+    assert_eq!(refused["error"]["code"], 103, "{refused}");
+    let good = token_with("alice", Some("secret:plans"));
+    let accepted = command(
+        &mut alice,
+        4,
+        json!({"subscribe": {"channel": "secret:plans", "token": good}}),
+    )
+    .await;
+    assert_eq!(accepted["subscribe"]["recoverable"], true, "{accepted}");
+    let again = command(&mut alice, 5, json!({"subscribe": {"channel": "secret:plans", "token": token_with("alice", Some("secret:plans"))}})).await;
+    assert_eq!(again["error"]["code"], 105, "{again}");
+}
+
+#[tokio::test]
+async fn user_limited_and_full_channels() {
+    let server = start(config_with(
+        "room",
+        ChannelOptions {
+            max_subscribers: 1,
+            ..ChannelOptions::chat()
+        },
+    ))
+    .await;
+    let (mut u42, _) = native(&server, "42").await;
+    let (mut u44, _) = native(&server, "44").await;
+    let ok = command(
+        &mut u42,
+        2,
+        json!({"subscribe": {"channel": "chat:dialog#42,43"}}),
+    )
+    .await;
+    assert!(ok["subscribe"].is_object(), "{ok}");
+    let denied = command(
+        &mut u44,
+        2,
+        json!({"subscribe": {"channel": "chat:dialog#42,43"}}),
+    )
+    .await;
+    assert_eq!(denied["error"]["code"], 103, "{denied}");
+    let first = command(&mut u42, 3, json!({"subscribe": {"channel": "room:x"}})).await;
+    assert!(first["subscribe"].is_object(), "{first}");
+    let full = command(&mut u44, 3, json!({"subscribe": {"channel": "room:x"}})).await;
+    assert_eq!(full["error"]["code"], 106, "{full}");
+    let unknown = command(&mut u44, 4, json!({"subscribe": {"channel": "nope:x"}})).await;
+    assert_eq!(unknown["error"]["code"], 102, "{unknown}");
+}
+
+#[tokio::test]
+async fn a_stalled_protocol_subscriber_is_cut_with_3008_slow() {
+    let server = start(Config {
+        outbox_limit: 64 * 1024,
+        ..Config::for_tests()
+    })
+    .await;
+    // The stalled one: subscribes, then reads nothing.
+    let mut stalled = RawWs::connect(server.http_addr(), "/connection/websocket", "").await;
+    let connect = json!({"id": 1, "connect": {"token": token("slow")}}).to_string();
+    stalled.send(&client_frame(0x81, connect.as_bytes())).await;
+    let subscribe = json!({"id": 2, "subscribe": {"channel": "chat:flood"}}).to_string();
+    stalled
+        .send(&client_frame(0x81, subscribe.as_bytes()))
+        .await;
+    let (mut fast, _) = native(&server, "fast").await;
+    command(
+        &mut fast,
+        2,
+        json!({"subscribe": {"channel": "chat:flood"}}),
+    )
+    .await;
+    let payload = "x".repeat(16 * 1024);
+    let mut n_sent = 0;
+    while !server
+        .metrics_text()
+        .contains("plexus_slow_disconnects_total 1")
+    {
+        assert!(n_sent < 2000, "the stalled subscriber was never cut");
+        let reply = command(
+            &mut fast,
+            10 + n_sent,
+            json!({"publish": {"channel": "chat:flood", "data": {"n": n_sent, "pad": payload}}}),
+        )
+        .await;
+        assert!(reply["publish"].is_object(), "{reply}");
+        let push = next_json(&mut fast).await;
+        assert_eq!(
+            push["push"]["pub"]["data"]["n"], n_sent,
+            "the fast one gets every publication in order"
+        );
+        n_sent += 1;
+    }
+    let mut bytes = Vec::new();
+    let _ = tokio::time::timeout(
+        TIMEOUT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stalled.stream, &mut bytes),
+    )
+    .await;
+    let close_at = bytes
+        .iter()
+        .rposition(|&b| b == 0x88)
+        .expect("a close frame");
+    assert_eq!(
+        u16::from_be_bytes([bytes[close_at + 2], bytes[close_at + 3]]),
+        3008
+    );
+    assert_eq!(&bytes[close_at + 4..], b"slow");
+    fast.send(Message::Close(None)).await.ok();
+}
