@@ -148,7 +148,7 @@ export class Server {
    * Starts a server and waits for GET /health. `dataDir` defaults to a fresh temporary folder
    * (removed by `cleanup()`), `port` to a free one.
    */
-  static async start(recorder, { engine = 'memory', dataDir, port, label = 'server' } = {}) {
+  static async start(recorder, { engine = 'memory', dataDir, port, label = 'server', tcpChatPort } = {}) {
     if (!existsSync(PLEXUS_BIN)) {
       throw new Error(`no server binary at ${PLEXUS_BIN}; run \`cargo build -p plexus\` or set PLEXUS_BIN`);
     }
@@ -159,7 +159,7 @@ export class Server {
       'serve',
       '--listen', `127.0.0.1:${port}`,
       '--tcp-echo', 'off',
-      '--tcp-chat', 'off',
+      '--tcp-chat', tcpChatPort ? `127.0.0.1:${tcpChatPort}` : 'off',
       '--token-hmac-secret', SECRET,
       '--api-key', API_KEY,
       '--engine', engine,
