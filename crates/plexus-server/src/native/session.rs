@@ -52,6 +52,8 @@ struct ChannelState {
     last_offset: u64,
     /// Joins and leaves are pushed: the client asked (`join_leave`) or the namespace forces it.
     join_leave: bool,
+    /// When the subscription token expires (Unix seconds) unless refreshed with `sub_refresh`.
+    expires_at: Option<u64>,
 }
 
 struct Connected {
@@ -89,22 +91,48 @@ impl ClientSession {
     pub(crate) fn deadline(&self) -> Option<Instant> {
         match &self.connected {
             None => Some(self.connect_deadline),
-            Some(connected) => connected.expires_at.map(|at| {
-                let left = at.saturating_sub(now_unix());
-                Instant::now() + Duration::from_secs(left)
-            }),
+            Some(connected) => connected
+                .channels
+                .values()
+                .filter_map(|state| state.expires_at)
+                .chain(connected.expires_at)
+                .min()
+                .map(|at| {
+                    let left = at.saturating_sub(now_unix());
+                    Instant::now() + Duration::from_secs(left)
+                }),
         }
     }
 
-    /// Called when [`ClientSession::deadline`] passed.
-    pub(crate) fn on_deadline(&mut self, out: &mut Vec<Out>) {
-        match &self.connected {
-            None => close(out, DisconnectCode::Stale),
-            Some(connected) => {
-                if connected.expires_at.is_some_and(|at| at <= now_unix()) {
-                    close(out, DisconnectCode::Expired);
-                }
+    /// Called when a deadline may have passed: a client that never connected is closed (3502),
+    /// an expired connection is closed (3005),
+    /// an expired subscription is ended with an `unsubscribe` push (2501, the SDKs resubscribe
+    /// with a fresh token).
+    pub(crate) async fn on_deadline(&mut self, shared: &Shared, out: &mut Vec<Out>) {
+        let Some(connected) = self.connected.as_mut() else {
+            if Instant::now() >= self.connect_deadline {
+                close(out, DisconnectCode::Stale);
             }
+            return;
+        };
+        let now = now_unix();
+        if connected.expires_at.is_some_and(|at| at <= now) {
+            return close(out, DisconnectCode::Expired);
+        }
+        let expired: Vec<Arc<str>> = connected
+            .channels
+            .iter()
+            .filter(|(_, state)| state.expires_at.is_some_and(|at| at <= now))
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        for channel in expired {
+            connected.channels.remove(&channel);
+            shared.node.unsubscribe(&channel, &connected.info).await;
+            let body = PushBody::Unsubscribe(proto::UnsubscribeCode::Expired.into());
+            out.push(Out::Message(
+                MessageKind::Text,
+                encode_push(&channel, &body).into(),
+            ));
         }
     }
 
@@ -412,6 +440,7 @@ async fn subscribe_command(
         return ErrorCode::PermissionDenied.into();
     }
     let mut chan_info = None;
+    let mut expires_at = None;
     if !request.token.is_empty() {
         let Some(verifier) = &shared.verifier else {
             return ErrorCode::PermissionDenied.into();
@@ -421,6 +450,7 @@ async fn subscribe_command(
                 if check_subscription(&claims, user, channel).is_err() {
                     return ErrorCode::PermissionDenied.into();
                 }
+                expires_at = claims.subscription_expires_at();
                 chan_info = claims.info;
             }
             Err(TokenError::Expired) => return ErrorCode::TokenExpired.into(),
@@ -446,7 +476,16 @@ async fn subscribe_command(
     )
     .await
     {
-        Ok(result) => Outcome::Reply(ReplyBody::Subscribe(result)),
+        Ok(mut result) => {
+            if let Some(at) = expires_at {
+                if let Some(state) = connected.channels.get_mut(channel) {
+                    state.expires_at = Some(at);
+                }
+                result.expires = true;
+                result.ttl = ttl(at);
+            }
+            Outcome::Reply(ReplyBody::Subscribe(result))
+        }
         Err(code) => code.into(),
     }
 }
@@ -500,6 +539,7 @@ async fn subscribe(
         ChannelState {
             last_offset,
             join_leave,
+            expires_at: None,
         },
     );
     let positioned = subscription.position.is_some();
@@ -675,7 +715,7 @@ fn refresh_command(shared: &Shared, connected: &mut Connected, token: &str) -> O
 
 fn sub_refresh_command(
     shared: &Shared,
-    connected: &Connected,
+    connected: &mut Connected,
     request: proto::SubRefreshRequest,
 ) -> Outcome {
     if !connected.channels.contains_key(request.channel.as_str()) {
@@ -689,6 +729,9 @@ fn sub_refresh_command(
             if check_subscription(&claims, &connected.info.user, &request.channel).is_ok() =>
         {
             let expires_at = claims.subscription_expires_at();
+            if let Some(state) = connected.channels.get_mut(request.channel.as_str()) {
+                state.expires_at = expires_at;
+            }
             Outcome::Reply(ReplyBody::SubRefresh(proto::SubRefreshResult {
                 expires: expires_at.is_some(),
                 ttl: expires_at.map_or(0, ttl),

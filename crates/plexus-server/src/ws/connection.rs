@@ -70,9 +70,9 @@ impl Handler {
         }
     }
 
-    fn on_deadline(&mut self, out: &mut Vec<Out>) {
+    async fn on_deadline(&mut self, shared: &Shared, out: &mut Vec<Out>) {
         if let Handler::Native(session) = self {
-            session.on_deadline(out);
+            session.on_deadline(shared, out).await;
         }
     }
 
@@ -276,9 +276,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     if self.closing.is_some_and(|deadline| now >= deadline) {
                         return;
                     }
-                    if self.closing.is_none() && handler.deadline().is_some_and(|at| now >= at) {
+                    // The handler checks its own deadlines against the clock (cheap, idempotent).
+                    if self.closing.is_none() && handler.deadline().is_some() {
                         let mut out = std::mem::take(&mut self.out);
-                        handler.on_deadline(&mut out);
+                        handler.on_deadline(shared, &mut out).await;
                         self.apply(&mut out);
                         self.out = out;
                         if self.closing.is_some() {

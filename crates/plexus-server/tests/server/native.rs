@@ -269,3 +269,99 @@ async fn a_stalled_protocol_subscriber_is_cut_with_3008_slow() {
     assert_eq!(&bytes[close_at + 4..], b"slow");
     fast.send(Message::Close(None)).await.ok();
 }
+
+#[tokio::test]
+async fn expiring_connections_and_subscriptions() {
+    use std::time::Duration;
+    let server = start(config_with(
+        "secret",
+        ChannelOptions {
+            private: true,
+            ..ChannelOptions::chat()
+        },
+    ))
+    .await;
+    // A connection token valid 1 s: the result says so, and the server closes it with 3005.
+    let mut short = ws(&server, "/connection/websocket").await;
+    let token = token_expiring("u1", None, Some(Duration::from_secs(1)));
+    send_text(
+        &mut short,
+        &json!({"id": 1, "connect": {"token": token}}).to_string(),
+    )
+    .await;
+    let reply = next_json(&mut short).await;
+    assert_eq!(reply["connect"]["expires"], true, "{reply}");
+    assert_eq!(
+        expect_close(&mut short).await,
+        (3005, "connection expired".into())
+    );
+
+    // A refreshed connection stays.
+    let mut refreshed = ws(&server, "/connection/websocket").await;
+    let token = token_expiring("u2", None, Some(Duration::from_secs(1)));
+    send_text(
+        &mut refreshed,
+        &json!({"id": 1, "connect": {"token": token}}).to_string(),
+    )
+    .await;
+    next_json(&mut refreshed).await;
+    let longer = token_expiring("u2", None, Some(Duration::from_secs(600)));
+    let reply = command(&mut refreshed, 2, json!({"refresh": {"token": longer}})).await;
+    assert!(reply["refresh"]["ttl"].as_u64().unwrap() > 500, "{reply}");
+
+    // A subscription token valid 1 s: an unsubscribe push (2501) ends it, unless refreshed.
+    let (mut alice, _) = native(&server, "alice").await;
+    let soon = token_expiring("alice", Some("secret:a"), Some(Duration::from_secs(1)));
+    let subscribed = command(
+        &mut alice,
+        2,
+        json!({"subscribe": {"channel": "secret:a", "token": soon}}),
+    )
+    .await;
+    assert_eq!(subscribed["subscribe"]["expires"], true, "{subscribed}");
+    let later = token_expiring("alice", Some("secret:b"), Some(Duration::from_secs(1)));
+    command(
+        &mut alice,
+        3,
+        json!({"subscribe": {"channel": "secret:b", "token": later}}),
+    )
+    .await;
+    let fresh = token_expiring("alice", Some("secret:b"), Some(Duration::from_secs(600)));
+    let reply = command(
+        &mut alice,
+        4,
+        json!({"sub_refresh": {"channel": "secret:b", "token": fresh}}),
+    )
+    .await;
+    assert_eq!(reply["sub_refresh"]["expires"], true, "{reply}");
+    let push = loop {
+        let message = next_json(&mut alice).await;
+        if message.get("push").is_some() {
+            break message;
+        }
+    };
+    assert_eq!(push["push"]["channel"], "secret:a", "{push}");
+    assert_eq!(push["push"]["unsubscribe"]["code"], 2501, "{push}");
+    // secret:b is still subscribed: a second subscribe is refused as a duplicate.
+    let again = command(&mut alice, 5, json!({"subscribe": {"channel": "secret:b", "token": token_with("alice", Some("secret:b"))}})).await;
+    assert_eq!(again["error"]["code"], 105, "{again}");
+    assert_eq!(
+        refreshed_alive(&mut refreshed).await,
+        json!({"id": 9, "ping": {}})
+    );
+}
+
+async fn refreshed_alive(socket: &mut Ws) -> serde_json::Value {
+    command(socket, 9, json!({"ping": {}})).await
+}
+
+#[tokio::test]
+async fn a_client_that_never_connects_is_closed_as_stale() {
+    let server = start(Config {
+        handshake_timeout: std::time::Duration::from_millis(300),
+        ..Config::for_tests()
+    })
+    .await;
+    let mut idle = ws(&server, "/connection/websocket").await;
+    assert_eq!(expect_close(&mut idle).await, (3502, "stale".into()));
+}

@@ -229,6 +229,11 @@ pub fn token(user: &str) -> String {
 
 /// A token for `user`; with `channel`, a subscription token for that channel.
 pub fn token_with(user: &str, channel: Option<&str>) -> String {
+    token_expiring(user, channel, None)
+}
+
+/// A token that expires `ttl` from now.
+pub fn token_expiring(user: &str, channel: Option<&str>, ttl: Option<Duration>) -> String {
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -238,6 +243,7 @@ pub fn token_with(user: &str, channel: Option<&str>) -> String {
         &plexus_auth::MintRequest {
             sub: user.into(),
             channel: channel.map(str::to_owned),
+            ttl,
             now_unix,
             ..Default::default()
         },
