@@ -100,6 +100,11 @@ pub trait Deliver: Send + Sync + 'static {
 pub trait Engine: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
+    /// Whether the engine can serve calls now (a broker engine: connected); for readiness checks.
+    fn ready(&self) -> bool {
+        true
+    }
+
     fn publish(
         &self,
         publication: Publication,

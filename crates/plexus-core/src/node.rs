@@ -197,6 +197,34 @@ impl Node {
         Ok(subscription)
     }
 
+    /// Receives a channel's deliveries without being a member: no presence, no join or leave
+    /// (long-poll requests). End with [`Node::stop_observing`].
+    pub async fn observe(
+        &self,
+        channel: &str,
+        subscriber: Subscriber,
+    ) -> Result<Arc<str>, SubscribeError> {
+        let options = self.options(channel)?;
+        let id = subscriber.info.id;
+        let (name, first) = self
+            .hub
+            .subscribe(channel, subscriber, options.max_subscribers)?;
+        if first {
+            if let Err(error) = self.engine.watch(&name, true).await {
+                self.hub.unsubscribe(&name, id);
+                return Err(error.into());
+            }
+        }
+        Ok(name)
+    }
+
+    pub async fn stop_observing(&self, channel: &str, id: crate::hub::ConnectionId) {
+        let (removed, now_empty) = self.hub.unsubscribe(channel, id);
+        if removed && now_empty {
+            let _ = self.engine.watch(channel, false).await;
+        }
+    }
+
     /// Removes a subscription, its presence, and announces the leave. Returns whether the
     /// connection was subscribed.
     pub async fn unsubscribe(&self, channel: &str, info: &ClientInfo) -> bool {

@@ -71,9 +71,22 @@ pub struct Settings {
     /// Where durable history and generated secrets live [default: ./plexus-data]
     #[arg(long, env = "PLEXUS_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Storage engine: embedded (durable, under data_dir) or memory [default: embedded]
-    #[arg(long, env = "PLEXUS_ENGINE", value_name = "embedded|memory")]
+    /// Storage engine: embedded (durable, under data_dir), memory, or redis (shared by several
+    /// nodes) [default: embedded]
+    #[arg(long, env = "PLEXUS_ENGINE", value_name = "embedded|memory|redis")]
     pub engine: Option<String>,
+    /// Redis server of the redis engine [default: redis://127.0.0.1:6379]
+    #[arg(
+        long,
+        env = "PLEXUS_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// Prefix of the redis engine's keys and channels, so installations can share a Redis
+    /// [default: plexus]
+    #[arg(long, env = "PLEXUS_REDIS_PREFIX", value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
     /// Keep everything in memory (same as --engine memory)
     #[arg(long, env = "PLEXUS_MEMORY")]
     #[serde(skip)]
@@ -195,6 +208,10 @@ pub struct Config {
     pub websocket_compression: bool,
     pub data_dir: PathBuf,
     pub engine: EngineKind,
+    /// The redis engine's server (`redis://…` or `unix://…`).
+    pub redis_url: String,
+    /// The redis engine's key and channel prefix.
+    pub redis_prefix: String,
     /// `None`: generate one in `data_dir` on first start.
     pub api_key: Option<String>,
     pub token_hmac_secret: Option<String>,
@@ -214,6 +231,8 @@ pub enum EngineKind {
     /// Durable, on disk under `data_dir`.
     Embedded,
     Memory,
+    /// History, presence and delivery in Redis (`redis_url`), shared by every node using it.
+    Redis,
 }
 
 impl Default for Config {
@@ -280,6 +299,26 @@ fn non_empty(key: &'static str, value: Option<String>) -> Result<Option<String>,
             reason: "must not be empty".into(),
         }),
         other => Ok(other),
+    }
+}
+
+/// The redis engine's URL: `redis://` or `unix://` (TLS is not supported yet).
+fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
+    let Some(url) = non_empty("redis_url", value)? else {
+        return Ok("redis://127.0.0.1:6379".to_owned());
+    };
+    let url = url.trim();
+    if ["redis://", "unix://", "redis+unix://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+    {
+        Ok(url.to_owned())
+    } else {
+        // Not echoed: it may hold a password.
+        Err(ConfigError::Invalid {
+            key: "redis_url",
+            reason: "must start with redis:// or unix://".into(),
+        })
     }
 }
 
@@ -400,6 +439,8 @@ impl Settings {
             websocket_compression: self.websocket_compression.or(lower.websocket_compression),
             data_dir: self.data_dir.or(lower.data_dir),
             engine: self.engine.or(lower.engine),
+            redis_url: self.redis_url.or(lower.redis_url),
+            redis_prefix: self.redis_prefix.or(lower.redis_prefix),
             memory: self.memory || lower.memory,
             api_key: self.api_key.or(lower.api_key),
             token_hmac_secret: self.token_hmac_secret.or(lower.token_hmac_secret),
@@ -487,12 +528,18 @@ impl Settings {
             engine: match (self.memory, self.engine.as_deref().unwrap_or("embedded")) {
                 (true, _) | (false, "memory") => EngineKind::Memory,
                 (false, "embedded") => EngineKind::Embedded,
+                (false, "redis") => EngineKind::Redis,
                 (false, other) => {
                     return Err(ConfigError::Invalid {
                         key: "engine",
-                        reason: format!("{other:?} is neither embedded nor memory"),
+                        reason: format!("{other:?} is not embedded, memory or redis"),
                     })
                 }
+            },
+            redis_url: redis_url(self.redis_url)?,
+            redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
+                Some(prefix) => prefix.trim().to_owned(),
+                None => "plexus".to_owned(),
             },
             api_key: non_empty("api_key", self.api_key)?,
             token_hmac_secret: non_empty("token_hmac_secret", self.token_hmac_secret)?,
@@ -526,6 +573,38 @@ mod tests {
         assert_eq!(config.ping_interval, Duration::from_secs(25));
         assert_eq!(config.pong_timeout, Duration::from_secs(10));
         assert!(!config.websocket_compression);
+        assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(config.redis_prefix, "plexus");
+    }
+
+    #[test]
+    fn redis_engine() {
+        let settings: Settings = toml::from_str(
+            "engine = \"redis\"\nredis_url = \"redis://:secret@10.0.0.5:6380/2\"\nredis_prefix = \"app1\"\n",
+        )
+        .unwrap();
+        let config = settings.resolve().unwrap();
+        assert_eq!(config.engine, EngineKind::Redis);
+        assert_eq!(config.redis_url, "redis://:secret@10.0.0.5:6380/2");
+        assert_eq!(config.redis_prefix, "app1");
+        let bad = Settings {
+            redis_url: Some("http://:secret@x".into()),
+            ..Settings::default()
+        };
+        let error = bad.resolve().unwrap_err().to_string();
+        assert!(
+            error.contains("redis_url") && !error.contains("secret"),
+            "{error}"
+        );
+        let empty = Settings {
+            redis_prefix: Some(" ".into()),
+            ..Settings::default()
+        };
+        assert!(empty
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("redis_prefix"));
     }
 
     #[test]

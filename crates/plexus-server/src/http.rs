@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, StatusCode};
@@ -21,14 +21,26 @@ use crate::tracked::Tracked;
 use crate::{ws, Shared};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
+const PLEXUS_JS: &str = include_str!("../static/plexus.js");
+const PLEXUS_D_TS: &str = include_str!("../static/plexus.d.ts");
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/plexus.js", get(plexus_js))
+        .route("/plexus.d.ts", get(plexus_d_ts))
         .route("/echo", get(ws::echo))
         .route("/chat/{room}", get(ws::chat))
         .route("/connection/websocket", get(ws::native))
+        .route("/connection/sse", get(crate::emulation::sse))
+        .route(
+            "/connection/http_stream",
+            post(crate::emulation::http_stream),
+        )
+        .route("/emulation", post(crate::emulation::emulation))
+        .route("/poll/{channel}", get(crate::poll::poll))
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/{method}", crate::api::route(&shared))
         .fallback(not_found)
@@ -46,6 +58,39 @@ async fn index() -> Response {
         .into_response()
 }
 
+/// A static asset with an ETag: browsers keep it and revalidate with a cheap 304.
+fn asset(headers: &http::HeaderMap, content_type: &'static str, body: &'static str) -> Response {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    let etag = format!("\"{:016x}\"", hasher.finish());
+    let cache = (
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    let etag_header = (
+        http::header::ETAG,
+        HeaderValue::from_str(&etag).expect("hex is a valid header"),
+    );
+    let matches = headers
+        .get(http::header::IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.split(',').any(|tag| tag.trim() == etag));
+    if matches {
+        return (StatusCode::NOT_MODIFIED, [cache, etag_header]).into_response();
+    }
+    let content_type = (CONTENT_TYPE, HeaderValue::from_static(content_type));
+    ([content_type, cache, etag_header], body).into_response()
+}
+
+async fn plexus_js(headers: http::HeaderMap) -> Response {
+    asset(&headers, "text/javascript; charset=utf-8", PLEXUS_JS)
+}
+
+async fn plexus_d_ts(headers: http::HeaderMap) -> Response {
+    asset(&headers, "text/plain; charset=utf-8", PLEXUS_D_TS)
+}
+
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
     Json(serde_json::json!({
         "status": "ok",
@@ -53,6 +98,23 @@ async fn health(State(shared): State<Arc<Shared>>) -> Response {
         "channels": shared.node.hub().n_channels(),
     }))
     .into_response()
+}
+
+/// 200 when the engine can store and deliver (a Redis that is down makes it 503), so a load
+/// balancer sends new clients elsewhere while existing connections stay.
+async fn ready(State(shared): State<Arc<Shared>>) -> Response {
+    let engine = shared.node.engine();
+    let ready = engine.ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({"ready": ready, "engine": engine.name()})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

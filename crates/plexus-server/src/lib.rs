@@ -10,10 +10,12 @@
 
 mod api;
 pub mod config;
+mod emulation;
 mod http;
 mod limits;
 pub mod metrics;
 mod native;
+mod poll;
 pub mod secrets;
 mod tcp;
 mod tls;
@@ -54,6 +56,8 @@ pub(crate) struct Shared {
     verifier: Option<plexus_auth::TokenVerifier>,
     /// The server API key.
     api_key: String,
+    /// This node's SSE and HTTP-streaming sessions.
+    emulation: emulation::Sessions,
 }
 
 /// A listener that could not be started.
@@ -76,6 +80,8 @@ pub enum BindError {
         dir: std::path::PathBuf,
         source: plexus_engine_embedded::LogError,
     },
+    #[error("cannot start the redis engine: {0}")]
+    Redis(#[from] plexus_engine_redis::RedisEngineError),
 }
 
 impl BindError {
@@ -140,6 +146,7 @@ impl Server {
             tasks: TaskTracker::new(),
             verifier: Some(verifier),
             api_key: secrets.api_key.clone(),
+            emulation: emulation::Sessions::new(),
         });
         let accept_loops = TaskTracker::new();
 
@@ -341,6 +348,14 @@ fn node(config: &Config) -> Result<Node, BindError> {
                     dir: config.data_dir.clone(),
                     source,
                 })?;
+            Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
+        }),
+        // Connects in the background: a Redis that is down at start is waited for (calls fail
+        // as unavailable meanwhile, and `Engine::ready` is false) rather than fatal.
+        config::EngineKind::Redis => Node::try_new(namespaces, |deliver| {
+            let options =
+                plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix);
+            let engine = plexus_engine_redis::RedisEngine::new(options, deliver)?;
             Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
         }),
     }

@@ -51,6 +51,11 @@ pub(crate) fn publication(publication: &Publication) -> proto::Publication {
     }
 }
 
+/// The `pub` push of a publication as protocol JSON.
+fn publication_push(p: &Publication) -> Vec<u8> {
+    encode_push(&p.channel, &PushBody::Publication(publication(p)))
+}
+
 /// The `pub` push of a publication in a WebSocket frame, encoded once for all subscribers.
 pub(crate) fn publication_frame(p: &Publication, deflate: bool) -> Bytes {
     let encoding = if deflate {
@@ -59,9 +64,14 @@ pub(crate) fn publication_frame(p: &Publication, deflate: bool) -> Bytes {
         Encoding::WebSocketJson
     };
     p.encoded(encoding, |p| {
-        let json = encode_push(&p.channel, &PushBody::Publication(publication(p)));
-        data_frame(MessageKind::Text, &json, deflate)
+        data_frame(MessageKind::Text, &publication_push(p), deflate)
     })
+}
+
+/// The `pub` push of a publication as unframed JSON (stream transports: SSE, HTTP streaming),
+/// encoded once for all subscribers.
+pub(crate) fn publication_json(p: &Publication) -> Bytes {
+    p.encoded(Encoding::Json, |p| publication_push(p).into())
 }
 
 /// The `join` or `leave` push in a WebSocket frame, encoded once for all subscribers.
@@ -72,14 +82,23 @@ pub(crate) fn membership_frame(membership: &Membership, joined: bool, deflate: b
         Encoding::WebSocketJson
     };
     membership.encoded(encoding, |m| {
-        let info = client_info(&m.client);
-        let body = if joined {
-            PushBody::Join(proto::Join { info })
-        } else {
-            PushBody::Leave(proto::Leave { info })
-        };
-        data_frame(MessageKind::Text, &encode_push(&m.channel, &body), deflate)
+        data_frame(MessageKind::Text, &membership_push(m, joined), deflate)
     })
+}
+
+/// The `join` or `leave` push as unframed JSON, encoded once for all subscribers.
+pub(crate) fn membership_json(membership: &Membership, joined: bool) -> Bytes {
+    membership.encoded(Encoding::Json, |m| membership_push(m, joined).into())
+}
+
+fn membership_push(m: &Membership, joined: bool) -> Vec<u8> {
+    let info = client_info(&m.client);
+    let body = if joined {
+        PushBody::Join(proto::Join { info })
+    } else {
+        PushBody::Leave(proto::Leave { info })
+    };
+    encode_push(&m.channel, &body)
 }
 
 #[cfg(test)]

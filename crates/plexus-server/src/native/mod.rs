@@ -2,8 +2,8 @@
 //! the official SDKs connect unchanged.
 //!
 //! [`session::ClientSession`] is the protocol state machine of one client (connect, subscriptions,
-//! commands, pushes); it knows nothing of sockets, so every transport (WebSocket now, SSE and
-//! HTTP streaming later) drives the same session. [`json`] turns core values into protocol JSON.
+//! commands, pushes); it knows nothing of sockets, so every transport (WebSocket, SSE and HTTP
+//! streaming) drives the same session. [`json`] turns core values into protocol JSON.
 
 pub(crate) mod json;
 pub(crate) mod session;

@@ -63,8 +63,17 @@ struct Connected {
     channels: HashMap<Arc<str>, ChannelState>,
 }
 
+/// The ids a stream transport's client sends its commands with (`POST /emulation`).
+pub(crate) struct StreamIds {
+    pub(crate) session: String,
+    pub(crate) node: String,
+}
+
 pub(crate) struct ClientSession {
     transport: &'static str,
+    /// `None` on a WebSocket, whose pushes are finished frames. `Some` on a stream transport
+    /// (SSE, HTTP streaming): pushes are unframed JSON and the connect result carries the ids.
+    stream: Option<StreamIds>,
     outbox: Arc<Outbox>,
     /// `None` until a successful connect.
     connected: Option<Connected>,
@@ -76,9 +85,23 @@ impl ClientSession {
     pub(crate) fn new(shared: &Shared, transport: &'static str) -> ClientSession {
         ClientSession {
             transport,
+            stream: None,
             outbox: Arc::new(Outbox::new(shared.config.outbox_limit)),
             connected: None,
             connect_deadline: Instant::now() + shared.config.handshake_timeout,
+        }
+    }
+
+    /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed JSON
+    /// (`Out::Message`), never WebSocket frames, and its connect result names `ids`.
+    pub(crate) fn new_stream(
+        shared: &Shared,
+        transport: &'static str,
+        ids: StreamIds,
+    ) -> ClientSession {
+        ClientSession {
+            stream: Some(ids),
+            ..ClientSession::new(shared, transport)
         }
     }
 
@@ -298,6 +321,14 @@ impl ClientSession {
             subs,
             ping: shared.config.ping_interval.as_secs().max(1) as u32,
             pong: true,
+            session: self
+                .stream
+                .as_ref()
+                .map_or_else(String::new, |ids| ids.session.clone()),
+            node: self
+                .stream
+                .as_ref()
+                .map_or_else(String::new, |ids| ids.node.clone()),
             ..proto::ConnectResult::default()
         }))
     }
@@ -313,6 +344,7 @@ impl ClientSession {
         let Some(connected) = self.connected.as_mut() else {
             return;
         };
+        let stream = self.stream.is_some();
         for delivery in batch {
             match delivery {
                 Delivery::Publication(publication) => {
@@ -325,23 +357,23 @@ impl ClientSession {
                         }
                         state.last_offset = publication.offset;
                     }
-                    out.push(Out::Frame(json::publication_frame(&publication, deflate)));
+                    out.push(if stream {
+                        Out::Message(MessageKind::Text, json::publication_json(&publication))
+                    } else {
+                        Out::Frame(json::publication_frame(&publication, deflate))
+                    });
                 }
                 Delivery::Join(membership) | Delivery::Leave(membership)
                     if !connected
                         .channels
                         .get(&membership.channel)
                         .is_some_and(|state| state.join_leave) => {}
-                Delivery::Join(membership) => out.push(Out::Frame(json::membership_frame(
-                    &membership,
-                    true,
-                    deflate,
-                ))),
-                Delivery::Leave(membership) => out.push(Out::Frame(json::membership_frame(
-                    &membership,
-                    false,
-                    deflate,
-                ))),
+                Delivery::Join(membership) => {
+                    out.push(membership_out(&membership, true, stream, deflate))
+                }
+                Delivery::Leave(membership) => {
+                    out.push(membership_out(&membership, false, stream, deflate))
+                }
                 Delivery::Control(Control::Disconnect { code, reason }) => {
                     out.push(Out::Close(code, reason.to_string()));
                     return;
@@ -384,6 +416,8 @@ impl ClientSession {
                         ));
                     }
                 }
+                // A finished WebSocket frame means nothing on a stream transport.
+                Delivery::Control(Control::Frame(_)) if stream => {}
                 Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
             }
         }
@@ -398,6 +432,20 @@ impl ClientSession {
             }
             shared.node.hub().unregister(connected.info.id);
         }
+    }
+}
+
+/// A `join` or `leave` push: a shared WebSocket frame, or shared JSON on a stream transport.
+fn membership_out(
+    membership: &plexus_core::Membership,
+    joined: bool,
+    stream: bool,
+    deflate: bool,
+) -> Out {
+    if stream {
+        Out::Message(MessageKind::Text, json::membership_json(membership, joined))
+    } else {
+        Out::Frame(json::membership_frame(membership, joined, deflate))
     }
 }
 

@@ -10,4 +10,4 @@ mod upgrade;
 
 pub(crate) use connection::Out;
 pub(crate) use raw::data_frame;
-pub(crate) use upgrade::{chat, echo, native};
+pub(crate) use upgrade::{chat, check_origin, echo, native};

@@ -141,7 +141,7 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
 /// Cross-site WebSocket hijacking guard: a browser's `Origin` must be this server itself, or be
 /// listed in `allowed_origins` (`*` allows any). Requests without `Origin` come from
 /// non-browser clients and are allowed.
-fn check_origin(allowed: &[String], headers: &http::HeaderMap) -> Result<(), String> {
+pub(crate) fn check_origin(allowed: &[String], headers: &http::HeaderMap) -> Result<(), String> {
     let Some(origin) = headers.get(http::header::ORIGIN) else {
         return Ok(());
     };

@@ -2,8 +2,11 @@
 //! (tokio-tungstenite, hand-written frames over a TcpStream, TCP line clients).
 
 mod api;
+mod cluster;
+mod emulation;
 mod native;
 mod operations;
+mod poll;
 mod rooms;
 mod tcp;
 mod tls;

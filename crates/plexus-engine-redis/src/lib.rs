@@ -1,0 +1,535 @@
+//! The Redis engine: history, presence and delivery shared by every node connected to one
+//! Redis, so several Plexus nodes serve the same channels.
+//!
+//! # Keys (under a prefix, `plexus` by default)
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{prefix}:stream:{channel}` | stream | history: entry `{offset}-0` with fields `d` (the stored publication, `Publication::to_stored`) and `x` (expiry, ms since the Unix epoch); trimmed to `history_size` (`MAXLEN`), expires `history_ttl` after the last publish |
+//! | `{prefix}:meta:{channel}` | hash | `epoch` and `top` (the last offset); expires [`RedisOptions::history_meta_ttl`] after the last publish |
+//! | `{prefix}:presence:{channel}` | sorted set | client id scored by when its presence expires (ms) |
+//! | `{prefix}:presence-info:{channel}` | hash | client id → its descriptor ([`codec`]) |
+//! | `{prefix}:pub:{channel}` | pub/sub | publications, joins and leaves ([`codec`]'s envelope) |
+//! | `{prefix}:control` | pub/sub | [`NodeCommand`]s ([`codec`]) |
+//!
+//! A publish with history is one Lua script (see `scripts`): it creates the epoch if the
+//! stream has none, increments `top`, appends, trims, refreshes the expiries and `PUBLISH`es
+//! the offset-stamped envelope, all atomically, so the order of offsets is the order of
+//! delivery on every node. Without history it is a plain `PUBLISH` (offset 0). History reads
+//! skip entries whose own expiry has passed (Redis's clock, `TIME`).
+//!
+//! # Connections
+//!
+//! - **Writers** (`writer`): [`RedisOptions::shards`] connections; a channel's commands all
+//!   go through the connection its name hashes to, queued *in the call* and pipelined in
+//!   order, which gives `publish` its ordering at call time.
+//! - **Subscriber** (`subscriber`): one pub/sub connection; `watch` subscribes a channel,
+//!   and every message received is delivered to the hub in arrival order.
+//!
+//! Both reconnect by themselves with backoff (50 ms doubling to 2 s), the subscriber
+//! resubscribes every watched channel and the control channel, and while Redis is unreachable
+//! calls fail with [`EngineError::Unavailable`] within [`RedisOptions::timeout`] (at once when
+//! the connection is known to be down). [`RedisEngine::is_ready`] says whether every
+//! connection is up.
+//!
+//! # Presence
+//!
+//! Each client's presence expires after [`RedisOptions::presence_ttl`] unless refreshed: the
+//! engine refreshes the presence it added every [`RedisOptions::presence_refresh`] and right
+//! after reconnecting, so a node that dies leaves no presence behind for long.
+//!
+//! Redis Cluster is not supported (the scripts touch several keys of one channel, and the
+//! pub/sub is not sharded).
+
+pub mod codec;
+mod scripts;
+mod subscriber;
+mod writer;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use plexus_core::{
+    new_epoch, BoxFuture, ClientDescriptor, Deliver, Engine, EngineError, HistoryPage,
+    HistoryQuery, HistoryRetention, Membership, NodeCommand, Publication, StreamPosition,
+};
+use redis::{Client, Cmd, Script, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::scripts::Scripts;
+use crate::subscriber::Subscriber;
+use crate::writer::{Health, Writers};
+
+/// Why a call found Redis unavailable: the `source` of [`EngineError::Unavailable`].
+pub use crate::writer::LinkError;
+
+const NAME: &str = "redis";
+
+/// How long a publish waits for its publication to come back through this node's
+/// subscription (when the channel has local subscribers) before it resolves anyway, so a
+/// publisher that waits for its acknowledgement has seen it delivered.
+const LOCAL_DELIVERY_WAIT: Duration = Duration::from_secs(1);
+
+/// How soon a presence refresh that failed is tried again.
+const RETRY_REFRESH: Duration = Duration::from_secs(1);
+
+/// Where Redis is and how the engine uses it.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key and pub/sub channel, so several installations share one Redis.
+    pub prefix: String,
+    /// Writer connections; a channel always uses the same one.
+    pub shards: usize,
+    /// How long a client's presence lasts unless refreshed.
+    pub presence_ttl: Duration,
+    /// How often the engine refreshes the presence it added.
+    pub presence_refresh: Duration,
+    /// How long a stream's epoch and top outlive its last publish.
+    pub history_meta_ttl: Duration,
+    /// Longest wait for one call before it fails as unavailable.
+    pub timeout: Duration,
+}
+
+impl RedisOptions {
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> RedisOptions {
+        RedisOptions {
+            url: url.into(),
+            prefix: prefix.into(),
+            shards: 4,
+            presence_ttl: Duration::from_secs(60),
+            presence_refresh: Duration::from_secs(25),
+            history_meta_ttl: Duration::from_secs(90 * 24 * 3600),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Options the engine cannot start with.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisEngineError {
+    #[error("invalid redis url: {0}")]
+    Url(#[source] redis::RedisError),
+    #[error("the redis key prefix must not be empty")]
+    EmptyPrefix,
+}
+
+/// The engine. Dropping it stops its tasks and closes its connections.
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+    cancel: CancellationToken,
+}
+
+/// Presence this node added, refreshed while its clients stay: channel → client → descriptor.
+type LocalPresence = Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Arc<ClientDescriptor>>>>;
+
+struct Inner {
+    options: RedisOptions,
+    scripts: Scripts,
+    writers: Writers,
+    subscriber: Arc<Subscriber>,
+    health: Arc<Health>,
+    presence: LocalPresence,
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RedisEngine")
+            .field("prefix", &self.inner.options.prefix)
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RedisEngine {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn unavailable(error: LinkError) -> EngineError {
+    EngineError::Unavailable {
+        engine: NAME,
+        source: Box::new(error),
+    }
+}
+
+fn bad_reply(error: impl std::fmt::Display) -> EngineError {
+    unavailable(LinkError::Reply(error.to_string()))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `EVALSHA` of a script with its keys; arguments follow.
+fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd
+}
+
+impl RedisEngine {
+    /// Starts the engine's connections on the current Tokio runtime (it panics outside one);
+    /// they connect in the background, and calls made meanwhile wait for the first attempt.
+    /// Fails only on bad options: a Redis that is down is waited for, not an error.
+    pub fn new(
+        options: RedisOptions,
+        deliver: Arc<dyn Deliver>,
+    ) -> Result<RedisEngine, RedisEngineError> {
+        if options.prefix.is_empty() {
+            return Err(RedisEngineError::EmptyPrefix);
+        }
+        let client = Client::open(options.url.as_str()).map_err(RedisEngineError::Url)?;
+        let cancel = CancellationToken::new();
+        let shards = options.shards.max(1);
+        let health = Arc::new(Health::new(shards));
+        let scripts = Scripts::new();
+        let writers = Writers::start(&client, shards, health.clone(), &cancel);
+        let connected = Arc::new(Notify::new());
+        let subscriber = Subscriber::start(
+            &client,
+            &options.prefix,
+            deliver,
+            health.clone(),
+            connected.clone(),
+            &cancel,
+        );
+        let inner = Arc::new(Inner {
+            options,
+            scripts,
+            writers,
+            subscriber,
+            health,
+            presence: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(refresh_presence(inner.clone(), connected, cancel.clone()));
+        Ok(RedisEngine { inner, cancel })
+    }
+
+    /// Whether every connection to Redis is up (writers connected, subscriber subscribed).
+    pub fn is_ready(&self) -> bool {
+        self.inner.health.is_ready()
+    }
+
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.options
+    }
+}
+
+impl Inner {
+    fn key(&self, kind: &str, channel: &str) -> String {
+        format!("{}:{kind}:{channel}", self.options.prefix)
+    }
+
+    /// Queues `cmd` now on `channel`'s writer; the future is its reply.
+    fn call(
+        &self,
+        channel: &str,
+        cmd: Cmd,
+    ) -> impl Future<Output = Result<Value, EngineError>> + Send + 'static {
+        let receiver = self.writers.send(channel, cmd);
+        let timeout = self.options.timeout;
+        async move {
+            let receiver = receiver.ok_or(EngineError::Closed { engine: NAME })?;
+            match tokio::time::timeout(timeout, receiver).await {
+                Ok(Ok(Ok(value))) => Ok(value),
+                Ok(Ok(Err(error))) => Err(unavailable(error)),
+                Ok(Err(_)) => Err(EngineError::Closed { engine: NAME }),
+                Err(_) => Err(unavailable(LinkError::Timeout(timeout))),
+            }
+        }
+    }
+
+    fn add_presence_cmd(&self, channel: &str, client: &ClientDescriptor) -> Cmd {
+        let mut cmd = evalsha(
+            &self.scripts.presence_add,
+            &[
+                &self.key("presence", channel),
+                &self.key("presence-info", channel),
+            ],
+        );
+        cmd.arg(&*client.client)
+            .arg(&codec::encode_descriptor(client)[..])
+            .arg(millis(self.options.presence_ttl));
+        cmd
+    }
+}
+
+/// Refreshes this node's presence periodically and after every reconnection.
+async fn refresh_presence(inner: Arc<Inner>, connected: Arc<Notify>, cancel: CancellationToken) {
+    let mut wait = inner.options.presence_refresh;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+            () = connected.notified() => {}
+        }
+        let replies: Vec<_> = {
+            let presence = lock(&inner.presence);
+            presence
+                .iter()
+                .flat_map(|(channel, clients)| {
+                    clients
+                        .values()
+                        .map(|client| inner.call(channel, inner.add_presence_cmd(channel, client)))
+                })
+                .collect()
+        };
+        let mut failed = 0;
+        for reply in replies {
+            failed += usize::from(reply.await.is_err());
+        }
+        wait = inner.options.presence_refresh;
+        if failed > 0 {
+            // Redis is (partly) away: try again soon rather than let presence expire.
+            tracing::warn!(failed, "could not refresh presence in redis");
+            wait = wait.min(RETRY_REFRESH);
+        }
+    }
+}
+
+impl Engine for RedisEngine {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn ready(&self) -> bool {
+        self.is_ready()
+    }
+
+    fn publish(
+        &self,
+        publication: Publication,
+        retention: Option<HistoryRetention>,
+    ) -> BoxFuture<Result<Option<StreamPosition>, EngineError>> {
+        let inner = &self.inner;
+        let channel = publication.channel.clone();
+        let stored = publication.to_stored();
+        let pubsub = inner.subscriber.pubsub_channel(&channel);
+        let Some(retention) = retention else {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(pubsub)
+                .arg(&codec::publication_envelope(0, &stored)[..]);
+            let reply = inner.call(&channel, cmd);
+            return Box::pin(async move { reply.await.map(|_| None) });
+        };
+        let mut cmd = evalsha(
+            &inner.scripts.publish,
+            &[&inner.key("stream", &channel), &inner.key("meta", &channel)],
+        );
+        cmd.arg(pubsub)
+            .arg(&stored[..])
+            .arg(retention.size)
+            .arg(millis(retention.ttl))
+            .arg(millis(inner.options.history_meta_ttl))
+            .arg(&*new_epoch());
+        let reply = inner.call(&channel, cmd);
+        let subscriber = inner.subscriber.clone();
+        Box::pin(async move {
+            let (offset, epoch): (u64, String) =
+                redis::from_redis_value(reply.await?).map_err(bad_reply)?;
+            if let Some(delivered) = subscriber.delivery_of(&channel, offset) {
+                let _ = tokio::time::timeout(LOCAL_DELIVERY_WAIT, delivered).await;
+            }
+            Ok(Some(StreamPosition {
+                offset,
+                epoch: epoch.into(),
+            }))
+        })
+    }
+
+    fn publish_membership(
+        &self,
+        joined: bool,
+        membership: Membership,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let inner = &self.inner;
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(inner.subscriber.pubsub_channel(&membership.channel))
+            .arg(&codec::membership_envelope(joined, &membership.client)[..]);
+        let reply = inner.call(&membership.channel, cmd);
+        Box::pin(async move { reply.await.map(drop) })
+    }
+
+    fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> BoxFuture<Result<HistoryPage, EngineError>> {
+        let inner = &self.inner;
+        let mut cmd = evalsha(
+            &inner.scripts.history,
+            &[&inner.key("stream", channel), &inner.key("meta", channel)],
+        );
+        let limit = query
+            .limit
+            .map_or(-1, |limit| i64::try_from(limit).unwrap_or(i64::MAX));
+        cmd.arg(&*new_epoch())
+            .arg(query.since.map_or(1, |since| since.saturating_add(1)))
+            .arg(limit)
+            .arg(if query.reverse { "1" } else { "0" })
+            .arg(millis(inner.options.history_meta_ttl));
+        let reply = inner.call(channel, cmd);
+        let channel: Arc<str> = channel.into();
+        Box::pin(async move {
+            let (top, epoch, entries): (u64, String, Vec<Vec<u8>>) =
+                redis::from_redis_value(reply.await?).map_err(bad_reply)?;
+            if entries.len() % 2 != 0 {
+                return Err(bad_reply("odd history entries"));
+            }
+            let publications = entries
+                .chunks_exact(2)
+                .map(|entry| {
+                    let offset = std::str::from_utf8(&entry[0])
+                        .ok()
+                        .and_then(|offset| offset.parse().ok())
+                        .ok_or_else(|| bad_reply("bad offset in history"))?;
+                    let stored = bytes::Bytes::copy_from_slice(&entry[1]);
+                    Ok(Arc::new(Publication::from_stored(
+                        channel.clone(),
+                        offset,
+                        stored,
+                    )?))
+                })
+                .collect::<Result<Vec<_>, EngineError>>()?;
+            Ok(HistoryPage {
+                publications,
+                top: StreamPosition {
+                    offset: top,
+                    epoch: epoch.into(),
+                },
+            })
+        })
+    }
+
+    fn remove_history(&self, channel: &str) -> BoxFuture<Result<(), EngineError>> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.inner.key("stream", channel));
+        let reply = self.inner.call(channel, cmd);
+        Box::pin(async move { reply.await.map(drop) })
+    }
+
+    fn watch(&self, channel: &str, watching: bool) -> BoxFuture<Result<(), EngineError>> {
+        let subscriber = self.inner.subscriber.clone();
+        let timeout = self.inner.options.timeout;
+        let channel = channel.to_owned();
+        Box::pin(async move {
+            subscriber
+                .watch(&channel, watching, timeout)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn add_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        let reply = inner.call(channel, inner.add_presence_cmd(channel, &client));
+        let channel: Arc<str> = channel.into();
+        lock(&inner.presence)
+            .entry(channel.clone())
+            .or_default()
+            .insert(client.client.clone(), client.clone());
+        Box::pin(async move {
+            let result = reply.await.map(drop);
+            if result.is_err() {
+                // Not present: nothing to refresh (unless it was added again meanwhile).
+                let mut presence = lock(&inner.presence);
+                if let Some(clients) = presence.get_mut(&channel) {
+                    if clients
+                        .get(&client.client)
+                        .is_some_and(|known| Arc::ptr_eq(known, &client))
+                    {
+                        clients.remove(&client.client);
+                    }
+                    if clients.is_empty() {
+                        presence.remove(&channel);
+                    }
+                }
+            }
+            result
+        })
+    }
+
+    fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
+        let inner = &self.inner;
+        {
+            let mut presence = lock(&inner.presence);
+            if let Some(clients) = presence.get_mut(channel) {
+                clients.remove(client);
+                if clients.is_empty() {
+                    presence.remove(channel);
+                }
+            }
+        }
+        let mut cmd = evalsha(
+            &inner.scripts.presence_remove,
+            &[
+                &inner.key("presence", channel),
+                &inner.key("presence-info", channel),
+            ],
+        );
+        cmd.arg(client);
+        let reply = inner.call(channel, cmd);
+        Box::pin(async move { reply.await.map(drop) })
+    }
+
+    fn presence(
+        &self,
+        channel: &str,
+    ) -> BoxFuture<Result<Vec<Arc<ClientDescriptor>>, EngineError>> {
+        let inner = &self.inner;
+        let cmd = evalsha(
+            &inner.scripts.presence_get,
+            &[
+                &inner.key("presence", channel),
+                &inner.key("presence-info", channel),
+            ],
+        );
+        let reply = inner.call(channel, cmd);
+        Box::pin(async move {
+            let descriptors: Vec<Vec<u8>> =
+                redis::from_redis_value(reply.await?).map_err(bad_reply)?;
+            descriptors
+                .into_iter()
+                .map(|descriptor| {
+                    codec::decode_descriptor(descriptor.into())
+                        .map(Arc::new)
+                        .map_err(EngineError::from)
+                })
+                .collect()
+        })
+    }
+
+    fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            // Our own subscription to the control channel must exist for this node to get it.
+            let _ = inner.subscriber.started(inner.options.timeout).await;
+            let control = inner.subscriber.control_channel();
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(control).arg(&codec::encode_command(&command)[..]);
+            inner.call(control, cmd).await.map(drop)
+        })
+    }
+}

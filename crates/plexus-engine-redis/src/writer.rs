@@ -1,0 +1,332 @@
+//! Command writers: one task and one connection per shard of channels.
+//!
+//! A call hashes its channel to a shard and queues its command on that shard's unbounded
+//! queue *in the call*, so commands of one channel reach Redis in call order. The shard's task
+//! takes every queued command (up to [`MAX_BATCH`]), sends them as one pipeline over its own
+//! multiplexed connection, waits for the replies (at most [`RESPONSE_TIMEOUT`]) and answers
+//! each caller through its oneshot; then the next batch. A batch in flight is the only one, so
+//! the order of a shard's queue is the order Redis executes it in.
+//!
+//! The task connects by itself (with backoff), loads the scripts on every new connection,
+//! pings while idle so a dead connection is noticed before a caller needs it, and while it has
+//! no connection answers every command at once with an error: callers never wait long.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Cmd, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::scripts::Scripts;
+
+/// Commands sent in one pipeline at most.
+pub const MAX_BATCH: usize = 256;
+/// Longest wait for a TCP connection and its setup (scripts loaded).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest wait for the replies to one pipeline.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection idle this long is pinged.
+pub const IDLE_PING: Duration = Duration::from_secs(1);
+
+/// Why Redis did not answer a command (the `source` of `EngineError::Unavailable`).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    #[error("not connected to redis: {0}")]
+    Disconnected(Arc<str>),
+    #[error("redis connection failed: {0}")]
+    Failed(Arc<str>),
+    #[error("no reply from redis within {0:?}")]
+    Timeout(Duration),
+    #[error("redis error: {0}")]
+    Server(String),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
+}
+
+/// Exponential backoff between connection attempts: 50 ms doubling to 2 s.
+#[derive(Debug)]
+pub struct Backoff {
+    delay: Duration,
+    next: Instant,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            delay: Backoff::MIN,
+            next: Instant::now(),
+        }
+    }
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(2);
+
+    pub fn due(&self) -> bool {
+        Instant::now() >= self.next
+    }
+
+    pub fn next_attempt(&self) -> Instant {
+        self.next
+    }
+
+    pub fn failed(&mut self) {
+        self.next = Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(Backoff::MAX);
+    }
+
+    pub fn reset(&mut self) {
+        self.delay = Backoff::MIN;
+        self.next = Instant::now();
+    }
+}
+
+/// Whether every connection is up: counted by the writers and the subscriber.
+#[derive(Debug)]
+pub struct Health {
+    writers_down: AtomicUsize,
+    pub subscriber_ready: AtomicBool,
+    /// Bumped when the subscriber loses its connection: Redis may be gone, so every writer
+    /// checks its own connection at once instead of at its next idle ping.
+    suspect: watch::Sender<u64>,
+}
+
+impl Health {
+    pub fn new(writers: usize) -> Health {
+        Health {
+            writers_down: AtomicUsize::new(writers),
+            subscriber_ready: AtomicBool::new(false),
+            suspect: watch::channel(0).0,
+        }
+    }
+
+    /// Asks every writer to check its connection now.
+    pub fn suspect_connections(&self) {
+        self.suspect.send_modify(|generation| *generation += 1);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.writers_down.load(Ordering::Acquire) == 0
+            && self.subscriber_ready.load(Ordering::Acquire)
+    }
+}
+
+struct Request {
+    cmd: Cmd,
+    reply: oneshot::Sender<Result<Value, LinkError>>,
+}
+
+/// The queues of the shard writers.
+pub struct Writers {
+    queues: Vec<mpsc::UnboundedSender<Request>>,
+}
+
+impl Writers {
+    /// Starts `shards` writer tasks on the current Tokio runtime.
+    pub fn start(
+        client: &Client,
+        shards: usize,
+        health: Arc<Health>,
+        cancel: &CancellationToken,
+    ) -> Writers {
+        let queues = (0..shards.max(1))
+            .map(|shard| {
+                let (queue, requests) = mpsc::unbounded_channel();
+                let writer = Writer {
+                    shard,
+                    client: client.clone(),
+                    health: health.clone(),
+                    connection: None,
+                    backoff: Backoff::default(),
+                    last_error: "not connected yet".into(),
+                };
+                tokio::spawn(writer.run(requests, cancel.clone()));
+                queue
+            })
+            .collect();
+        Writers { queues }
+    }
+
+    /// Queues `cmd` now on the shard of `key`; the receiver gets its reply (or `Err` if the
+    /// writer is gone).
+    pub fn send(&self, key: &str, cmd: Cmd) -> Option<oneshot::Receiver<Result<Value, LinkError>>> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let shard = (hasher.finish() % self.queues.len() as u64) as usize;
+        let (reply, receiver) = oneshot::channel();
+        self.queues[shard].send(Request { cmd, reply }).ok()?;
+        Some(receiver)
+    }
+}
+
+struct Writer {
+    shard: usize,
+    client: Client,
+    health: Arc<Health>,
+    connection: Option<MultiplexedConnection>,
+    backoff: Backoff,
+    last_error: Arc<str>,
+}
+
+impl Writer {
+    async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        cancel: CancellationToken,
+    ) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut suspect = self.health.suspect.subscribe();
+        loop {
+            if self.connection.is_none() && self.backoff.due() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    () = self.connect() => {}
+                }
+            }
+            let wake = match self.connection {
+                Some(_) => Instant::now() + IDLE_PING,
+                None => self.backoff.next_attempt(),
+            };
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return,
+                request = requests.recv() => match request {
+                    Some(request) => request,
+                    None => return, // the engine is gone
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    self.ping().await;
+                    continue;
+                }
+                Ok(()) = suspect.changed() => {
+                    self.ping().await;
+                    continue;
+                }
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.execute(&mut batch).await;
+        }
+    }
+
+    async fn connect(&mut self) {
+        let attempt = async {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            let mut connection = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            let mut load = redis::pipe();
+            for source in Scripts::sources() {
+                load.cmd("SCRIPT").arg("LOAD").arg(source);
+            }
+            load.query_async::<Vec<String>>(&mut connection).await?;
+            Ok::<_, redis::RedisError>(connection)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(connection)) => {
+                if self.connection.replace(connection).is_none() {
+                    self.health.writers_down.fetch_sub(1, Ordering::AcqRel);
+                }
+                self.backoff.reset();
+                tracing::debug!(shard = self.shard, "redis writer connected");
+            }
+            Ok(Err(error)) => self.lost(error.to_string().into()),
+            Err(_) => self.lost(LinkError::Timeout(CONNECT_TIMEOUT).to_string().into()),
+        }
+    }
+
+    /// The connection is gone (or could not be made): back off and count it down.
+    fn lost(&mut self, error: Arc<str>) {
+        if self.connection.take().is_some() {
+            self.health.writers_down.fetch_add(1, Ordering::AcqRel);
+            tracing::warn!(shard = self.shard, %error, "redis writer connection lost");
+        } else {
+            tracing::debug!(shard = self.shard, %error, "redis writer cannot connect");
+        }
+        self.last_error = error;
+        self.backoff.failed();
+    }
+
+    async fn ping(&mut self) {
+        let Some(connection) = &mut self.connection else {
+            return;
+        };
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            ping.query_async::<Value>(&mut *connection),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => self.lost(error.to_string().into()),
+            Err(_) => self.lost(LinkError::Timeout(RESPONSE_TIMEOUT).to_string().into()),
+        }
+    }
+
+    async fn execute(&mut self, batch: &mut Vec<Request>) {
+        let Some(connection) = &mut self.connection else {
+            let error = LinkError::Disconnected(self.last_error.clone());
+            for request in batch.drain(..) {
+                let _ = request.reply.send(Err(error.clone()));
+            }
+            return;
+        };
+        let mut pipeline = redis::pipe();
+        let mut replies = Vec::with_capacity(batch.len());
+        for request in batch.drain(..) {
+            pipeline.add_command(request.cmd);
+            replies.push(request.reply);
+        }
+        let count = replies.len();
+        let sent = tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            connection.send_packed_commands(&pipeline, 0, count),
+        )
+        .await;
+        let error = match sent {
+            Ok(Ok(values)) if values.len() == count => {
+                let mut scripts_missing = false;
+                for (value, reply) in values.into_iter().zip(replies) {
+                    let result = match value {
+                        Value::ServerError(error) => {
+                            scripts_missing |= error.code() == "NOSCRIPT";
+                            Err(LinkError::Server(error.to_string()))
+                        }
+                        value => Ok(value),
+                    };
+                    let _ = reply.send(result);
+                }
+                if scripts_missing {
+                    // Someone flushed the script cache: those calls failed (in order, nothing
+                    // was reordered); load the scripts again on a fresh connection.
+                    self.lost("the scripts were flushed from redis".into());
+                }
+                return;
+            }
+            Ok(Ok(values)) => {
+                LinkError::Reply(format!("{} replies to a pipeline of {count}", values.len()))
+            }
+            Ok(Err(error)) => LinkError::Failed(error.to_string().into()),
+            Err(_) => LinkError::Timeout(RESPONSE_TIMEOUT),
+        };
+        for reply in replies {
+            let _ = reply.send(Err(error.clone()));
+        }
+        // The connection's state is unknown (replies may still come): start over.
+        self.lost(error.to_string().into());
+    }
+}

@@ -1,0 +1,205 @@
+//! The WebSocket fallbacks of the native protocol, as the official SDKs speak them:
+//!
+//! - `GET /connection/sse?cf_connect=<connect command>`: Server-Sent Events, one reply per
+//!   event (`data: <json>\n\n`);
+//! - `POST /connection/http_stream` with the connect command as the body: a long-lived response
+//!   of newline-delimited replies;
+//! - `POST /emulation` `{"session","node","data"}`: the client's commands (and pongs) for a
+//!   stream, routed to that stream's task by its session id.
+//!
+//! A stream is driven by [`stream::run`], one task per stream, with the same rules as a native
+//! WebSocket (pings, pong timeout, stale, slow, shutdown, expiry); since a stream has no close
+//! code, every disconnect is a `disconnect` push sent as the last reply before the stream ends.
+
+mod stream;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::metrics::Refusal;
+use crate::Shared;
+
+/// Commands waiting for a stream's task, per stream.
+const COMMAND_QUEUE: usize = 16;
+/// Body chunks waiting for hyper, per stream (each reply is one to three chunks).
+const BODY_QUEUE: usize = 64;
+
+/// The live streams of this node, by session id, and the node's id.
+pub(crate) struct Sessions {
+    node: Arc<str>,
+    streams: Mutex<HashMap<Arc<str>, mpsc::Sender<Bytes>>>,
+}
+
+impl Sessions {
+    pub(crate) fn new() -> Sessions {
+        Sessions {
+            node: crate::new_client_id(),
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn insert(&self, session: Arc<str>, commands: mpsc::Sender<Bytes>) {
+        self.lock().insert(session, commands);
+    }
+
+    fn remove(&self, session: &str) {
+        self.lock().remove(session);
+    }
+
+    fn get(&self, session: &str) -> Option<mpsc::Sender<Bytes>> {
+        self.lock().get(session).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, mpsc::Sender<Bytes>>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// How a stream writes its replies.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    Sse,
+    HttpStream,
+}
+
+impl Kind {
+    /// The transport's name, as the SDKs and metrics call it.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Sse => "sse",
+            Kind::HttpStream => "http_stream",
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Kind::Sse => "text/event-stream",
+            Kind::HttpStream => "application/json",
+        }
+    }
+}
+
+/// `GET /connection/sse?cf_connect=...`.
+pub(crate) async fn sse(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let connect = query.get("cf_connect").cloned().unwrap_or_default();
+    start(shared, &headers, Bytes::from(connect), Kind::Sse)
+}
+
+/// `POST /connection/http_stream` with the connect command as the body.
+pub(crate) async fn http_stream(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    start(shared, &headers, body, Kind::HttpStream)
+}
+
+fn bad_origin(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let origin = crate::ws::check_origin(&shared.config.allowed_origins, headers).err()?;
+    shared.metrics.refused(Refusal::BadOrigin);
+    Some(
+        (
+            StatusCode::FORBIDDEN,
+            format!("origin {origin} is not allowed\n"),
+        )
+            .into_response(),
+    )
+}
+
+fn start(shared: Arc<Shared>, headers: &HeaderMap, connect: Bytes, kind: Kind) -> Response {
+    if let Some(refused) = bad_origin(&shared, headers) {
+        return refused;
+    }
+    if connect.is_empty() {
+        let what = match kind {
+            Kind::Sse => "the cf_connect parameter",
+            Kind::HttpStream => "a body",
+        };
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("expected the connect command as {what}\n"),
+        )
+            .into_response();
+    }
+    if connect.len() > shared.config.max_message_size {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "connect command too large\n").into_response();
+    }
+    let session = crate::new_client_id();
+    let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+    let (body_tx, body) = mpsc::channel(BODY_QUEUE);
+    shared.emulation.insert(session.clone(), commands_tx);
+    let task_shared = shared.clone();
+    shared.tasks.spawn(stream::run(
+        task_shared,
+        kind,
+        session,
+        connect,
+        commands,
+        body_tx,
+    ));
+    let mut response = Response::new(Body::new(stream::ReplyBody::new(body)));
+    let response_headers = response.headers_mut();
+    response_headers.insert(CONTENT_TYPE, HeaderValue::from_static(kind.content_type()));
+    response_headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Asks reverse proxies (nginx) not to buffer the stream.
+    response_headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// The body of `POST /emulation`.
+#[derive(Deserialize)]
+struct EmulationRequest {
+    session: String,
+    #[serde(default)]
+    #[allow(dead_code)] // one node: the session id alone finds the stream
+    node: String,
+    /// The command frame, as the client would send it over a WebSocket.
+    data: String,
+}
+
+/// `POST /emulation`: one frame of commands (or a pong) for a stream. 200 with an empty body
+/// once the stream's task has it; 404 for a session this node does not have (the SDK closes and
+/// reconnects); 400 for a body that is not an emulation request.
+pub(crate) async fn emulation(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = bad_origin(&shared, &headers) {
+        return refused;
+    }
+    if body.len() > shared.config.max_message_size.saturating_add(1024) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request too large\n").into_response();
+    }
+    let request: EmulationRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("bad emulation request: {error}\n"),
+            )
+                .into_response()
+        }
+    };
+    let Some(commands) = shared.emulation.get(&request.session) else {
+        return (StatusCode::NOT_FOUND, "unknown session\n").into_response();
+    };
+    match commands.send(Bytes::from(request.data)).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "unknown session\n").into_response(),
+    }
+}

@@ -1,0 +1,166 @@
+//! Several nodes on one Redis (`engine = "redis"`): a message sent on one node reaches
+//! subscribers on the others, and presence and history are the same from every node. Uses the
+//! Redis at `PLEXUS_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) under a key prefix of
+//! the test's own, removed at the end.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use plexus_server::config::EngineKind;
+use plexus_server::{Config, ServerHandle};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+fn redis_url() -> String {
+    std::env::var("PLEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn redis_config(prefix: &str) -> Config {
+    Config {
+        engine: EngineKind::Redis,
+        redis_url: redis_url(),
+        redis_prefix: prefix.to_owned(),
+        ..Config::for_tests()
+    }
+}
+
+/// `POST /api/{method}` with the test key; returns the `result` (failing on an `error`).
+async fn api(server: &ServerHandle, method: &str, body: Value) -> Value {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
+    let request = format!(
+        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: test-api-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_string(&mut response))
+        .await
+        .expect("API response in time")
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{method}: {response}");
+    let reply: Value = serde_json::from_str(body).unwrap();
+    assert!(reply.get("error").is_none(), "{method}: {reply}");
+    reply["result"].clone()
+}
+
+/// A raw `/chat/r` client, known to be subscribed: its own `hello` came back.
+async fn raw_member(server: &ServerHandle, hello: &str) -> Ws {
+    let mut socket = ws(server, "/chat/r").await;
+    send_text(&mut socket, hello).await;
+    assert_eq!(next_text(&mut socket).await, hello);
+    socket
+}
+
+/// Deletes every key under `prefix` (best effort), over a hand-written RESP request.
+async fn remove_keys(prefix: &str) {
+    let address = redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned();
+    let Ok(mut redis) = TcpStream::connect(address).await else {
+        return;
+    };
+    let script = "for _, key in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', key) end";
+    let pattern = format!("{prefix}:*");
+    let mut request = String::from("*4\r\n");
+    for part in ["EVAL", script, "0", &pattern] {
+        request.push_str(&format!("${}\r\n{part}\r\n", part.len()));
+    }
+    let _ = redis.write_all(request.as_bytes()).await;
+    let mut reply = [0u8; 64];
+    let _ = tokio::time::timeout(TIMEOUT, redis.read(&mut reply)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_rooms_presence_and_history() {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let prefix = format!("plexus-cluster-{}-{nanos}", std::process::id());
+    let a = start(redis_config(&prefix)).await;
+    let b = start(redis_config(&prefix)).await;
+    let c = start(redis_config(&prefix)).await;
+    assert_eq!(a.engine(), "redis");
+
+    let mut on_b = raw_member(&b, "b is here").await;
+    let mut on_c = raw_member(&c, "c is here").await;
+    assert_eq!(next_text(&mut on_b).await, "c is here");
+
+    // A raw client on node A talks; B and C hear it, in the same order as A itself.
+    let mut on_a = ws(&a, "/chat/r").await;
+    send_text(&mut on_a, "hello from a").await;
+    send_text(&mut on_a, "and again").await;
+    for socket in [&mut on_a, &mut on_b, &mut on_c] {
+        assert_eq!(next_text(socket).await, "hello from a");
+        assert_eq!(next_text(socket).await, "and again");
+    }
+
+    // The server API of node C publishes to everyone too.
+    let published = api(
+        &c,
+        "publish",
+        json!({"channel": "chat:r", "data": "from the api"}),
+    )
+    .await;
+    assert_eq!(published["offset"], 5, "{published}");
+    for socket in [&mut on_a, &mut on_b, &mut on_c] {
+        assert_eq!(next_text(socket).await, r#""from the api""#);
+    }
+
+    // Presence of a native client on A lists the clients of every node.
+    let (mut ann, ann_id) = native(&a, "ann").await;
+    let reply = command(&mut ann, 2, json!({"subscribe": {"channel": "chat:r"}})).await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    let reply = command(&mut ann, 3, json!({"presence": {"channel": "chat:r"}})).await;
+    let clients = reply["presence"]["presence"].as_object().unwrap();
+    assert_eq!(clients.len(), 4, "raw on A, B and C, and ann: {reply}");
+    assert_eq!(clients[&ann_id], json!({"user": "ann", "client": ann_id}));
+    for node in [&a, &b, &c] {
+        let presence = api(node, "presence", json!({"channel": "chat:r"})).await;
+        assert_eq!(presence["presence"].as_object().unwrap(), clients);
+    }
+
+    // One history, the same from every node.
+    let history = api(&b, "history", json!({"channel": "chat:r", "limit": -1})).await;
+    let texts: Vec<&Value> = history["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|publication| &publication["data"])
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "b is here",
+            "c is here",
+            "hello from a",
+            "and again",
+            "from the api"
+        ]
+    );
+    assert_eq!(history["offset"], 5);
+    assert_eq!(history["epoch"], published["epoch"]);
+    for node in [&a, &c] {
+        let same = api(node, "history", json!({"channel": "chat:r", "limit": -1})).await;
+        assert_eq!(same, history);
+    }
+
+    // A client that leaves node C is gone from presence everywhere.
+    drop(on_c);
+    let started = std::time::Instant::now();
+    loop {
+        let presence = api(&a, "presence", json!({"channel": "chat:r"})).await;
+        if presence["presence"].as_object().unwrap().len() == 3 {
+            break;
+        }
+        assert!(started.elapsed() < TIMEOUT, "{presence}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop((a, b, c));
+    remove_keys(&prefix).await;
+}
