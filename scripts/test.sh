@@ -7,6 +7,21 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Services the tests talk to for real: started when they are not running (a fresh machine).
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+ensure_redis() {
+  if port_open 6379; then return; fi
+  echo "starting redis-server"
+  mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  for _ in $(seq 50); do port_open 6379 && return; sleep 0.1; done
+  echo "redis did not start" >&2; exit 1
+}
+
+step "services (Redis)"
+ensure_redis
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -34,6 +49,13 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 (
   cd tests/browser
+  npm ci --no-audit --no-fund --loglevel=error
+  PLEXUS_BIN="$PWD/../../target/debug/plexus" npm test
+)
+
+step "plexus.js (unit tests with a fake clock, integration with the real binary)"
+(
+  cd tests/plexusjs
   npm ci --no-audit --no-fund --loglevel=error
   PLEXUS_BIN="$PWD/../../target/debug/plexus" npm test
 )
