@@ -19,6 +19,8 @@ pub struct MintRequest {
     pub info: Option<Value>,
     /// The channel of a subscription token (`channel`); `None` for a connection token.
     pub channel: Option<String>,
+    /// Server-only metadata (`meta`), never shown to clients.
+    pub meta: Option<Value>,
     /// The time of issue (`iat`), Unix seconds.
     pub now_unix: u64,
 }
@@ -35,6 +37,8 @@ struct MintClaims<'a> {
     info: Option<&'a Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     channel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    meta: Option<&'a Value>,
 }
 
 /// Signs a token with HS256 and `secret` (its UTF-8 bytes), as Centrifugo's `gentoken` does.
@@ -48,6 +52,7 @@ pub fn mint_hs256(secret: &str, request: &MintRequest) -> String {
         channels: &request.channels,
         info: request.info.as_ref(),
         channel: request.channel.as_deref(),
+        meta: request.meta.as_ref(),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

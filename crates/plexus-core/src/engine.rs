@@ -85,6 +85,10 @@ pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, delivery: Delivery);
     /// A command for the local connections it concerns.
     fn command(&self, command: &NodeCommand);
+    /// Deliveries may have been lost (the engine's link to other nodes was down): every local
+    /// subscriber must resynchronise its position. Engines that cannot lose deliveries never
+    /// call it.
+    fn interrupted(&self) {}
 }
 
 /// Storage of history and presence, and transport of publications between nodes.

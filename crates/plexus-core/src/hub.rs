@@ -78,6 +78,9 @@ impl ClientInfo {
 pub struct Subscriber {
     pub info: Arc<ClientInfo>,
     pub outbox: Arc<Outbox>,
+    /// Wants the channel's joins and leaves. Most subscribers do not (raw and TCP clients never
+    /// do), and leaving them out keeps a join from costing one delivery per room member.
+    pub join_leave: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,9 +255,13 @@ impl Hub {
             return FanOutReport::default();
         };
         let mut report = FanOutReport::default();
+        let membership = matches!(delivery, Delivery::Join(_) | Delivery::Leave(_));
         let mut subscribers = lock(&channel.subscribers);
-        subscribers.retain(
-            |subscriber| match subscriber.outbox.push(delivery.clone()) {
+        subscribers.retain(|subscriber| {
+            if membership && !subscriber.join_leave {
+                return true;
+            }
+            match subscriber.outbox.push(delivery.clone()) {
                 Ok(()) => {
                     report.delivered += 1;
                     true
@@ -265,8 +272,8 @@ impl Hub {
                 }
                 // Closing: it unsubscribes itself shortly; a closed outbox is not a slow one.
                 Err(_) => false,
-            },
-        );
+            }
+        });
         drop(subscribers);
         self.delivered
             .fetch_add(report.delivered as u64, Ordering::Relaxed);
@@ -318,6 +325,22 @@ impl Deliver for Hub {
             Delivery::Control(_) => return, // controls go to one connection, not a channel
         };
         self.fan_out(&channel, delivery);
+    }
+
+    fn interrupted(&self) {
+        for shard in self.shards.iter() {
+            let channels: Vec<(Arc<str>, Arc<Channel>)> = read(shard)
+                .iter()
+                .map(|(name, channel)| (name.clone(), channel.clone()))
+                .collect();
+            for (name, channel) in channels {
+                for subscriber in lock(&channel.subscribers).iter() {
+                    subscriber.outbox.push_control(Control::Resync {
+                        channel: name.clone(),
+                    });
+                }
+            }
+        }
     }
 
     fn command(&self, command: &NodeCommand) {
@@ -375,6 +398,7 @@ mod tests {
                 &format!("client{id}"),
             )),
             outbox: Arc::new(Outbox::new(limit)),
+            join_leave: false,
         }
     }
 
@@ -482,5 +506,45 @@ mod tests {
         assert!(b.outbox.is_empty());
         hub.unregister(a.info.id);
         assert_eq!(hub.n_connections(), 1);
+    }
+
+    #[test]
+    fn joins_and_leaves_reach_only_those_who_want_them() {
+        let hub = Hub::new();
+        let quiet = subscriber(&hub, 1 << 20);
+        let curious = Subscriber {
+            join_leave: true,
+            ..subscriber(&hub, 1 << 20)
+        };
+        hub.subscribe("chat:x", quiet.clone(), 0).unwrap();
+        hub.subscribe("chat:x", curious.clone(), 0).unwrap();
+        let membership = Arc::new(crate::Membership::new(
+            "chat:x".into(),
+            quiet.info.descriptor(None),
+        ));
+        let report = hub.fan_out("chat:x", Delivery::Join(membership));
+        assert_eq!(report.delivered, 1);
+        assert!(quiet.outbox.is_empty());
+        assert!(!curious.outbox.is_empty());
+    }
+
+    #[test]
+    fn an_interruption_asks_every_subscriber_to_resync() {
+        let hub = Hub::new();
+        let a = subscriber(&hub, 1 << 20);
+        hub.subscribe("chat:x", a.clone(), 0).unwrap();
+        hub.subscribe("chat:y", a.clone(), 0).unwrap();
+        hub.interrupted();
+        let mut out = Vec::new();
+        a.outbox.drain(usize::MAX, &mut out);
+        let mut channels: Vec<String> = out
+            .iter()
+            .map(|delivery| match delivery {
+                Delivery::Control(Control::Resync { channel }) => channel.to_string(),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        channels.sort();
+        assert_eq!(channels, ["chat:x", "chat:y"]);
     }
 }

@@ -54,12 +54,16 @@ impl Stream {
     }
 }
 
+/// Present clients of one channel, by client id.
+type ClientsById = HashMap<Arc<str>, Arc<ClientDescriptor>>;
+
 pub struct MemoryEngine {
     deliver: Arc<dyn Deliver>,
     streams: RwLock<HashMap<Arc<str>, Arc<Mutex<Stream>>>>,
     /// Retention last used per channel, so reads can drop expired entries.
     retention: Mutex<HashMap<Arc<str>, HistoryRetention>>,
-    presence: Mutex<HashMap<Arc<str>, Vec<Arc<ClientDescriptor>>>>,
+    /// Per channel, by client id: adding and removing cost the same in a room of any size.
+    presence: Mutex<HashMap<Arc<str>, ClientsById>>,
 }
 
 impl std::fmt::Debug for MemoryEngine {
@@ -199,18 +203,17 @@ impl Engine for MemoryEngine {
         channel: &str,
         client: Arc<ClientDescriptor>,
     ) -> BoxFuture<Result<(), EngineError>> {
-        let mut presence = lock(&self.presence);
-        let clients = presence.entry(channel.into()).or_default();
-        if !clients.iter().any(|known| known.client == client.client) {
-            clients.push(client);
-        }
+        lock(&self.presence)
+            .entry(channel.into())
+            .or_default()
+            .insert(client.client.clone(), client);
         ready(Ok(()))
     }
 
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
         let mut presence = lock(&self.presence);
         if let Some(clients) = presence.get_mut(channel) {
-            clients.retain(|known| &*known.client != client);
+            clients.remove(client);
             if clients.is_empty() {
                 presence.remove(channel);
             }
@@ -222,10 +225,11 @@ impl Engine for MemoryEngine {
         &self,
         channel: &str,
     ) -> BoxFuture<Result<Vec<Arc<ClientDescriptor>>, EngineError>> {
-        ready(Ok(lock(&self.presence)
+        let clients = lock(&self.presence)
             .get(channel)
-            .cloned()
-            .unwrap_or_default()))
+            .map(|clients| clients.values().cloned().collect())
+            .unwrap_or_default();
+        ready(Ok(clients))
     }
 
     fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>> {

@@ -311,6 +311,7 @@ mod tests {
                 user,
             )),
             outbox: Arc::new(Outbox::new(1 << 20)),
+            join_leave: true,
         }
     }
 
@@ -401,7 +402,8 @@ mod tests {
             .await
             .unwrap();
         let presence = node.presence("chat:p").await.unwrap();
-        let users: Vec<&str> = presence.iter().map(|c| &*c.user).collect();
+        let mut users: Vec<&str> = presence.iter().map(|c| &*c.user).collect();
+        users.sort_unstable();
         assert_eq!(users, ["ann", "ben"]);
         publish(&node, "chat:p", "hello").await;
         let mut got = Vec::new();

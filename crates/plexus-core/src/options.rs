@@ -70,6 +70,19 @@ impl ChannelOptions {
         }
     }
 
+    /// The built-in `quotes` namespace of the demo quotes page: history 100 / 1 min, recovery,
+    /// anonymous subscribers; only the server publishes.
+    pub fn quotes() -> ChannelOptions {
+        ChannelOptions {
+            history_size: 100,
+            history_ttl: Duration::from_secs(60),
+            recover: true,
+            allow_subscribe_for_anonymous: true,
+            allow_history_for_client: true,
+            ..ChannelOptions::closed()
+        }
+    }
+
     pub fn has_history(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
     }
@@ -96,11 +109,12 @@ pub struct Namespaces {
 }
 
 impl Default for Namespaces {
-    /// Zero configuration: a `chat` namespace ([`ChannelOptions::chat`]); the default namespace is
-    /// closed.
+    /// Zero configuration: the `chat` and `quotes` namespaces ([`ChannelOptions::chat`],
+    /// [`ChannelOptions::quotes`]); the default namespace is closed.
     fn default() -> Namespaces {
         let mut namespaces = Namespaces::new(ChannelOptions::closed());
         namespaces.insert("chat", ChannelOptions::chat());
+        namespaces.insert("quotes", ChannelOptions::quotes());
         namespaces
     }
 }

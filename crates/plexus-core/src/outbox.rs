@@ -30,6 +30,9 @@ pub enum Control {
     },
     /// The server subscribes the connection to a channel.
     Subscribe { channel: Arc<str> },
+    /// The channel's stream may have gone on without this node (a broker connection was lost
+    /// and restored): the connection must resubscribe and recover to learn what it missed.
+    Resync { channel: Arc<str> },
     /// A finished frame to write as is (a reply completed asynchronously).
     Frame(Bytes),
 }

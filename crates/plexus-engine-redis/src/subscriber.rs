@@ -210,6 +210,7 @@ impl Subscriber {
         cancel: CancellationToken,
     ) {
         let mut backoff = Backoff::default();
+        let mut first_connection = true;
         loop {
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -220,6 +221,12 @@ impl Subscriber {
                     backoff.reset();
                     connected.notify_one();
                     tracing::info!(prefix = &*self.prefix, "redis subscriber connected");
+                    if !std::mem::replace(&mut first_connection, false) {
+                        // Publications sent while this node was not listening were missed, and
+                        // Redis may even have restarted empty (a new epoch): every subscriber
+                        // here resynchronises through history and recovery.
+                        deliver.interrupted();
+                    }
                     let ended = tokio::select! {
                         _ = cancel.cancelled() => return,
                         ended = self.read(sink, stream, &*deliver) => ended,

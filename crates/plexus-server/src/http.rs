@@ -21,12 +21,14 @@ use crate::tracked::Tracked;
 use crate::{ws, Shared};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
+const QUOTES_HTML: &str = include_str!("../static/quotes.html");
 const PLEXUS_JS: &str = include_str!("../static/plexus.js");
 const PLEXUS_D_TS: &str = include_str!("../static/plexus.d.ts");
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(index))
+        .route("/quotes", get(quotes))
         .route("/plexus.js", get(plexus_js))
         .route("/plexus.d.ts", get(plexus_d_ts))
         .route("/echo", get(ws::echo))
@@ -39,6 +41,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/emulation", post(crate::emulation::emulation))
         .route("/poll/{channel}", get(crate::poll::poll))
+        .route("/app/token", get(crate::app::guest_token))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -81,6 +84,17 @@ fn asset(headers: &http::HeaderMap, content_type: &'static str, body: &'static s
     }
     let content_type = (CONTENT_TYPE, HeaderValue::from_static(content_type));
     ([content_type, cache, etag_header], body).into_response()
+}
+
+async fn quotes() -> Response {
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        )],
+        QUOTES_HTML,
+    )
+        .into_response()
 }
 
 async fn plexus_js(headers: http::HeaderMap) -> Response {

@@ -9,6 +9,7 @@
 //! fan-out logic (`plexus-core`) and wire formats (`plexus-protocol`).
 
 mod api;
+mod app;
 pub mod config;
 mod emulation;
 mod http;
@@ -54,6 +55,8 @@ pub(crate) struct Shared {
     tasks: TaskTracker,
     /// Checks connection and subscription tokens.
     verifier: Option<plexus_auth::TokenVerifier>,
+    /// The HMAC secret, for the guest tokens of the built-in pages.
+    token_hmac_secret: String,
     /// The server API key.
     api_key: String,
     /// This node's SSE and HTTP-streaming sessions.
@@ -146,9 +149,11 @@ impl Server {
             tasks: TaskTracker::new(),
             verifier: Some(verifier),
             api_key: secrets.api_key.clone(),
+            token_hmac_secret: secrets.token_hmac_secret.clone(),
             emulation: emulation::Sessions::new(),
         });
         let accept_loops = TaskTracker::new();
+        shared.tasks.spawn(app::quotes_demo(shared.clone()));
 
         let router = http::router(shared.clone());
         let is_tls = tls.is_some();

@@ -68,6 +68,14 @@ fn answer(
     .into_response()
 }
 
+fn is_guest(claims: &plexus_auth::ConnectionClaims) -> bool {
+    claims
+        .meta
+        .as_ref()
+        .and_then(|meta| meta.get(crate::native::session::GUEST_META))
+        .is_some_and(|value| value == &serde_json::Value::Bool(true))
+}
+
 /// A refusal: status and message.
 type Refusal = (StatusCode, String);
 
@@ -102,6 +110,13 @@ fn authorize(
                 .as_ref()
                 .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "invalid token"))?;
             match verifier.verify_connection(&token, now_unix()) {
+                // A guest of the built-in apps has exactly an anonymous user's rights.
+                Ok(claims) if is_guest(&claims) => {
+                    if !options.allow_subscribe_for_anonymous || options.private {
+                        return Err(refuse(StatusCode::FORBIDDEN, "permission denied"));
+                    }
+                    String::new()
+                }
                 Ok(claims) => claims.sub,
                 Err(TokenError::Expired) => {
                     return Err(refuse(StatusCode::UNAUTHORIZED, "token expired"))
@@ -188,6 +203,7 @@ pub(crate) async fn poll(
     let subscriber = Subscriber {
         info,
         outbox: outbox.clone(),
+        join_leave: false,
     };
     let name = match shared.node.observe(&channel, subscriber).await {
         Ok(name) => name,

@@ -22,6 +22,9 @@ pub struct Secrets {
     pub file: Option<PathBuf>,
     /// Whether this call created the file.
     pub generated: bool,
+    /// The names of the values that came from the file (generated now or before), for the
+    /// start-up message.
+    pub stored: Vec<&'static str>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -55,6 +58,7 @@ pub fn resolve(config: &Config) -> Result<Secrets, SecretsError> {
             token_hmac_secret: token_hmac_secret.clone(),
             file: None,
             generated: false,
+            stored: Vec::new(),
         });
     }
     let path = config.data_dir.join(FILE_NAME);
@@ -71,13 +75,24 @@ pub fn resolve(config: &Config) -> Result<Secrets, SecretsError> {
         .clone()
         .or(stored.token_hmac_secret)
         .unwrap_or_else(plexus_auth::generate_secret);
+    // Only what is not configured is kept in the file: a configured key never lands on disk.
+    let mut stored = Vec::new();
+    if config.api_key.is_none() {
+        stored.push("api_key");
+    }
+    if config.token_hmac_secret.is_none() {
+        stored.push("token_hmac_secret");
+    }
     if generated {
         write(
             &config.data_dir,
             &path,
             &SecretsFile {
-                api_key: Some(api_key.clone()),
-                token_hmac_secret: Some(token_hmac_secret.clone()),
+                api_key: config.api_key.is_none().then(|| api_key.clone()),
+                token_hmac_secret: config
+                    .token_hmac_secret
+                    .is_none()
+                    .then(|| token_hmac_secret.clone()),
             },
         )?;
     }
@@ -86,6 +101,7 @@ pub fn resolve(config: &Config) -> Result<Secrets, SecretsError> {
         token_hmac_secret,
         file: Some(path),
         generated,
+        stored,
     })
 }
 
@@ -166,6 +182,21 @@ mod tests {
         .unwrap();
         assert_eq!(configured.api_key, "mine");
         assert_eq!(configured.token_hmac_secret, first.token_hmac_secret);
+        assert_eq!(configured.stored, ["token_hmac_secret"]);
+        // A configured key is not written to a new file.
+        let fresh_dir = dir.join("fresh");
+        let written = resolve(&Config {
+            data_dir: fresh_dir.clone(),
+            api_key: Some("flag-key".into()),
+            ..Config::default()
+        })
+        .unwrap();
+        assert!(written.generated);
+        let text = std::fs::read_to_string(fresh_dir.join(FILE_NAME)).unwrap();
+        assert!(
+            !text.contains("flag-key") && !text.contains("api_key"),
+            "{text}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

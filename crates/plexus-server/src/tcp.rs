@@ -98,6 +98,7 @@ pub(crate) async fn chat<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, shared: Arc
     shared.node.hub().register(Subscriber {
         info: info.clone(),
         outbox: outbox.clone(),
+        join_leave: false,
     });
     let mut session = ChatSession {
         wire: Wire::new(io),
@@ -267,6 +268,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
         let subscriber = Subscriber {
             info: self.info.clone(),
             outbox: self.outbox.clone(),
+            join_leave: false,
         };
         let node = &self.shared.node;
         let channel = match node.subscribe(&channel, subscriber, None, None).await {
@@ -337,7 +339,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                         ));
                     }
                 }
-                Delivery::Control(Control::Subscribe { .. } | Control::Frame(_)) => {}
+                Delivery::Control(
+                    Control::Subscribe { .. } | Control::Resync { .. } | Control::Frame(_),
+                ) => {} // no positions to resynchronise on a line stream
             }
         }
         self.shared.metrics.tcp_chat.messages_out.inc_by(n_sent);

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success; 1 runtime failure (cannot connect, I/O error); 2 bad usage or
 //! configuration; 3 a listener address is in use; 4 `connect` saw an abnormal close.
 
+mod bench;
 mod connect;
 mod publish;
 mod serve;
@@ -30,6 +31,8 @@ enum Command {
     Publish(Box<publish::PublishArgs>),
     /// Print a connection (or subscription) token signed with the server's HMAC secret
     Token(Box<token::TokenArgs>),
+    /// Load a running server: idle connections, fan-out latency, echo round trips, churn
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// An error with the exit code it maps to.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
             Command::Connect(args) => connect::run(args).await,
             Command::Publish(args) => publish::run(*args).await,
             Command::Token(args) => token::run(*args),
+            Command::Bench(args) => bench::run(*args).await,
         }
     });
     // A blocking stdin read (connect) may still be parked in the blocking pool: do not wait

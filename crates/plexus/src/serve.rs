@@ -90,7 +90,8 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
             "read from"
         };
         println!(
-            "plexus: secrets       api_key and token_hmac_secret {verb} {}",
+            "plexus: secrets       {} {verb} {}",
+            secrets.stored.join(" and "),
             file.display()
         );
     }

@@ -96,6 +96,7 @@ fn mint_request(args: &TokenArgs, now_unix: u64) -> plexus_auth::MintRequest {
         info: args.info.clone(),
         channel: args.sub_channel.clone(),
         now_unix,
+        meta: None,
     }
 }
 

@@ -642,3 +642,218 @@ fn publish_with_a_wrong_key_or_no_server_fails_clearly() {
     let output = plexus_with_data_dir(&data_dir, &["publish", "--url", "https://x", "chat:x", "1"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// Runs `plexus bench ARGS --json --quiet`; returns the exit status and the parsed report.
+fn bench_json(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let output = plexus()
+        .arg("bench")
+        .args(args)
+        .args(["--json", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    let report = serde_json::from_str(text(&output.stdout).trim()).unwrap_or_else(|_| {
+        panic!(
+            "no JSON report: stdout {:?}, stderr {stderr}",
+            text(&output.stdout)
+        )
+    });
+    (output.status.code(), report, stderr)
+}
+
+#[test]
+fn bench_conns_opens_and_holds_every_connection() {
+    let served = Served::start(&["--memory"], &[]);
+    let url = format!("{}/chat/bench", served.ws_base);
+    let pid = served.child.id().to_string();
+    let (status, report, stderr) = bench_json(&[
+        "conns",
+        &url,
+        "--count",
+        "20",
+        "--duration",
+        "2s",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["bench"], "conns", "{report}");
+    assert_eq!(report["requested"], 20, "{report}");
+    assert_eq!(report["connected"], 20, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["dropped"], 0, "{report}");
+    assert_eq!(report["held"], 20, "{report}");
+    assert_eq!(report["connect_latency_us"]["count"], 20, "{report}");
+    assert_eq!(report["failures"], serde_json::json!({}), "{report}");
+    assert!(report["fd_limit"].is_null(), "{report}");
+    assert!(
+        report["server_rss_kib"]["before"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        report["server_rss_kib"]["after"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+}
+
+#[test]
+fn bench_fanout_delivers_every_message_once_in_order() {
+    let served = Served::start(&["--memory"], &[]);
+    let url = format!("{}/chat/fan", served.ws_base);
+    let (status, report, stderr) = bench_json(&[
+        "fanout",
+        &url,
+        "--subscribers",
+        "10",
+        "--rate",
+        "20/s",
+        "--duration",
+        "2s",
+        "--size",
+        "100",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["bench"], "fanout", "{report}");
+    assert_eq!(report["channel"], "chat:fan", "{report}");
+    assert_eq!(report["connected"], 10, "{report}");
+    assert_eq!(report["ready"], 10, "{report}");
+    assert_eq!(report["planned"], 40, "{report}");
+    assert_eq!(report["sent"], 40, "{report}");
+    assert_eq!(report["deliveries"], 10 * 40, "{report}");
+    assert_eq!(report["expected_deliveries"], 10 * 40, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["out_of_order"], 0, "{report}");
+    assert_eq!(report["latency_us"]["count"], 10 * 40, "{report}");
+}
+
+#[test]
+fn bench_fanout_over_the_native_protocol_and_the_api() {
+    let secrets = [
+        ("PLEXUS_API_KEY", "bench-api-key"),
+        ("PLEXUS_TOKEN_HMAC_SECRET", "bench-token-secret"),
+    ];
+    let served = Served::start(&["--memory"], &secrets);
+    let token = plexus()
+        .args(["token", "--user", "bench"])
+        .envs(secrets)
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{}", text(&token.stderr));
+    let token = text(&token.stdout).trim().to_owned();
+    let native = format!("{}/connection/websocket", served.ws_base);
+    let (status, report, stderr) = bench_json(&[
+        "fanout",
+        &native,
+        "--protocol",
+        "native",
+        "--token",
+        &token,
+        "--channel",
+        "chat:native",
+        "--subscribers",
+        "5",
+        "--rate",
+        "20/s",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["publisher"], "native", "{report}");
+    assert_eq!(report["sent"], 20, "{report}");
+    assert_eq!(report["publish_errors"], 0, "{report}");
+    assert_eq!(report["deliveries"], 5 * 20, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["out_of_order"], 0, "{report}");
+
+    // Raw subscribers, publications through the HTTP API.
+    let raw = format!("{}/chat/api", served.ws_base);
+    let api = format!("{}/api/publish", served.ws_base.replace("ws://", "http://"));
+    let (status, report, stderr) = bench_json(&[
+        "fanout",
+        &raw,
+        "--publish-api",
+        &api,
+        "--api-key",
+        "bench-api-key",
+        "--subscribers",
+        "5",
+        "--rate",
+        "20/s",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["publisher"], "api", "{report}");
+    assert_eq!(report["sent"], 20, "{report}");
+    assert_eq!(report["deliveries"], 5 * 20, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["out_of_order"], 0, "{report}");
+}
+
+#[test]
+fn bench_echo_and_churn_complete_their_cycles() {
+    let served = Served::start(&["--memory"], &[]);
+    let url = format!("{}/echo", served.ws_base);
+    let (status, report, stderr) = bench_json(&[
+        "echo",
+        &url,
+        "--connections",
+        "3",
+        "--duration",
+        "1s",
+        "--inflight",
+        "2",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["connected"], 3, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["dropped"], 0, "{report}");
+    assert_eq!(report["unreadable"], 0, "{report}");
+    assert!(report["round_trips"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["latency_us"]["count"], report["round_trips"]);
+
+    let (status, report, stderr) =
+        bench_json(&["churn", &url, "--rate", "20/s", "--duration", "1s"]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["attempted"], 20, "{report}");
+    assert_eq!(report["succeeded"], 20, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["connect_latency_us"]["count"], 20, "{report}");
+}
+
+#[test]
+fn bench_refuses_remote_targets_and_explains_a_refused_connection() {
+    let output = plexus()
+        .args([
+            "bench",
+            "echo",
+            "ws://10.0.0.1:8000/echo",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        text(&output.stderr).contains("--allow-remote"),
+        "{}",
+        text(&output.stderr)
+    );
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = plexus()
+        .args(["bench", "conns", &format!("ws://127.0.0.1:{port}/chat/x")])
+        .args(["--count", "5", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        text(&output.stderr).contains("connection refused"),
+        "{}",
+        text(&output.stderr)
+    );
+}

@@ -56,8 +56,14 @@ struct ChannelState {
     expires_at: Option<u64>,
 }
 
+/// The `meta` claim that marks a guest token (minted by `/app/token` for the built-in apps).
+pub(crate) const GUEST_META: &str = "plexus_guest";
+
 struct Connected {
     info: Arc<ClientInfo>,
+    /// A guest of the built-in apps: it has a user id and a name, and exactly the permissions of
+    /// an anonymous connection.
+    guest: bool,
     /// When the connection expires (Unix seconds) unless refreshed.
     expires_at: Option<u64>,
     channels: HashMap<Arc<str>, ChannelState>,
@@ -237,11 +243,11 @@ impl ClientSession {
     }
 
     async fn connect(&mut self, shared: &Shared, request: proto::ConnectRequest) -> Outcome {
-        let (user, conn_info, expires_at, channels) = if request.token.is_empty() {
+        let (user, conn_info, expires_at, channels, guest) = if request.token.is_empty() {
             if !shared.config.allow_anonymous_connect_without_token {
                 return Outcome::Disconnect(DisconnectCode::InvalidToken);
             }
-            (String::new(), None, None, Vec::new())
+            (String::new(), None, None, Vec::new(), false)
         } else {
             let Some(verifier) = &shared.verifier else {
                 return Outcome::Disconnect(DisconnectCode::InvalidToken);
@@ -249,7 +255,12 @@ impl ClientSession {
             match verifier.verify_connection(&request.token, now_unix()) {
                 Ok(claims) => {
                     let expires_at = claims.connection_expires_at();
-                    (claims.sub, claims.info, expires_at, claims.channels)
+                    let guest = claims
+                        .meta
+                        .as_ref()
+                        .and_then(|meta| meta.get(GUEST_META))
+                        .is_some_and(|value| value == &serde_json::Value::Bool(true));
+                    (claims.sub, claims.info, expires_at, claims.channels, guest)
                 }
                 Err(TokenError::Expired) => return ErrorCode::TokenExpired.into(),
                 Err(error) => {
@@ -275,10 +286,12 @@ impl ClientSession {
         let subscriber = Subscriber {
             info: info.clone(),
             outbox: self.outbox.clone(),
+            join_leave: false,
         };
         shared.node.hub().register(subscriber);
         let mut connected = Connected {
             info: info.clone(),
+            guest,
             expires_at,
             channels: HashMap::new(),
         };
@@ -395,6 +408,19 @@ impl ClientSession {
                         ));
                     }
                 }
+                Delivery::Control(Control::Resync { channel }) => {
+                    // Unsubscribe with 2500 "insufficient state": the client resubscribes with
+                    // its position and learns from `recovered` whether anything was lost.
+                    if connected.channels.remove(&channel).is_some() {
+                        shared.node.unsubscribe(&channel, &connected.info).await;
+                        let body =
+                            PushBody::Unsubscribe(proto::UnsubscribeCode::InsufficientState.into());
+                        out.push(Out::Message(
+                            MessageKind::Text,
+                            encode_push(&channel, &body).into(),
+                        ));
+                    }
+                }
                 Delivery::Control(Control::Subscribe { channel }) => {
                     if connected.channels.contains_key(&channel) {
                         continue;
@@ -484,7 +510,9 @@ async fn subscribe_command(
         return ErrorCode::AlreadySubscribed.into();
     }
     let user = &*connected.info.user;
-    if !user_may_subscribe(channel, user) {
+    // A guest counts as anonymous for every permission (and owns no user-limited channel).
+    let anonymous = user.is_empty() || connected.guest;
+    if !user_may_subscribe(channel, if connected.guest { "" } else { user }) {
         return ErrorCode::PermissionDenied.into();
     }
     let mut chan_info = None;
@@ -504,7 +532,7 @@ async fn subscribe_command(
             Err(TokenError::Expired) => return ErrorCode::TokenExpired.into(),
             Err(_) => return ErrorCode::PermissionDenied.into(),
         }
-    } else if options.private || (user.is_empty() && !options.allow_subscribe_for_anonymous) {
+    } else if options.private || (anonymous && !options.allow_subscribe_for_anonymous) {
         // Private channels need a subscription token; anonymous users need the namespace's
         // permission.
         return ErrorCode::PermissionDenied.into();
@@ -556,6 +584,7 @@ async fn subscribe(
     let subscriber = Subscriber {
         info: connected.info.clone(),
         outbox: outbox.clone(),
+        join_leave,
     };
     let subscription: Subscription = match shared
         .node

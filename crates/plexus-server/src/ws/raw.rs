@@ -68,6 +68,7 @@ impl RawRoom {
         let subscriber = Subscriber {
             info: info.clone(),
             outbox: outbox.clone(),
+            join_leave: false,
         };
         shared.node.hub().register(subscriber.clone());
         match shared.node.subscribe(channel, subscriber, None, None).await {
@@ -129,7 +130,8 @@ impl RawRoom {
                     close::NORMAL,
                     "unsubscribed by the server".into(),
                 )),
-                Delivery::Control(Control::Subscribe { .. }) => {} // one room per raw connection
+                // One room per raw connection, and raw clients keep no stream position.
+                Delivery::Control(Control::Subscribe { .. } | Control::Resync { .. }) => {}
                 Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
             }
         }

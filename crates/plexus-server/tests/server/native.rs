@@ -365,3 +365,114 @@ async fn a_client_that_never_connects_is_closed_as_stale() {
     let mut idle = ws(&server, "/connection/websocket").await;
     assert_eq!(expect_close(&mut idle).await, (3502, "stale".into()));
 }
+
+/// A guest token from `/app/token`, as the built-in chat page gets one.
+async fn guest_token(server: &plexus_server::ServerHandle, name: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.http_addr())
+        .await
+        .unwrap();
+    let request =
+        format!("GET /app/token?name={name} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+#[tokio::test]
+async fn guests_of_the_built_in_pages_have_anonymous_rights_and_a_name() {
+    let server = start_default().await;
+    let guest = guest_token(&server, "Ann").await;
+    let user = guest["user"].as_str().unwrap().to_owned();
+    assert!(user.starts_with("guest-"), "{guest}");
+    let mut socket = ws(&server, "/connection/websocket").await;
+    let connect = json!({"id": 1, "connect": {"token": guest["token"]}});
+    send_text(&mut socket, &connect.to_string()).await;
+    let reply = next_json(&mut socket).await;
+    assert_eq!(reply["connect"]["expires"], true, "{reply}");
+    let chat = command(
+        &mut socket,
+        2,
+        json!({"subscribe": {"channel": "chat:guests"}}),
+    )
+    .await;
+    assert!(chat["subscribe"].is_object(), "{chat}");
+    let presence = command(
+        &mut socket,
+        3,
+        json!({"presence": {"channel": "chat:guests"}}),
+    )
+    .await;
+    let entry = presence["presence"]["presence"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (entry["user"].as_str(), &entry["conn_info"]),
+        (Some(user.as_str()), &json!({"name": "Ann"}))
+    );
+    // Where anonymous users may not go, neither may guests, even "their own" dialog.
+    let plain = command(&mut socket, 4, json!({"subscribe": {"channel": "plain"}})).await;
+    assert_eq!(plain["error"]["code"], 103, "{plain}");
+    let dialog = command(
+        &mut socket,
+        5,
+        json!({"subscribe": {"channel": format!("chat:dm#{user}")}}),
+    )
+    .await;
+    assert_eq!(dialog["error"]["code"], 103, "{dialog}");
+}
+
+#[tokio::test]
+async fn the_quotes_demo_streams_only_while_someone_watches() {
+    let server = start_default().await;
+    let (mut watcher, _) = native(&server, "viewer").await;
+    let subscribed = command(
+        &mut watcher,
+        2,
+        json!({"subscribe": {"channel": "quotes:ACME"}}),
+    )
+    .await;
+    assert!(
+        subscribed["subscribe"]["recoverable"].as_bool().unwrap(),
+        "{subscribed}"
+    );
+    for _ in 0..2 {
+        let push = loop {
+            let message = next_json(&mut watcher).await;
+            if message.get("push").is_some() {
+                break message;
+            }
+        };
+        assert_eq!(push["push"]["pub"]["data"]["symbol"], "ACME", "{push}");
+        assert!(push["push"]["pub"]["data"]["price"].as_f64().unwrap() > 0.0);
+    }
+    command(
+        &mut watcher,
+        3,
+        json!({"unsubscribe": {"channel": "quotes:ACME"}}),
+    )
+    .await;
+    let top = |history: serde_json::Value| history["history"]["offset"].as_u64().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let before = top(command(
+        &mut watcher,
+        4,
+        json!({"history": {"channel": "quotes:ACME", "limit": 0}}),
+    )
+    .await);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let after = top(command(
+        &mut watcher,
+        5,
+        json!({"history": {"channel": "quotes:ACME", "limit": 0}}),
+    )
+    .await);
+    assert!(before >= 2);
+    assert_eq!(before, after, "no subscribers, no prices");
+}

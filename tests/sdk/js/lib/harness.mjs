@@ -146,9 +146,13 @@ export class Server {
 
   /**
    * Starts a server and waits for GET /health. `dataDir` defaults to a fresh temporary folder
-   * (removed by `cleanup()`), `port` to a free one.
+   * (removed by `cleanup()`), `port` to a free one. With `engine: 'redis'`, `redisUrl` and
+   * `redisPrefix` become `--redis-url` and `--redis-prefix` (left to the server's defaults when
+   * omitted); `args` are appended to the command line as given.
    */
-  static async start(recorder, { engine = 'memory', dataDir, port, label = 'server', tcpChatPort } = {}) {
+  static async start(recorder, {
+    engine = 'memory', dataDir, port, label = 'server', tcpChatPort, redisUrl, redisPrefix, args: extraArgs = [],
+  } = {}) {
     if (!existsSync(PLEXUS_BIN)) {
       throw new Error(`no server binary at ${PLEXUS_BIN}; run \`cargo build -p plexus\` or set PLEXUS_BIN`);
     }
@@ -165,6 +169,9 @@ export class Server {
       '--engine', engine,
       '--data-dir', dataDir,
     ];
+    if (redisUrl !== undefined) args.push('--redis-url', redisUrl);
+    if (redisPrefix !== undefined) args.push('--redis-prefix', redisPrefix);
+    args.push(...extraArgs);
     recorder.add(label, `$ ${PLEXUS_BIN} ${args.join(' ')}`);
     const child = spawn(PLEXUS_BIN, args, {
       stdio: ['ignore', 'pipe', 'pipe'],

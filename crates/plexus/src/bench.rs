@@ -1,0 +1,365 @@
+//! `plexus bench`: flags for the load generator in `plexus-bench`, and its report on stdout.
+//!
+//! ```text
+//! plexus bench conns  ws://127.0.0.1:8000/chat/bench --count 10000 --server-pid PID
+//! plexus bench fanout ws://127.0.0.1:8000/chat/bench --subscribers 1000 --rate 50/s --duration 10s
+//! plexus bench echo   ws://127.0.0.1:8000/echo --connections 10 --duration 10s
+//! plexus bench churn  ws://127.0.0.1:8000/echo --rate 200/s --duration 10s
+//! ```
+//!
+//! A progress line goes to stderr; the summary (or with `--json` one JSON object, documented in
+//! the `plexus-bench` crate) to stdout. Exit status: 0 when the run completed, 2 for bad usage
+//! (including a target outside the loopback range without `--allow-remote`), 1 when the target
+//! cannot be reached or the hard time limit stopped the run.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use plexus_bench::{
+    BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, ProgressMode,
+    Protocol, PublishVia, Rate, Report, Sources, Target,
+};
+
+use crate::Failure;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    load: Load,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Load {
+    /// Open N idle connections, hold them, report connect latency and server memory
+    Conns(ConnsArgs),
+    /// N subscribers on one channel, one publisher at a rate: latency, loss, order
+    Fanout(FanoutArgs),
+    /// Round trips on /echo
+    Echo(EchoArgs),
+    /// Connect/close cycles at a rate
+    Churn(ChurnArgs),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|error| format!("{text:?}: {error}"))
+}
+
+fn rate(text: &str) -> Result<Rate, String> {
+    text.parse()
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Print one JSON object on stdout instead of a summary
+    #[arg(long)]
+    json: bool,
+    /// No progress line on stderr
+    #[arg(short, long)]
+    quiet: bool,
+    /// Allow a target outside 127.0.0.0/8, ::1 and localhost (only a host you own)
+    #[arg(long)]
+    allow_remote: bool,
+    /// Bind client sockets to 127.0.0.1 … 127.0.0.N in turn (IPv4 loopback targets)
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    sources: u32,
+    /// Limit for each TCP connect and each handshake
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    connect_timeout: Duration,
+    /// Stop the whole run after this long [default: the run's own length plus a minute]
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    time_limit: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProtocolName {
+    /// Raw WebSocket: /echo, /chat/{room}
+    Raw,
+    /// The native protocol at /connection/websocket
+    Native,
+}
+
+#[derive(Debug, clap::Args)]
+struct ProtocolArgs {
+    /// How clients talk to URL
+    #[arg(long, value_enum, default_value = "raw")]
+    protocol: ProtocolName,
+    /// Native protocol: the connection token (`plexus token --user ID`)
+    #[arg(long)]
+    token: Option<String>,
+    /// Native protocol: the channel to subscribe to [fanout: also where to publish; raw
+    /// /chat/{room} URLs use chat:{room}]
+    #[arg(long)]
+    channel: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConnsArgs {
+    /// ws:// URL, e.g. ws://127.0.0.1:8000/chat/bench
+    url: String,
+    /// Connections to open
+    #[arg(long)]
+    count: u64,
+    /// How long to hold them once open
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    duration: Duration,
+    /// How fast to open them
+    #[arg(long, default_value = "2000/s", value_parser = rate)]
+    ramp: Rate,
+    /// The server's pid: report its RSS before and after, per connection
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    #[command(flatten)]
+    protocol: ProtocolArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct FanoutArgs {
+    /// ws:// URL, e.g. ws://127.0.0.1:8000/chat/bench
+    url: String,
+    /// Subscribers on the channel
+    #[arg(long)]
+    subscribers: u64,
+    /// Messages per second from the publisher
+    #[arg(long, value_parser = rate)]
+    rate: Rate,
+    /// How long to publish
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Bytes per message
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// How fast subscribers connect
+    #[arg(long, default_value = "2000/s", value_parser = rate)]
+    ramp: Rate,
+    /// Publish through the server API instead, e.g. http://127.0.0.1:8000/api/publish
+    #[arg(long, value_name = "URL", requires = "api_key")]
+    publish_api: Option<String>,
+    /// The API key for --publish-api
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    #[command(flatten)]
+    protocol: ProtocolArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct EchoArgs {
+    /// ws:// URL of an echo endpoint, e.g. ws://127.0.0.1:8000/echo
+    url: String,
+    /// Connections doing round trips
+    #[arg(long, default_value_t = 10)]
+    connections: u64,
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Bytes per message
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages in flight on each connection
+    #[arg(long, default_value_t = 1)]
+    inflight: u64,
+    /// How fast connections open
+    #[arg(long, default_value = "2000/s", value_parser = rate)]
+    ramp: Rate,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct ChurnArgs {
+    /// ws:// URL, e.g. ws://127.0.0.1:8000/echo
+    url: String,
+    /// Connect/close cycles per second
+    #[arg(long, value_parser = rate)]
+    rate: Rate,
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    #[command(flatten)]
+    protocol: ProtocolArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn failure(error: BenchError) -> Failure {
+    Failure::new(error.exit_code(), anyhow!(error))
+}
+
+fn usage(message: String) -> Failure {
+    failure(BenchError::Usage(message))
+}
+
+impl Common {
+    fn progress(&self) -> ProgressMode {
+        if self.quiet {
+            ProgressMode::Off
+        } else {
+            ProgressMode::detect()
+        }
+    }
+
+    async fn endpoint(&self, url: &str, protocol: Protocol) -> Result<Endpoint, Failure> {
+        let sources = Sources::new(self.sources).map_err(failure)?;
+        plexus_bench::endpoint(
+            url,
+            protocol,
+            sources,
+            self.allow_remote,
+            self.connect_timeout,
+        )
+        .await
+        .map_err(failure)
+    }
+
+    fn report(&self, report: &impl Report) -> Result<(), Failure> {
+        if self.json {
+            println!("{}", report.to_json());
+        } else {
+            println!("{report}");
+        }
+        Ok(())
+    }
+}
+
+impl ProtocolArgs {
+    /// The clients' protocol; `subscribe` says whether native clients subscribe to `--channel`.
+    fn protocol(&self, subscribe: bool) -> Result<Protocol, Failure> {
+        match self.protocol {
+            ProtocolName::Raw => {
+                if self.token.is_some() {
+                    return Err(usage("--token is for --protocol native".into()));
+                }
+                Ok(Protocol::Raw)
+            }
+            ProtocolName::Native => Ok(Protocol::Native {
+                token: self.token.clone().unwrap_or_default(),
+                channel: if subscribe {
+                    self.channel.clone()
+                } else {
+                    None
+                },
+            }),
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), Failure> {
+    // Many connections need many descriptors: raise the soft limit as the server does.
+    let _ = plexus_bench::system::raise_fd_limit();
+    match args.load {
+        Load::Conns(args) => {
+            let endpoint = args
+                .common
+                .endpoint(&args.url, args.protocol.protocol(true)?)
+                .await?;
+            let options = ConnsOptions {
+                endpoint,
+                count: args.count,
+                duration: args.duration,
+                ramp: args.ramp,
+                server_pid: args.server_pid,
+                progress: args.common.progress(),
+            };
+            let limit = args
+                .common
+                .time_limit
+                .unwrap_or_else(|| options.default_time_limit());
+            let report = plexus_bench::within(limit, plexus_bench::conns(options))
+                .await
+                .map_err(failure)?;
+            args.common.report(&report)
+        }
+        Load::Fanout(args) => {
+            let protocol = args.protocol.protocol(true)?;
+            let channel = match (&args.protocol.channel, &protocol) {
+                (Some(channel), _) => channel.clone(),
+                (None, Protocol::Native { .. }) => {
+                    return Err(usage("--protocol native needs --channel".into()))
+                }
+                (None, Protocol::Raw) => Target::websocket(&args.url)
+                    .map_err(failure)?
+                    .chat_channel()
+                    .ok_or_else(|| {
+                        usage(format!(
+                            "{}: a raw fan-out needs a /chat/{{room}} URL (or --channel)",
+                            args.url
+                        ))
+                    })?,
+            };
+            let endpoint = args.common.endpoint(&args.url, protocol).await?;
+            let publish = match (&args.publish_api, &args.api_key) {
+                (Some(url), Some(api_key)) => {
+                    let target = Target::http(url).map_err(failure)?;
+                    target
+                        .check_allowed(args.common.allow_remote)
+                        .map_err(failure)?;
+                    PublishVia::Api {
+                        target,
+                        api_key: api_key.clone(),
+                    }
+                }
+                _ => PublishVia::Endpoint,
+            };
+            let options = FanoutOptions {
+                endpoint,
+                channel,
+                subscribers: args.subscribers,
+                rate: args.rate,
+                duration: args.duration,
+                size: args.size,
+                publish,
+                ramp: args.ramp,
+                progress: args.common.progress(),
+            };
+            let limit = args
+                .common
+                .time_limit
+                .unwrap_or_else(|| options.default_time_limit());
+            let report = plexus_bench::within(limit, plexus_bench::fanout(options))
+                .await
+                .map_err(failure)?;
+            args.common.report(&report)
+        }
+        Load::Echo(args) => {
+            let endpoint = args.common.endpoint(&args.url, Protocol::Raw).await?;
+            let options = EchoOptions {
+                endpoint,
+                connections: args.connections,
+                duration: args.duration,
+                size: args.size,
+                inflight: args.inflight,
+                ramp: args.ramp,
+                progress: args.common.progress(),
+            };
+            let limit = args
+                .common
+                .time_limit
+                .unwrap_or_else(|| options.default_time_limit());
+            let report = plexus_bench::within(limit, plexus_bench::echo(options))
+                .await
+                .map_err(failure)?;
+            args.common.report(&report)
+        }
+        Load::Churn(args) => {
+            let endpoint = args
+                .common
+                .endpoint(&args.url, args.protocol.protocol(true)?)
+                .await?;
+            let options = ChurnOptions {
+                endpoint,
+                rate: args.rate,
+                duration: args.duration,
+                progress: args.common.progress(),
+            };
+            let limit = args
+                .common
+                .time_limit
+                .unwrap_or_else(|| options.default_time_limit());
+            let report = plexus_bench::within(limit, plexus_bench::churn(options))
+                .await
+                .map_err(failure)?;
+            args.common.report(&report)
+        }
+    }
+}
