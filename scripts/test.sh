@@ -11,6 +11,9 @@ step() { printf '\n==> %s\n' "$*"; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 ensure_redis() {
   if port_open 6379; then return; fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  fi
   echo "starting redis-server"
   mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
@@ -19,8 +22,22 @@ ensure_redis() {
   echo "redis did not start" >&2; exit 1
 }
 
-step "services (Redis)"
+ensure_nats() {
+  if port_open 4222; then return; fi
+  if ! command -v nats-server >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+  fi
+  echo "starting nats-server (JetStream)"
+  mkdir -p /var/lib/nats-server 2>/dev/null || true
+  start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  for _ in $(seq 50); do port_open 4222 && return; sleep 0.1; done
+  echo "nats-server did not start" >&2; exit 1
+}
+
+step "services (Redis, NATS)"
 ensure_redis
+ensure_nats
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -71,9 +71,9 @@ pub struct Settings {
     /// Where durable history and generated secrets live [default: ./plexus-data]
     #[arg(long, env = "PLEXUS_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Storage engine: embedded (durable, under data_dir), memory, or redis (shared by several
-    /// nodes) [default: embedded]
-    #[arg(long, env = "PLEXUS_ENGINE", value_name = "embedded|memory|redis")]
+    /// Storage engine: embedded (durable, under data_dir), memory, or redis or nats (shared by
+    /// several nodes) [default: embedded]
+    #[arg(long, env = "PLEXUS_ENGINE", value_name = "embedded|memory|redis|nats")]
     pub engine: Option<String>,
     /// Redis server of the redis engine [default: redis://127.0.0.1:6379]
     #[arg(
@@ -87,6 +87,19 @@ pub struct Settings {
     /// [default: plexus]
     #[arg(long, env = "PLEXUS_REDIS_PREFIX", value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
+    /// NATS server(s) of the nats engine, comma-separated (JetStream enabled)
+    /// [default: nats://127.0.0.1:4222]
+    #[arg(
+        long,
+        env = "PLEXUS_NATS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub nats_url: Option<String>,
+    /// Prefix of the nats engine's subjects, streams and bucket, so installations can share a
+    /// NATS (letters, digits, '-', '_') [default: plexus]
+    #[arg(long, env = "PLEXUS_NATS_PREFIX", value_name = "PREFIX")]
+    pub nats_prefix: Option<String>,
     /// Keep everything in memory (same as --engine memory)
     #[arg(long, env = "PLEXUS_MEMORY")]
     #[serde(skip)]
@@ -212,6 +225,10 @@ pub struct Config {
     pub redis_url: String,
     /// The redis engine's key and channel prefix.
     pub redis_prefix: String,
+    /// The nats engine's server(s) (`nats://…` or `tls://…`, comma-separated).
+    pub nats_url: String,
+    /// The nats engine's subject, stream and bucket prefix.
+    pub nats_prefix: String,
     /// `None`: generate one in `data_dir` on first start.
     pub api_key: Option<String>,
     pub token_hmac_secret: Option<String>,
@@ -233,6 +250,9 @@ pub enum EngineKind {
     Memory,
     /// History, presence and delivery in Redis (`redis_url`), shared by every node using it.
     Redis,
+    /// History (JetStream), presence and delivery in NATS (`nats_url`), shared by every node
+    /// using it.
+    Nats,
 }
 
 impl Default for Config {
@@ -318,6 +338,27 @@ fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
         Err(ConfigError::Invalid {
             key: "redis_url",
             reason: "must start with redis:// or unix://".into(),
+        })
+    }
+}
+
+/// The nats engine's server list: `nats://` or `tls://` URLs, comma-separated.
+fn nats_url(value: Option<String>) -> Result<String, ConfigError> {
+    let Some(urls) = non_empty("nats_url", value)? else {
+        return Ok("nats://127.0.0.1:4222".to_owned());
+    };
+    let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+    if urls.iter().all(|url| {
+        ["nats://", "tls://"]
+            .iter()
+            .any(|scheme| url.len() > scheme.len() && url.starts_with(scheme))
+    }) {
+        Ok(urls.join(","))
+    } else {
+        // Not echoed: it may hold a password.
+        Err(ConfigError::Invalid {
+            key: "nats_url",
+            reason: "must be nats:// or tls:// URLs, separated by commas".into(),
         })
     }
 }
@@ -441,6 +482,8 @@ impl Settings {
             engine: self.engine.or(lower.engine),
             redis_url: self.redis_url.or(lower.redis_url),
             redis_prefix: self.redis_prefix.or(lower.redis_prefix),
+            nats_url: self.nats_url.or(lower.nats_url),
+            nats_prefix: self.nats_prefix.or(lower.nats_prefix),
             memory: self.memory || lower.memory,
             api_key: self.api_key.or(lower.api_key),
             token_hmac_secret: self.token_hmac_secret.or(lower.token_hmac_secret),
@@ -529,16 +572,30 @@ impl Settings {
                 (true, _) | (false, "memory") => EngineKind::Memory,
                 (false, "embedded") => EngineKind::Embedded,
                 (false, "redis") => EngineKind::Redis,
+                (false, "nats") => EngineKind::Nats,
                 (false, other) => {
                     return Err(ConfigError::Invalid {
                         key: "engine",
-                        reason: format!("{other:?} is not embedded, memory or redis"),
+                        reason: format!("{other:?} is not embedded, memory, redis or nats"),
                     })
                 }
             },
             redis_url: redis_url(self.redis_url)?,
             redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
                 Some(prefix) => prefix.trim().to_owned(),
+                None => "plexus".to_owned(),
+            },
+            nats_url: nats_url(self.nats_url)?,
+            nats_prefix: match non_empty("nats_prefix", self.nats_prefix)? {
+                Some(prefix) if plexus_engine_nats::valid_prefix(prefix.trim()) => {
+                    prefix.trim().to_owned()
+                }
+                Some(prefix) => {
+                    return Err(ConfigError::Invalid {
+                        key: "nats_prefix",
+                        reason: format!("{prefix:?} must be letters, digits, '-' or '_'"),
+                    })
+                }
                 None => "plexus".to_owned(),
             },
             api_key: non_empty("api_key", self.api_key)?,
@@ -575,6 +632,45 @@ mod tests {
         assert!(!config.websocket_compression);
         assert_eq!(config.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(config.redis_prefix, "plexus");
+        assert_eq!(config.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(config.nats_prefix, "plexus");
+    }
+
+    #[test]
+    fn nats_engine() {
+        let settings: Settings = toml::from_str(
+            "engine = \"nats\"\nnats_url = \"nats://u:secret@10.0.0.5:4222, tls://10.0.0.6:4222\"\nnats_prefix = \"app_1\"\n",
+        )
+        .unwrap();
+        let config = settings.resolve().unwrap();
+        assert_eq!(config.engine, EngineKind::Nats);
+        assert_eq!(
+            config.nats_url,
+            "nats://u:secret@10.0.0.5:4222,tls://10.0.0.6:4222"
+        );
+        assert_eq!(config.nats_prefix, "app_1");
+        let bad = Settings {
+            nats_url: Some("redis://:secret@x".into()),
+            ..Settings::default()
+        };
+        let error = bad.resolve().unwrap_err().to_string();
+        assert!(
+            error.contains("nats_url") && !error.contains("secret"),
+            "{error}"
+        );
+        for prefix in [" ", "a.b", "a b", "x>"] {
+            let bad = Settings {
+                nats_prefix: Some(prefix.into()),
+                ..Settings::default()
+            };
+            let error = bad.resolve().unwrap_err().to_string();
+            assert!(error.contains("nats_prefix"), "{prefix:?}: {error}");
+        }
+        let flags = Settings {
+            engine: Some("nats".into()),
+            ..Settings::default()
+        };
+        assert_eq!(flags.resolve().unwrap().engine, EngineKind::Nats);
     }
 
     #[test]

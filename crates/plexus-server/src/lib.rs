@@ -85,6 +85,8 @@ pub enum BindError {
     },
     #[error("cannot start the redis engine: {0}")]
     Redis(#[from] plexus_engine_redis::RedisEngineError),
+    #[error("cannot start the nats engine: {0}")]
+    Nats(#[from] plexus_engine_nats::NatsEngineError),
 }
 
 impl BindError {
@@ -361,6 +363,13 @@ fn node(config: &Config) -> Result<Node, BindError> {
             let options =
                 plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix);
             let engine = plexus_engine_redis::RedisEngine::new(options, deliver)?;
+            Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
+        }),
+        // Likewise: a NATS that is down at start is waited for.
+        config::EngineKind::Nats => Node::try_new(namespaces, |deliver| {
+            let options =
+                plexus_engine_nats::NatsOptions::new(&config.nats_url, &config.nats_prefix);
+            let engine = plexus_engine_nats::NatsEngine::new(options, deliver)?;
             Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
         }),
     }

@@ -164,3 +164,143 @@ async fn three_nodes_share_rooms_presence_and_history() {
     drop((a, b, c));
     remove_keys(&prefix).await;
 }
+
+/// Several nodes on one NATS (`engine = "nats"`, JetStream at `PLEXUS_TEST_NATS_URL`, default
+/// `nats://127.0.0.1:4222`) under a prefix of the test's own, whose streams and bucket are
+/// deleted at the end.
+mod on_nats {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use plexus_core::{Deliver, Delivery, NodeCommand};
+    use plexus_engine_nats::{NatsEngine, NatsOptions};
+    use plexus_server::config::EngineKind;
+    use plexus_server::Config;
+    use serde_json::{json, Value};
+
+    use super::{api, raw_member};
+    use crate::util::*;
+
+    fn nats_url() -> String {
+        std::env::var("PLEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    }
+
+    fn nats_config(prefix: &str) -> Config {
+        Config {
+            engine: EngineKind::Nats,
+            nats_url: nats_url(),
+            nats_prefix: prefix.to_owned(),
+            ..Config::for_tests()
+        }
+    }
+
+    struct Nowhere;
+
+    impl Deliver for Nowhere {
+        fn deliver(&self, _: Delivery) {}
+        fn command(&self, _: &NodeCommand) {}
+    }
+
+    /// Deletes the prefix's streams and bucket (best effort).
+    async fn remove_streams(prefix: &str) {
+        let engine = NatsEngine::new(NatsOptions::new(nats_url(), prefix), Arc::new(Nowhere))
+            .expect("valid options");
+        for _ in 0..100 {
+            if engine.is_ready() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = engine.destroy().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn three_nats_nodes_share_rooms_presence_and_history() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let prefix = format!("plexus-cluster-{}-{nanos}", std::process::id());
+        let a = start(nats_config(&prefix)).await;
+        let b = start(nats_config(&prefix)).await;
+        let c = start(nats_config(&prefix)).await;
+        assert_eq!(a.engine(), "nats");
+
+        let mut on_b = raw_member(&b, "b is here").await;
+        let mut on_c = raw_member(&c, "c is here").await;
+        assert_eq!(next_text(&mut on_b).await, "c is here");
+
+        // A raw client on node A talks; B and C hear it, in the same order as A itself.
+        let mut on_a = ws(&a, "/chat/r").await;
+        send_text(&mut on_a, "hello from a").await;
+        send_text(&mut on_a, "and again").await;
+        for socket in [&mut on_a, &mut on_b, &mut on_c] {
+            assert_eq!(next_text(socket).await, "hello from a");
+            assert_eq!(next_text(socket).await, "and again");
+        }
+
+        // The server API of node C publishes to everyone too.
+        let published = api(
+            &c,
+            "publish",
+            json!({"channel": "chat:r", "data": "from the api"}),
+        )
+        .await;
+        assert_eq!(published["offset"], 5, "{published}");
+        for socket in [&mut on_a, &mut on_b, &mut on_c] {
+            assert_eq!(next_text(socket).await, r#""from the api""#);
+        }
+
+        // Presence of a native client on A lists the clients of every node.
+        let (mut ann, ann_id) = native(&a, "ann").await;
+        let reply = command(&mut ann, 2, json!({"subscribe": {"channel": "chat:r"}})).await;
+        assert!(reply.get("error").is_none(), "{reply}");
+        let reply = command(&mut ann, 3, json!({"presence": {"channel": "chat:r"}})).await;
+        let clients = reply["presence"]["presence"].as_object().unwrap();
+        assert_eq!(clients.len(), 4, "raw on A, B and C, and ann: {reply}");
+        assert_eq!(clients[&ann_id], json!({"user": "ann", "client": ann_id}));
+        for node in [&a, &b, &c] {
+            let presence = api(node, "presence", json!({"channel": "chat:r"})).await;
+            assert_eq!(presence["presence"].as_object().unwrap(), clients);
+        }
+
+        // One history, the same from every node.
+        let history = api(&b, "history", json!({"channel": "chat:r", "limit": -1})).await;
+        let texts: Vec<&Value> = history["publications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|publication| &publication["data"])
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "b is here",
+                "c is here",
+                "hello from a",
+                "and again",
+                "from the api"
+            ]
+        );
+        assert_eq!(history["offset"], 5);
+        assert_eq!(history["epoch"], published["epoch"]);
+        for node in [&a, &c] {
+            let same = api(node, "history", json!({"channel": "chat:r", "limit": -1})).await;
+            assert_eq!(same, history);
+        }
+
+        // A client that leaves node C is gone from presence everywhere.
+        drop(on_c);
+        let started = std::time::Instant::now();
+        loop {
+            let presence = api(&a, "presence", json!({"channel": "chat:r"})).await;
+            if presence["presence"].as_object().unwrap().len() == 3 {
+                break;
+            }
+            assert!(started.elapsed() < TIMEOUT, "{presence}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop((a, b, c));
+        remove_streams(&prefix).await;
+    }
+}
