@@ -148,10 +148,12 @@ export class Server {
    * Starts a server and waits for GET /health. `dataDir` defaults to a fresh temporary folder
    * (removed by `cleanup()`), `port` to a free one. With `engine: 'redis'`, `redisUrl` and
    * `redisPrefix` become `--redis-url` and `--redis-prefix` (left to the server's defaults when
-   * omitted); `args` are appended to the command line as given.
+   * omitted); likewise, with `engine: 'nats'`, `natsUrl` and `natsPrefix` become `--nats-url`
+   * and `--nats-prefix`; `args` are appended to the command line as given.
    */
   static async start(recorder, {
-    engine = 'memory', dataDir, port, label = 'server', tcpChatPort, redisUrl, redisPrefix, args: extraArgs = [],
+    engine = 'memory', dataDir, port, label = 'server', tcpChatPort, redisUrl, redisPrefix, natsUrl, natsPrefix,
+    args: extraArgs = [],
   } = {}) {
     if (!existsSync(PLEXUS_BIN)) {
       throw new Error(`no server binary at ${PLEXUS_BIN}; run \`cargo build -p plexus\` or set PLEXUS_BIN`);
@@ -171,6 +173,8 @@ export class Server {
     ];
     if (redisUrl !== undefined) args.push('--redis-url', redisUrl);
     if (redisPrefix !== undefined) args.push('--redis-prefix', redisPrefix);
+    if (natsUrl !== undefined) args.push('--nats-url', natsUrl);
+    if (natsPrefix !== undefined) args.push('--nats-prefix', natsPrefix);
     args.push(...extraArgs);
     recorder.add(label, `$ ${PLEXUS_BIN} ${args.join(' ')}`);
     const child = spawn(PLEXUS_BIN, args, {
