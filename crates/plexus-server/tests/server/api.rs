@@ -3,53 +3,22 @@
 
 use plexus_server::ServerHandle;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::util::*;
 
-const KEY: &str = "test-api-key";
+const KEY: &str = API_KEY;
 
-/// One HTTP/1.1 request; returns the status and the body as JSON (`null` when it is not JSON).
+/// One `POST` with extra headers; returns the status and the JSON body.
 async fn request(server: &ServerHandle, path: &str, headers: &str, body: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut response))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .expect("a complete response");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    http_json(server, "POST", path, headers, body).await
 }
 
-/// Calls a method with the right key; expects HTTP 200 and returns the body.
 async fn call(server: &ServerHandle, method: &str, body: Value) -> Value {
-    let headers = format!("X-API-Key: {KEY}\r\n");
-    let (status, reply) = request(
-        server,
-        &format!("/api/{method}"),
-        &headers,
-        &body.to_string(),
-    )
-    .await;
-    assert_eq!(status, 200, "{method}: {reply}");
-    reply
+    api_call(server, method, body).await
 }
 
-/// Calls a method and returns its `result`, failing on an `error`.
 async fn result(server: &ServerHandle, method: &str, body: Value) -> Value {
-    let reply = call(server, method, body).await;
-    assert!(reply.get("error").is_none(), "{method}: {reply}");
-    reply["result"].clone()
+    api_result(server, method, body).await
 }
 
 /// A raw `/chat/{room}` client, known to be subscribed: its own first message came back.

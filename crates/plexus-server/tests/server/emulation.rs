@@ -11,8 +11,6 @@ use tokio::net::TcpStream;
 
 use crate::util::*;
 
-const KEY: &str = "test-api-key";
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Sse,
@@ -160,22 +158,9 @@ impl StreamClient {
     }
 }
 
-/// `POST /emulation` with `body`; returns the status.
+/// A `POST` with extra headers; returns the status and the body text.
 async fn post(server: &ServerHandle, path: &str, headers: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut response))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let response = String::from_utf8(response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head[9..12].parse().unwrap(), body.to_owned())
+    http_request(server, "POST", path, headers, body).await
 }
 
 async fn emulate(server: &ServerHandle, session: &str, node: &str, data: &str) -> u16 {
@@ -184,17 +169,7 @@ async fn emulate(server: &ServerHandle, session: &str, node: &str, data: &str) -
 }
 
 async fn api(server: &ServerHandle, method: &str, body: Value) -> Value {
-    let (status, reply) = post(
-        server,
-        &format!("/api/{method}"),
-        &format!("X-API-Key: {KEY}\r\n"),
-        &body.to_string(),
-    )
-    .await;
-    assert_eq!(status, 200, "{method}: {reply}");
-    let reply: Value = serde_json::from_str(&reply).unwrap();
-    assert!(reply.get("error").is_none(), "{method}: {reply}");
-    reply["result"].clone()
+    api_result(server, method, body).await
 }
 
 /// Connects as `user` over `kind`; returns the client and its session and node.

@@ -10,38 +10,13 @@ use tokio::net::TcpStream;
 
 use crate::util::*;
 
-/// A GET with `Connection: close`; returns the status and the JSON body.
+/// A GET with extra headers; returns the status and the JSON body.
 async fn get(server: &ServerHandle, path: &str, headers: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .expect("an answer")
-    .unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").unwrap().1;
-    (
-        status,
-        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}")),
-    )
+    http_json(server, "GET", path, headers, "").await
 }
 
 async fn publish(server: &ServerHandle, channel: &str, data: Value) -> Value {
-    let body = json!({"channel": channel, "data": data}).to_string();
-    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
-    let request = format!(
-        "POST /api/publish HTTP/1.1\r\nHost: x\r\nX-API-Key: test-api-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
+    api_call(server, "publish", json!({"channel": channel, "data": data})).await
 }
 
 fn data(answer: &Value) -> Vec<Value> {

@@ -282,3 +282,73 @@ pub async fn command(socket: &mut Ws, id: u32, body: serde_json::Value) -> serde
         }
     }
 }
+
+/// The test API key of `Config::for_tests`.
+pub const API_KEY: &str = "test-api-key";
+
+/// One HTTP/1.1 request on its own connection (`Connection: close`); returns the status and the
+/// body text. `headers` are extra header lines, each ending in `\r\n`.
+pub async fn http_request(
+    server: &ServerHandle,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// [`http_request`] with the body read as JSON (`null` when it is not JSON).
+pub async fn http_json(
+    server: &ServerHandle,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (status, body) = http_request(server, method, path, headers, body).await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A server API call with the test key; expects HTTP 200 and returns the whole answer.
+pub async fn api_call(
+    server: &ServerHandle,
+    method: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let headers = format!("X-API-Key: {API_KEY}\r\n");
+    let path = format!("/api/{method}");
+    let (status, reply) = http_json(server, "POST", &path, &headers, &body.to_string()).await;
+    assert_eq!(status, 200, "{method}: {reply}");
+    reply
+}
+
+/// A server API call that must succeed; returns its `result`.
+pub async fn api_result(
+    server: &ServerHandle,
+    method: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let reply = api_call(server, method, body).await;
+    assert!(reply.get("error").is_none(), "{method}: {reply}");
+    reply["result"].clone()
+}
