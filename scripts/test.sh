@@ -48,6 +48,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build"
 cargo build --workspace --locked
 
+step "benchmarks build (not run): the axum baseline and the kernel-floor probe"
+cargo build --locked --release --manifest-path bench/floor/Cargo.toml -q
+cargo check --locked --manifest-path bench/peers/axum-baseline/Cargo.toml -q
+
 step "Rust tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
