@@ -72,7 +72,7 @@ impl Handler {
 
     async fn on_deadline(&mut self, shared: &Shared, out: &mut Vec<Out>) {
         if let Handler::Native(session) = self {
-            session.on_deadline(shared, out).await;
+            Box::pin(session.on_deadline(shared, out)).await;
         }
     }
 
@@ -86,7 +86,9 @@ impl Handler {
         match self {
             Handler::Echo => out.push(Out::Message(kind, data)),
             Handler::Room(room) => room.on_message(shared, kind, data),
-            Handler::Native(session) => session.on_message(shared, data, out).await,
+            // Boxed: the session's command futures are large and rarely running; inlined, every
+            // connection's task would carry their size while idle.
+            Handler::Native(session) => Box::pin(session.on_message(shared, data, out)).await,
         }
     }
 
@@ -100,7 +102,9 @@ impl Handler {
         match self {
             Handler::Echo => {}
             Handler::Room(room) => room.on_deliveries(batch, deflate, out),
-            Handler::Native(session) => session.on_deliveries(shared, batch, deflate, out).await,
+            Handler::Native(session) => {
+                Box::pin(session.on_deliveries(shared, batch, deflate, out)).await
+            }
         }
     }
 
@@ -146,8 +150,8 @@ impl Handler {
     async fn finish(&mut self, shared: &Shared) {
         match self {
             Handler::Echo => {}
-            Handler::Room(room) => room.leave(shared).await,
-            Handler::Native(session) => session.finish(shared).await,
+            Handler::Room(room) => Box::pin(room.leave(shared)).await,
+            Handler::Native(session) => Box::pin(session.finish(shared)).await,
         }
     }
 }
@@ -174,7 +178,7 @@ where
         out: Vec::new(),
     };
     connection.drive(&mut handler).await;
-    connection.wire.finish(Duration::from_secs(1)).await;
+    Box::pin(connection.wire.finish(Duration::from_secs(1))).await;
     handler.finish(&shared).await;
     metrics.connections.dec();
 }
@@ -340,7 +344,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 self.read_open = false;
                 if self.closing.is_none() {
                     // Deliver what is due to the peer (its own messages included) first.
-                    handler.settle().await;
+                    Box::pin(handler.settle()).await;
                     self.drain_outbox(handler).await;
                     // Answer with the peer's own code (RFC 6455 §5.5.1).
                     self.wire
@@ -414,5 +418,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         self.shared.metrics.websocket_closed(code);
         self.wire.queue(encode_close(code, reason));
         self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
+    }
+}
+
+#[cfg(test)]
+mod size_probe {
+    use super::*;
+
+    /// The size of a future a function returns, without calling it.
+    fn output_size<A, B, C, D, F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn future_sizes() {
+        type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+        println!("run::<Io>: {} bytes", output_size(run::<Io>));
+        println!("Handler: {} bytes", std::mem::size_of::<Handler>());
+        println!("Wire<Io>: {} bytes", std::mem::size_of::<Wire<Io>>());
+        println!("Decoder: {} bytes", std::mem::size_of::<Decoder>());
     }
 }
