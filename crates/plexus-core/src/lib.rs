@@ -17,6 +17,7 @@
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod engine;
+pub mod envelope;
 mod hub;
 mod memory;
 mod node;
