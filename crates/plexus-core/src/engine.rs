@@ -62,6 +62,31 @@ pub enum NodeCommand {
     Unsubscribe { user: Arc<str>, channel: Arc<str> },
     /// Subscribe a user's connections to a channel.
     Subscribe { user: Arc<str>, channel: Arc<str> },
+    /// A frame of commands for an SSE or HTTP-streaming session of node `node`, sent through
+    /// another node's `/emulation`: only that node acts on it (the hub passes it on to the
+    /// server's handler, see [`crate::Hub::on_other_commands`]).
+    Emulation {
+        node: Arc<str>,
+        session: Arc<str>,
+        data: bytes::Bytes,
+    },
+    /// A node's heartbeat: who it is and its counts, every few seconds (for `info`). Passed on
+    /// to the server's handler like [`NodeCommand::Emulation`].
+    Stats(NodeStats),
+}
+
+/// What a node tells the others about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStats {
+    pub node: Arc<str>,
+    pub name: Arc<str>,
+    pub version: Arc<str>,
+    pub num_clients: u32,
+    pub num_users: u32,
+    pub num_channels: u32,
+    pub num_subs: u32,
+    /// Seconds since the node started.
+    pub uptime: u64,
 }
 
 /// Why an engine could not do something.

@@ -28,16 +28,23 @@
 //! # Node command
 //!
 //! ```text
-//! kind     1 byte      b'D' disconnect, b'U' unsubscribe, b'S' subscribe
+//! kind     1 byte      b'D' disconnect, b'U' unsubscribe, b'S' subscribe, b'E' emulation,
+//!                      b'N' node stats
 //! D        user, client (u32::MAX for none), code (u16 big-endian), reason
 //! U, S     user, channel
+//! E        node, session, data (u32 length + bytes)
+//! N        node, name, version, num_clients, num_users, num_channels, num_subs (u32 each,
+//!          big-endian), uptime (u64 big-endian)
 //! ```
+//!
+//! Kinds are only ever added: a node decodes every message of an older node; a kind it does not
+//! know (from a newer node) is an error it logs and skips.
 //!
 //! Strings are u32-length-prefixed UTF-8 as in the descriptor.
 
 use std::sync::Arc;
 
-use crate::engine::NodeCommand;
+use crate::engine::{NodeCommand, NodeStats};
 use crate::publication::{ClientDescriptor, CorruptPublication, Publication};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -181,6 +188,27 @@ pub fn encode_command(command: &NodeCommand) -> Bytes {
             put_text(&mut out, user.as_bytes());
             put_text(&mut out, channel.as_bytes());
         }
+        NodeCommand::Emulation {
+            node,
+            session,
+            data,
+        } => {
+            out.put_u8(b'E');
+            put_text(&mut out, node.as_bytes());
+            put_text(&mut out, session.as_bytes());
+            put_text(&mut out, data);
+        }
+        NodeCommand::Stats(stats) => {
+            out.put_u8(b'N');
+            put_text(&mut out, stats.node.as_bytes());
+            put_text(&mut out, stats.name.as_bytes());
+            put_text(&mut out, stats.version.as_bytes());
+            out.put_u32(stats.num_clients);
+            out.put_u32(stats.num_users);
+            out.put_u32(stats.num_channels);
+            out.put_u32(stats.num_subs);
+            out.put_u64(stats.uptime);
+        }
     }
     out.freeze()
 }
@@ -221,6 +249,34 @@ pub fn decode_command(message: &[u8]) -> Result<NodeCommand, CorruptPublication>
             } else {
                 NodeCommand::Subscribe { user, channel }
             }
+        }
+        b'E' => {
+            let node = take_text(&mut input)?;
+            let session = take_text(&mut input)?;
+            let data = take(&mut input)?.ok_or(CorruptPublication)?;
+            NodeCommand::Emulation {
+                node,
+                session,
+                data,
+            }
+        }
+        b'N' => {
+            let node = take_text(&mut input)?;
+            let name = take_text(&mut input)?;
+            let version = take_text(&mut input)?;
+            if input.remaining() < 24 {
+                return Err(CorruptPublication);
+            }
+            NodeCommand::Stats(NodeStats {
+                node,
+                name,
+                version,
+                num_clients: input.get_u32(),
+                num_users: input.get_u32(),
+                num_channels: input.get_u32(),
+                num_subs: input.get_u32(),
+                uptime: input.get_u64(),
+            })
         }
         _ => return Err(CorruptPublication),
     };
@@ -316,6 +372,26 @@ mod tests {
                 user: "".into(),
                 channel: "news".into(),
             },
+            NodeCommand::Emulation {
+                node: "n1".into(),
+                session: "s1".into(),
+                data: Bytes::from_static(b"{}\n{\"id\":2}"),
+            },
+            NodeCommand::Emulation {
+                node: "n1".into(),
+                session: "s1".into(),
+                data: Bytes::new(),
+            },
+            NodeCommand::Stats(NodeStats {
+                node: "n1".into(),
+                name: "host".into(),
+                version: "0.1.0".into(),
+                num_clients: 1,
+                num_users: 2,
+                num_channels: 3,
+                num_subs: 4,
+                uptime: 5,
+            }),
         ];
         for command in commands {
             let encoded = encode_command(&command);
@@ -323,6 +399,14 @@ mod tests {
             assert!(decode_command(&encoded[..encoded.len() - 1]).is_err());
         }
         assert!(decode_command(b"X").is_err());
+        // Bytes as nodes wrote them before emulation commands existed still decode.
+        assert_eq!(
+            decode_command(b"S\0\0\0\x01u\0\0\0\x04news").unwrap(),
+            NodeCommand::Subscribe {
+                user: "u".into(),
+                channel: "news".into(),
+            }
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@ use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 
@@ -123,6 +123,18 @@ pub struct Hub {
     next_connection_id: AtomicU64,
     delivered: AtomicU64,
     dropped_slow: AtomicU64,
+    other_commands: OnceLock<OtherCommands>,
+}
+
+/// What the hub does with the [`NodeCommand`]s that are not for its connections.
+pub type CommandHandler = Arc<dyn Fn(&NodeCommand) + Send + Sync>;
+
+struct OtherCommands(CommandHandler);
+
+impl std::fmt::Debug for OtherCommands {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("OtherCommands")
+    }
 }
 
 impl Default for Hub {
@@ -154,7 +166,15 @@ impl Hub {
             next_connection_id: AtomicU64::new(1),
             delivered: AtomicU64::new(0),
             dropped_slow: AtomicU64::new(0),
+            other_commands: OnceLock::new(),
         }
+    }
+
+    /// Sets, once, who receives the [`NodeCommand`]s the hub does not handle itself
+    /// ([`NodeCommand::Emulation`], [`NodeCommand::Stats`]): the server, which owns what they concern. Without a
+    /// handler they are dropped. Returns false if a handler was already set.
+    pub fn on_other_commands(&self, handler: CommandHandler) -> bool {
+        self.other_commands.set(OtherCommands(handler)).is_ok()
     }
 
     pub fn next_connection_id(&self) -> ConnectionId {
@@ -374,6 +394,12 @@ impl Deliver for Hub {
                     channel: channel.clone(),
                 },
             ),
+            NodeCommand::Emulation { .. } | NodeCommand::Stats(_) => {
+                if let Some(OtherCommands(handler)) = self.other_commands.get() {
+                    handler(command);
+                }
+                return;
+            }
         };
         for connection in self.connections_of(user, client) {
             connection.outbox.push_control(control.clone());

@@ -16,6 +16,7 @@ mod http;
 mod limits;
 pub mod metrics;
 mod native;
+mod peers;
 mod poll;
 pub mod secrets;
 mod tcp;
@@ -61,6 +62,8 @@ pub(crate) struct Shared {
     api_key: String,
     /// This node's SSE and HTTP-streaming sessions.
     emulation: emulation::Sessions,
+    /// The nodes heard from, for `info`.
+    peers: Arc<peers::Peers>,
 }
 
 /// A listener that could not be started.
@@ -152,8 +155,15 @@ impl Server {
             verifier: Some(verifier),
             api_key: secrets.api_key.clone(),
             token_hmac_secret: secrets.token_hmac_secret.clone(),
-            emulation: emulation::Sessions::new(),
+            emulation: emulation::Sessions::new(new_client_id()),
+            peers: Arc::new(peers::Peers::new()),
         });
+        emulation::serve_remote_frames(&shared);
+        peers::heartbeat(
+            &shared,
+            api::host_name().into(),
+            tokio::time::Instant::now(),
+        );
         let accept_loops = TaskTracker::new();
         shared.tasks.spawn(app::quotes_demo(shared.clone()));
 

@@ -13,6 +13,8 @@ mod methods;
 mod reply;
 mod stats;
 
+pub(crate) use stats::host_name;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -214,8 +216,8 @@ struct Api {
 impl Api {
     fn new(shared: Arc<Shared>) -> Api {
         Api {
+            node: stats::NodeIdentity::new(shared.emulation.node().to_string()),
             shared,
-            node: stats::NodeIdentity::new(),
         }
     }
 

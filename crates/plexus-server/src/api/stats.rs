@@ -1,6 +1,9 @@
 //! `channels` and `info`: this node's view (the hub's channels and connections).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use plexus_core::NodeStats;
 
 use plexus_protocol::client::ErrorCode;
 use serde::{Deserialize, Serialize};
@@ -17,9 +20,10 @@ pub(super) struct NodeIdentity {
 }
 
 impl NodeIdentity {
-    pub(super) fn new() -> NodeIdentity {
+    /// `uid`: the node's id, the one its SSE and HTTP-streaming sessions report.
+    pub(super) fn new(uid: String) -> NodeIdentity {
         NodeIdentity {
-            uid: uuid::Uuid::new_v4().to_string(),
+            uid,
             name: host_name(),
             started: Instant::now(),
         }
@@ -27,7 +31,7 @@ impl NodeIdentity {
 }
 
 /// The machine's host name, or `plexus` when it cannot be read.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
         .iter()
         .find_map(|path| {
@@ -87,7 +91,7 @@ impl Validate for InfoRequest {}
 pub(super) struct NodeInfo {
     uid: String,
     name: String,
-    version: &'static str,
+    version: String,
     num_clients: u32,
     /// Distinct users among this node's subscribers.
     num_users: u32,
@@ -102,31 +106,36 @@ pub(super) struct InfoResult {
     nodes: Vec<NodeInfo>,
 }
 
-/// This node only: nodes do not share their statistics yet.
+/// This node, and every other node heard from within [`crate::peers::SILENT`].
 pub(super) async fn info(
     shared: &Shared,
     node: &NodeIdentity,
     _request: InfoRequest,
 ) -> Result<InfoResult, ErrorCode> {
-    let hub = shared.node.hub();
-    let channels = hub.channels();
-    let mut users = HashSet::new();
-    for (name, _) in &channels {
-        users.extend(hub.presence(name).iter().map(|client| client.user.clone()));
-    }
-    let num_subs: usize = channels.iter().map(|(_, clients)| clients).sum();
-    Ok(InfoResult {
-        nodes: vec![NodeInfo {
-            uid: node.uid.clone(),
-            name: node.name.clone(),
-            version: env!("CARGO_PKG_VERSION"),
-            num_clients: hub.n_connections() as u32,
-            num_users: users.len() as u32,
-            num_channels: channels.len() as u32,
-            num_subs: num_subs as u32,
-            uptime: node.started.elapsed().as_secs(),
-        }],
-    })
+    let name: Arc<str> = node.name.as_str().into();
+    let uid: Arc<str> = node.uid.as_str().into();
+    let local = crate::peers::local_stats(shared, &uid, &name, node.started);
+    let mut others: Vec<NodeStats> = shared
+        .peers
+        .live()
+        .into_iter()
+        .filter(|stats| stats.node != uid)
+        .collect();
+    others.sort_by(|a, b| a.node.cmp(&b.node));
+    let nodes = std::iter::once(local)
+        .chain(others)
+        .map(|stats| NodeInfo {
+            uid: stats.node.to_string(),
+            name: stats.name.to_string(),
+            version: stats.version.to_string(),
+            num_clients: stats.num_clients,
+            num_users: stats.num_users,
+            num_channels: stats.num_channels,
+            num_subs: stats.num_subs,
+            uptime: stats.uptime,
+        })
+        .collect();
+    Ok(InfoResult { nodes })
 }
 
 /// Whether `name` matches `pattern`, in which `*` stands for any run of characters (none

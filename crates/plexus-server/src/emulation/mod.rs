@@ -21,6 +21,7 @@ use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
+use plexus_core::NodeCommand;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -39,11 +40,17 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    pub(crate) fn new() -> Sessions {
+    /// `node`: this node's id, which the SDK sends back with each `/emulation` request.
+    pub(crate) fn new(node: Arc<str>) -> Sessions {
         Sessions {
-            node: crate::new_client_id(),
+            node,
             streams: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// This node's id.
+    pub(crate) fn node(&self) -> &Arc<str> {
+        &self.node
     }
 
     fn insert(&self, session: Arc<str>, commands: mpsc::Sender<Bytes>) {
@@ -164,15 +171,17 @@ fn start(shared: Arc<Shared>, headers: &HeaderMap, connect: Bytes, kind: Kind) -
 #[derive(Deserialize)]
 struct EmulationRequest {
     session: String,
+    /// The node that owns the stream (from the connect reply).
     #[serde(default)]
-    #[allow(dead_code)] // one node: the session id alone finds the stream
     node: String,
     /// The command frame, as the client would send it over a WebSocket.
     data: String,
 }
 
 /// `POST /emulation`: one frame of commands (or a pong) for a stream. 200 with an empty body
-/// once the stream's task has it; 404 for a session this node does not have (the SDK closes and
+/// once the stream's task has it, or, for a stream of another node (`node` names it, and the
+/// engine links nodes), once the frame is sent to that node as a [`NodeCommand::Emulation`];
+/// 404 for a session this node does not have and cannot pass on (the SDK closes and
 /// reconnects); 400 for a body that is not an emulation request.
 pub(crate) async fn emulation(
     State(shared): State<Arc<Shared>>,
@@ -196,10 +205,79 @@ pub(crate) async fn emulation(
         }
     };
     let Some(commands) = shared.emulation.get(&request.session) else {
-        return (StatusCode::NOT_FOUND, "unknown session\n").into_response();
+        if request.node.is_empty() || *request.node == *shared.emulation.node || !has_peers(&shared)
+        {
+            return (StatusCode::NOT_FOUND, "unknown session\n").into_response();
+        }
+        let command = NodeCommand::Emulation {
+            node: request.node.into(),
+            session: request.session.into(),
+            data: Bytes::from(request.data),
+        };
+        return match shared.node.command(command).await {
+            Ok(()) => StatusCode::OK.into_response(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot pass an emulation request to its node");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "cannot reach the session's node\n",
+                )
+                    .into_response()
+            }
+        };
     };
     match commands.send(Bytes::from(request.data)).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(_) => (StatusCode::NOT_FOUND, "unknown session\n").into_response(),
     }
+}
+
+/// Whether the engine links this node to others (a broker): only then can a session live on
+/// another node.
+fn has_peers(shared: &Shared) -> bool {
+    matches!(shared.node.engine().name(), "redis" | "nats")
+}
+
+/// Keeps the other nodes' heartbeats, and hands the [`NodeCommand::Emulation`]s for this
+/// node's sessions, sent through other nodes'
+/// `/emulation`, to their streams, as a local request would; one task keeps their order.
+pub(crate) fn serve_remote_frames(shared: &Arc<Shared>) {
+    let (frames_tx, mut frames) = mpsc::unbounded_channel::<(Arc<str>, Bytes)>();
+    let node = shared.emulation.node.clone();
+    let peers = shared.peers.clone();
+    shared
+        .node
+        .hub()
+        .on_other_commands(Arc::new(move |command: &NodeCommand| match command {
+            NodeCommand::Emulation {
+                node: target,
+                session,
+                data,
+            } if *target == node => {
+                let _ = frames_tx.send((session.clone(), data.clone()));
+            }
+            NodeCommand::Stats(stats) => peers.record(stats),
+            _ => {}
+        }));
+    let weak = Arc::downgrade(shared);
+    let shutdown = shared.shutdown.clone();
+    shared.tasks.spawn(async move {
+        loop {
+            let (session, data) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                frame = frames.recv() => match frame {
+                    Some(frame) => frame,
+                    None => return,
+                },
+            };
+            let Some(commands) = weak
+                .upgrade()
+                .and_then(|shared| shared.emulation.get(&session))
+            else {
+                continue;
+            };
+            // A stream that has ended drops its receiver: nothing to do.
+            let _ = commands.send(data).await;
+        }
+    });
 }

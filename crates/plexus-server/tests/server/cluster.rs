@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::emulation::{connect, emulate, Kind};
 use crate::util::*;
 
 fn redis_url() -> String {
@@ -53,6 +54,53 @@ async fn raw_member(server: &ServerHandle, hello: &str) -> Ws {
     send_text(&mut socket, hello).await;
     assert_eq!(next_text(&mut socket).await, hello);
     socket
+}
+
+/// `info` on every node lists the three nodes (from their heartbeats).
+async fn info_lists_every_node(nodes: [&ServerHandle; 3]) {
+    let started = std::time::Instant::now();
+    for node in nodes {
+        loop {
+            let info = api(node, "info", json!({})).await;
+            if info["nodes"].as_array().unwrap().len() == 3 {
+                break;
+            }
+            assert!(started.elapsed() < TIMEOUT, "{info}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// An HTTP-streaming client of node `a` whose commands come through node `b`'s `/emulation`
+/// (as behind a load balancer) still subscribes, and hears a publication made on node `c`.
+async fn emulation_through_another_node(a: &ServerHandle, b: &ServerHandle, c: &ServerHandle) {
+    let (mut client, session, node) = connect(a, Kind::HttpStream, "emu").await;
+    let info = api(a, "info", json!({})).await;
+    assert!(
+        info["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|listed| listed["uid"] == node.as_str()),
+        "{info}"
+    );
+    let channel = "chat:emu-cluster";
+    let subscribe = json!({"id": 2, "subscribe": {"channel": channel}}).to_string();
+    assert_eq!(emulate(b, &session, &node, &subscribe).await, 200);
+    let reply = client.reply().await;
+    assert_eq!(reply["id"], 2, "{reply}");
+    assert!(reply.get("subscribe").is_some(), "{reply}");
+    api(
+        c,
+        "publish",
+        json!({"channel": channel, "data": {"text": "to a stream"}}),
+    )
+    .await;
+    let push = client.reply().await;
+    assert_eq!(push["push"]["channel"], channel, "{push}");
+    assert_eq!(push["push"]["pub"]["data"], json!({"text": "to a stream"}));
+    // A session that its named node does not have is still unknown there.
+    assert_eq!(emulate(a, "no-such-session", &node, "{}").await, 404);
 }
 
 /// Deletes every key under `prefix` (best effort), over a hand-written RESP request.
@@ -161,6 +209,8 @@ async fn three_nodes_share_rooms_presence_and_history() {
         assert!(started.elapsed() < TIMEOUT, "{presence}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    emulation_through_another_node(&a, &b, &c).await;
+    info_lists_every_node([&a, &b, &c]).await;
     drop((a, b, c));
     remove_keys(&prefix).await;
 }
@@ -178,7 +228,7 @@ mod on_nats {
     use plexus_server::Config;
     use serde_json::{json, Value};
 
-    use super::{api, raw_member};
+    use super::{api, emulation_through_another_node, info_lists_every_node, raw_member};
     use crate::util::*;
 
     fn nats_url() -> String {
@@ -300,6 +350,8 @@ mod on_nats {
             assert!(started.elapsed() < TIMEOUT, "{presence}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        emulation_through_another_node(&a, &b, &c).await;
+        info_lists_every_node([&a, &b, &c]).await;
         drop((a, b, c));
         remove_streams(&prefix).await;
     }

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use crate::util::*;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     Sse,
     HttpStream,
 }
@@ -30,7 +30,7 @@ fn url_encode(text: &str) -> String {
 }
 
 /// One SSE or HTTP-streaming connection: its response head, then its replies one by one.
-struct StreamClient {
+pub(crate) struct StreamClient {
     kind: Kind,
     reader: BufReader<TcpStream>,
     status: u16,
@@ -148,7 +148,7 @@ impl StreamClient {
     }
 
     /// The next reply that is not a server ping.
-    async fn reply(&mut self) -> Value {
+    pub(crate) async fn reply(&mut self) -> Value {
         loop {
             let reply = self.next().await.expect("a reply before the end");
             if reply != json!({}) {
@@ -163,7 +163,7 @@ async fn post(server: &ServerHandle, path: &str, headers: &str, body: &str) -> (
     http_request(server, "POST", path, headers, body).await
 }
 
-async fn emulate(server: &ServerHandle, session: &str, node: &str, data: &str) -> u16 {
+pub(crate) async fn emulate(server: &ServerHandle, session: &str, node: &str, data: &str) -> u16 {
     let body = json!({"session": session, "node": node, "data": data}).to_string();
     post(server, "/emulation", "", &body).await.0
 }
@@ -173,7 +173,11 @@ async fn api(server: &ServerHandle, method: &str, body: Value) -> Value {
 }
 
 /// Connects as `user` over `kind`; returns the client and its session and node.
-async fn connect(server: &ServerHandle, kind: Kind, user: &str) -> (StreamClient, String, String) {
+pub(crate) async fn connect(
+    server: &ServerHandle,
+    kind: Kind,
+    user: &str,
+) -> (StreamClient, String, String) {
     let connect = json!({"id": 1, "connect": {"token": token(user), "name": "emu"}});
     let mut client = StreamClient::open(server, kind, &connect).await;
     assert_eq!(client.status, 200, "{}", client.head);
