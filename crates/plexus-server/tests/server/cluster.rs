@@ -1,7 +1,8 @@
-//! Several nodes on one Redis (`engine = "redis"`): a message sent on one node reaches
-//! subscribers on the others, and presence and history are the same from every node. Uses the
-//! Redis at `PLEXUS_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) under a key prefix of
-//! the test's own, removed at the end.
+//! Several nodes on one broker, Redis (`engine = "redis"`) and NATS (`engine = "nats"`), run
+//! through one scenario (`three_nodes_agree`): a message sent on one node reaches subscribers on
+//! the others, and presence, history, `/emulation` routing and `info` agree on every node. Uses
+//! the Redis at `PLEXUS_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`) and the NATS at
+//! `PLEXUS_TEST_NATS_URL`, under a prefix of the test's own, removed at the end.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,23 +30,7 @@ fn redis_config(prefix: &str) -> Config {
 
 /// `POST /api/{method}` with the test key; returns the `result` (failing on an `error`).
 async fn api(server: &ServerHandle, method: &str, body: Value) -> Value {
-    let body = body.to_string();
-    let mut stream = TcpStream::connect(server.http_addr()).await.unwrap();
-    let request = format!(
-        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: test-api-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    tokio::time::timeout(TIMEOUT, stream.read_to_string(&mut response))
-        .await
-        .expect("API response in time")
-        .unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a whole response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{method}: {response}");
-    let reply: Value = serde_json::from_str(body).unwrap();
-    assert!(reply.get("error").is_none(), "{method}: {reply}");
-    reply["result"].clone()
+    api_result(server, method, body).await
 }
 
 /// A raw `/chat/r` client, known to be subscribed: its own `hello` came back.
@@ -123,17 +108,23 @@ async fn remove_keys(prefix: &str) {
     let _ = tokio::time::timeout(TIMEOUT, redis.read(&mut reply)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_nodes_share_rooms_presence_and_history() {
+/// A unique key prefix (or NATS stream prefix) for one test run.
+fn unique_prefix() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos();
-    let prefix = format!("plexus-cluster-{}-{nanos}", std::process::id());
-    let a = start(redis_config(&prefix)).await;
-    let b = start(redis_config(&prefix)).await;
-    let c = start(redis_config(&prefix)).await;
-    assert_eq!(a.engine(), "redis");
+    format!("plexus-cluster-{}-{nanos}", std::process::id())
+}
+
+/// Three nodes configured by `config` (given the prefix) on one broker: raw rooms, the API,
+/// presence, history, leaving, `/emulation` through another node and `info` all agree across
+/// nodes.
+async fn three_nodes_agree(engine: &str, prefix: &str, config: impl Fn(&str) -> Config) {
+    let a = start(config(prefix)).await;
+    let b = start(config(prefix)).await;
+    let c = start(config(prefix)).await;
+    assert_eq!(a.engine(), engine);
 
     let mut on_b = raw_member(&b, "b is here").await;
     let mut on_c = raw_member(&c, "c is here").await;
@@ -211,7 +202,12 @@ async fn three_nodes_share_rooms_presence_and_history() {
     }
     emulation_through_another_node(&a, &b, &c).await;
     info_lists_every_node([&a, &b, &c]).await;
-    drop((a, b, c));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_rooms_presence_and_history() {
+    let prefix = unique_prefix();
+    three_nodes_agree("redis", &prefix, redis_config).await;
     remove_keys(&prefix).await;
 }
 
@@ -220,16 +216,14 @@ async fn three_nodes_share_rooms_presence_and_history() {
 /// deleted at the end.
 mod on_nats {
     use std::sync::Arc;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::Duration;
 
     use plexus_core::{Deliver, Delivery, NodeCommand};
     use plexus_engine_nats::{NatsEngine, NatsOptions};
     use plexus_server::config::EngineKind;
     use plexus_server::Config;
-    use serde_json::{json, Value};
 
-    use super::{api, emulation_through_another_node, info_lists_every_node, raw_member};
-    use crate::util::*;
+    use super::{three_nodes_agree, unique_prefix};
 
     fn nats_url() -> String {
         std::env::var("PLEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -266,93 +260,8 @@ mod on_nats {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn three_nats_nodes_share_rooms_presence_and_history() {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let prefix = format!("plexus-cluster-{}-{nanos}", std::process::id());
-        let a = start(nats_config(&prefix)).await;
-        let b = start(nats_config(&prefix)).await;
-        let c = start(nats_config(&prefix)).await;
-        assert_eq!(a.engine(), "nats");
-
-        let mut on_b = raw_member(&b, "b is here").await;
-        let mut on_c = raw_member(&c, "c is here").await;
-        assert_eq!(next_text(&mut on_b).await, "c is here");
-
-        // A raw client on node A talks; B and C hear it, in the same order as A itself.
-        let mut on_a = ws(&a, "/chat/r").await;
-        send_text(&mut on_a, "hello from a").await;
-        send_text(&mut on_a, "and again").await;
-        for socket in [&mut on_a, &mut on_b, &mut on_c] {
-            assert_eq!(next_text(socket).await, "hello from a");
-            assert_eq!(next_text(socket).await, "and again");
-        }
-
-        // The server API of node C publishes to everyone too.
-        let published = api(
-            &c,
-            "publish",
-            json!({"channel": "chat:r", "data": "from the api"}),
-        )
-        .await;
-        assert_eq!(published["offset"], 5, "{published}");
-        for socket in [&mut on_a, &mut on_b, &mut on_c] {
-            assert_eq!(next_text(socket).await, r#""from the api""#);
-        }
-
-        // Presence of a native client on A lists the clients of every node.
-        let (mut ann, ann_id) = native(&a, "ann").await;
-        let reply = command(&mut ann, 2, json!({"subscribe": {"channel": "chat:r"}})).await;
-        assert!(reply.get("error").is_none(), "{reply}");
-        let reply = command(&mut ann, 3, json!({"presence": {"channel": "chat:r"}})).await;
-        let clients = reply["presence"]["presence"].as_object().unwrap();
-        assert_eq!(clients.len(), 4, "raw on A, B and C, and ann: {reply}");
-        assert_eq!(clients[&ann_id], json!({"user": "ann", "client": ann_id}));
-        for node in [&a, &b, &c] {
-            let presence = api(node, "presence", json!({"channel": "chat:r"})).await;
-            assert_eq!(presence["presence"].as_object().unwrap(), clients);
-        }
-
-        // One history, the same from every node.
-        let history = api(&b, "history", json!({"channel": "chat:r", "limit": -1})).await;
-        let texts: Vec<&Value> = history["publications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|publication| &publication["data"])
-            .collect();
-        assert_eq!(
-            texts,
-            [
-                "b is here",
-                "c is here",
-                "hello from a",
-                "and again",
-                "from the api"
-            ]
-        );
-        assert_eq!(history["offset"], 5);
-        assert_eq!(history["epoch"], published["epoch"]);
-        for node in [&a, &c] {
-            let same = api(node, "history", json!({"channel": "chat:r", "limit": -1})).await;
-            assert_eq!(same, history);
-        }
-
-        // A client that leaves node C is gone from presence everywhere.
-        drop(on_c);
-        let started = std::time::Instant::now();
-        loop {
-            let presence = api(&a, "presence", json!({"channel": "chat:r"})).await;
-            if presence["presence"].as_object().unwrap().len() == 3 {
-                break;
-            }
-            assert!(started.elapsed() < TIMEOUT, "{presence}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        emulation_through_another_node(&a, &b, &c).await;
-        info_lists_every_node([&a, &b, &c]).await;
-        drop((a, b, c));
+        let prefix = unique_prefix();
+        three_nodes_agree("nats", &prefix, nats_config).await;
         remove_streams(&prefix).await;
     }
 }
