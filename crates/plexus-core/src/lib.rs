@@ -23,6 +23,7 @@ mod memory;
 mod node;
 mod options;
 mod outbox;
+mod presence;
 mod publication;
 
 pub use engine::{
@@ -35,4 +36,5 @@ pub use node::{recovery_is_complete, Node, PublishError, SubscribeError, Subscri
 pub use options::{allowed_users, user_may_subscribe, ChannelError, ChannelOptions, Namespaces};
 pub use outbox::{Control, Delivery, Outbox, OutboxState};
 pub use plexus_protocol::ws::MessageKind;
+pub use presence::PresenceMap;
 pub use publication::{ClientDescriptor, CorruptPublication, Encoding, Membership, Publication};

@@ -11,6 +11,7 @@ use crate::engine::{
     NodeCommand, StreamPosition,
 };
 use crate::outbox::Delivery;
+use crate::presence::PresenceMap;
 use crate::publication::{ClientDescriptor, Membership, Publication};
 
 /// A fresh random epoch (16 hex digits), from the standard library's per-process random keys.
@@ -54,16 +55,12 @@ impl Stream {
     }
 }
 
-/// Present clients of one channel, by client id.
-type ClientsById = HashMap<Arc<str>, Arc<ClientDescriptor>>;
-
 pub struct MemoryEngine {
     deliver: Arc<dyn Deliver>,
     streams: RwLock<HashMap<Arc<str>, Arc<Mutex<Stream>>>>,
     /// Retention last used per channel, so reads can drop expired entries.
     retention: Mutex<HashMap<Arc<str>, HistoryRetention>>,
-    /// Per channel, by client id: adding and removing cost the same in a room of any size.
-    presence: Mutex<HashMap<Arc<str>, ClientsById>>,
+    presence: PresenceMap,
 }
 
 impl std::fmt::Debug for MemoryEngine {
@@ -88,7 +85,7 @@ impl MemoryEngine {
             deliver,
             streams: RwLock::new(HashMap::new()),
             retention: Mutex::new(HashMap::new()),
-            presence: Mutex::new(HashMap::new()),
+            presence: PresenceMap::default(),
         }
     }
 
@@ -203,21 +200,12 @@ impl Engine for MemoryEngine {
         channel: &str,
         client: Arc<ClientDescriptor>,
     ) -> BoxFuture<Result<(), EngineError>> {
-        lock(&self.presence)
-            .entry(channel.into())
-            .or_default()
-            .insert(client.client.clone(), client);
+        self.presence.add(channel, client);
         ready(Ok(()))
     }
 
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
-        let mut presence = lock(&self.presence);
-        if let Some(clients) = presence.get_mut(channel) {
-            clients.remove(client);
-            if clients.is_empty() {
-                presence.remove(channel);
-            }
-        }
+        self.presence.remove(channel, client);
         ready(Ok(()))
     }
 
@@ -225,11 +213,7 @@ impl Engine for MemoryEngine {
         &self,
         channel: &str,
     ) -> BoxFuture<Result<Vec<Arc<ClientDescriptor>>, EngineError>> {
-        let clients = lock(&self.presence)
-            .get(channel)
-            .map(|clients| clients.values().cloned().collect())
-            .unwrap_or_default();
-        ready(Ok(clients))
+        ready(Ok(self.presence.clients(channel)))
     }
 
     fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>> {

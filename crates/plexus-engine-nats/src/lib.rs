@@ -52,16 +52,15 @@ mod store;
 mod subscriber;
 mod writer;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use futures_util::FutureExt;
 use plexus_core::{
     BoxFuture, ClientDescriptor, Deliver, Engine, EngineError, HistoryPage, HistoryQuery,
-    HistoryRetention, Membership, NodeCommand, Publication, StreamPosition,
+    HistoryRetention, Membership, NodeCommand, PresenceMap, Publication, StreamPosition,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -142,15 +141,13 @@ pub struct NatsEngine {
     cancel: CancellationToken,
 }
 
-/// Presence this node added, refreshed while its clients stay: channel → client → descriptor.
-type LocalPresence = Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Arc<ClientDescriptor>>>>;
-
 struct Inner {
     options: NatsOptions,
     store: Arc<Store>,
     writers: Writers,
     subscriber: Arc<Subscriber>,
-    presence: LocalPresence,
+    /// Presence this node added, refreshed in the broker while its clients stay.
+    presence: PresenceMap,
 }
 
 impl std::fmt::Debug for NatsEngine {
@@ -174,12 +171,6 @@ fn unavailable(error: LinkError) -> EngineError {
         engine: NAME,
         source: Box::new(error),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `50 ms` doubling to `2 s` between reconnection attempts.
@@ -244,7 +235,7 @@ impl NatsEngine {
             store,
             writers,
             subscriber,
-            presence: Mutex::new(HashMap::new()),
+            presence: PresenceMap::default(),
         });
         let connected = Arc::new(Notify::new());
         tokio::spawn(supervise(
@@ -338,17 +329,12 @@ async fn refresh_presence(inner: Arc<Inner>, connected: Arc<Notify>, cancel: Can
             () = tokio::time::sleep(wait) => {}
             () = connected.notified() => {}
         }
-        let replies: Vec<_> = {
-            let presence = lock(&inner.presence);
-            presence
-                .iter()
-                .flat_map(|(channel, clients)| {
-                    clients
-                        .values()
-                        .map(|client| inner.call(channel, add_presence(client)))
-                })
-                .collect()
-        };
+        let replies: Vec<_> = inner
+            .presence
+            .entries()
+            .iter()
+            .map(|(channel, client)| inner.call(channel, add_presence(client)))
+            .collect();
         let mut failed = 0;
         for reply in replies {
             failed += usize::from(reply.await.is_err());
@@ -488,26 +474,12 @@ impl Engine for NatsEngine {
         let inner = self.inner.clone();
         let reply = inner.call(channel, add_presence(&client));
         let channel: Arc<str> = channel.into();
-        lock(&inner.presence)
-            .entry(channel.clone())
-            .or_default()
-            .insert(client.client.clone(), client.clone());
+        inner.presence.add(&channel, client.clone());
         Box::pin(async move {
             let result = reply.await.map(drop);
             if result.is_err() {
                 // Not present: nothing to refresh (unless it was added again meanwhile).
-                let mut presence = lock(&inner.presence);
-                if let Some(clients) = presence.get_mut(&channel) {
-                    if clients
-                        .get(&client.client)
-                        .is_some_and(|known| Arc::ptr_eq(known, &client))
-                    {
-                        clients.remove(&client.client);
-                    }
-                    if clients.is_empty() {
-                        presence.remove(&channel);
-                    }
-                }
+                inner.presence.forget(&channel, &client);
             }
             result
         })
@@ -515,15 +487,7 @@ impl Engine for NatsEngine {
 
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
         let inner = &self.inner;
-        {
-            let mut presence = lock(&inner.presence);
-            if let Some(clients) = presence.get_mut(channel) {
-                clients.remove(client);
-                if clients.is_empty() {
-                    presence.remove(channel);
-                }
-            }
-        }
+        inner.presence.remove(channel, client);
         let reply = inner.call(
             channel,
             Operation::RemovePresence {

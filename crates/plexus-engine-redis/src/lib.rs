@@ -46,14 +46,14 @@ mod scripts;
 mod subscriber;
 mod writer;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use plexus_core::{
     new_epoch, BoxFuture, ClientDescriptor, Deliver, Engine, EngineError, HistoryPage,
-    HistoryQuery, HistoryRetention, Membership, NodeCommand, Publication, StreamPosition,
+    HistoryQuery, HistoryRetention, Membership, NodeCommand, PresenceMap, Publication,
+    StreamPosition,
 };
 use redis::{Client, Cmd, Script, Value};
 use tokio::sync::Notify;
@@ -124,16 +124,14 @@ pub struct RedisEngine {
     cancel: CancellationToken,
 }
 
-/// Presence this node added, refreshed while its clients stay: channel → client → descriptor.
-type LocalPresence = Mutex<HashMap<Arc<str>, HashMap<Arc<str>, Arc<ClientDescriptor>>>>;
-
 struct Inner {
     options: RedisOptions,
     scripts: Scripts,
     writers: Writers,
     subscriber: Arc<Subscriber>,
     health: Arc<Health>,
-    presence: LocalPresence,
+    /// Presence this node added, refreshed in the broker while its clients stay.
+    presence: PresenceMap,
 }
 
 impl std::fmt::Debug for RedisEngine {
@@ -167,12 +165,6 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
         .max(1)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `EVALSHA` of a script with its keys; arguments follow.
@@ -217,7 +209,7 @@ impl RedisEngine {
             writers,
             subscriber,
             health,
-            presence: Mutex::new(HashMap::new()),
+            presence: PresenceMap::default(),
         });
         tokio::spawn(refresh_presence(inner.clone(), connected, cancel.clone()));
         Ok(RedisEngine { inner, cancel })
@@ -281,17 +273,12 @@ async fn refresh_presence(inner: Arc<Inner>, connected: Arc<Notify>, cancel: Can
             () = tokio::time::sleep(wait) => {}
             () = connected.notified() => {}
         }
-        let replies: Vec<_> = {
-            let presence = lock(&inner.presence);
-            presence
-                .iter()
-                .flat_map(|(channel, clients)| {
-                    clients
-                        .values()
-                        .map(|client| inner.call(channel, inner.add_presence_cmd(channel, client)))
-                })
-                .collect()
-        };
+        let replies: Vec<_> = inner
+            .presence
+            .entries()
+            .iter()
+            .map(|(channel, client)| inner.call(channel, inner.add_presence_cmd(channel, client)))
+            .collect();
         let mut failed = 0;
         for reply in replies {
             failed += usize::from(reply.await.is_err());
@@ -446,26 +433,12 @@ impl Engine for RedisEngine {
         let inner = self.inner.clone();
         let reply = inner.call(channel, inner.add_presence_cmd(channel, &client));
         let channel: Arc<str> = channel.into();
-        lock(&inner.presence)
-            .entry(channel.clone())
-            .or_default()
-            .insert(client.client.clone(), client.clone());
+        inner.presence.add(&channel, client.clone());
         Box::pin(async move {
             let result = reply.await.map(drop);
             if result.is_err() {
                 // Not present: nothing to refresh (unless it was added again meanwhile).
-                let mut presence = lock(&inner.presence);
-                if let Some(clients) = presence.get_mut(&channel) {
-                    if clients
-                        .get(&client.client)
-                        .is_some_and(|known| Arc::ptr_eq(known, &client))
-                    {
-                        clients.remove(&client.client);
-                    }
-                    if clients.is_empty() {
-                        presence.remove(&channel);
-                    }
-                }
+                inner.presence.forget(&channel, &client);
             }
             result
         })
@@ -473,15 +446,7 @@ impl Engine for RedisEngine {
 
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
         let inner = &self.inner;
-        {
-            let mut presence = lock(&inner.presence);
-            if let Some(clients) = presence.get_mut(channel) {
-                clients.remove(client);
-                if clients.is_empty() {
-                    presence.remove(channel);
-                }
-            }
-        }
+        inner.presence.remove(channel, client);
         let mut cmd = evalsha(
             &inner.scripts.presence_remove,
             &[
