@@ -18,10 +18,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import {
-  API_KEY, Recorder, Server, closeAll, client, collect, freePort, once, room, sleep, token, until,
-  watch,
-} from './lib/harness.mjs';
+import { API_KEY, Proxy, Recorder, Server, allReady, client, closeAll, collect, freePort, fullHistory, once, readyStatus, room, sleep, token, tryPublish, until, watch } from './lib/harness.mjs';
 
 const FILE = 'cluster-nats';
 const SHARED_NATS = 'nats://127.0.0.1:4222';
@@ -138,107 +135,6 @@ class NatsChild {
   }
 }
 
-/**
- * A TCP proxy forwarding each new connection to the current `target` port (switchable); when one
- * side of a connection ends, so does the other.
- */
-class Proxy {
-  constructor(recorder, target) {
-    Object.assign(this, { recorder, target });
-    this.sockets = new Set();
-    this.server = net.createServer((downstream) => this.forward(downstream));
-  }
-
-  async listen() {
-    await new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(0, '127.0.0.1', resolve);
-    });
-    this.port = this.server.address().port;
-    this.recorder.add('proxy', `listening on ${this.port}, forwarding to ${this.target}`);
-    return this;
-  }
-
-  forward(downstream) {
-    const target = this.target;
-    const upstream = net.connect({ port: target, host: '127.0.0.1' });
-    for (const socket of [downstream, upstream]) this.sockets.add(socket);
-    this.recorder.add('proxy', `connection -> ${target}`);
-    const end = (why) => {
-      if (!downstream.destroyed || !upstream.destroyed) this.recorder.add('proxy', `connection to ${target} ended: ${why}`);
-      for (const socket of [downstream, upstream]) {
-        socket.destroy();
-        this.sockets.delete(socket);
-      }
-    };
-    downstream.pipe(upstream);
-    upstream.pipe(downstream);
-    downstream.on('error', (error) => end(`client side ${error.code ?? error.message}`));
-    upstream.on('error', (error) => end(`server side ${error.code ?? error.message}`));
-    downstream.on('close', () => end('client side closed'));
-    upstream.on('close', () => end('server side closed'));
-  }
-
-  switchTo(target) {
-    this.recorder.add('proxy', `target ${this.target} -> ${target}`);
-    this.target = target;
-  }
-
-  async close() {
-    for (const socket of this.sockets) socket.destroy();
-    await new Promise((resolve) => this.server.close(resolve));
-  }
-}
-
-/** GET /ready's HTTP status (0 when the request failed). */
-async function readyStatus(server) {
-  try {
-    const response = await fetch(`${server.http}/ready`, { signal: AbortSignal.timeout(2_000) });
-    await response.text();
-    return response.status;
-  } catch {
-    return 0;
-  }
-}
-
-/** Waits until GET /ready answers `status` on every server. */
-async function allReady(servers, status, what, timeout) {
-  await until(async () => (await Promise.all(servers.map(readyStatus))).every((s) => s === status), what, timeout);
-}
-
-/** POST /api/publish that never throws: `{status, body, ms}`, or `{error, ms}` without an answer. */
-async function tryPublish(server, channel, data, timeout = 10_000) {
-  const started = Date.now();
-  const request = JSON.stringify({ channel, data });
-  try {
-    const response = await fetch(`${server.http}/api/publish`, {
-      method: 'POST',
-      headers: { 'Content-Type': 'application/json', 'X-API-Key': API_KEY },
-      body: request,
-      signal: AbortSignal.timeout(timeout),
-    });
-    const text = await response.text();
-    const ms = Date.now() - started;
-    server.recorder.add('api', `POST /api/publish ${request} -> ${response.status} ${text.trim()} (${ms} ms)`);
-    let body = null;
-    try {
-      body = JSON.parse(text);
-    } catch {
-      // not JSON
-    }
-    return { status: response.status, body, ms };
-  } catch (error) {
-    const ms = Date.now() - started;
-    server.recorder.add('api', `POST /api/publish ${request} -> no answer: ${error.message} (${ms} ms)`);
-    return { error, ms };
-  }
-}
-
-/** A channel's whole history as one node's API returns it. */
-async function fullHistory(server, channel) {
-  const { result } = await server.api('history', { channel, limit: -1 });
-  return result;
-}
 
 /**
  * A recorder, and `start(labels, options)` for nats nodes that are all killed (and the recorder

@@ -361,3 +361,113 @@ export async function setup(t, file, serverOptions = {}) {
   server = await Server.start(recorder, serverOptions);
   return { recorder, server };
 }
+
+// --- Several nodes (cluster tests) ---------------------------------------------------------
+
+/**
+ * A TCP proxy on a port of its own that forwards each connection to the current target port;
+ * `target` can be switched, and when either side of a connection ends the other is ended too.
+ */
+export class Proxy {
+  constructor(recorder, target) {
+    Object.assign(this, { recorder, target });
+    this.sockets = new Set();
+    this.server = net.createServer((downstream) => this.forward(downstream));
+  }
+
+  async listen() {
+    await new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(0, '127.0.0.1', resolve);
+    });
+    this.port = this.server.address().port;
+    this.recorder.add('proxy', `listening on ${this.port}, forwarding to ${this.target}`);
+    return this;
+  }
+
+  forward(downstream) {
+    const target = this.target;
+    const upstream = net.connect({ port: target, host: '127.0.0.1' });
+    this.sockets.add(downstream);
+    this.sockets.add(upstream);
+    this.recorder.add('proxy', `connection -> ${target}`);
+    const end = (why) => {
+      if (!downstream.destroyed || !upstream.destroyed) this.recorder.add('proxy', `connection to ${target} ended: ${why}`);
+      downstream.destroy();
+      upstream.destroy();
+      this.sockets.delete(downstream);
+      this.sockets.delete(upstream);
+    };
+    downstream.pipe(upstream);
+    upstream.pipe(downstream);
+    downstream.on('error', (error) => end(`client side ${error.code ?? error.message}`));
+    upstream.on('error', (error) => end(`server side ${error.code ?? error.message}`));
+    downstream.on('close', () => end('client side closed'));
+    upstream.on('close', () => end('server side closed'));
+  }
+
+  switchTo(target) {
+    this.recorder.add('proxy', `target ${this.target} -> ${target}`);
+    this.target = target;
+  }
+
+  async close() {
+    for (const socket of this.sockets) socket.destroy();
+    await new Promise((resolve) => this.server.close(resolve));
+  }
+}
+
+/** GET /ready: its HTTP status (0 when the request failed). */
+export async function readyStatus(server) {
+  try {
+    const response = await fetch(`${server.http}/ready`, { signal: AbortSignal.timeout(2_000) });
+    await response.text();
+    return response.status;
+  } catch {
+    return 0;
+  }
+}
+
+/** Waits until GET /ready on every server answers `status`. */
+export async function allReady(servers, status, what, timeout) {
+  await until(async () => {
+    const statuses = await Promise.all(servers.map(readyStatus));
+    return statuses.every((s) => s === status);
+  }, what, timeout);
+}
+
+/**
+ * POST /api/publish without throwing: `{status, body, ms}`, or `{error, ms}` when no answer came
+ * within `timeout` ms.
+ */
+export async function tryPublish(server, channel, data, timeout = 10_000) {
+  const started = Date.now();
+  try {
+    const response = await fetch(`${server.http}/api/publish`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', 'X-API-Key': API_KEY },
+      body: JSON.stringify({ channel, data }),
+      signal: AbortSignal.timeout(timeout),
+    });
+    const text = await response.text();
+    const ms = Date.now() - started;
+    server.recorder.add('api', `POST /api/publish ${JSON.stringify({ channel, data })} -> ${response.status} ${text.trim()} (${ms} ms)`);
+    let body = null;
+    try {
+      body = JSON.parse(text);
+    } catch {
+      // not JSON
+    }
+    return { status: response.status, body, ms };
+  } catch (error) {
+    const ms = Date.now() - started;
+    server.recorder.add('api', `POST /api/publish ${JSON.stringify({ channel, data })} -> no answer: ${error.message} (${ms} ms)`);
+    return { error, ms };
+  }
+}
+
+/** The publications of `channel`'s history as one node's API returns it. */
+export async function fullHistory(server, channel) {
+  const { result } = await server.api('history', { channel, limit: -1 });
+  return result;
+}
