@@ -34,7 +34,7 @@ pub use hub::{ClientInfo, CommandHandler, ConnectionId, FanOutReport, Hub, HubEr
 pub use memory::{new_epoch, MemoryEngine};
 pub use node::{recovery_is_complete, Node, PublishError, SubscribeError, Subscription};
 pub use options::{allowed_users, user_may_subscribe, ChannelError, ChannelOptions, Namespaces};
-pub use outbox::{Control, Delivery, Outbox, OutboxState};
+pub use outbox::{Control, Delivery, DirectWriter, Outbox, OutboxState};
 pub use plexus_protocol::ws::MessageKind;
 pub use presence::PresenceMap;
 pub use publication::{ClientDescriptor, CorruptPublication, Encoding, Membership, Publication};

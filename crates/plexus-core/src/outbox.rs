@@ -1,5 +1,5 @@
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
 
@@ -60,12 +60,38 @@ pub enum OutboxState {
     Closed,
 }
 
+/// Writes a parked connection's deliveries to its socket from outside the connection's task.
+///
+/// A connection whose task has nothing left to write *parks* its outbox ([`Outbox::park`]).
+/// While parked, a delivery does not wake the task: the outbox asks its writer to
+/// [`schedule`](DirectWriter::schedule) a flush, and the writer later calls
+/// [`Outbox::flush_parked`], which hands it the queue. One flusher serving many connections
+/// writes each connection's pending frames in one system call, without a task wake-up per
+/// connection; when more publications arrive than it can write one by one, they wait together
+/// and go out together. A connection that cannot take everything at once (its socket is full, or
+/// a delivery needs the task, like a close) is unparked and its task takes over.
+pub trait DirectWriter: Send + Sync {
+    /// `outbox`, parked, just went from empty to non-empty: arrange for
+    /// [`Outbox::flush_parked`] to be called soon. Must not call it from within (the caller may
+    /// hold a channel's lock).
+    fn schedule(&self, outbox: Arc<Outbox>);
+
+    /// Writes, without waiting, as much of `items` as the socket takes now, removing from the
+    /// front what went out whole; what was cut short goes back to the front as
+    /// [`Control::Frame`] with the bytes still due. Returns true if `items` is now empty; false
+    /// if the rest needs the connection's task (the socket is full, an item only the task can
+    /// handle, or an error the task will see on its own write).
+    fn write(&self, items: &mut VecDeque<Delivery>) -> bool;
+}
+
 #[derive(Debug)]
 struct Queue {
     items: VecDeque<Delivery>,
     /// Sum of the items' [`Delivery::weight`].
     bytes: usize,
     state: OutboxState,
+    /// The connection's task waits with nothing to write: deliveries go to the writer.
+    parked: bool,
 }
 
 /// One connection's queue of publications waiting to be written, bounded in bytes.
@@ -73,12 +99,24 @@ struct Queue {
 /// The hub pushes; the connection's task waits on [`Outbox::ready`] and drains. A push never
 /// blocks and never waits for the socket, so one slow reader cannot slow a broadcast: when its
 /// queue passes `limit` it is marked [`OutboxState::Overflowed`] and left out from then on.
-#[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
     /// Wakes the connection when the queue goes from empty to non-empty or changes state.
     notify: Notify,
     limit: usize,
+    /// Writes for the connection while it is parked; set once, by the connection.
+    writer: OnceLock<Arc<dyn DirectWriter>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Outbox")
+            .field("queue", &self.queue)
+            .field("limit", &self.limit)
+            .field("direct", &self.writer.get().is_some())
+            .finish()
+    }
 }
 
 impl Outbox {
@@ -88,9 +126,66 @@ impl Outbox {
                 items: VecDeque::new(),
                 bytes: 0,
                 state: OutboxState::Open,
+                parked: false,
             }),
             notify: Notify::new(),
             limit,
+            writer: OnceLock::new(),
+        }
+    }
+
+    /// Lets this outbox be parked and written by `writer` (see [`DirectWriter`]). Returns false
+    /// if it already has a writer.
+    pub fn set_writer(&self, writer: Arc<dyn DirectWriter>) -> bool {
+        self.writer.set(writer).is_ok()
+    }
+
+    /// The connection's task has nothing to write and is about to wait: from now on deliveries
+    /// go to the writer. Returns false (and stays unparked) if there is no writer, something is
+    /// queued, or the outbox is no longer open.
+    pub fn park(&self) -> bool {
+        if self.writer.get().is_none() {
+            return false;
+        }
+        let mut queue = self.lock();
+        if !queue.items.is_empty() || queue.state != OutboxState::Open {
+            return false;
+        }
+        queue.parked = true;
+        true
+    }
+
+    /// The connection's task is about to write: the writer must stop. Waits for a flush in
+    /// progress to finish (it holds the queue's lock), so the task's writes come after it.
+    pub fn unpark(&self) {
+        self.lock().parked = false;
+    }
+
+    /// Hands a parked outbox back to its task, woken (the writer is going away).
+    pub fn unpark_and_wake(&self) {
+        self.lock().parked = false;
+        self.notify.notify_one();
+    }
+
+    /// For the writer: writes what is queued while the outbox stays parked; if the writer
+    /// cannot finish, unparks it and wakes the connection's task to write the rest.
+    pub fn flush_parked(&self) {
+        let Some(writer) = self.writer.get() else {
+            return;
+        };
+        let mut queue = self.lock();
+        if !queue.parked || queue.items.is_empty() || queue.state != OutboxState::Open {
+            return; // the task has taken over (a state change wakes it by itself)
+        }
+        let done = writer.write(&mut queue.items);
+        queue.bytes = queue.items.iter().map(Delivery::weight).sum();
+        if queue.items.is_empty() && queue.items.capacity() > 16 {
+            queue.items = VecDeque::new();
+        }
+        if !done {
+            queue.parked = false;
+            drop(queue);
+            self.notify.notify_one();
         }
     }
 
@@ -104,7 +199,7 @@ impl Outbox {
 
     /// Queues a delivery from a channel. An error means the caller should stop delivering to
     /// this outbox: it overflowed just now or before, or its connection is closing.
-    pub fn push(&self, delivery: Delivery) -> Result<(), OutboxState> {
+    pub fn push(self: &Arc<Self>, delivery: Delivery) -> Result<(), OutboxState> {
         let mut queue = self.lock();
         if queue.state != OutboxState::Open {
             return Err(queue.state);
@@ -124,7 +219,7 @@ impl Outbox {
 
     /// Queues a command for this connection. It is not subject to the byte limit (the server
     /// sends few of them); it is dropped only when the connection is going away anyway.
-    pub fn push_control(&self, control: Control) -> bool {
+    pub fn push_control(self: &Arc<Self>, control: Control) -> bool {
         let queue = self.lock();
         if queue.state != OutboxState::Open {
             return false;
@@ -136,7 +231,7 @@ impl Outbox {
     }
 
     fn enqueue(
-        &self,
+        self: &Arc<Self>,
         mut queue: std::sync::MutexGuard<'_, Queue>,
         delivery: Delivery,
         weight: usize,
@@ -144,9 +239,13 @@ impl Outbox {
         let was_empty = queue.items.is_empty();
         queue.items.push_back(delivery);
         queue.bytes += weight;
+        let parked = queue.parked;
         drop(queue);
         if was_empty {
-            self.notify.notify_one();
+            match self.writer.get() {
+                Some(writer) if parked => writer.schedule(self.clone()),
+                _ => self.notify.notify_one(),
+            }
         }
     }
 
@@ -214,7 +313,7 @@ mod tests {
 
     #[tokio::test]
     async fn wakes_and_drains_in_order() {
-        let outbox = Outbox::new(10_000);
+        let outbox = Arc::new(Outbox::new(10_000));
         assert!(outbox.push(publication(1)).is_ok());
         assert!(outbox.push(publication(2)).is_ok());
         outbox.ready().await;
@@ -226,7 +325,7 @@ mod tests {
 
     #[test]
     fn overflow_drops_the_queue_and_refuses_more() {
-        let outbox = Outbox::new(1000);
+        let outbox = Arc::new(Outbox::new(1000));
         assert!(outbox.push(publication(500)).is_ok());
         assert_eq!(outbox.push(publication(500)), Err(OutboxState::Overflowed));
         assert_eq!(outbox.state(), OutboxState::Overflowed);
@@ -245,7 +344,7 @@ mod tests {
 
     #[test]
     fn control_is_not_limited() {
-        let outbox = Outbox::new(100);
+        let outbox = Arc::new(Outbox::new(100));
         for _ in 0..10 {
             assert!(outbox.push_control(Control::Frame(Bytes::from(vec![0; 50]))));
         }
@@ -254,7 +353,7 @@ mod tests {
 
     #[test]
     fn drain_respects_the_byte_budget() {
-        let outbox = Outbox::new(100_000);
+        let outbox = Arc::new(Outbox::new(100_000));
         for _ in 0..10 {
             outbox.push(publication(936)).unwrap(); // weight 1000
         }
@@ -262,5 +361,90 @@ mod tests {
         outbox.drain(2500, &mut out);
         assert_eq!(out.len(), 3);
         assert!(!outbox.is_empty());
+    }
+
+    /// A writer that takes up to `room` items per flush, recording what it wrote.
+    struct Taking {
+        room: Mutex<usize>,
+        written: Mutex<Vec<usize>>,
+        scheduled: Mutex<Vec<Arc<Outbox>>>,
+    }
+
+    impl DirectWriter for Taking {
+        fn schedule(&self, outbox: Arc<Outbox>) {
+            self.scheduled.lock().unwrap().push(outbox);
+        }
+
+        fn write(&self, items: &mut VecDeque<Delivery>) -> bool {
+            let mut room = self.room.lock().unwrap();
+            while *room > 0 {
+                let Some(item) = items.pop_front() else { break };
+                self.written.lock().unwrap().push(size(&item));
+                *room -= 1;
+            }
+            items.is_empty()
+        }
+    }
+
+    fn taking(room: usize) -> Arc<Taking> {
+        Arc::new(Taking {
+            room: Mutex::new(room),
+            written: Mutex::new(Vec::new()),
+            scheduled: Mutex::new(Vec::new()),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_parked_outbox_goes_to_its_writer_and_back_to_the_task_when_it_stops() {
+        let outbox = Arc::new(Outbox::new(100_000));
+        assert!(!outbox.park(), "no writer, no parking");
+        let writer = taking(2);
+        assert!(outbox.set_writer(writer.clone()));
+        assert!(outbox.park());
+
+        outbox.push(publication(1)).unwrap();
+        outbox.push(publication(2)).unwrap();
+        assert_eq!(writer.scheduled.lock().unwrap().len(), 1, "scheduled once");
+        outbox.flush_parked();
+        assert_eq!(*writer.written.lock().unwrap(), [1, 2]);
+        assert!(outbox.is_empty());
+
+        // Still parked: the next delivery is scheduled again; the writer takes one of two.
+        outbox.push(publication(3)).unwrap();
+        outbox.push(publication(4)).unwrap();
+        assert_eq!(writer.scheduled.lock().unwrap().len(), 2);
+        *writer.room.lock().unwrap() = 1;
+        outbox.flush_parked();
+        assert_eq!(*writer.written.lock().unwrap(), [1, 2, 3]);
+        // Unparked, with the task woken for the rest, in order.
+        tokio::time::timeout(std::time::Duration::from_secs(1), outbox.ready())
+            .await
+            .expect("the task is woken");
+        outbox.push(publication(5)).unwrap();
+        assert_eq!(
+            writer.scheduled.lock().unwrap().len(),
+            2,
+            "no longer parked"
+        );
+        let mut out = Vec::new();
+        outbox.drain(usize::MAX, &mut out);
+        assert_eq!(out.iter().map(size).collect::<Vec<_>>(), [4, 5]);
+        assert!(outbox.park(), "parks again once drained");
+        outbox.unpark();
+        outbox.push(publication(6)).unwrap();
+        outbox.flush_parked();
+        assert_eq!(
+            writer.written.lock().unwrap().len(),
+            3,
+            "unparked: the writer keeps out"
+        );
+    }
+
+    #[test]
+    fn a_closed_outbox_does_not_park() {
+        let outbox = Arc::new(Outbox::new(100));
+        outbox.set_writer(taking(10));
+        outbox.close();
+        assert!(!outbox.park());
     }
 }

@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     emulation: emulation::Sessions,
     /// The nodes heard from, for `info`.
     peers: Arc<peers::Peers>,
+    /// Flushers that write to parked WebSocket connections (see `ws::direct`).
+    direct: ws::direct::Lanes,
 }
 
 /// A listener that could not be started.
@@ -157,7 +159,11 @@ impl Server {
             token_hmac_secret: secrets.token_hmac_secret.clone(),
             emulation: emulation::Sessions::new(new_client_id()),
             peers: Arc::new(peers::Peers::new()),
+            direct: ws::direct::Lanes::new(
+                tokio::runtime::Handle::current().metrics().num_workers(),
+            ),
         });
+        ws::direct::start(&shared);
         emulation::serve_remote_frames(&shared);
         peers::heartbeat(
             &shared,

@@ -34,6 +34,16 @@ impl<IO> Tracked<IO> {
         }
     }
 
+    /// The same place and timeout around another I/O object made from this one.
+    pub fn map_io<T>(self, f: impl FnOnce(IO) -> T) -> Tracked<T> {
+        Tracked {
+            io: f(self.io),
+            _guard: self._guard,
+            write_timeout: self.write_timeout,
+            stalled_since: None,
+        }
+    }
+
     /// Turns a pending write into a timeout error once it has been pending for too long.
     fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {

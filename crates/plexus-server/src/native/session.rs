@@ -50,6 +50,9 @@ struct ChannelState {
     /// Highest offset the client has (from the subscribe reply or a push): duplicates at or
     /// below it, possible right after a subscribe, are dropped.
     last_offset: u64,
+    /// A publication above the offset the subscription started from has arrived (or there was
+    /// none to start from): from here on the channel's order rules out duplicates.
+    settled: bool,
     /// Joins and leaves are pushed: the client asked (`join_leave`) or the namespace forces it.
     join_leave: bool,
     /// When the subscription token expires (Unix seconds) unless refreshed with `sub_refresh`.
@@ -96,6 +99,17 @@ impl ClientSession {
             connected: None,
             connect_deadline: Instant::now() + shared.config.handshake_timeout,
         }
+    }
+
+    /// Whether the connection's deliveries may be written for it while it waits (see
+    /// `ws::direct`): not while a new subscription may still receive a publication its
+    /// subscribe reply already carried (only the session can drop it).
+    pub(crate) fn may_park(&self) -> bool {
+        self.stream.is_none()
+            && self
+                .connected
+                .as_ref()
+                .is_none_or(|connected| connected.channels.values().all(|state| state.settled))
     }
 
     /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed JSON
@@ -369,6 +383,7 @@ impl ClientSession {
                             continue; // already in the subscribe reply
                         }
                         state.last_offset = publication.offset;
+                        state.settled = true;
                     }
                     out.push(if stream {
                         Out::Message(MessageKind::Text, json::publication_json(&publication))
@@ -615,6 +630,7 @@ async fn subscribe(
         subscription.channel.clone(),
         ChannelState {
             last_offset,
+            settled: last_offset == 0,
             join_leave,
             expires_at: None,
         },

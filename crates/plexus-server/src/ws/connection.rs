@@ -62,6 +62,14 @@ impl Handler {
         }
     }
 
+    /// Whether deliveries may be written directly while the task waits.
+    fn may_park(&self) -> bool {
+        match self {
+            Handler::Native(session) => session.may_park(),
+            _ => true,
+        }
+    }
+
     /// A moment the handler must act at without input.
     fn deadline(&self) -> Option<Instant> {
         match self {
@@ -156,9 +164,15 @@ impl Handler {
     }
 }
 
-/// Drives an upgraded socket with `handler` until it closes.
-pub(crate) async fn run<IO>(io: IO, shared: Arc<Shared>, mut handler: Handler, deflate: bool)
-where
+/// Drives an upgraded socket with `handler` until it closes; `read` is what the peer sent right
+/// after its handshake, already read from the socket.
+pub(crate) async fn run<IO>(
+    io: IO,
+    read: Bytes,
+    shared: Arc<Shared>,
+    mut handler: Handler,
+    deflate: bool,
+) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let metrics = &shared.metrics.websocket;
@@ -177,6 +191,10 @@ where
         read_open: true,
         out: Vec::new(),
     };
+    if !read.is_empty() {
+        connection.decoder.feed(&read);
+        connection.process_input(&mut handler).await;
+    }
     connection.drive(&mut handler).await;
     Box::pin(connection.wire.finish(Duration::from_secs(1))).await;
     handler.finish(&shared).await;
@@ -242,12 +260,28 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             let wire = &mut self.wire;
             let decoder = &mut self.decoder;
             let outbox = handler.outbox();
+            // With nothing of its own to write, the task lets the direct writer (if any) send
+            // deliveries while it waits, and takes the socket back before it writes again.
+            let parked = self.closing.is_none()
+                && wire.is_drained()
+                && handler.may_park()
+                && outbox.is_some_and(|outbox| outbox.park());
             let wake = tokio::select! {
                 event = poll_fn(|cx| wire.poll_io(cx, want_read, &mut |bytes| decoder.feed(bytes))) => Wake::Wire(event),
                 () = outbox_ready(outbox) => Wake::Outbox,
                 () = shared.shutdown.cancelled(), if self.closing.is_none() => Wake::Shutdown,
                 () = &mut timer => Wake::Timer,
             };
+            if parked {
+                if let Some(outbox) = outbox {
+                    outbox.unpark();
+                }
+                // Deliveries that arrived while parked may be waiting for the flusher: the task
+                // owns the socket now, so it writes them (in order, before anything new).
+                if !matches!(wake, Wake::Outbox) {
+                    self.drain_outbox(handler).await;
+                }
+            }
             match wake {
                 Wake::Wire(WireEvent::Read(n)) => {
                     shared.metrics.websocket.bytes_in.inc_by(n as u64);
@@ -426,9 +460,9 @@ mod size_probe {
     use super::*;
 
     /// The size of a future a function returns, without calling it.
-    fn output_size<A, B, C, D, F, Fut>(_: F) -> usize
+    fn output_size<A, B, C, D, E, F, Fut>(_: F) -> usize
     where
-        F: FnOnce(A, B, C, D) -> Fut,
+        F: FnOnce(A, B, C, D, E) -> Fut,
     {
         std::mem::size_of::<Fut>()
     }
@@ -436,7 +470,7 @@ mod size_probe {
     #[test]
     #[ignore = "a measurement, not a test"]
     fn future_sizes() {
-        type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+        type Io = crate::tracked::Tracked<super::super::direct::SharedTcp>;
         println!("run::<Io>: {} bytes", output_size(run::<Io>));
         println!("Handler: {} bytes", std::mem::size_of::<Handler>());
         println!("Wire<Io>: {} bytes", std::mem::size_of::<Wire<Io>>());

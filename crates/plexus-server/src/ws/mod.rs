@@ -5,6 +5,7 @@
 //! upgraded socket is then driven by [`connection`], one task per connection.
 
 mod connection;
+pub(crate) mod direct;
 mod raw;
 mod upgrade;
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use plexus_core::{
-    BoxFuture, ClientInfo, Control, Delivery, Encoding, EngineError, MessageKind, Outbox,
-    Publication, StreamPosition, Subscriber,
+    BoxFuture, ClientInfo, Control, Delivery, DirectWriter, Encoding, EngineError, MessageKind,
+    Outbox, Publication, StreamPosition, Subscriber,
 };
 use plexus_protocol::ws::{close, deflate, encode_frame, OpCode};
 
@@ -53,8 +53,13 @@ pub(crate) struct RawRoom {
 }
 
 impl RawRoom {
-    /// Registers an anonymous connection and subscribes it to `channel`.
-    pub(crate) async fn join(shared: &Shared, channel: &str) -> Result<RawRoom, (u16, String)> {
+    /// Registers an anonymous connection and subscribes it to `channel`; `writer`, if given,
+    /// writes for its outbox while parked.
+    pub(crate) async fn join(
+        shared: &Shared,
+        channel: &str,
+        writer: Option<Arc<dyn DirectWriter>>,
+    ) -> Result<RawRoom, (u16, String)> {
         let id = shared.node.hub().next_connection_id();
         let info = Arc::new(ClientInfo::new(
             id,
@@ -65,6 +70,9 @@ impl RawRoom {
             &format!("ws-{id}"),
         ));
         let outbox = Arc::new(Outbox::new(shared.config.outbox_limit));
+        if let Some(writer) = writer {
+            outbox.set_writer(writer);
+        }
         let subscriber = Subscriber {
             info: info.clone(),
             outbox: outbox.clone(),

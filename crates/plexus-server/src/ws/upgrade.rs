@@ -14,9 +14,16 @@ use plexus_protocol::ws::handshake::{
     accepts_deflate, UpgradeError, UpgradeRequest, DEFLATE_RESPONSE,
 };
 
+use bytes::Bytes;
+use plexus_core::DirectWriter;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
 use super::connection::{self, Handler};
+use super::direct::{Frames, SharedTcp, SocketWriter};
 use super::raw::RawRoom;
 use crate::metrics::Refusal;
+use crate::tracked::Tracked;
 use crate::Shared;
 
 /// `GET /echo`: every message comes back unchanged.
@@ -101,28 +108,29 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_shared = shared.clone();
     shared.tasks.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let handler = match endpoint {
-                    Endpoint::Echo => Handler::Echo,
-                    Endpoint::Native => Handler::Native(Box::new(
-                        crate::native::session::ClientSession::new(&task_shared, "websocket"),
-                    )),
-                    Endpoint::Room(channel) => match RawRoom::join(&task_shared, &channel).await {
-                        Ok(room) => Handler::Room(room),
-                        Err((code, reason)) => {
-                            tracing::debug!(%channel, %reason, "raw room subscribe refused");
-                            task_shared.metrics.websocket_closed(code);
-                            let mut wire = crate::wire::Wire::new(TokioIo::new(upgraded));
-                            wire.queue(plexus_protocol::ws::encode_close(code, &reason));
-                            wire.finish(std::time::Duration::from_secs(1)).await;
-                            return;
-                        }
-                    },
-                };
-                connection::run(TokioIo::new(upgraded), task_shared, handler, deflate).await
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(error) => {
+                tracing::debug!(%error, "WebSocket upgrade did not complete");
+                return;
             }
-            Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete"),
+        };
+        // Over plain TCP the socket comes back out of hyper, to be shared with a direct writer
+        // (see `direct`); over TLS it stays in hyper's upgraded stream, written by the task only.
+        match upgraded.downcast::<TokioIo<Tracked<TcpStream>>>() {
+            Ok(parts) => {
+                let mut socket = None;
+                let io = parts.io.into_inner().map_io(|stream| {
+                    let stream = Arc::new(stream);
+                    socket = Some(stream.clone());
+                    SharedTcp(stream)
+                });
+                start(task_shared, io, parts.read_buf, socket, endpoint, deflate).await
+            }
+            Err(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                start(task_shared, io, Bytes::new(), None, endpoint, deflate).await
+            }
         }
     });
     let mut response = Response::builder()
@@ -136,6 +144,49 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
     response
         .body(Body::empty())
         .expect("static headers are valid")
+}
+
+/// Runs an upgraded connection: `read` holds bytes the client sent right after its handshake;
+/// `socket`, when given, is the same socket as `io`, for direct writes.
+async fn start<IO>(
+    shared: Arc<Shared>,
+    io: IO,
+    read: Bytes,
+    socket: Option<Arc<TcpStream>>,
+    endpoint: Endpoint,
+    deflate: bool,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let writer = |frames| {
+        socket.map(|socket| {
+            SocketWriter::new(&shared, socket, frames, deflate) as Arc<dyn DirectWriter>
+        })
+    };
+    let handler = match endpoint {
+        Endpoint::Echo => Handler::Echo,
+        Endpoint::Native => {
+            let session = crate::native::session::ClientSession::new(&shared, "websocket");
+            if let Some(writer) = writer(Frames::Native) {
+                session.outbox().set_writer(writer);
+            }
+            Handler::Native(Box::new(session))
+        }
+        Endpoint::Room(channel) => {
+            match RawRoom::join(&shared, &channel, writer(Frames::Raw)).await {
+                Ok(room) => Handler::Room(room),
+                Err((code, reason)) => {
+                    tracing::debug!(%channel, %reason, "raw room subscribe refused");
+                    shared.metrics.websocket_closed(code);
+                    let mut wire = crate::wire::Wire::new(io);
+                    wire.queue(plexus_protocol::ws::encode_close(code, &reason));
+                    wire.finish(std::time::Duration::from_secs(1)).await;
+                    return;
+                }
+            }
+        }
+    };
+    connection::run(io, read, shared, handler, deflate).await
 }
 
 /// Cross-site WebSocket hijacking guard: a browser's `Origin` must be this server itself, or be
