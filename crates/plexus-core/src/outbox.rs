@@ -35,6 +35,10 @@ pub enum Control {
     Resync { channel: Arc<str> },
     /// A finished frame to write as is (a reply completed asynchronously).
     Frame(Bytes),
+    /// Send the peer the transport's heartbeat (a WebSocket ping, the protocol's `{}`).
+    Heartbeat,
+    /// The peer has not answered a heartbeat in time: close the connection.
+    HeartbeatTimeout,
 }
 
 impl Delivery {

@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     peers: Arc<peers::Peers>,
     /// Flushers that write to parked WebSocket connections (see `ws::direct`).
     direct: ws::direct::Lanes,
+    /// The WebSocket heartbeat sweep.
+    heartbeats: ws::heartbeat::Heartbeats,
 }
 
 /// A listener that could not be started.
@@ -147,6 +149,7 @@ impl Server {
         let tcp_echo_addr = echo_listener.as_ref().map(local);
         let tcp_chat_addr = chat_listener.as_ref().map(local);
 
+        let heartbeats = ws::heartbeat::Heartbeats::new(config.ping_interval, config.pong_timeout);
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
             node: node(&config)?,
@@ -159,11 +162,13 @@ impl Server {
             token_hmac_secret: secrets.token_hmac_secret.clone(),
             emulation: emulation::Sessions::new(new_client_id()),
             peers: Arc::new(peers::Peers::new()),
+            heartbeats,
             direct: ws::direct::Lanes::new(
                 tokio::runtime::Handle::current().metrics().num_workers(),
             ),
         });
         ws::direct::start(&shared);
+        ws::heartbeat::start(&shared);
         emulation::serve_remote_frames(&shared);
         peers::heartbeat(
             &shared,

@@ -339,9 +339,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                         ));
                     }
                 }
+                // No positions to resynchronise on a line stream; its idle rules are its own.
                 Delivery::Control(
-                    Control::Subscribe { .. } | Control::Resync { .. } | Control::Frame(_),
-                ) => {} // no positions to resynchronise on a line stream
+                    Control::Subscribe { .. }
+                    | Control::Resync { .. }
+                    | Control::Frame(_)
+                    | Control::Heartbeat
+                    | Control::HeartbeatTimeout,
+                ) => {}
             }
         }
         self.shared.metrics.tcp_chat.messages_out.inc_by(n_sent);

@@ -460,6 +460,9 @@ impl ClientSession {
                 // A finished WebSocket frame means nothing on a stream transport.
                 Delivery::Control(Control::Frame(_)) if stream => {}
                 Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
+                // The WebSocket connection handles its heartbeats before the session sees them;
+                // stream transports keep their own.
+                Delivery::Control(Control::Heartbeat | Control::HeartbeatTimeout) => {}
             }
         }
     }

@@ -4,25 +4,28 @@
 //! the hub), its heartbeat timer and server shutdown. A [`Handler`] decides what messages and
 //! deliveries mean (`/echo`, a raw room, the native protocol); this driver keeps the rules every
 //! WebSocket shares:
-//! - the server sends the handler's heartbeat every `ping_interval`; a peer that sends nothing
-//!   at all within `pong_timeout` after it is closed with the handler's timeout code;
+//! - the server sends the handler's heartbeat every `ping_interval` (asked by the one
+//!   [`heartbeat`](super::heartbeat) sweep, not by a timer of its own); a peer that sends
+//!   nothing at all within `pong_timeout` after it is closed with the handler's timeout code;
 //! - a protocol violation closes with the code the decoder names (1002, 1007, 1009);
 //! - an outbox overflow (a reader too slow for its channels) closes with 3008;
 //! - shutdown closes with the handler's shutdown code; every server close waits up to
 //!   [`CLOSE_TIMEOUT`] for the peer's close frame, then drops the socket.
 
 use std::future::{pending, poll_fn};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use plexus_core::{MessageKind, Outbox, OutboxState};
+use plexus_core::{Control, Delivery, MessageKind, Outbox, OutboxState};
 use plexus_protocol::ws::{
     close, encode_close, encode_frame, Decoder, DecoderConfig, Event, OpCode,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{sleep_until, Instant};
+use tokio::time::{sleep_until, Instant, Sleep};
 
+use super::heartbeat::Beat;
 use super::raw::{data_frame, RawRoom};
 use crate::native::session::ClientSession;
 use crate::wire::{Wire, WireEvent};
@@ -47,18 +50,19 @@ pub(crate) enum Out {
 
 /// What a connection speaks.
 pub(crate) enum Handler {
-    Echo,
+    /// Every message comes back; the outbox carries only heartbeats.
+    Echo(Arc<Outbox>),
     Room(RawRoom),
     /// The native protocol (`/connection/websocket`).
     Native(Box<ClientSession>),
 }
 
 impl Handler {
-    fn outbox(&self) -> Option<&Arc<Outbox>> {
+    fn outbox(&self) -> &Arc<Outbox> {
         match self {
-            Handler::Echo => None,
-            Handler::Room(room) => Some(room.outbox()),
-            Handler::Native(session) => Some(session.outbox()),
+            Handler::Echo(outbox) => outbox,
+            Handler::Room(room) => room.outbox(),
+            Handler::Native(session) => session.outbox(),
         }
     }
 
@@ -92,7 +96,7 @@ impl Handler {
         out: &mut Vec<Out>,
     ) {
         match self {
-            Handler::Echo => out.push(Out::Message(kind, data)),
+            Handler::Echo(_) => out.push(Out::Message(kind, data)),
             Handler::Room(room) => room.on_message(shared, kind, data),
             // Boxed: the session's command futures are large and rarely running; inlined, every
             // connection's task would carry their size while idle.
@@ -108,7 +112,7 @@ impl Handler {
         out: &mut Vec<Out>,
     ) {
         match self {
-            Handler::Echo => {}
+            Handler::Echo(_) => {}
             Handler::Room(room) => room.on_deliveries(batch, deflate, out),
             Handler::Native(session) => {
                 Box::pin(session.on_deliveries(shared, batch, deflate, out)).await
@@ -116,15 +120,8 @@ impl Handler {
         }
     }
 
-    /// The frame that asks the peer for a sign of life: a WebSocket ping, or the protocol's
-    /// `{}` (which JavaScript in a browser can see and answer).
     fn heartbeat(&self) -> Bytes {
-        match self {
-            Handler::Native(_) => {
-                encode_frame(OpCode::Text, plexus_protocol::client::SERVER_PING, false)
-            }
-            _ => encode_frame(OpCode::Ping, b"", false),
-        }
+        heartbeat_frame(matches!(self, Handler::Native(_)))
     }
 
     fn timeout_close(&self) -> (u16, &'static str) {
@@ -157,10 +154,25 @@ impl Handler {
 
     async fn finish(&mut self, shared: &Shared) {
         match self {
-            Handler::Echo => {}
+            Handler::Echo(outbox) => outbox.close(),
             Handler::Room(room) => Box::pin(room.leave(shared)).await,
             Handler::Native(session) => Box::pin(session.finish(shared)).await,
         }
+    }
+}
+
+/// The frame that asks the peer for a sign of life: a WebSocket ping, or, on the native
+/// protocol, its `{}` (which JavaScript in a browser can see and answer).
+pub(crate) fn heartbeat_frame(native: bool) -> Bytes {
+    static PING: OnceLock<Bytes> = OnceLock::new();
+    static NATIVE: OnceLock<Bytes> = OnceLock::new();
+    if native {
+        NATIVE
+            .get_or_init(|| encode_frame(OpCode::Text, plexus_protocol::client::SERVER_PING, false))
+            .clone()
+    } else {
+        PING.get_or_init(|| encode_frame(OpCode::Ping, b"", false))
+            .clone()
     }
 }
 
@@ -178,7 +190,9 @@ pub(crate) async fn run<IO>(
     let metrics = &shared.metrics.websocket;
     metrics.accepted.inc();
     metrics.connections.inc();
+    let beat = shared.heartbeats.register(handler.outbox().clone());
     let mut connection = Connection {
+        beat,
         wire: Wire::new(io),
         decoder: Decoder::new(DecoderConfig {
             max_message_size: shared.config.max_message_size,
@@ -193,8 +207,10 @@ pub(crate) async fn run<IO>(
     };
     if !read.is_empty() {
         connection.decoder.feed(&read);
-        connection.process_input(&mut handler).await;
     }
+    // It may be a view of hyper's whole read buffer: free that now, not when the connection ends.
+    drop(read);
+    connection.process_input(&mut handler).await;
     connection.drive(&mut handler).await;
     Box::pin(connection.wire.finish(Duration::from_secs(1))).await;
     handler.finish(&shared).await;
@@ -203,6 +219,8 @@ pub(crate) async fn run<IO>(
 
 struct Connection<'a, IO> {
     wire: Wire<IO>,
+    /// Its place in the heartbeat sweep.
+    beat: Arc<Beat>,
     decoder: Decoder,
     /// permessage-deflate was negotiated.
     deflate: bool,
@@ -224,9 +242,10 @@ enum Wake {
     Timer,
 }
 
-async fn outbox_ready(outbox: Option<&Arc<Outbox>>) {
-    match outbox {
-        Some(outbox) => outbox.ready().await,
+/// Resolves at the timer's deadline; never without a timer.
+async fn expired(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
         None => pending().await,
     }
 }
@@ -234,11 +253,9 @@ async fn outbox_ready(outbox: Option<&Arc<Outbox>>) {
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
     async fn drive(&mut self, handler: &mut Handler) {
         let shared = self.shared;
-        let config = &shared.config;
-        let mut next_ping = Instant::now() + config.ping_interval;
-        let mut pong_deadline: Option<Instant> = None;
-        let timer = sleep_until(next_ping);
-        tokio::pin!(timer);
+        // Only while there is a deadline (a close handshake, a handler's): idle connections
+        // hold no timer.
+        let mut timer: Option<Pin<Box<Sleep>>> = None;
         loop {
             if self.closing.is_some()
                 && self.wire.is_drained()
@@ -246,15 +263,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             {
                 return;
             }
-            let deadline = match self.closing {
-                Some(deadline) => deadline,
-                None => [pong_deadline, handler.deadline()]
-                    .into_iter()
-                    .flatten()
-                    .fold(next_ping, Instant::min),
-            };
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
+            match self.closing.or_else(|| handler.deadline()) {
+                Some(deadline) => match timer.as_mut() {
+                    Some(timer) if timer.deadline() == deadline => {}
+                    Some(timer) => timer.as_mut().reset(deadline),
+                    None => timer = Some(Box::pin(sleep_until(deadline))),
+                },
+                None => timer = None,
             }
             let want_read = self.read_open && self.wire.queued() < HIGH_WATER;
             let wire = &mut self.wire;
@@ -262,20 +277,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             let outbox = handler.outbox();
             // With nothing of its own to write, the task lets the direct writer (if any) send
             // deliveries while it waits, and takes the socket back before it writes again.
-            let parked = self.closing.is_none()
-                && wire.is_drained()
-                && handler.may_park()
-                && outbox.is_some_and(|outbox| outbox.park());
+            let parked =
+                self.closing.is_none() && wire.is_drained() && handler.may_park() && outbox.park();
             let wake = tokio::select! {
                 event = poll_fn(|cx| wire.poll_io(cx, want_read, &mut |bytes| decoder.feed(bytes))) => Wake::Wire(event),
-                () = outbox_ready(outbox) => Wake::Outbox,
+                () = outbox.ready() => Wake::Outbox,
                 () = shared.shutdown.cancelled(), if self.closing.is_none() => Wake::Shutdown,
-                () = &mut timer => Wake::Timer,
+                () = expired(&mut timer) => Wake::Timer,
             };
             if parked {
-                if let Some(outbox) = outbox {
-                    outbox.unpark();
-                }
+                outbox.unpark();
                 // Deliveries that arrived while parked may be waiting for the flusher: the task
                 // owns the socket now, so it writes them (in order, before anything new).
                 if !matches!(wake, Wake::Outbox) {
@@ -285,7 +296,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             match wake {
                 Wake::Wire(WireEvent::Read(n)) => {
                     shared.metrics.websocket.bytes_in.inc_by(n as u64);
-                    pong_deadline = None;
+                    self.beat.heard();
                     self.process_input(handler).await;
                 }
                 Wake::Wire(WireEvent::Wrote(n)) => {
@@ -310,8 +321,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     self.start_close(code, reason);
                 }
                 Wake::Timer => {
-                    let now = Instant::now();
-                    if self.closing.is_some_and(|deadline| now >= deadline) {
+                    if self
+                        .closing
+                        .is_some_and(|deadline| Instant::now() >= deadline)
+                    {
                         return;
                     }
                     // The handler checks its own deadlines against the clock (cheap, idempotent).
@@ -323,18 +336,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                         if self.closing.is_some() {
                             self.read_open = false;
                         }
-                    }
-                    if self.closing.is_none() && pong_deadline.is_some_and(|pong| now >= pong) {
-                        self.read_open = false;
-                        let (code, reason) = handler.timeout_close();
-                        self.start_close(code, reason);
-                    } else if self.closing.is_none() && now >= next_ping {
-                        // While a ping is unanswered its deadline stands; no second ping.
-                        if pong_deadline.is_none() {
-                            self.wire.queue(handler.heartbeat());
-                            pong_deadline = Some(now + config.pong_timeout);
-                        }
-                        next_ping = now + config.ping_interval;
                     }
                 }
             }
@@ -417,15 +418,36 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
 
     /// Moves deliveries from the outbox to the socket.
     async fn drain_outbox(&mut self, handler: &mut Handler) {
-        let Some(outbox) = handler.outbox() else {
-            return;
-        };
+        let outbox = handler.outbox();
         if self.closing.is_some() {
             return;
         }
         let mut batch = Vec::new();
         let room = HIGH_WATER.saturating_sub(self.wire.queued());
-        if outbox.drain(room, &mut batch) == OutboxState::Overflowed {
+        let state = outbox.drain(room, &mut batch);
+        // Heartbeats are the connection's own business, whatever the handler.
+        let (mut ping, mut silent) = (false, false);
+        batch.retain(|delivery| match delivery {
+            Delivery::Control(Control::Heartbeat) => {
+                ping = true;
+                false
+            }
+            Delivery::Control(Control::HeartbeatTimeout) => {
+                silent = true;
+                false
+            }
+            _ => true,
+        });
+        if silent {
+            self.read_open = false;
+            let (code, reason) = handler.timeout_close();
+            self.start_close(code, reason);
+            return;
+        }
+        if ping {
+            self.wire.queue(handler.heartbeat());
+        }
+        if state == OutboxState::Overflowed {
             // Cut now: what was not sent yet is dropped so the close frame goes out next.
             self.wire.discard_unsent();
             self.shared.metrics.slow_disconnects.inc();

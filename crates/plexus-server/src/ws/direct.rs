@@ -266,6 +266,9 @@ impl SocketWriter {
     fn step(&self, delivery: &Delivery) -> Step {
         match (self.frames, delivery) {
             (_, Delivery::Control(Control::Frame(frame))) => Step::Frame(frame.clone()),
+            (frames, Delivery::Control(Control::Heartbeat)) => Step::Frame(
+                super::connection::heartbeat_frame(matches!(frames, Frames::Native)),
+            ),
             (_, Delivery::Control(_)) => Step::Stop,
             (Frames::Raw, Delivery::Publication(publication)) => {
                 Step::Frame(super::raw::publication_frame(publication, self.deflate))

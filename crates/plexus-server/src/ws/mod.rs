@@ -6,6 +6,7 @@
 
 mod connection;
 pub(crate) mod direct;
+pub(crate) mod heartbeat;
 mod raw;
 mod upgrade;
 

@@ -138,8 +138,14 @@ impl RawRoom {
                     close::NORMAL,
                     "unsubscribed by the server".into(),
                 )),
-                // One room per raw connection, and raw clients keep no stream position.
-                Delivery::Control(Control::Subscribe { .. } | Control::Resync { .. }) => {}
+                // One room per raw connection, and raw clients keep no stream position;
+                // heartbeats are the connection's (see `connection`).
+                Delivery::Control(
+                    Control::Subscribe { .. }
+                    | Control::Resync { .. }
+                    | Control::Heartbeat
+                    | Control::HeartbeatTimeout,
+                ) => {}
                 Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
             }
         }

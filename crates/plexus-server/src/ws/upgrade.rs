@@ -164,7 +164,13 @@ async fn start<IO>(
         })
     };
     let handler = match endpoint {
-        Endpoint::Echo => Handler::Echo,
+        Endpoint::Echo => {
+            let outbox = Arc::new(plexus_core::Outbox::new(shared.config.outbox_limit));
+            if let Some(writer) = writer(Frames::Raw) {
+                outbox.set_writer(writer);
+            }
+            Handler::Echo(outbox)
+        }
         Endpoint::Native => {
             let session = crate::native::session::ClientSession::new(&shared, "websocket");
             if let Some(writer) = writer(Frames::Native) {
