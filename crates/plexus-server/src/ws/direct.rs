@@ -8,9 +8,10 @@
 //! connection's frames with one `write`/`writev` each — no task wake-up, no `epoll` round per
 //! delivery, which is what a fan-out to thousands of idle subscribers is made of.
 //!
-//! Under load the flusher coalesces: after a round that took a while it waits as long again
-//! before the next, so publications that arrive meanwhile reach each subscriber in one system
-//! call. At low rates every round is short and nothing waits.
+//! Under load the flusher coalesces: when more deliveries arrived during a round that took a
+//! while, it waits as long again before the next, so publications that arrive meanwhile reach
+//! each subscriber in one system call. At low rates nothing is pending after a round and
+//! nothing waits.
 //!
 //! What the writer cannot finish at once (a full socket, a partly written frame, a delivery
 //! only the task handles, like a close) goes back to the task, which writes it first.
@@ -36,10 +37,10 @@ use crate::Shared;
 const MAX_SLICES: usize = 64;
 /// Connections flushed between two yields to the runtime.
 const YIELD_EVERY: usize = 128;
-/// A round shorter than this is followed by the next at once; a longer one by a pause as long as
-/// itself (at most [`MAX_PAUSE`]), to let publications gather.
+/// A round shorter than this is followed by the next at once; a longer one, if more is already
+/// pending, by a pause as long as itself (at most [`MAX_PAUSE`]), to let publications gather.
 const PACE_FROM: Duration = Duration::from_millis(1);
-const MAX_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_millis(10);
 
 /// A TCP socket shared by its connection's task (reads, and writes while unparked) and its
 /// [`SocketWriter`] (writes while parked). The outbox's park/unpark handshake keeps the two
@@ -144,6 +145,14 @@ impl Lane {
         }
     }
 
+    fn has_pending(&self) -> bool {
+        !self
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_empty()
+    }
+
     fn take(&self, into: &mut Vec<Arc<Outbox>>) {
         std::mem::swap(
             into,
@@ -212,8 +221,10 @@ async fn flush_forever(lane: &Lane) {
                     tokio::task::yield_now().await;
                 }
             }
+            // More arrived while this round ran: deliveries come faster than one write each can
+            // keep up with, so let them gather for as long again and send them together.
             let spent = started.elapsed();
-            if spent >= PACE_FROM {
+            if spent >= PACE_FROM && lane.has_pending() {
                 tokio::time::sleep(spent.min(MAX_PAUSE)).await;
             }
         }
