@@ -151,3 +151,41 @@ async fn a_reader_that_stalls_is_cut_with_3008_and_the_others_keep_receiving() {
         .metrics_text()
         .contains("plexus_slow_disconnects_total 1"));
 }
+
+/// A subscriber that stops reading fills its socket part-way through a frame: what the server
+/// could not write at once waits, and when the subscriber reads again every message arrives
+/// whole and in order (no frame is cut, none is lost, the connection stays open).
+#[tokio::test]
+async fn a_reader_that_pauses_gets_every_message_whole_and_in_order_after() {
+    use futures_util::StreamExt;
+
+    let server = start(Config {
+        outbox_limit: 16 << 20,
+        ..Config::for_tests()
+    })
+    .await;
+    // A small receive buffer, so the server's writes to this socket stop part-way.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.http_addr()).await.unwrap();
+    let url = format!("ws://{}/chat/pause", server.http_addr());
+    let (mut paused, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .expect("handshake");
+    let mut publisher = ws(&server, "/chat/pause").await;
+    let payload = "y".repeat(16 * 1024 - 4);
+    let n = 400; // 6.4 MiB: far past the socket buffers, within the outbox limit
+    for i in 0..n {
+        let message = format!("{i:03}:{payload}");
+        send_text(&mut publisher, &message).await;
+        assert_eq!(next_text(&mut publisher).await, message);
+    }
+    for i in 0..n {
+        let message = tokio::time::timeout(TIMEOUT, paused.next())
+            .await
+            .expect("the paused reader gets the rest in time")
+            .expect("still open")
+            .expect("a well-formed frame");
+        assert_eq!(message, Message::Text(format!("{i:03}:{payload}").into()));
+    }
+}
