@@ -2,7 +2,7 @@
 //! WebSocket endpoints). It knows nothing of the server's code: it opens sockets, speaks the
 //! raw WebSocket endpoints or the native protocol (with `plexus-protocol`'s JSON), and measures.
 //!
-//! Four loads, each bounded in count and in time (a hard limit stops any run), each aimed at the
+//! Five loads, each bounded in count and in time (a hard limit stops any run), each aimed at the
 //! loopback range only (127.0.0.0/8, `::1`, `localhost`) unless the caller allows another host:
 //!
 //! | load | what it does |
@@ -11,6 +11,7 @@
 //! | [`fanout`] | N subscribers on one channel, one publisher at R messages/s; every subscriber checks order and loss and records latency |
 //! | [`echo`] | C connections doing round trips on `/echo`, `inflight` at a time each |
 //! | [`churn`] | connect/close cycles at R per second |
+//! | [`publish`] | N publishers, one acknowledged publish in flight each, through the native protocol or the HTTP API: publishes/s and latency |
 //!
 //! Client sockets are bound to 127.0.0.1 … 127.0.0.N in turn ([`Sources`]) so that tens of
 //! thousands of connections do not run out of one address's ephemeral ports. Running out of file
@@ -54,6 +55,10 @@
 //!   `unreadable` (replies that were not a sent message), `latency_us`.
 //! - `churn` ([`ChurnReport`]): `protocol`, `rate`, `duration_s`, `attempted`, `succeeded`
 //!   (connected and closed cleanly), `failed`, `connect_latency_us`.
+//! - `publish` ([`PublishReport`]): `via` (`native`/`api`), `channel`, `channels`, `publishers`,
+//!   `connected`, `failed`, `dropped`, `size`, `duration_s`, `published` (acknowledged within
+//!   the duration), `errors` (answered with an error), `publishes_per_s`, `latency_us` (publish
+//!   to acknowledgement).
 //!
 //! The exit status is 0 when a run completes, whatever it measured: read the counts. It is 2 for
 //! bad usage (a bad URL, a non-loopback target, a number out of bounds) and 1 when the target
@@ -68,6 +73,7 @@ mod fanout;
 pub mod http;
 pub mod latency;
 pub mod progress;
+mod publish;
 mod publisher;
 pub mod rate;
 pub mod seq;
@@ -84,6 +90,7 @@ pub use echo::{echo, EchoOptions, EchoReport};
 pub use fanout::{fanout, FanoutOptions, FanoutReport};
 pub use latency::LatencySummary;
 pub use progress::ProgressMode;
+pub use publish::{publish, PublishOptions, PublishPath, PublishReport};
 pub use publisher::PublishVia;
 pub use rate::Rate;
 pub use target::{Sources, Target};
@@ -127,7 +134,13 @@ macro_rules! report {
     )*};
 }
 
-report!(ConnsReport, FanoutReport, EchoReport, ChurnReport);
+report!(
+    ConnsReport,
+    FanoutReport,
+    EchoReport,
+    ChurnReport,
+    PublishReport
+);
 
 /// The process ran out of file descriptors: no more connections were opened after `opened`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -5,6 +5,8 @@
 //! plexus bench fanout ws://127.0.0.1:8000/chat/bench --subscribers 1000 --rate 50/s --duration 10s
 //! plexus bench echo   ws://127.0.0.1:8000/echo --connections 10 --duration 10s
 //! plexus bench churn  ws://127.0.0.1:8000/echo --rate 200/s --duration 10s
+//! plexus bench publish ws://127.0.0.1:8000/connection/websocket --token T --publishers 64
+//! plexus bench publish http://127.0.0.1:8000/api/publish --api-key K --publishers 64
 //! ```
 //!
 //! A progress line goes to stderr; the summary (or with `--json` one JSON object, documented in
@@ -17,7 +19,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use plexus_bench::{
     BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, ProgressMode,
-    Protocol, PublishVia, Rate, Report, Sources, Target,
+    Protocol, PublishOptions, PublishPath, PublishVia, Rate, Report, Sources, Target,
 };
 
 use crate::Failure;
@@ -38,6 +40,8 @@ enum Load {
     Echo(EchoArgs),
     /// Connect/close cycles at a rate
     Churn(ChurnArgs),
+    /// Acknowledged publishes as fast as they go, N publishers with one in flight each
+    Publish(PublishArgs),
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -182,6 +186,36 @@ struct ChurnArgs {
     common: Common,
 }
 
+#[derive(Debug, clap::Args)]
+struct PublishArgs {
+    /// ws:// URL of the native endpoint (ws://127.0.0.1:8000/connection/websocket, needs
+    /// --token) or http:// URL of the API's publish (http://127.0.0.1:8000/api/publish, needs
+    /// --api-key)
+    url: String,
+    /// Concurrent publishers, each waiting for the acknowledgement of one publish at a time
+    #[arg(long, default_value_t = 64)]
+    publishers: u64,
+    /// The channel, or the stem of CHANNEL-0 … CHANNEL-(N-1) with --channels N
+    #[arg(long, default_value = "chat:bench")]
+    channel: String,
+    /// Channels the publishers are spread over
+    #[arg(long, default_value_t = 1)]
+    channels: u64,
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Bytes per message
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Native: the connection token (`plexus token --user ID`)
+    #[arg(long)]
+    token: Option<String>,
+    /// API: the server's API key
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
 fn failure(error: BenchError) -> Failure {
     Failure::new(error.exit_code(), anyhow!(error))
 }
@@ -212,6 +246,28 @@ impl Common {
         .map_err(failure)
     }
 
+    /// An http:// target, with the loopback rule applied.
+    fn http_target(&self, url: &str) -> Result<Target, Failure> {
+        let target = Target::http(url).map_err(failure)?;
+        target.check_allowed(self.allow_remote).map_err(failure)?;
+        Ok(target)
+    }
+
+    /// Through the API with `--publish-api URL --api-key KEY`, else through the endpoint.
+    fn publish_via(
+        &self,
+        publish_api: Option<&str>,
+        api_key: Option<&str>,
+    ) -> Result<PublishVia, Failure> {
+        Ok(match (publish_api, api_key) {
+            (Some(url), Some(api_key)) => PublishVia::Api {
+                target: self.http_target(url)?,
+                api_key: api_key.to_owned(),
+            },
+            _ => PublishVia::Endpoint,
+        })
+    }
+
     fn report(&self, report: &impl Report) -> Result<(), Failure> {
         if self.json {
             println!("{}", report.to_json());
@@ -223,6 +279,24 @@ impl Common {
 }
 
 impl ProtocolArgs {
+    /// The channel publications go to: `--channel`, else `chat:{room}` of a raw /chat/{room} URL.
+    fn channel_of(&self, url: &str, protocol: &Protocol) -> Result<String, Failure> {
+        match (&self.channel, protocol) {
+            (Some(channel), _) => Ok(channel.clone()),
+            (None, Protocol::Native { .. }) => {
+                Err(usage("--protocol native needs --channel".into()))
+            }
+            (None, Protocol::Raw) => Target::websocket(url)
+                .map_err(failure)?
+                .chat_channel()
+                .ok_or_else(|| {
+                    usage(format!(
+                        "{url}: a raw fan-out needs a /chat/{{room}} URL (or --channel)"
+                    ))
+                }),
+        }
+    }
+
     /// The clients' protocol; `subscribe` says whether native clients subscribe to `--channel`.
     fn protocol(&self, subscribe: bool) -> Result<Protocol, Failure> {
         match self.protocol {
@@ -272,35 +346,11 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         }
         Load::Fanout(args) => {
             let protocol = args.protocol.protocol(true)?;
-            let channel = match (&args.protocol.channel, &protocol) {
-                (Some(channel), _) => channel.clone(),
-                (None, Protocol::Native { .. }) => {
-                    return Err(usage("--protocol native needs --channel".into()))
-                }
-                (None, Protocol::Raw) => Target::websocket(&args.url)
-                    .map_err(failure)?
-                    .chat_channel()
-                    .ok_or_else(|| {
-                        usage(format!(
-                            "{}: a raw fan-out needs a /chat/{{room}} URL (or --channel)",
-                            args.url
-                        ))
-                    })?,
-            };
+            let channel = args.protocol.channel_of(&args.url, &protocol)?;
             let endpoint = args.common.endpoint(&args.url, protocol).await?;
-            let publish = match (&args.publish_api, &args.api_key) {
-                (Some(url), Some(api_key)) => {
-                    let target = Target::http(url).map_err(failure)?;
-                    target
-                        .check_allowed(args.common.allow_remote)
-                        .map_err(failure)?;
-                    PublishVia::Api {
-                        target,
-                        api_key: api_key.clone(),
-                    }
-                }
-                _ => PublishVia::Endpoint,
-            };
+            let publish = args
+                .common
+                .publish_via(args.publish_api.as_deref(), args.api_key.as_deref())?;
             let options = FanoutOptions {
                 endpoint,
                 channel,
@@ -361,5 +411,51 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                 .map_err(failure)?;
             args.common.report(&report)
         }
+        Load::Publish(args) => run_publish(args).await,
     }
+}
+
+async fn run_publish(args: PublishArgs) -> Result<(), Failure> {
+    let path = if args.url.to_ascii_lowercase().starts_with("http://") {
+        let api_key = args
+            .api_key
+            .clone()
+            .ok_or_else(|| usage("publishing through the API needs --api-key".into()))?;
+        PublishPath::Api {
+            target: args.common.http_target(&args.url)?,
+            api_key,
+            timeout: args.common.connect_timeout,
+        }
+    } else {
+        let token = args.token.clone().ok_or_else(|| {
+            usage(
+                "publishing through the native protocol needs --token (plexus token --user ID)"
+                    .into(),
+            )
+        })?;
+        let protocol = Protocol::Native {
+            token,
+            channel: None,
+        };
+        PublishPath::Native {
+            endpoint: args.common.endpoint(&args.url, protocol).await?,
+        }
+    };
+    let options = PublishOptions {
+        path,
+        channel: args.channel,
+        channels: args.channels,
+        publishers: args.publishers,
+        duration: args.duration,
+        size: args.size,
+        progress: args.common.progress(),
+    };
+    let limit = args
+        .common
+        .time_limit
+        .unwrap_or_else(|| options.default_time_limit());
+    let report = plexus_bench::within(limit, plexus_bench::publish(options))
+        .await
+        .map_err(failure)?;
+    args.common.report(&report)
 }
