@@ -2,7 +2,7 @@
 //! WebSocket endpoints). It knows nothing of the server's code: it opens sockets, speaks the
 //! raw WebSocket endpoints or the native protocol (with `plexus-protocol`'s JSON), and measures.
 //!
-//! Five loads, each bounded in count and in time (a hard limit stops any run), each aimed at the
+//! Six loads, each bounded in count and in time (a hard limit stops any run), each aimed at the
 //! loopback range only (127.0.0.0/8, `::1`, `localhost`) unless the caller allows another host:
 //!
 //! | load | what it does |
@@ -12,6 +12,7 @@
 //! | [`echo`] | C connections doing round trips on `/echo`, `inflight` at a time each |
 //! | [`churn`] | connect/close cycles at R per second |
 //! | [`publish`] | N publishers, one acknowledged publish in flight each, through the native protocol or the HTTP API: publishes/s and latency |
+//! | [`overload`] | slow subscribers (reading less than is published) and fast ones, while probes time new connections and HTTP requests: who was cut with 3008, server RSS |
 //!
 //! Client sockets are bound to 127.0.0.1 … 127.0.0.N in turn ([`Sources`]) so that tens of
 //! thousands of connections do not run out of one address's ephemeral ports. Running out of file
@@ -59,6 +60,12 @@
 //!   `connected`, `failed`, `dropped`, `size`, `duration_s`, `published` (acknowledged within
 //!   the duration), `errors` (answered with an error), `publishes_per_s`, `latency_us` (publish
 //!   to acknowledgement).
+//! - `overload` ([`OverloadReport`]): `protocol`, `channel`, `rate`, `read_rate` (what each slow
+//!   subscriber reads), `size`, `duration_s`, `planned`, `sent`, `publish_errors`, `slow` and
+//!   `fast` (each `{requested, connected, ready, failed, closed_slow (closed with 3008),
+//!   closed_other, open_at_end, deliveries, lost, out_of_order, latency_us}`), `probes` (each
+//!   `{url, kind: websocket/get/api, attempts, ok, failures, latency_us}`), `server_rss_kib`
+//!   (`null`, or `{before, max, end, samples}` with `--server-pid`).
 //!
 //! The exit status is 0 when a run completes, whatever it measured: read the counts. It is 2 for
 //! bad usage (a bad URL, a non-loopback target, a number out of bounds) and 1 when the target
@@ -72,6 +79,7 @@ mod echo;
 mod fanout;
 pub mod http;
 pub mod latency;
+mod overload;
 pub mod progress;
 mod publish;
 mod publisher;
@@ -89,6 +97,7 @@ pub use conns::{conns, ConnsOptions, ConnsReport, RssReport};
 pub use echo::{echo, EchoOptions, EchoReport};
 pub use fanout::{fanout, FanoutOptions, FanoutReport};
 pub use latency::LatencySummary;
+pub use overload::{overload, OverloadOptions, OverloadReport, Probe, SLOW_RECV_BUFFER};
 pub use progress::ProgressMode;
 pub use publish::{publish, PublishOptions, PublishPath, PublishReport};
 pub use publisher::PublishVia;
@@ -139,7 +148,8 @@ report!(
     FanoutReport,
     EchoReport,
     ChurnReport,
-    PublishReport
+    PublishReport,
+    OverloadReport
 );
 
 /// The process ran out of file descriptors: no more connections were opened after `opened`.
@@ -227,6 +237,7 @@ pub async fn endpoint(
         protocol,
         sources: Some(sources),
         timeout,
+        recv_buffer: None,
     })
 }
 

@@ -7,6 +7,8 @@
 //! plexus bench churn  ws://127.0.0.1:8000/echo --rate 200/s --duration 10s
 //! plexus bench publish ws://127.0.0.1:8000/connection/websocket --token T --publishers 64
 //! plexus bench publish http://127.0.0.1:8000/api/publish --api-key K --publishers 64
+//! plexus bench overload ws://127.0.0.1:8000/chat/slow --subscribers 100 --rate 300/s \
+//!     --probe-ws ws://127.0.0.1:8000/echo --probe-get http://127.0.0.1:8000/metrics
 //! ```
 //!
 //! A progress line goes to stderr; the summary (or with `--json` one JSON object, documented in
@@ -18,8 +20,9 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use plexus_bench::{
-    BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, ProgressMode,
-    Protocol, PublishOptions, PublishPath, PublishVia, Rate, Report, Sources, Target,
+    BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, OverloadOptions,
+    Probe, ProgressMode, Protocol, PublishOptions, PublishPath, PublishVia, Rate, Report, Sources,
+    Target,
 };
 
 use crate::Failure;
@@ -42,6 +45,8 @@ enum Load {
     Churn(ChurnArgs),
     /// Acknowledged publishes as fast as they go, N publishers with one in flight each
     Publish(PublishArgs),
+    /// Subscribers slower than the publisher, while probes check the server still answers
+    Overload(OverloadArgs),
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -214,6 +219,73 @@ struct PublishArgs {
     api_key: Option<String>,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct OverloadArgs {
+    /// ws:// URL of the subscribers, e.g. ws://127.0.0.1:8000/chat/slow
+    url: String,
+    /// Slow subscribers: each reads at most --read-rate messages a second
+    #[arg(long)]
+    subscribers: u64,
+    /// Subscribers that read everything as it comes
+    #[arg(long, default_value_t = 0)]
+    fast_subscribers: u64,
+    /// Messages per second from the publisher
+    #[arg(long, value_parser = rate)]
+    rate: Rate,
+    /// Messages per second each slow subscriber reads [default: a third of --rate]
+    #[arg(long, value_parser = rate)]
+    read_rate: Option<Rate>,
+    /// How long to publish
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = duration)]
+    duration: Duration,
+    /// Bytes per message (big enough that a slow subscriber's backlog outgrows the kernel's
+    /// socket buffers, up to 4 MiB each on Linux, within seconds)
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// How fast subscribers connect
+    #[arg(long, default_value = "2000/s", value_parser = rate)]
+    ramp: Rate,
+    /// Probe: a new WebSocket connection and one round trip (e.g. ws://…/echo); repeatable
+    #[arg(long, value_name = "URL")]
+    probe_ws: Vec<String>,
+    /// Probe: GET, expecting 200 (e.g. http://…/metrics); repeatable
+    #[arg(long, value_name = "URL")]
+    probe_get: Vec<String>,
+    /// Probe: POST {} to an API method with --api-key (e.g. http://…/api/info); repeatable
+    #[arg(long, value_name = "URL", requires = "api_key")]
+    probe_api: Vec<String>,
+    /// How often the probes run (each probe once)
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
+    probe_every: Duration,
+    /// A probe that takes longer fails
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    probe_timeout: Duration,
+    /// After publishing, how long slow subscribers read at full speed to reach a close frame
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    drain: Duration,
+    /// The server's pid: sample its RSS with the probes
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Publish through the server API instead, e.g. http://127.0.0.1:8000/api/publish
+    #[arg(long, value_name = "URL", requires = "api_key")]
+    publish_api: Option<String>,
+    /// The API key for --publish-api and --probe-api
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    #[command(flatten)]
+    protocol: ProtocolArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// A third of `rate`: what slow subscribers take by default.
+fn a_third_of(rate: Rate) -> Rate {
+    Rate {
+        count: rate.count,
+        per: rate.per * 3,
+    }
 }
 
 fn failure(error: BenchError) -> Failure {
@@ -412,6 +484,7 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
             args.common.report(&report)
         }
         Load::Publish(args) => run_publish(args).await,
+        Load::Overload(args) => run_overload(args).await,
     }
 }
 
@@ -458,4 +531,66 @@ async fn run_publish(args: PublishArgs) -> Result<(), Failure> {
         .await
         .map_err(failure)?;
     args.common.report(&report)
+}
+
+async fn run_overload(args: OverloadArgs) -> Result<(), Failure> {
+    let protocol = args.protocol.protocol(true)?;
+    let channel = args.protocol.channel_of(&args.url, &protocol)?;
+    let endpoint = args.common.endpoint(&args.url, protocol).await?;
+    let publish = args
+        .common
+        .publish_via(args.publish_api.as_deref(), args.api_key.as_deref())?;
+    let mut probes = Vec::new();
+    for url in &args.probe_ws {
+        probes.push(Probe::WebSocket(
+            args.common.endpoint(url, Protocol::Raw).await?,
+        ));
+    }
+    for url in &args.probe_get {
+        probes.push(Probe::Get(args.common.http_target(url)?));
+    }
+    for url in &args.probe_api {
+        probes.push(Probe::Api {
+            target: args.common.http_target(url)?,
+            api_key: args.api_key.clone().unwrap_or_default(),
+        });
+    }
+    let options = OverloadOptions {
+        endpoint,
+        channel,
+        publish,
+        slow_subscribers: args.subscribers,
+        fast_subscribers: args.fast_subscribers,
+        rate: args.rate,
+        read_rate: args.read_rate.unwrap_or_else(|| a_third_of(args.rate)),
+        duration: args.duration,
+        size: args.size,
+        ramp: args.ramp,
+        probes,
+        probe_every: args.probe_every,
+        probe_timeout: args.probe_timeout,
+        drain: args.drain,
+        server_pid: args.server_pid,
+        progress: args.common.progress(),
+    };
+    let limit = args
+        .common
+        .time_limit
+        .unwrap_or_else(|| options.default_time_limit());
+    let report = plexus_bench::within(limit, plexus_bench::overload(options))
+        .await
+        .map_err(failure)?;
+    args.common.report(&report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_readers_take_a_third_by_default() {
+        let third = a_third_of(Rate::per_second(300));
+        assert_eq!(third.events_per_second(), 100.0);
+        assert_eq!(third.to_string(), "300/3s");
+    }
 }

@@ -893,6 +893,64 @@ fn bench_publish_counts_acknowledged_publishes_natively_and_through_the_api() {
 }
 
 #[test]
+fn bench_overload_reports_slow_subscribers_cut_with_3008_and_probes() {
+    let env = [("PLEXUS_API_KEY", "bench-api-key")];
+    // A small outbox (still 16 messages), so slow subscribers are cut within a second or two
+    // once the kernel's buffers (a few MiB) are full.
+    let served = Served::start(&["--memory", "--outbox-limit", "262144"], &env);
+    let http = served.ws_base.replace("ws://", "http://");
+    let pid = served.child.id().to_string();
+    let (status, report, stderr) = bench_json(&[
+        "overload",
+        &format!("{}/chat/slow", served.ws_base),
+        "--subscribers",
+        "3",
+        "--fast-subscribers",
+        "2",
+        "--rate",
+        "200/s",
+        "--read-rate",
+        "10/s",
+        "--size",
+        "16384",
+        "--duration",
+        "4s",
+        "--drain",
+        "5s",
+        "--probe-ws",
+        &format!("{}/echo", served.ws_base),
+        "--probe-get",
+        &format!("{http}/health"),
+        "--probe-api",
+        &format!("{http}/api/info"),
+        "--api-key",
+        "bench-api-key",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["bench"], "overload", "{report}");
+    assert_eq!(report["sent"], 800, "{report}");
+    assert_eq!(report["slow"]["connected"], 3, "{report}");
+    assert_eq!(report["slow"]["closed_slow"], 3, "{report}");
+    assert_eq!(report["fast"]["connected"], 2, "{report}");
+    assert_eq!(report["fast"]["closed_slow"], 0, "{report}");
+    assert_eq!(report["fast"]["lost"], 0, "{report}");
+    assert_eq!(report["fast"]["deliveries"], 2 * 800, "{report}");
+    let probes = report["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 3, "{report}");
+    for probe in probes {
+        assert!(probe["attempts"].as_u64().unwrap() >= 3, "{probe}");
+        assert_eq!(probe["ok"], probe["attempts"], "{probe}");
+    }
+    let rss = &report["server_rss_kib"];
+    assert!(
+        rss["max"].as_u64().unwrap() >= rss["before"].as_u64().unwrap(),
+        "{rss}"
+    );
+}
+
+#[test]
 fn bench_refuses_remote_targets_and_explains_a_refused_connection() {
     let output = plexus()
         .args([
