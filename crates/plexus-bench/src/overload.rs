@@ -505,13 +505,16 @@ pub async fn overload(options: OverloadOptions) -> Result<OverloadReport, BenchE
     }
     let sent = next;
 
-    // Slow subscribers now read as fast as they can, until each has ended or none receives
-    // anything for a second (or the drain time is up).
+    // Slow subscribers now read as fast as they can, until each has ended and the fast ones
+    // have everything, or nothing arrives for a second (or the drain time is up).
     set_phase("draining");
     shared.draining.cancel();
     let drain_until = Instant::now() + options.drain;
     let mut last = (total_deliveries(&shared), Instant::now());
-    while shared.slow.alive() > 0 && Instant::now() < drain_until {
+    let waiting = || {
+        shared.slow.alive() > 0 || shared.fast.deliveries.load(Relaxed) < shared.fast.alive() * sent
+    };
+    while waiting() && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = total_deliveries(&shared);
         if now != last.0 {
