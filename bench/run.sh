@@ -21,7 +21,7 @@
 #   --rounds N        interleaved rounds; each cell is the median over rounds (default 1:
 #                     all tests once take ~20 min; 3 rounds take about an hour)
 #   --conns N         idle connections for the memory tests (default 19000)
-#   --quick           a smoke run, ~8 min: --conns 5000, idle 5,000 for 30 s, fan-out wide
+#   --quick           a smoke run, ~10 min: --conns 5000, idle 5,000 for 30 s, fan-out wide
 #                     5,000 subscribers, 5 s loads, overload 50 subscribers for 15 s
 #   --duration S      seconds of the fan-out, echo, publish and floor loads (default 10)
 #   --hold S          seconds the idle connections of the memory tests are held (default 10)
