@@ -56,6 +56,9 @@ pub struct Endpoint {
     pub sources: Option<Sources>,
     /// Limit for the TCP connect, and again for the handshake (and the native replies).
     pub timeout: Duration,
+    /// `SO_RCVBUF` for client sockets, set before connecting (`None`: the kernel's default and
+    /// autotuning). A small one makes a slow reader's backlog reach the server sooner.
+    pub recv_buffer: Option<u32>,
 }
 
 /// Why a client could not be opened, or why it ended.
@@ -187,9 +190,12 @@ impl Endpoint {
             }
             _ => None,
         };
-        let stream = tokio::time::timeout(self.timeout, connect_tcp(self.addr, source))
-            .await
-            .map_err(|_| OpenError::Timeout("TCP connect"))??;
+        let stream = tokio::time::timeout(
+            self.timeout,
+            connect_tcp(self.addr, source, self.recv_buffer),
+        )
+        .await
+        .map_err(|_| OpenError::Timeout("TCP connect"))??;
         let request = self
             .target
             .url
@@ -215,7 +221,11 @@ impl Endpoint {
     }
 }
 
-async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, OpenError> {
+async fn connect_tcp(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+) -> Result<TcpStream, OpenError> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -225,6 +235,11 @@ async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStre
     if let Some(source) = source {
         socket
             .bind(SocketAddr::new(source, 0))
+            .map_err(OpenError::from_io)?;
+    }
+    if let Some(size) = recv_buffer {
+        socket
+            .set_recv_buffer_size(size)
             .map_err(OpenError::from_io)?;
     }
     let stream = socket.connect(addr).await.map_err(OpenError::from_io)?;

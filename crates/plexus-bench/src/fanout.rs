@@ -7,38 +7,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use plexus_protocol::client::parse_replies;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{
-    close, interpret, native_publish, preflight, Endpoint, Failures, OpenError, Protocol, Received,
-    Ws,
-};
-use crate::http::ApiPublisher;
+use crate::client::{close, interpret, preflight, Endpoint, Failures, OpenError, Received};
 use crate::latency::{Latencies, LatencySummary};
 use crate::progress::{Progress, ProgressMode};
+use crate::publisher::{PublishError, PublishVia, Publisher};
 use crate::rate::Rate;
 use crate::seq::{stamp_message, SeqCounts, SeqTracker, PROBE};
 use crate::system::fd_soft_limit;
-use crate::target::Target;
 use crate::{
     check_count, check_duration, per_second, seconds, write_failures, BenchError, FdLimitReached,
 };
-
-/// How the publisher publishes.
-#[derive(Debug, Clone)]
-pub enum PublishVia {
-    /// A client of the same endpoint and protocol: a raw room member sends text; a native client
-    /// sends `publish` commands.
-    Endpoint,
-    /// `POST /api/publish` at `target` with `api_key`.
-    Api { target: Target, api_key: String },
-}
 
 #[derive(Debug, Clone)]
 pub struct FanoutOptions {
@@ -135,7 +119,8 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
         )));
     }
     preflight(&options.endpoint).await?;
-    let mut publisher = Publisher::open(&options).await?;
+    let mut publisher =
+        Publisher::open(&options.endpoint, &options.channel, &options.publish).await?;
 
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
@@ -153,7 +138,13 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
         failures: Failures::default(),
         latencies: Latencies::new(),
     });
-    publisher.start_reader(shared.clone());
+    {
+        let shared = shared.clone();
+        publisher.start_reader(move |reason| {
+            shared.publish_errors.fetch_add(1, Relaxed);
+            shared.failures.add(reason);
+        });
+    }
     let start = shared.epoch;
     let planned = options.rate.events_in(options.duration);
     let phase = Arc::new(std::sync::Mutex::new("subscribing"));
@@ -270,7 +261,11 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Native publish errors arrive after the send: those numbers were never published.
-    let rejected_late = publisher.late_errors(&shared);
+    let rejected_late = if publisher.errors_come_late() {
+        shared.publish_errors.load(Relaxed)
+    } else {
+        0
+    };
     let published = sent.saturating_sub(rejected_late);
     cancel.cancel();
     let mut counts = SeqCounts::default();
@@ -390,194 +385,6 @@ async fn subscriber(
         }
     }
     Some(tracker)
-}
-
-enum PublishError {
-    /// This message was not published; the publisher can go on.
-    Rejected(String),
-    /// The publisher cannot go on.
-    Broken(String),
-}
-
-impl fmt::Display for PublishError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PublishError::Rejected(reason) | PublishError::Broken(reason) => f.write_str(reason),
-        }
-    }
-}
-
-/// The publishing side: a WebSocket client of the endpoint, or the API.
-enum Publisher {
-    Ws {
-        url: String,
-        protocol: Protocol,
-        channel: String,
-        sink: SplitSink<Ws, Message>,
-        stream: Option<SplitStream<Ws>>,
-        reader: Option<tokio::task::JoinHandle<()>>,
-        /// The native server pinged: answer before the next publish.
-        pong_due: Arc<AtomicBool>,
-        next_id: u32,
-    },
-    Api {
-        url: String,
-        channel: String,
-        api: ApiPublisher,
-    },
-}
-
-impl Publisher {
-    async fn open(options: &FanoutOptions) -> Result<Publisher, BenchError> {
-        match &options.publish {
-            PublishVia::Endpoint => {
-                let mut endpoint = options.endpoint.clone();
-                if let Protocol::Native { channel, .. } = &mut endpoint.protocol {
-                    *channel = None; // a publisher need not subscribe
-                }
-                let ws =
-                    endpoint
-                        .open(u64::MAX - 1)
-                        .await
-                        .map_err(|error| BenchError::Connect {
-                            target: endpoint.target.url.clone(),
-                            reason: format!("the publisher: {}", error.reason()),
-                        })?;
-                let (sink, stream) = ws.split();
-                Ok(Publisher::Ws {
-                    url: endpoint.target.url.clone(),
-                    protocol: endpoint.protocol.clone(),
-                    channel: options.channel.clone(),
-                    sink,
-                    stream: Some(stream),
-                    reader: None,
-                    pong_due: Arc::new(AtomicBool::new(false)),
-                    next_id: 1,
-                })
-            }
-            PublishVia::Api { target, api_key } => {
-                let addr = target.resolve().await?;
-                let mut api = ApiPublisher::new(
-                    target.clone(),
-                    addr,
-                    api_key.clone(),
-                    options.endpoint.timeout,
-                );
-                // A probe first: the API answers, and takes the key and the channel.
-                let probe = stamp_message(PROBE, 0, 0);
-                api.publish(&options.channel, &probe)
-                    .await
-                    .map_err(|reason| BenchError::Connect {
-                        target: target.url.clone(),
-                        reason,
-                    })?;
-                Ok(Publisher::Api {
-                    url: target.url.clone(),
-                    channel: options.channel.clone(),
-                    api,
-                })
-            }
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Publisher::Ws { url, .. } | Publisher::Api { url, .. } => url.clone(),
-        }
-    }
-
-    /// Reads what the server sends the publisher: a raw room member gets its own messages
-    /// back (and must read them, or be cut as slow); a native client gets `publish` replies.
-    fn start_reader(&mut self, shared: Arc<Shared>) {
-        let Publisher::Ws {
-            protocol,
-            stream,
-            reader,
-            pong_due,
-            ..
-        } = self
-        else {
-            return;
-        };
-        let Some(mut stream) = stream.take() else {
-            return;
-        };
-        let native = matches!(protocol, Protocol::Native { .. });
-        let pong_due = pong_due.clone();
-        *reader = Some(tokio::spawn(async move {
-            while let Some(Ok(message)) = stream.next().await {
-                if !native {
-                    continue;
-                }
-                let Message::Text(text) = message else {
-                    continue;
-                };
-                for reply in parse_replies(&text).into_iter().flatten() {
-                    if reply.is_server_ping() {
-                        pong_due.store(true, Relaxed);
-                    } else if let Some(error) = reply.error {
-                        shared.publish_errors.fetch_add(1, Relaxed);
-                        shared
-                            .failures
-                            .add(format!("publish error {}: {}", error.code, error.message));
-                    }
-                }
-            }
-        }));
-    }
-
-    async fn publish(&mut self, stamp: String) -> Result<(), PublishError> {
-        match self {
-            Publisher::Ws {
-                protocol,
-                channel,
-                sink,
-                pong_due,
-                next_id,
-                ..
-            } => {
-                let text = match protocol {
-                    Protocol::Raw => stamp,
-                    Protocol::Native { .. } => {
-                        let id = *next_id;
-                        *next_id = next_id.wrapping_add(1).max(1);
-                        let mut text = native_publish(id, channel, stamp);
-                        if pong_due.swap(false, Relaxed) {
-                            text.insert_str(0, "{}\n");
-                        }
-                        text
-                    }
-                };
-                sink.send(Message::text(text))
-                    .await
-                    .map_err(|error| PublishError::Broken(OpenError::from_ws(error).reason()))
-            }
-            Publisher::Api { channel, api, .. } => api
-                .publish(channel, &stamp)
-                .await
-                .map_err(PublishError::Rejected),
-        }
-    }
-
-    /// Native publish errors: counted by the reader as they come.
-    fn late_errors(&self, shared: &Shared) -> u64 {
-        match self {
-            Publisher::Ws { .. } => shared.publish_errors.load(Relaxed),
-            Publisher::Api { .. } => 0,
-        }
-    }
-
-    async fn close(self) {
-        if let Publisher::Ws {
-            mut sink, reader, ..
-        } = self
-        {
-            let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
-            if let Some(reader) = reader {
-                let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
-            }
-        }
-    }
 }
 
 impl fmt::Display for FanoutReport {

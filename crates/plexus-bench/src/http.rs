@@ -149,6 +149,39 @@ pub fn api_outcome(status: u16, body: &[u8]) -> Result<(), String> {
     }
 }
 
+/// One request on a new connection (`Connection: close`), read to the end of its response:
+/// its status. `api_key` (for the API) makes it a `POST` of `{}` with `X-API-Key`; without it,
+/// a `GET`. For probes: it measures what a new client of the server waits for.
+pub async fn one_request(
+    addr: SocketAddr,
+    target: &Target,
+    api_key: Option<&str>,
+) -> Result<u16, String> {
+    let reason = |error: std::io::Error| crate::client::io_reason(&error);
+    let mut stream = TcpStream::connect(addr).await.map_err(reason)?;
+    let _ = stream.set_nodelay(true);
+    let request = match api_key {
+        Some(key) => format!(
+            "POST {} HTTP/1.1\r\nHost: {}\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}",
+            target.path, target.authority
+        ),
+        None => format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            target.path, target.authority
+        ),
+    };
+    stream.write_all(request.as_bytes()).await.map_err(reason)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.map_err(reason)?;
+    let head = parse_head(&response)?.ok_or("incomplete response")?;
+    if let BodyLength::Exactly(length) = head.body {
+        if response.len() < head.len + length {
+            return Err("response body cut short".into());
+        }
+    }
+    Ok(head.status)
+}
+
 impl ApiPublisher {
     pub fn new(target: Target, addr: SocketAddr, api_key: String, timeout: Duration) -> Self {
         ApiPublisher {
@@ -302,6 +335,31 @@ mod tests {
         }
         assert!(parse_chunked(b"zz\r\n").is_err());
         assert!(parse_chunked(b"1\r\nab\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn one_request_reads_a_whole_response_and_returns_its_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = vec![0; 4096];
+            let n = socket.read(&mut request).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 503 Busy\r\ncontent-length: 4\r\n\r\nbusy")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&request[..n]).into_owned()
+        });
+        let target = Target::http(&format!("http://{addr}/api/info")).unwrap();
+        assert_eq!(one_request(addr, &target, Some("k")).await, Ok(503));
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with("POST /api/info HTTP/1.1\r\n"),
+            "{request}"
+        );
+        assert!(request.contains("X-API-Key: k\r\n"), "{request}");
+        assert!(request.ends_with("\r\n\r\n{}"), "{request}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! WebSocket endpoints). It knows nothing of the server's code: it opens sockets, speaks the
 //! raw WebSocket endpoints or the native protocol (with `plexus-protocol`'s JSON), and measures.
 //!
-//! Four loads, each bounded in count and in time (a hard limit stops any run), each aimed at the
+//! Six loads, each bounded in count and in time (a hard limit stops any run), each aimed at the
 //! loopback range only (127.0.0.0/8, `::1`, `localhost`) unless the caller allows another host:
 //!
 //! | load | what it does |
@@ -11,6 +11,8 @@
 //! | [`fanout`] | N subscribers on one channel, one publisher at R messages/s; every subscriber checks order and loss and records latency |
 //! | [`echo`] | C connections doing round trips on `/echo`, `inflight` at a time each |
 //! | [`churn`] | connect/close cycles at R per second |
+//! | [`publish`] | N publishers, one acknowledged publish in flight each, through the native protocol or the HTTP API: publishes/s and latency |
+//! | [`overload`] | slow subscribers (reading less than is published) and fast ones, while probes time new connections and HTTP requests: who was cut with 3008, server RSS |
 //!
 //! Client sockets are bound to 127.0.0.1 … 127.0.0.N in turn ([`Sources`]) so that tens of
 //! thousands of connections do not run out of one address's ephemeral ports. Running out of file
@@ -54,6 +56,16 @@
 //!   `unreadable` (replies that were not a sent message), `latency_us`.
 //! - `churn` ([`ChurnReport`]): `protocol`, `rate`, `duration_s`, `attempted`, `succeeded`
 //!   (connected and closed cleanly), `failed`, `connect_latency_us`.
+//! - `publish` ([`PublishReport`]): `via` (`native`/`api`), `channel`, `channels`, `publishers`,
+//!   `connected`, `failed`, `dropped`, `size`, `duration_s`, `published` (acknowledged within
+//!   the duration), `errors` (answered with an error), `publishes_per_s`, `latency_us` (publish
+//!   to acknowledgement).
+//! - `overload` ([`OverloadReport`]): `protocol`, `channel`, `rate`, `read_rate` (what each slow
+//!   subscriber reads), `size`, `duration_s`, `planned`, `sent`, `publish_errors`, `slow` and
+//!   `fast` (each `{requested, connected, ready, failed, closed_slow (closed with 3008),
+//!   closed_other, open_at_end, deliveries, lost, out_of_order, latency_us}`), `probes` (each
+//!   `{url, kind: websocket/get/api, attempts, ok, failures, latency_us}`), `server_rss_kib`
+//!   (`null`, or `{before, max, end, samples}` with `--server-pid`).
 //!
 //! The exit status is 0 when a run completes, whatever it measured: read the counts. It is 2 for
 //! bad usage (a bad URL, a non-loopback target, a number out of bounds) and 1 when the target
@@ -67,7 +79,10 @@ mod echo;
 mod fanout;
 pub mod http;
 pub mod latency;
+mod overload;
 pub mod progress;
+mod publish;
+mod publisher;
 pub mod rate;
 pub mod seq;
 pub mod system;
@@ -80,9 +95,12 @@ pub use churn::{churn, ChurnOptions, ChurnReport};
 pub use client::{Endpoint, Protocol};
 pub use conns::{conns, ConnsOptions, ConnsReport, RssReport};
 pub use echo::{echo, EchoOptions, EchoReport};
-pub use fanout::{fanout, FanoutOptions, FanoutReport, PublishVia};
+pub use fanout::{fanout, FanoutOptions, FanoutReport};
 pub use latency::LatencySummary;
+pub use overload::{overload, OverloadOptions, OverloadReport, Probe, SLOW_RECV_BUFFER};
 pub use progress::ProgressMode;
+pub use publish::{publish, PublishOptions, PublishPath, PublishReport};
+pub use publisher::PublishVia;
 pub use rate::Rate;
 pub use target::{Sources, Target};
 
@@ -125,7 +143,14 @@ macro_rules! report {
     )*};
 }
 
-report!(ConnsReport, FanoutReport, EchoReport, ChurnReport);
+report!(
+    ConnsReport,
+    FanoutReport,
+    EchoReport,
+    ChurnReport,
+    PublishReport,
+    OverloadReport
+);
 
 /// The process ran out of file descriptors: no more connections were opened after `opened`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -212,6 +237,7 @@ pub async fn endpoint(
         protocol,
         sources: Some(sources),
         timeout,
+        recv_buffer: None,
     })
 }
 

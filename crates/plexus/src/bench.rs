@@ -5,6 +5,10 @@
 //! plexus bench fanout ws://127.0.0.1:8000/chat/bench --subscribers 1000 --rate 50/s --duration 10s
 //! plexus bench echo   ws://127.0.0.1:8000/echo --connections 10 --duration 10s
 //! plexus bench churn  ws://127.0.0.1:8000/echo --rate 200/s --duration 10s
+//! plexus bench publish ws://127.0.0.1:8000/connection/websocket --token T --publishers 64
+//! plexus bench publish http://127.0.0.1:8000/api/publish --api-key K --publishers 64
+//! plexus bench overload ws://127.0.0.1:8000/chat/slow --subscribers 100 --rate 300/s \
+//!     --probe-ws ws://127.0.0.1:8000/echo --probe-get http://127.0.0.1:8000/metrics
 //! ```
 //!
 //! A progress line goes to stderr; the summary (or with `--json` one JSON object, documented in
@@ -16,8 +20,9 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use plexus_bench::{
-    BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, ProgressMode,
-    Protocol, PublishVia, Rate, Report, Sources, Target,
+    BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, OverloadOptions,
+    Probe, ProgressMode, Protocol, PublishOptions, PublishPath, PublishVia, Rate, Report, Sources,
+    Target,
 };
 
 use crate::Failure;
@@ -38,6 +43,10 @@ enum Load {
     Echo(EchoArgs),
     /// Connect/close cycles at a rate
     Churn(ChurnArgs),
+    /// Acknowledged publishes as fast as they go, N publishers with one in flight each
+    Publish(PublishArgs),
+    /// Subscribers slower than the publisher, while probes check the server still answers
+    Overload(OverloadArgs),
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -182,6 +191,103 @@ struct ChurnArgs {
     common: Common,
 }
 
+#[derive(Debug, clap::Args)]
+struct PublishArgs {
+    /// ws:// URL of the native endpoint (ws://127.0.0.1:8000/connection/websocket, needs
+    /// --token) or http:// URL of the API's publish (http://127.0.0.1:8000/api/publish, needs
+    /// --api-key)
+    url: String,
+    /// Concurrent publishers, each waiting for the acknowledgement of one publish at a time
+    #[arg(long, default_value_t = 64)]
+    publishers: u64,
+    /// The channel, or the stem of CHANNEL-0 … CHANNEL-(N-1) with --channels N
+    #[arg(long, default_value = "chat:bench")]
+    channel: String,
+    /// Channels the publishers are spread over
+    #[arg(long, default_value_t = 1)]
+    channels: u64,
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    duration: Duration,
+    /// Bytes per message
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Native: the connection token (`plexus token --user ID`)
+    #[arg(long)]
+    token: Option<String>,
+    /// API: the server's API key
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, clap::Args)]
+struct OverloadArgs {
+    /// ws:// URL of the subscribers, e.g. ws://127.0.0.1:8000/chat/slow
+    url: String,
+    /// Slow subscribers: each reads at most --read-rate messages a second
+    #[arg(long)]
+    subscribers: u64,
+    /// Subscribers that read everything as it comes
+    #[arg(long, default_value_t = 0)]
+    fast_subscribers: u64,
+    /// Messages per second from the publisher
+    #[arg(long, value_parser = rate)]
+    rate: Rate,
+    /// Messages per second each slow subscriber reads [default: a third of --rate]
+    #[arg(long, value_parser = rate)]
+    read_rate: Option<Rate>,
+    /// How long to publish
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = duration)]
+    duration: Duration,
+    /// Bytes per message (big enough that a slow subscriber's backlog outgrows the kernel's
+    /// socket buffers, up to 4 MiB each on Linux, within seconds)
+    #[arg(long, default_value_t = 4096)]
+    size: usize,
+    /// How fast subscribers connect
+    #[arg(long, default_value = "2000/s", value_parser = rate)]
+    ramp: Rate,
+    /// Probe: a new WebSocket connection and one round trip (e.g. ws://…/echo); repeatable
+    #[arg(long, value_name = "URL")]
+    probe_ws: Vec<String>,
+    /// Probe: GET, expecting 200 (e.g. http://…/metrics); repeatable
+    #[arg(long, value_name = "URL")]
+    probe_get: Vec<String>,
+    /// Probe: POST {} to an API method with --api-key (e.g. http://…/api/info); repeatable
+    #[arg(long, value_name = "URL", requires = "api_key")]
+    probe_api: Vec<String>,
+    /// How often the probes run (each probe once)
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
+    probe_every: Duration,
+    /// A probe that takes longer fails
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    probe_timeout: Duration,
+    /// After publishing, how long slow subscribers read at full speed to reach a close frame
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    drain: Duration,
+    /// The server's pid: sample its RSS with the probes
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+    /// Publish through the server API instead, e.g. http://127.0.0.1:8000/api/publish
+    #[arg(long, value_name = "URL", requires = "api_key")]
+    publish_api: Option<String>,
+    /// The API key for --publish-api and --probe-api
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    #[command(flatten)]
+    protocol: ProtocolArgs,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// A third of `rate`: what slow subscribers take by default.
+fn a_third_of(rate: Rate) -> Rate {
+    Rate {
+        count: rate.count,
+        per: rate.per * 3,
+    }
+}
+
 fn failure(error: BenchError) -> Failure {
     Failure::new(error.exit_code(), anyhow!(error))
 }
@@ -212,6 +318,28 @@ impl Common {
         .map_err(failure)
     }
 
+    /// An http:// target, with the loopback rule applied.
+    fn http_target(&self, url: &str) -> Result<Target, Failure> {
+        let target = Target::http(url).map_err(failure)?;
+        target.check_allowed(self.allow_remote).map_err(failure)?;
+        Ok(target)
+    }
+
+    /// Through the API with `--publish-api URL --api-key KEY`, else through the endpoint.
+    fn publish_via(
+        &self,
+        publish_api: Option<&str>,
+        api_key: Option<&str>,
+    ) -> Result<PublishVia, Failure> {
+        Ok(match (publish_api, api_key) {
+            (Some(url), Some(api_key)) => PublishVia::Api {
+                target: self.http_target(url)?,
+                api_key: api_key.to_owned(),
+            },
+            _ => PublishVia::Endpoint,
+        })
+    }
+
     fn report(&self, report: &impl Report) -> Result<(), Failure> {
         if self.json {
             println!("{}", report.to_json());
@@ -223,6 +351,24 @@ impl Common {
 }
 
 impl ProtocolArgs {
+    /// The channel publications go to: `--channel`, else `chat:{room}` of a raw /chat/{room} URL.
+    fn channel_of(&self, url: &str, protocol: &Protocol) -> Result<String, Failure> {
+        match (&self.channel, protocol) {
+            (Some(channel), _) => Ok(channel.clone()),
+            (None, Protocol::Native { .. }) => {
+                Err(usage("--protocol native needs --channel".into()))
+            }
+            (None, Protocol::Raw) => Target::websocket(url)
+                .map_err(failure)?
+                .chat_channel()
+                .ok_or_else(|| {
+                    usage(format!(
+                        "{url}: a raw fan-out needs a /chat/{{room}} URL (or --channel)"
+                    ))
+                }),
+        }
+    }
+
     /// The clients' protocol; `subscribe` says whether native clients subscribe to `--channel`.
     fn protocol(&self, subscribe: bool) -> Result<Protocol, Failure> {
         match self.protocol {
@@ -272,35 +418,11 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
         }
         Load::Fanout(args) => {
             let protocol = args.protocol.protocol(true)?;
-            let channel = match (&args.protocol.channel, &protocol) {
-                (Some(channel), _) => channel.clone(),
-                (None, Protocol::Native { .. }) => {
-                    return Err(usage("--protocol native needs --channel".into()))
-                }
-                (None, Protocol::Raw) => Target::websocket(&args.url)
-                    .map_err(failure)?
-                    .chat_channel()
-                    .ok_or_else(|| {
-                        usage(format!(
-                            "{}: a raw fan-out needs a /chat/{{room}} URL (or --channel)",
-                            args.url
-                        ))
-                    })?,
-            };
+            let channel = args.protocol.channel_of(&args.url, &protocol)?;
             let endpoint = args.common.endpoint(&args.url, protocol).await?;
-            let publish = match (&args.publish_api, &args.api_key) {
-                (Some(url), Some(api_key)) => {
-                    let target = Target::http(url).map_err(failure)?;
-                    target
-                        .check_allowed(args.common.allow_remote)
-                        .map_err(failure)?;
-                    PublishVia::Api {
-                        target,
-                        api_key: api_key.clone(),
-                    }
-                }
-                _ => PublishVia::Endpoint,
-            };
+            let publish = args
+                .common
+                .publish_via(args.publish_api.as_deref(), args.api_key.as_deref())?;
             let options = FanoutOptions {
                 endpoint,
                 channel,
@@ -361,5 +483,114 @@ pub async fn run(args: BenchArgs) -> Result<(), Failure> {
                 .map_err(failure)?;
             args.common.report(&report)
         }
+        Load::Publish(args) => run_publish(args).await,
+        Load::Overload(args) => run_overload(args).await,
+    }
+}
+
+async fn run_publish(args: PublishArgs) -> Result<(), Failure> {
+    let path = if args.url.to_ascii_lowercase().starts_with("http://") {
+        let api_key = args
+            .api_key
+            .clone()
+            .ok_or_else(|| usage("publishing through the API needs --api-key".into()))?;
+        PublishPath::Api {
+            target: args.common.http_target(&args.url)?,
+            api_key,
+            timeout: args.common.connect_timeout,
+        }
+    } else {
+        let token = args.token.clone().ok_or_else(|| {
+            usage(
+                "publishing through the native protocol needs --token (plexus token --user ID)"
+                    .into(),
+            )
+        })?;
+        let protocol = Protocol::Native {
+            token,
+            channel: None,
+        };
+        PublishPath::Native {
+            endpoint: args.common.endpoint(&args.url, protocol).await?,
+        }
+    };
+    let options = PublishOptions {
+        path,
+        channel: args.channel,
+        channels: args.channels,
+        publishers: args.publishers,
+        duration: args.duration,
+        size: args.size,
+        progress: args.common.progress(),
+    };
+    let limit = args
+        .common
+        .time_limit
+        .unwrap_or_else(|| options.default_time_limit());
+    let report = plexus_bench::within(limit, plexus_bench::publish(options))
+        .await
+        .map_err(failure)?;
+    args.common.report(&report)
+}
+
+async fn run_overload(args: OverloadArgs) -> Result<(), Failure> {
+    let protocol = args.protocol.protocol(true)?;
+    let channel = args.protocol.channel_of(&args.url, &protocol)?;
+    let endpoint = args.common.endpoint(&args.url, protocol).await?;
+    let publish = args
+        .common
+        .publish_via(args.publish_api.as_deref(), args.api_key.as_deref())?;
+    let mut probes = Vec::new();
+    for url in &args.probe_ws {
+        probes.push(Probe::WebSocket(
+            args.common.endpoint(url, Protocol::Raw).await?,
+        ));
+    }
+    for url in &args.probe_get {
+        probes.push(Probe::Get(args.common.http_target(url)?));
+    }
+    for url in &args.probe_api {
+        probes.push(Probe::Api {
+            target: args.common.http_target(url)?,
+            api_key: args.api_key.clone().unwrap_or_default(),
+        });
+    }
+    let options = OverloadOptions {
+        endpoint,
+        channel,
+        publish,
+        slow_subscribers: args.subscribers,
+        fast_subscribers: args.fast_subscribers,
+        rate: args.rate,
+        read_rate: args.read_rate.unwrap_or_else(|| a_third_of(args.rate)),
+        duration: args.duration,
+        size: args.size,
+        ramp: args.ramp,
+        probes,
+        probe_every: args.probe_every,
+        probe_timeout: args.probe_timeout,
+        drain: args.drain,
+        server_pid: args.server_pid,
+        progress: args.common.progress(),
+    };
+    let limit = args
+        .common
+        .time_limit
+        .unwrap_or_else(|| options.default_time_limit());
+    let report = plexus_bench::within(limit, plexus_bench::overload(options))
+        .await
+        .map_err(failure)?;
+    args.common.report(&report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_readers_take_a_third_by_default() {
+        let third = a_third_of(Rate::per_second(300));
+        assert_eq!(third.events_per_second(), 100.0);
+        assert_eq!(third.to_string(), "300/3s");
     }
 }

@@ -643,22 +643,27 @@ fn publish_with_a_wrong_key_or_no_server_fails_clearly() {
     assert_eq!(output.status.code(), Some(2));
 }
 
-/// Runs `plexus bench ARGS --json --quiet`; returns the exit status and the parsed report.
-fn bench_json(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+/// Runs `plexus bench ARGS --json --quiet`; returns the exit status, stdout and stderr.
+fn bench_json_status(args: &[&str]) -> (Option<i32>, String, String) {
     let output = plexus()
         .arg("bench")
         .args(args)
         .args(["--json", "--quiet"])
         .output()
         .unwrap();
-    let stderr = text(&output.stderr);
-    let report = serde_json::from_str(text(&output.stdout).trim()).unwrap_or_else(|_| {
-        panic!(
-            "no JSON report: stdout {:?}, stderr {stderr}",
-            text(&output.stdout)
-        )
-    });
-    (output.status.code(), report, stderr)
+    (
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+/// Runs `plexus bench ARGS --json --quiet`; returns the exit status and the parsed report.
+fn bench_json(args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let (status, stdout, stderr) = bench_json_status(args);
+    let report = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|_| panic!("no JSON report: stdout {stdout:?}, stderr {stderr}"));
+    (status, report, stderr)
 }
 
 #[test]
@@ -819,6 +824,130 @@ fn bench_echo_and_churn_complete_their_cycles() {
     assert_eq!(report["succeeded"], 20, "{report}");
     assert_eq!(report["failed"], 0, "{report}");
     assert_eq!(report["connect_latency_us"]["count"], 20, "{report}");
+}
+
+#[test]
+fn bench_publish_counts_acknowledged_publishes_natively_and_through_the_api() {
+    // The durable embedded engine: a publish is acknowledged once it is on disk.
+    let data_dir = temp_dir("bench-publish").join("data");
+    let env = [
+        ("PLEXUS_API_KEY", "bench-api-key"),
+        ("PLEXUS_TOKEN_HMAC_SECRET", "bench-token-secret"),
+        ("PLEXUS_DATA_DIR", data_dir.to_str().unwrap()),
+    ];
+    let served = Served::start(&[], &env);
+    let token = plexus()
+        .args(["token", "--user", "bench"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{}", text(&token.stderr));
+    let token = text(&token.stdout).trim().to_owned();
+    let native = format!("{}/connection/websocket", served.ws_base);
+    let (status, report, stderr) = bench_json(&[
+        "publish",
+        &native,
+        "--token",
+        &token,
+        "--publishers",
+        "4",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["bench"], "publish", "{report}");
+    assert_eq!(report["via"], "native", "{report}");
+    assert_eq!(report["channel"], "chat:bench", "{report}");
+    assert_eq!(report["connected"], 4, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["dropped"], 0, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    let published = report["published"].as_u64().unwrap();
+    assert!(published > 0, "{report}");
+    assert_eq!(report["latency_us"]["count"], published, "{report}");
+
+    let api = format!("{}/api/publish", served.ws_base.replace("ws://", "http://"));
+    let (status, report, stderr) = bench_json(&[
+        "publish",
+        &api,
+        "--api-key",
+        "bench-api-key",
+        "--publishers",
+        "3",
+        "--channels",
+        "2",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["via"], "api", "{report}");
+    assert_eq!(report["channels"], 2, "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["published"].as_u64().unwrap() > 0, "{report}");
+
+    // A wrong key is a clear error before any load.
+    let (status, _, stderr) =
+        bench_json_status(&["publish", &api, "--api-key", "wrong", "--duration", "1s"]);
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+}
+
+#[test]
+fn bench_overload_reports_slow_subscribers_cut_with_3008_and_probes() {
+    let env = [("PLEXUS_API_KEY", "bench-api-key")];
+    // A small outbox (still 16 messages), so slow subscribers are cut within a second or two
+    // once the kernel's buffers (a few MiB) are full.
+    let served = Served::start(&["--memory", "--outbox-limit", "262144"], &env);
+    let http = served.ws_base.replace("ws://", "http://");
+    let pid = served.child.id().to_string();
+    let (status, report, stderr) = bench_json(&[
+        "overload",
+        &format!("{}/chat/slow", served.ws_base),
+        "--subscribers",
+        "3",
+        "--fast-subscribers",
+        "2",
+        "--rate",
+        "200/s",
+        "--read-rate",
+        "10/s",
+        "--size",
+        "16384",
+        "--duration",
+        "4s",
+        "--drain",
+        "5s",
+        "--probe-ws",
+        &format!("{}/echo", served.ws_base),
+        "--probe-get",
+        &format!("{http}/health"),
+        "--probe-api",
+        &format!("{http}/api/info"),
+        "--api-key",
+        "bench-api-key",
+        "--server-pid",
+        &pid,
+    ]);
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(report["bench"], "overload", "{report}");
+    assert_eq!(report["sent"], 800, "{report}");
+    assert_eq!(report["slow"]["connected"], 3, "{report}");
+    assert_eq!(report["slow"]["closed_slow"], 3, "{report}");
+    assert_eq!(report["fast"]["connected"], 2, "{report}");
+    assert_eq!(report["fast"]["closed_slow"], 0, "{report}");
+    assert_eq!(report["fast"]["lost"], 0, "{report}");
+    assert_eq!(report["fast"]["deliveries"], 2 * 800, "{report}");
+    let probes = report["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 3, "{report}");
+    for probe in probes {
+        assert!(probe["attempts"].as_u64().unwrap() >= 3, "{probe}");
+        assert_eq!(probe["ok"], probe["attempts"], "{probe}");
+    }
+    let rss = &report["server_rss_kib"];
+    assert!(
+        rss["max"].as_u64().unwrap() >= rss["before"].as_u64().unwrap(),
+        "{rss}"
+    );
 }
 
 #[test]
