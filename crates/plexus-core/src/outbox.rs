@@ -39,6 +39,8 @@ pub enum Control {
     Heartbeat,
     /// The peer has not answered a heartbeat in time: close the connection.
     HeartbeatTimeout,
+    /// The server is shutting down: close the connection the transport's way.
+    Shutdown,
 }
 
 impl Delivery {

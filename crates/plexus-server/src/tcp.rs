@@ -345,7 +345,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                     | Control::Resync { .. }
                     | Control::Frame(_)
                     | Control::Heartbeat
-                    | Control::HeartbeatTimeout,
+                    | Control::HeartbeatTimeout
+                    | Control::Shutdown,
                 ) => {}
             }
         }

@@ -462,7 +462,9 @@ impl ClientSession {
                 Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
                 // The WebSocket connection handles its heartbeats before the session sees them;
                 // stream transports keep their own.
-                Delivery::Control(Control::Heartbeat | Control::HeartbeatTimeout) => {}
+                Delivery::Control(
+                    Control::Heartbeat | Control::HeartbeatTimeout | Control::Shutdown,
+                ) => {}
             }
         }
     }

@@ -1,11 +1,14 @@
 //! The life of one WebSocket connection, whatever it speaks.
 //!
 //! One task per connection `select!`s over the socket, the connection's outbox (deliveries from
-//! the hub), its heartbeat timer and server shutdown. A [`Handler`] decides what messages and
+//! the hub; heartbeat and shutdown requests from the [`heartbeat`](super::heartbeat) sweep) and,
+//! only while it has a deadline, a timer. While it has nothing to write it parks its outbox, and
+//! deliveries are written for it by the [`direct`](super::direct) writer without waking it.
+//! A [`Handler`] decides what messages and
 //! deliveries mean (`/echo`, a raw room, the native protocol); this driver keeps the rules every
 //! WebSocket shares:
-//! - the server sends the handler's heartbeat every `ping_interval` (asked by the one
-//!   [`heartbeat`](super::heartbeat) sweep, not by a timer of its own); a peer that sends
+//! - the server sends the handler's heartbeat every `ping_interval` (asked by the sweep, not by
+//!   a timer of its own); a peer that sends
 //!   nothing at all within `pong_timeout` after it is closed with the handler's timeout code;
 //! - a protocol violation closes with the code the decoder names (1002, 1007, 1009);
 //! - an outbox overflow (a reader too slow for its channels) closes with 3008;
@@ -191,6 +194,10 @@ pub(crate) async fn run<IO>(
     metrics.accepted.inc();
     metrics.connections.inc();
     let beat = shared.heartbeats.register(handler.outbox().clone());
+    if shared.shutdown.is_cancelled() {
+        // Too late for the shutdown sweep to have seen this connection.
+        handler.outbox().push_control(Control::Shutdown);
+    }
     let mut connection = Connection {
         beat,
         wire: Wire::new(io),
@@ -238,7 +245,6 @@ struct Connection<'a, IO> {
 enum Wake {
     Wire(WireEvent),
     Outbox,
-    Shutdown,
     Timer,
 }
 
@@ -282,7 +288,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             let wake = tokio::select! {
                 event = poll_fn(|cx| wire.poll_io(cx, want_read, &mut |bytes| decoder.feed(bytes))) => Wake::Wire(event),
                 () = outbox.ready() => Wake::Outbox,
-                () = shared.shutdown.cancelled(), if self.closing.is_none() => Wake::Shutdown,
                 () = expired(&mut timer) => Wake::Timer,
             };
             if parked {
@@ -316,10 +321,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     return;
                 }
                 Wake::Outbox => self.drain_outbox(handler).await,
-                Wake::Shutdown => {
-                    let (code, reason) = handler.shutdown_close();
-                    self.start_close(code, reason);
-                }
                 Wake::Timer => {
                     if self
                         .closing
@@ -426,8 +427,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         let room = HIGH_WATER.saturating_sub(self.wire.queued());
         let state = outbox.drain(room, &mut batch);
         // Heartbeats are the connection's own business, whatever the handler.
-        let (mut ping, mut silent) = (false, false);
+        let (mut ping, mut silent, mut shutdown) = (false, false, false);
         batch.retain(|delivery| match delivery {
+            Delivery::Control(Control::Shutdown) => {
+                shutdown = true;
+                false
+            }
             Delivery::Control(Control::Heartbeat) => {
                 ping = true;
                 false
@@ -438,6 +443,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             }
             _ => true,
         });
+        if shutdown {
+            let (code, reason) = handler.shutdown_close();
+            self.start_close(code, reason);
+            return;
+        }
         if silent {
             self.read_open = false;
             let (code, reason) = handler.timeout_close();

@@ -127,18 +127,33 @@ impl AsyncWrite for SharedTcp {
 /// One flusher's queue of parked outboxes with something to write.
 #[derive(Debug, Default)]
 pub(crate) struct Lane {
-    pending: Mutex<Vec<Arc<Outbox>>>,
+    pending: Mutex<Pending>,
     notify: Notify,
 }
 
+#[derive(Debug, Default)]
+struct Pending {
+    outboxes: Vec<Arc<Outbox>>,
+    /// The flusher has stopped (shutdown): outboxes go straight back to their tasks.
+    closed: bool,
+}
+
 impl Lane {
-    fn schedule(&self, outbox: Arc<Outbox>) {
-        let mut pending = self
-            .pending
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let was_empty = pending.is_empty();
-        pending.push(outbox);
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn schedule(&self, outbox: Arc<Outbox>) {
+        let mut pending = self.lock();
+        if pending.closed {
+            drop(pending);
+            outbox.unpark_and_wake();
+            return;
+        }
+        let was_empty = pending.outboxes.is_empty();
+        pending.outboxes.push(outbox);
         drop(pending);
         if was_empty {
             self.notify.notify_one();
@@ -146,21 +161,23 @@ impl Lane {
     }
 
     fn has_pending(&self) -> bool {
-        !self
-            .pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .is_empty()
+        !self.lock().outboxes.is_empty()
     }
 
     fn take(&self, into: &mut Vec<Arc<Outbox>>) {
-        std::mem::swap(
-            into,
-            &mut *self
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+        std::mem::swap(into, &mut self.lock().outboxes);
+    }
+
+    /// Stops the lane: what is scheduled, and whatever is scheduled later, goes back to its
+    /// connection's task.
+    fn close(&self) {
+        let mut pending = self.lock();
+        pending.closed = true;
+        let left = std::mem::take(&mut pending.outboxes);
+        drop(pending);
+        for outbox in left {
+            outbox.unpark_and_wake();
+        }
     }
 }
 
@@ -195,12 +212,7 @@ pub(crate) fn start(shared: &Arc<Shared>) {
                 () = flush_forever(&lane) => {}
                 () = shutdown.cancelled() => {}
             }
-            // Whatever was scheduled goes back to its task (which is closing anyway).
-            let mut left = Vec::new();
-            lane.take(&mut left);
-            for outbox in left {
-                outbox.unpark_and_wake();
-            }
+            lane.close();
         });
     }
 }

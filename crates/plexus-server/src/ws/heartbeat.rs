@@ -9,6 +9,9 @@
 //!
 //! An idle connection so costs one ping write and one read per ping interval, with no timer of
 //! its own and no wake-up of its own to send the ping.
+//!
+//! The sweep knows every WebSocket connection, so it also tells them all when the server shuts
+//! down ([`Control::Shutdown`]), and connections wait on their outbox alone.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -102,6 +105,15 @@ impl Heartbeats {
         }
     }
 
+    /// Asks every connection to close for shutdown.
+    fn shut_down(&self) {
+        for slot in self.slots.iter() {
+            for beat in lock(slot).iter().filter_map(Weak::upgrade) {
+                beat.outbox.push_control(Control::Shutdown);
+            }
+        }
+    }
+
     fn check(&self, beat: &Beat, pinged_at: u64, tick: u64) {
         if tick.saturating_sub(pinged_at) >= self.pong_ticks {
             beat.outbox.push_control(Control::HeartbeatTimeout);
@@ -115,7 +127,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs the sweep until shutdown.
+/// Runs the sweep until shutdown, then tells every connection. (A connection that registers
+/// after that sees the server's shutdown token cancelled when it starts.)
 pub(crate) fn start(shared: &Arc<Shared>) {
     let weak = Arc::downgrade(shared);
     let shutdown = shared.shutdown.clone();
@@ -127,7 +140,12 @@ pub(crate) fn start(shared: &Arc<Shared>) {
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    if let Some(shared) = weak.upgrade() {
+                        shared.heartbeats.shut_down();
+                    }
+                    return;
+                }
             }
             let Some(shared) = weak.upgrade() else { return };
             tick += 1;

@@ -144,7 +144,8 @@ impl RawRoom {
                     Control::Subscribe { .. }
                     | Control::Resync { .. }
                     | Control::Heartbeat
-                    | Control::HeartbeatTimeout,
+                    | Control::HeartbeatTimeout
+                    | Control::Shutdown,
                 ) => {}
                 Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
             }
