@@ -1,7 +1,8 @@
+use std::borrow::Borrow;
 use std::collections::hash_map::{DefaultHasher, Entry};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
@@ -14,6 +15,9 @@ use crate::publication::ClientDescriptor;
 pub type ConnectionId = u64;
 
 /// A connected client, as this node knows it.
+///
+/// One per connection, kept as long as it is open (88 bytes): what does not concern every
+/// connection is kept out of line or shared.
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: ConnectionId,
@@ -21,12 +25,18 @@ pub struct ClientInfo {
     pub transport: &'static str,
     /// Client id, unique across nodes: what the protocol and presence call `client`.
     pub client: Arc<str>,
-    /// User id from the token; empty for anonymous connections.
+    /// User id from the token; empty for anonymous connections (one shared empty string).
     pub user: Arc<str>,
-    /// Connection info (raw JSON) from the token, shown to others in presence and publications.
-    pub conn_info: Option<Bytes>,
+    /// Connection info (raw JSON) from the token: boxed, since most connections have none.
+    conn_info: Option<Box<Bytes>>,
     /// Display name; the TCP chat's `/nick` changes it.
-    name: RwLock<Arc<str>>,
+    name: Mutex<Arc<str>>,
+}
+
+/// The user id of every anonymous connection: one allocation, not one per connection.
+fn anonymous_user() -> Arc<str> {
+    static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
 }
 
 impl ClientInfo {
@@ -42,24 +52,27 @@ impl ClientInfo {
             id,
             transport,
             client,
-            user,
-            conn_info,
-            name: RwLock::new(name.into()),
+            user: if user.is_empty() {
+                anonymous_user()
+            } else {
+                user
+            },
+            conn_info: conn_info.map(Box::new),
+            name: Mutex::new(name.into()),
         }
     }
 
+    /// Connection info (raw JSON) from the token.
+    pub fn conn_info(&self) -> Option<&Bytes> {
+        self.conn_info.as_deref()
+    }
+
     pub fn name(&self) -> Arc<str> {
-        self.name
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        lock(&self.name).clone()
     }
 
     pub fn set_name(&self, name: &str) {
-        *self
-            .name
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = name.into();
+        *lock(&self.name) = name.into();
     }
 
     /// How other clients see this one.
@@ -67,7 +80,7 @@ impl ClientInfo {
         Arc::new(ClientDescriptor {
             user: self.user.clone(),
             client: self.client.clone(),
-            conn_info: self.conn_info.clone(),
+            conn_info: self.conn_info().cloned(),
             chan_info,
         })
     }
@@ -89,6 +102,35 @@ pub enum HubError {
     AlreadySubscribed(String),
     #[error("channel {0} has reached its subscriber limit")]
     TooManySubscribers(String),
+}
+
+/// A connection that commands can reach, in the hub's registry: a set found by connection id
+/// (16 bytes an entry, the id is in `info`).
+#[derive(Debug)]
+struct Registered {
+    info: Arc<ClientInfo>,
+    outbox: Arc<Outbox>,
+}
+
+impl Hash for Registered {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `ConnectionId` hashes, so that `Borrow<ConnectionId>` finds it.
+        self.info.id.hash(state);
+    }
+}
+
+impl PartialEq for Registered {
+    fn eq(&self, other: &Registered) -> bool {
+        self.info.id == other.info.id
+    }
+}
+
+impl Eq for Registered {}
+
+impl Borrow<ConnectionId> for Registered {
+    fn borrow(&self) -> &ConnectionId {
+        &self.info.id
+    }
 }
 
 /// What a fan-out did.
@@ -119,7 +161,11 @@ const N_SHARDS: usize = 64;
 #[derive(Debug)]
 pub struct Hub {
     shards: Box<[Shard]>,
-    connections: RwLock<HashMap<ConnectionId, Subscriber>>,
+    /// Connections with a user id, which commands address. Every command names a user (the
+    /// server API requires one), so anonymous connections are never addressed: they are only
+    /// counted, which keeps them out of this set and its memory.
+    connections: RwLock<HashSet<Registered>>,
+    anonymous: AtomicUsize,
     next_connection_id: AtomicU64,
     delivered: AtomicU64,
     dropped_slow: AtomicU64,
@@ -162,7 +208,8 @@ impl Hub {
     pub fn new() -> Hub {
         Hub {
             shards: (0..N_SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            connections: RwLock::new(HashMap::new()),
+            connections: RwLock::new(HashSet::new()),
+            anonymous: AtomicUsize::new(0),
             next_connection_id: AtomicU64::new(1),
             delivered: AtomicU64::new(0),
             dropped_slow: AtomicU64::new(0),
@@ -181,28 +228,49 @@ impl Hub {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Makes a connection reachable by [`NodeCommand`]s (disconnect, server-side subscribe).
+    /// Makes a connection reachable by [`NodeCommand`]s (disconnect, server-side subscribe), or
+    /// only counts it if it is anonymous. Undo with exactly one [`Hub::unregister`].
     pub fn register(&self, connection: Subscriber) {
-        write(&self.connections).insert(connection.info.id, connection);
+        if connection.info.user.is_empty() {
+            self.anonymous.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        write(&self.connections).insert(Registered {
+            info: connection.info,
+            outbox: connection.outbox,
+        });
     }
 
     pub fn unregister(&self, id: ConnectionId) {
-        write(&self.connections).remove(&id);
+        if !write(&self.connections).remove(&id) {
+            // Not in the set: it was registered as anonymous.
+            let _ = self
+                .anonymous
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
     }
 
     pub fn n_connections(&self) -> usize {
-        read(&self.connections).len()
+        read(&self.connections).len() + self.anonymous.load(Ordering::Relaxed)
     }
 
-    /// Registered connections of `user` (and, if given, with client id `client`).
+    /// Registered connections of `user` (and, if given, with client id `client`); none for the
+    /// empty (anonymous) user.
     pub fn connections_of(&self, user: &str, client: Option<&str>) -> Vec<Subscriber> {
+        if user.is_empty() {
+            return Vec::new();
+        }
         read(&self.connections)
-            .values()
+            .iter()
             .filter(|connection| {
                 &*connection.info.user == user
                     && client.is_none_or(|client| &*connection.info.client == client)
             })
-            .cloned()
+            .map(|connection| Subscriber {
+                info: connection.info.clone(),
+                outbox: connection.outbox.clone(),
+                join_leave: false,
+            })
             .collect()
     }
 
@@ -532,6 +600,59 @@ mod tests {
         assert!(b.outbox.is_empty());
         hub.unregister(a.info.id);
         assert_eq!(hub.n_connections(), 1);
+    }
+
+    #[test]
+    fn anonymous_connections_are_counted_not_addressed() {
+        let hub = Hub::new();
+        let named = subscriber(&hub, 1 << 20);
+        let id = hub.next_connection_id();
+        let anonymous = Subscriber {
+            info: Arc::new(ClientInfo::new(
+                id,
+                "test",
+                "c".into(),
+                "".into(),
+                None,
+                "a",
+            )),
+            ..subscriber(&hub, 1 << 20)
+        };
+        hub.register(named.clone());
+        hub.register(anonymous.clone());
+        assert_eq!(hub.n_connections(), 2);
+        assert!(hub.connections_of("", None).is_empty());
+        assert_eq!(hub.connections_of(&named.info.user, None).len(), 1);
+        hub.unregister(anonymous.info.id);
+        assert_eq!(hub.n_connections(), 1);
+        hub.unregister(named.info.id);
+        assert_eq!(hub.n_connections(), 0);
+        hub.unregister(named.info.id); // once too often: no underflow
+        assert_eq!(hub.n_connections(), 0);
+    }
+
+    #[test]
+    fn client_info_keeps_what_it_was_given() {
+        let info = ClientInfo::new(
+            7,
+            "websocket",
+            "c7".into(),
+            "".into(),
+            Some(Bytes::from_static(b"{}")),
+            "ann",
+        );
+        assert!(
+            Arc::ptr_eq(&info.user, &anonymous_user()),
+            "one shared empty user"
+        );
+        assert_eq!(info.conn_info().map(|info| &info[..]), Some(&b"{}"[..]));
+        assert_eq!(&*info.name(), "ann");
+        info.set_name("bob");
+        assert_eq!(&*info.name(), "bob");
+        let descriptor = info.descriptor(None);
+        assert_eq!(descriptor.conn_info.as_deref(), Some(&b"{}"[..]));
+        assert_eq!(&*descriptor.client, "c7");
+        assert!(std::mem::size_of::<ClientInfo>() <= 88);
     }
 
     #[test]

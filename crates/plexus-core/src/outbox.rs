@@ -35,6 +35,9 @@ pub enum Control {
     Resync { channel: Arc<str> },
     /// A finished frame to write as is (a reply completed asynchronously).
     Frame(Bytes),
+    /// The rest of a frame a [`DirectWriter`] could write only in part: it must go out next, and
+    /// is never dropped (the stream would break).
+    Rest(Bytes),
     /// Send the peer the transport's heartbeat (a WebSocket ping, the protocol's `{}`).
     Heartbeat,
     /// The peer has not answered a heartbeat in time: close the connection.
@@ -60,7 +63,8 @@ impl Delivery {
 pub enum OutboxState {
     Open,
     /// More bytes were queued than the limit allows: the connection is too slow and must be
-    /// disconnected (close code 3008). Its queue was dropped to free the memory at once.
+    /// disconnected (close code 3008). Its queue was dropped to free the memory at once, all but
+    /// the rest of a frame begun ([`Control::Rest`]), which the connection completes first.
     Overflowed,
     /// The connection is going away.
     Closed,
@@ -84,7 +88,7 @@ pub trait DirectWriter: Send + Sync {
 
     /// Writes, without waiting, as much of `items` as the socket takes now, removing from the
     /// front what went out whole; what was cut short goes back to the front as
-    /// [`Control::Frame`] with the bytes still due. Returns true if `items` is now empty; false
+    /// [`Control::Rest`] with the bytes still due. Returns true if `items` is now empty; false
     /// if the rest needs the connection's task (the socket is full, an item only the task can
     /// handle, or an error the task will see on its own write).
     fn write(&self, items: &mut VecDeque<Delivery>) -> bool;
@@ -213,8 +217,15 @@ impl Outbox {
         let weight = delivery.weight();
         if queue.bytes + weight > self.limit {
             queue.state = OutboxState::Overflowed;
-            queue.items = VecDeque::new();
-            queue.bytes = 0;
+            // The rest of a frame a direct writer wrote in part stays: the stream breaks unless
+            // it is completed before the close.
+            queue
+                .items
+                .retain(|item| matches!(item, Delivery::Control(Control::Rest(_))));
+            queue.bytes = queue.items.iter().map(Delivery::weight).sum();
+            if queue.items.is_empty() {
+                queue.items = VecDeque::new();
+            }
             drop(queue);
             self.notify.notify_one();
             return Err(OutboxState::Overflowed);
@@ -346,6 +357,21 @@ mod tests {
         assert!(!outbox.push_control(Control::Subscribe {
             channel: "x".into()
         }));
+    }
+
+    #[test]
+    fn overflow_keeps_the_rest_of_a_frame_begun() {
+        let outbox = Arc::new(Outbox::new(1000));
+        // The rest of a frame a direct writer wrote in part comes back at the front.
+        outbox.push_control(Control::Rest(Bytes::from_static(b"rest")));
+        outbox.push_control(Control::Frame(Bytes::from_static(b"reply")));
+        assert!(outbox.push(publication(500)).is_ok());
+        assert_eq!(outbox.push(publication(500)), Err(OutboxState::Overflowed));
+        let mut out = Vec::new();
+        assert_eq!(outbox.drain(usize::MAX, &mut out), OutboxState::Overflowed);
+        assert!(
+            matches!(&out[..], [Delivery::Control(Control::Rest(rest))] if &rest[..] == b"rest")
+        );
     }
 
     #[test]

@@ -1,4 +1,6 @@
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use crate::publication::ClientDescriptor;
@@ -7,23 +9,49 @@ use crate::publication::ClientDescriptor;
 /// presence, and what a broker engine must refresh in the broker while its clients stay.
 /// Adding and removing cost the same in a channel of any size.
 #[derive(Debug, Default)]
-pub struct PresenceMap(Mutex<HashMap<Arc<str>, ClientsById>>);
+pub struct PresenceMap(Mutex<HashMap<Arc<str>, Clients>>);
 
-/// The clients present in one channel, by client id.
-type ClientsById = HashMap<Arc<str>, Arc<ClientDescriptor>>;
+/// The clients present in one channel, found by client id: one pointer an entry (the id is in
+/// the descriptor), since a channel may hold every connection of the node.
+type Clients = HashSet<Present>;
+
+#[derive(Debug)]
+struct Present(Arc<ClientDescriptor>);
+
+impl Hash for Present {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that `Borrow<str>` finds it.
+        (*self.0.client).hash(state);
+    }
+}
+
+impl PartialEq for Present {
+    fn eq(&self, other: &Present) -> bool {
+        self.0.client == other.0.client
+    }
+}
+
+impl Eq for Present {}
+
+impl Borrow<str> for Present {
+    fn borrow(&self) -> &str {
+        &self.0.client
+    }
+}
 
 impl PresenceMap {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, ClientsById>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Clients>> {
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Adds `client`, replacing an entry with the same client id.
     pub fn add(&self, channel: &str, client: Arc<ClientDescriptor>) {
         self.lock()
             .entry(channel.into())
             .or_default()
-            .insert(client.client.clone(), client);
+            .replace(Present(client));
     }
 
     pub fn remove(&self, channel: &str, client: &str) {
@@ -44,7 +72,7 @@ impl PresenceMap {
     ) {
         let mut presence = self.lock();
         if let Some(clients) = presence.get_mut(channel) {
-            if clients.get(client).is_some_and(&matches) {
+            if clients.get(client).is_some_and(|known| matches(&known.0)) {
                 clients.remove(client);
             }
             if clients.is_empty() {
@@ -57,7 +85,7 @@ impl PresenceMap {
     pub fn clients(&self, channel: &str) -> Vec<Arc<ClientDescriptor>> {
         self.lock()
             .get(channel)
-            .map(|clients| clients.values().cloned().collect())
+            .map(|clients| clients.iter().map(|client| client.0.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -67,8 +95,8 @@ impl PresenceMap {
             .iter()
             .flat_map(|(channel, clients)| {
                 clients
-                    .values()
-                    .map(move |client| (channel.clone(), client.clone()))
+                    .iter()
+                    .map(move |client| (channel.clone(), client.0.clone()))
             })
             .collect()
     }
@@ -98,6 +126,12 @@ mod tests {
         assert_eq!(presence.entries().len(), 3);
         let again = client("c1");
         presence.add("a", again.clone());
+        let clients = presence.clients("a");
+        assert_eq!(clients.len(), 2);
+        assert!(
+            clients.iter().any(|known| Arc::ptr_eq(known, &again)),
+            "the later add replaced the entry"
+        );
         presence.forget("a", &first); // re-added meanwhile: stays
         assert_eq!(presence.clients("a").len(), 2);
         presence.forget("a", &again);

@@ -344,6 +344,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                     Control::Subscribe { .. }
                     | Control::Resync { .. }
                     | Control::Frame(_)
+                    | Control::Rest(_)
                     | Control::Heartbeat
                     | Control::HeartbeatTimeout
                     | Control::Shutdown,

@@ -61,6 +61,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         self.frames.push_back(frame);
     }
 
+    /// Queues the rest of a frame another writer began on this socket: it counts as started, so
+    /// [`Wire::discard_unsent`] keeps it. The wire must be empty (the other writer wrote only
+    /// while it was).
+    pub fn queue_rest(&mut self, rest: Bytes) {
+        debug_assert!(
+            self.frames.is_empty(),
+            "the rest of a frame must go out first"
+        );
+        self.front_started = self.frames.is_empty();
+        self.queue(rest);
+    }
+
     /// Drops queued frames that have not started to go out (a partly written one stays, so the
     /// stream remains well-formed). Used when a connection is cut for being too slow: its close
     /// frame should not wait behind data it will never read.
@@ -69,6 +81,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         while self.frames.len() > keep {
             let frame = self.frames.pop_back().expect("len checked");
             self.queued -= frame.len();
+        }
+    }
+
+    /// Frees the queue's allocation if it has one and is empty (a connection about to wait idle
+    /// should hold no buffer).
+    pub fn release(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > 0 {
+            self.frames = VecDeque::new();
         }
     }
 

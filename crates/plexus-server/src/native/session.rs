@@ -1,6 +1,6 @@
 //! One protocol client: connect, subscriptions, commands and pushes.
 
-use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,7 +45,7 @@ impl From<ErrorCode> for Outcome {
     }
 }
 
-/// A channel this client is subscribed to.
+/// A channel this client is subscribed to (24 bytes).
 struct ChannelState {
     /// Highest offset the client has (from the subscribe reply or a push): duplicates at or
     /// below it, possible right after a subscribe, are dropped.
@@ -55,8 +55,83 @@ struct ChannelState {
     settled: bool,
     /// Joins and leaves are pushed: the client asked (`join_leave`) or the namespace forces it.
     join_leave: bool,
-    /// When the subscription token expires (Unix seconds) unless refreshed with `sub_refresh`.
-    expires_at: Option<u64>,
+    /// When the subscription token expires unless refreshed with `sub_refresh`.
+    expires_at: ExpiresAt,
+}
+
+/// When something expires (Unix seconds), if it does: 8 bytes, where an `Option<u64>` takes 16.
+/// A time of 0, long past, is kept as 1, just as past.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ExpiresAt(Option<NonZeroU64>);
+
+impl ExpiresAt {
+    fn new(at: Option<u64>) -> ExpiresAt {
+        ExpiresAt(at.map(|at| NonZeroU64::new(at).unwrap_or(NonZeroU64::MIN)))
+    }
+
+    fn get(self) -> Option<u64> {
+        self.0.map(NonZeroU64::get)
+    }
+}
+
+/// The channels a client is subscribed to, by name: a vector sorted by name, so that a client
+/// with one channel (most have a few) holds one allocation of 40 bytes, where a hash map's
+/// smallest table takes over 200.
+#[derive(Default)]
+struct ChannelMap(Vec<(Arc<str>, ChannelState)>);
+
+impl ChannelMap {
+    fn find(&self, channel: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(name, _)| (**name).cmp(channel))
+    }
+
+    fn get(&self, channel: &str) -> Option<&ChannelState> {
+        self.find(channel).ok().map(|at| &self.0[at].1)
+    }
+
+    fn get_mut(&mut self, channel: &str) -> Option<&mut ChannelState> {
+        self.find(channel).ok().map(|at| &mut self.0[at].1)
+    }
+
+    fn contains_key(&self, channel: &str) -> bool {
+        self.find(channel).is_ok()
+    }
+
+    /// Adds a channel, or replaces its state.
+    fn insert(&mut self, channel: Arc<str>, state: ChannelState) {
+        match self.find(&channel) {
+            Ok(at) => self.0[at].1 = state,
+            Err(at) => {
+                // Grown one entry at a time while small: no room kept for channels that most
+                // clients never add. Past that, the vector's usual doubling.
+                if self.0.len() == self.0.capacity() && self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(at, (channel, state));
+            }
+        }
+    }
+
+    fn remove(&mut self, channel: &str) -> Option<ChannelState> {
+        let at = self.find(channel).ok()?;
+        let (_, state) = self.0.remove(at);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(state)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &ChannelState)> {
+        self.0.iter().map(|(name, state)| (name, state))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().map(|(name, _)| name)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &ChannelState> {
+        self.0.iter().map(|(_, state)| state)
+    }
 }
 
 /// The `meta` claim that marks a guest token (minted by `/app/token` for the built-in apps).
@@ -67,9 +142,9 @@ struct Connected {
     /// A guest of the built-in apps: it has a user id and a name, and exactly the permissions of
     /// an anonymous connection.
     guest: bool,
-    /// When the connection expires (Unix seconds) unless refreshed.
-    expires_at: Option<u64>,
-    channels: HashMap<Arc<str>, ChannelState>,
+    /// When the connection expires unless refreshed.
+    expires_at: ExpiresAt,
+    channels: ChannelMap,
 }
 
 /// The ids a stream transport's client sends its commands with (`POST /emulation`).
@@ -82,7 +157,8 @@ pub(crate) struct ClientSession {
     transport: &'static str,
     /// `None` on a WebSocket, whose pushes are finished frames. `Some` on a stream transport
     /// (SSE, HTTP streaming): pushes are unframed JSON and the connect result carries the ids.
-    stream: Option<StreamIds>,
+    /// Boxed: WebSocket sessions, the many, do without it.
+    stream: Option<Box<StreamIds>>,
     outbox: Arc<Outbox>,
     /// `None` until a successful connect.
     connected: Option<Connected>,
@@ -120,7 +196,7 @@ impl ClientSession {
         ids: StreamIds,
     ) -> ClientSession {
         ClientSession {
-            stream: Some(ids),
+            stream: Some(Box::new(ids)),
             ..ClientSession::new(shared, transport)
         }
     }
@@ -137,8 +213,8 @@ impl ClientSession {
             Some(connected) => connected
                 .channels
                 .values()
-                .filter_map(|state| state.expires_at)
-                .chain(connected.expires_at)
+                .filter_map(|state| state.expires_at.get())
+                .chain(connected.expires_at.get())
                 .min()
                 .map(|at| {
                     let left = at.saturating_sub(now_unix());
@@ -159,13 +235,13 @@ impl ClientSession {
             return;
         };
         let now = now_unix();
-        if connected.expires_at.is_some_and(|at| at <= now) {
+        if connected.expires_at.get().is_some_and(|at| at <= now) {
             return close(out, DisconnectCode::Expired);
         }
         let expired: Vec<Arc<str>> = connected
             .channels
             .iter()
-            .filter(|(_, state)| state.expires_at.is_some_and(|at| at <= now))
+            .filter(|(_, state)| state.expires_at.get().is_some_and(|at| at <= now))
             .map(|(channel, _)| channel.clone())
             .collect();
         for channel in expired {
@@ -306,8 +382,8 @@ impl ClientSession {
         let mut connected = Connected {
             info: info.clone(),
             guest,
-            expires_at,
-            channels: HashMap::new(),
+            expires_at: ExpiresAt::new(expires_at),
+            channels: ChannelMap::default(),
         };
         // Server-side subscriptions from the token, recovering from positions the client sent.
         let mut subs = std::collections::BTreeMap::new();
@@ -458,8 +534,11 @@ impl ClientSession {
                     }
                 }
                 // A finished WebSocket frame means nothing on a stream transport.
-                Delivery::Control(Control::Frame(_)) if stream => {}
-                Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
+                Delivery::Control(Control::Frame(_) | Control::Rest(_)) if stream => {}
+                // (A WebSocket connection takes a `Rest` before the session sees the batch.)
+                Delivery::Control(Control::Frame(frame) | Control::Rest(frame)) => {
+                    out.push(Out::Frame(frame))
+                }
                 // The WebSocket connection handles its heartbeats before the session sees them;
                 // stream transports keep their own.
                 Delivery::Control(
@@ -575,7 +654,7 @@ async fn subscribe_command(
         Ok(mut result) => {
             if let Some(at) = expires_at {
                 if let Some(state) = connected.channels.get_mut(channel) {
-                    state.expires_at = Some(at);
+                    state.expires_at = ExpiresAt::new(Some(at));
                 }
                 result.expires = true;
                 result.ttl = ttl(at);
@@ -637,7 +716,7 @@ async fn subscribe(
             last_offset,
             settled: last_offset == 0,
             join_leave,
-            expires_at: None,
+            expires_at: ExpiresAt::default(),
         },
     );
     let positioned = subscription.position.is_some();
@@ -798,12 +877,13 @@ fn refresh_command(shared: &Shared, connected: &mut Connected, token: &str) -> O
     };
     match verifier.verify_connection(token, now_unix()) {
         Ok(claims) if claims.sub == *connected.info.user => {
-            connected.expires_at = claims.connection_expires_at();
+            connected.expires_at = ExpiresAt::new(claims.connection_expires_at());
+            let expires_at = connected.expires_at.get();
             Outcome::Reply(ReplyBody::Refresh(proto::RefreshResult {
                 client: connected.info.client.to_string(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
-                expires: connected.expires_at.is_some(),
-                ttl: connected.expires_at.map_or(0, ttl),
+                expires: expires_at.is_some(),
+                ttl: expires_at.map_or(0, ttl),
             }))
         }
         Err(TokenError::Expired) => ErrorCode::TokenExpired.into(),
@@ -828,7 +908,7 @@ fn sub_refresh_command(
         {
             let expires_at = claims.subscription_expires_at();
             if let Some(state) = connected.channels.get_mut(request.channel.as_str()) {
-                state.expires_at = expires_at;
+                state.expires_at = ExpiresAt::new(expires_at);
             }
             Outcome::Reply(ReplyBody::SubRefresh(proto::SubRefreshResult {
                 expires: expires_at.is_some(),
@@ -837,5 +917,67 @@ fn sub_refresh_command(
         }
         Err(TokenError::Expired) => ErrorCode::TokenExpired.into(),
         Ok(_) | Err(_) => ErrorCode::PermissionDenied.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(last_offset: u64) -> ChannelState {
+        ChannelState {
+            last_offset,
+            settled: true,
+            join_leave: false,
+            expires_at: ExpiresAt::default(),
+        }
+    }
+
+    #[test]
+    fn channel_map_finds_replaces_and_removes_by_name() {
+        let mut channels = ChannelMap::default();
+        for (i, name) in ["news", "chat:b", "chat:a", "z", "a:1", "m"]
+            .iter()
+            .enumerate()
+        {
+            channels.insert((*name).into(), state(i as u64));
+        }
+        let names: Vec<&str> = channels.keys().map(|name| &**name).collect();
+        assert_eq!(names, ["a:1", "chat:a", "chat:b", "m", "news", "z"]);
+        assert_eq!(channels.get("chat:a").map(|s| s.last_offset), Some(2));
+        assert!(channels.get("chat").is_none());
+        channels.get_mut("z").unwrap().last_offset = 40;
+        channels.insert("news".into(), state(7)); // replaces
+        assert_eq!(channels.values().count(), 6);
+        assert_eq!(channels.get("news").map(|s| s.last_offset), Some(7));
+        assert_eq!(channels.remove("z").map(|s| s.last_offset), Some(40));
+        assert!(channels.remove("z").is_none());
+        assert!(!channels.contains_key("z") && channels.contains_key("m"));
+        for name in ["a:1", "chat:a", "chat:b", "m", "news"] {
+            assert!(channels.remove(name).is_some());
+        }
+        assert_eq!(channels.iter().count(), 0);
+        assert_eq!(channels.0.capacity(), 0, "an empty map holds no allocation");
+    }
+
+    #[test]
+    fn one_channel_is_one_small_allocation() {
+        let mut channels = ChannelMap::default();
+        channels.insert("chat:idle".into(), state(0));
+        assert_eq!(channels.0.capacity(), 1);
+        assert_eq!(std::mem::size_of::<(Arc<str>, ChannelState)>(), 40);
+        assert!(std::mem::size_of::<ClientSession>() <= 96);
+    }
+
+    #[test]
+    fn expiry_in_eight_bytes() {
+        assert_eq!(std::mem::size_of::<ExpiresAt>(), 8);
+        assert_eq!(ExpiresAt::new(None).get(), None);
+        assert_eq!(
+            ExpiresAt::new(Some(1_700_000_000)).get(),
+            Some(1_700_000_000)
+        );
+        // 0 is long past; so is 1.
+        assert_eq!(ExpiresAt::new(Some(0)).get(), Some(1));
     }
 }

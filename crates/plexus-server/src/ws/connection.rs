@@ -15,7 +15,7 @@
 //! - shutdown closes with the handler's shutdown code; every server close waits up to
 //!   [`CLOSE_TIMEOUT`] for the peer's close frame, then drops the socket.
 
-use std::future::{pending, poll_fn};
+use std::future::{pending, poll_fn, Future};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -38,6 +38,10 @@ use crate::Shared;
 const HIGH_WATER: usize = 256 * 1024;
 /// How long the server waits for the peer's close frame after sending its own.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a close may take in all, while the close frame waits behind data a slow reader is
+/// still reading (a reader that stops reading altogether fails the write after
+/// `write_timeout`).
+const CLOSE_LIMIT: Duration = Duration::from_secs(15);
 /// How long a peer's close may wait for the connection's own publishes to be delivered.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -50,6 +54,9 @@ pub(crate) enum Out {
     /// Close with this code and reason.
     Close(u16, String),
 }
+
+/// A handler's asynchronous work, boxed so it takes no room in an idle connection's task.
+type Work<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// What a connection speaks.
 pub(crate) enum Handler {
@@ -85,42 +92,54 @@ impl Handler {
         }
     }
 
-    async fn on_deadline(&mut self, shared: &Shared, out: &mut Vec<Out>) {
-        if let Handler::Native(session) = self {
-            Box::pin(session.on_deadline(shared, out)).await;
+    fn on_deadline<'a>(
+        &'a mut self,
+        shared: &'a Shared,
+        out: &'a mut Vec<Out>,
+    ) -> Option<Work<'a>> {
+        match self {
+            Handler::Native(session) => Some(Box::pin(session.on_deadline(shared, out))),
+            _ => None,
         }
     }
 
-    async fn on_message(
-        &mut self,
-        shared: &Shared,
+    /// Handles a message. Echo and rooms do it at once; a native session's work is
+    /// asynchronous and comes back boxed, to be awaited: the session's command futures are large
+    /// and rarely running, and inlined every connection's task would carry their size while idle.
+    fn on_message<'a>(
+        &'a mut self,
+        shared: &'a Shared,
         kind: MessageKind,
         data: Bytes,
-        out: &mut Vec<Out>,
-    ) {
+        out: &'a mut Vec<Out>,
+    ) -> Option<Work<'a>> {
         match self {
             Handler::Echo(_) => out.push(Out::Message(kind, data)),
             Handler::Room(room) => room.on_message(shared, kind, data),
-            // Boxed: the session's command futures are large and rarely running; inlined, every
-            // connection's task would carry their size while idle.
-            Handler::Native(session) => Box::pin(session.on_message(shared, data, out)).await,
+            Handler::Native(session) => {
+                return Some(Box::pin(session.on_message(shared, data, out)))
+            }
         }
+        None
     }
 
-    async fn on_deliveries(
-        &mut self,
-        shared: &Shared,
+    /// Turns deliveries into frames; like [`Handler::on_message`], a native session's work
+    /// comes back boxed.
+    fn on_deliveries<'a>(
+        &'a mut self,
+        shared: &'a Shared,
         batch: Vec<plexus_core::Delivery>,
         deflate: bool,
-        out: &mut Vec<Out>,
-    ) {
+        out: &'a mut Vec<Out>,
+    ) -> Option<Work<'a>> {
         match self {
             Handler::Echo(_) => {}
             Handler::Room(room) => room.on_deliveries(batch, deflate, out),
             Handler::Native(session) => {
-                Box::pin(session.on_deliveries(shared, batch, deflate, out)).await
+                return Some(Box::pin(session.on_deliveries(shared, batch, deflate, out)))
             }
         }
+        None
     }
 
     fn heartbeat(&self) -> Bytes {
@@ -155,11 +174,14 @@ impl Handler {
         }
     }
 
-    async fn finish(&mut self, shared: &Shared) {
+    fn finish<'a>(&'a mut self, shared: &'a Shared) -> Option<Work<'a>> {
         match self {
-            Handler::Echo(outbox) => outbox.close(),
-            Handler::Room(room) => Box::pin(room.leave(shared)).await,
-            Handler::Native(session) => Box::pin(session.finish(shared)).await,
+            Handler::Echo(outbox) => {
+                outbox.close();
+                None
+            }
+            Handler::Room(room) => Some(Box::pin(room.leave(shared))),
+            Handler::Native(session) => Some(Box::pin(session.finish(shared))),
         }
     }
 }
@@ -181,13 +203,17 @@ pub(crate) fn heartbeat_frame(native: bool) -> Bytes {
 
 /// Drives an upgraded socket with `handler` until it closes; `read` is what the peer sent right
 /// after its handshake, already read from the socket.
-pub(crate) async fn run<IO>(
+///
+/// Everything is set up before the returned future starts, so the future holds the connection's
+/// state once, not also the arguments it was made from: it is what every idle connection costs.
+pub(crate) fn run<IO>(
     io: IO,
     read: Bytes,
     shared: Arc<Shared>,
     mut handler: Handler,
     deflate: bool,
-) where
+) -> impl Future<Output = ()>
+where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let metrics = &shared.metrics.websocket;
@@ -206,8 +232,9 @@ pub(crate) async fn run<IO>(
             deflate,
         }),
         deflate,
-        shared: &shared,
+        shared,
         closing: None,
+        close_written: false,
         close_received: false,
         read_open: true,
         out: Vec::new(),
@@ -217,23 +244,32 @@ pub(crate) async fn run<IO>(
     }
     // It may be a view of hyper's whole read buffer: free that now, not when the connection ends.
     drop(read);
-    connection.process_input(&mut handler).await;
-    connection.drive(&mut handler).await;
-    Box::pin(connection.wire.finish(Duration::from_secs(1))).await;
-    handler.finish(&shared).await;
-    metrics.connections.dec();
+    async move {
+        // Boxed: it runs once, and inline it would add its size to every connection's task.
+        Box::pin(connection.process_input(&mut handler)).await;
+        connection.drive(&mut handler).await;
+        Box::pin(connection.wire.finish(Duration::from_secs(1))).await;
+        if let Some(work) = handler.finish(&connection.shared) {
+            work.await;
+        }
+        connection.shared.metrics.websocket.connections.dec();
+    }
 }
 
-struct Connection<'a, IO> {
+struct Connection<IO> {
     wire: Wire<IO>,
     /// Its place in the heartbeat sweep.
     beat: Arc<Beat>,
     decoder: Decoder,
     /// permessage-deflate was negotiated.
     deflate: bool,
-    shared: &'a Shared,
-    /// When the server has sent its close frame: the moment it stops waiting for the peer's.
+    shared: Arc<Shared>,
+    /// Once the server has queued its close frame: the moment it gives up on the close
+    /// handshake ([`CLOSE_LIMIT`] after the close was queued; [`CLOSE_TIMEOUT`] after the
+    /// frame was written, if that comes first).
     closing: Option<Instant>,
+    /// The close frame has gone out to the socket.
+    close_written: bool,
     close_received: bool,
     /// False once the peer closed, broke the protocol or stopped answering.
     read_open: bool,
@@ -256,18 +292,24 @@ async fn expired(timer: &mut Option<Pin<Box<Sleep>>>) {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     async fn drive(&mut self, handler: &mut Handler) {
-        let shared = self.shared;
+        let shared = self.shared.clone();
+        let shared = &*shared;
         // Only while there is a deadline (a close handshake, a handler's): idle connections
         // hold no timer.
         let mut timer: Option<Pin<Box<Sleep>>> = None;
         loop {
-            if self.closing.is_some()
-                && self.wire.is_drained()
-                && (self.close_received || !self.read_open)
-            {
-                return;
+            if let Some(deadline) = self.closing {
+                if self.wire.is_drained() {
+                    if self.close_received || !self.read_open {
+                        return;
+                    }
+                    if !self.close_written {
+                        self.close_written = true;
+                        self.closing = Some(deadline.min(Instant::now() + CLOSE_TIMEOUT));
+                    }
+                }
             }
             match self.closing.or_else(|| handler.deadline()) {
                 Some(deadline) => match timer.as_mut() {
@@ -285,6 +327,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             // deliveries while it waits, and takes the socket back before it writes again.
             let parked =
                 self.closing.is_none() && wire.is_drained() && handler.may_park() && outbox.park();
+            if parked {
+                // Waiting with nothing to write: hold no buffers while idle.
+                wire.release();
+                if self.out.capacity() > 0 {
+                    self.out = Vec::new();
+                }
+            }
             let wake = tokio::select! {
                 event = poll_fn(|cx| wire.poll_io(cx, want_read, &mut |bytes| decoder.feed(bytes))) => Wake::Wire(event),
                 () = outbox.ready() => Wake::Outbox,
@@ -302,7 +351,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 Wake::Wire(WireEvent::Read(n)) => {
                     shared.metrics.websocket.bytes_in.inc_by(n as u64);
                     self.beat.heard();
-                    self.process_input(handler).await;
+                    // Boxed: inline, its state would sit in every idle connection's task.
+                    Box::pin(self.process_input(handler)).await;
                 }
                 Wake::Wire(WireEvent::Wrote(n)) => {
                     shared.metrics.websocket.bytes_out.inc_by(n as u64);
@@ -331,7 +381,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                     // The handler checks its own deadlines against the clock (cheap, idempotent).
                     if self.closing.is_none() && handler.deadline().is_some() {
                         let mut out = std::mem::take(&mut self.out);
-                        handler.on_deadline(shared, &mut out).await;
+                        if let Some(work) = handler.on_deadline(shared, &mut out) {
+                            work.await;
+                        }
                         self.apply(&mut out);
                         self.out = out;
                         if self.closing.is_some() {
@@ -365,7 +417,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 }
                 self.shared.metrics.websocket.messages_in.inc();
                 let mut out = std::mem::take(&mut self.out);
-                handler.on_message(self.shared, kind, data, &mut out).await;
+                if let Some(work) = handler.on_message(&self.shared, kind, data, &mut out) {
+                    work.await;
+                }
                 self.apply(&mut out);
                 self.out = out;
             }
@@ -381,11 +435,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
                 if self.closing.is_none() {
                     // Deliver what is due to the peer (its own messages included) first.
                     Box::pin(handler.settle()).await;
-                    self.drain_outbox(handler).await;
+                    Box::pin(self.drain_outbox(handler)).await;
                     // Answer with the peer's own code (RFC 6455 §5.5.1).
                     self.wire
                         .queue(encode_close(code.unwrap_or(close::NORMAL), ""));
-                    self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
+                    self.closing = Some(Instant::now() + CLOSE_LIMIT);
                 }
             }
         }
@@ -426,9 +480,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         let mut batch = Vec::new();
         let room = HIGH_WATER.saturating_sub(self.wire.queued());
         let state = outbox.drain(room, &mut batch);
-        // Heartbeats are the connection's own business, whatever the handler.
+        // Heartbeats and the rest of a frame the direct writer began are the connection's own
+        // business, whatever the handler.
         let (mut ping, mut silent, mut shutdown) = (false, false, false);
+        let wire = &mut self.wire;
         batch.retain(|delivery| match delivery {
+            Delivery::Control(Control::Rest(rest)) => {
+                wire.queue_rest(rest.clone());
+                false
+            }
             Delivery::Control(Control::Shutdown) => {
                 shutdown = true;
                 false
@@ -458,7 +518,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             self.wire.queue(handler.heartbeat());
         }
         if state == OutboxState::Overflowed {
-            // Cut now: what was not sent yet is dropped so the close frame goes out next.
+            // Cut now: what was not sent yet is dropped so the close frame goes out next (the
+            // rest of a frame already begun is completed first, or the stream would break).
             self.wire.discard_unsent();
             self.shared.metrics.slow_disconnects.inc();
             let (code, reason) = handler.slow_close();
@@ -469,9 +530,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
             return;
         }
         let mut out = std::mem::take(&mut self.out);
-        handler
-            .on_deliveries(self.shared, batch, self.deflate, &mut out)
-            .await;
+        if let Some(work) = handler.on_deliveries(&self.shared, batch, self.deflate, &mut out) {
+            work.await;
+        }
         self.apply(&mut out);
         self.out = out;
     }
@@ -483,7 +544,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<'_, IO> {
         }
         self.shared.metrics.websocket_closed(code);
         self.wire.queue(encode_close(code, reason));
-        self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
+        self.closing = Some(Instant::now() + CLOSE_LIMIT);
     }
 }
 
@@ -504,6 +565,10 @@ mod size_probe {
     fn future_sizes() {
         type Io = crate::tracked::Tracked<super::super::direct::SharedTcp>;
         println!("run::<Io>: {} bytes", output_size(run::<Io>));
+        println!(
+            "a connection's task (upgrade::serve_upgraded): {} bytes",
+            super::super::upgrade::task_future_size()
+        );
         println!("Handler: {} bytes", std::mem::size_of::<Handler>());
         println!("Wire<Io>: {} bytes", std::mem::size_of::<Wire<Io>>());
         println!("Decoder: {} bytes", std::mem::size_of::<Decoder>());

@@ -288,7 +288,9 @@ impl SocketWriter {
 
     fn step(&self, delivery: &Delivery) -> Step {
         match (self.frames, delivery) {
-            (_, Delivery::Control(Control::Frame(frame))) => Step::Frame(frame.clone()),
+            (_, Delivery::Control(Control::Frame(frame) | Control::Rest(frame))) => {
+                Step::Frame(frame.clone())
+            }
             (frames, Delivery::Control(Control::Heartbeat)) => Step::Frame(
                 super::connection::heartbeat_frame(matches!(frames, Frames::Native)),
             ),
@@ -341,9 +343,10 @@ impl DirectWriter for SocketWriter {
             let written = self.socket.try_write_vectored(&slices).unwrap_or_default();
             drop(slices);
             metrics.bytes_out.inc_by(written as u64);
-            // Frames not (wholly) written go back to the front, in order, as finished frames.
+            // Frames not (wholly) written go back to the front, in order: the one cut short as
+            // the rest of a frame begun (never dropped), the others as finished frames.
             let mut skip = written;
-            let mut rest = Vec::new();
+            let mut unsent = Vec::new();
             let mut sent = 0u64;
             for mut frame in frames {
                 if skip >= frame.len() {
@@ -351,14 +354,18 @@ impl DirectWriter for SocketWriter {
                     sent += 1;
                     continue;
                 }
-                let _ = frame.split_to(skip);
-                skip = 0;
-                rest.push(frame);
+                unsent.push(if skip > 0 {
+                    let _ = frame.split_to(skip);
+                    skip = 0;
+                    Control::Rest(frame)
+                } else {
+                    Control::Frame(frame)
+                });
             }
             metrics.messages_out.inc_by(sent);
             if written < total {
-                for frame in rest.into_iter().rev() {
-                    items.push_front(Delivery::Control(Control::Frame(frame)));
+                for control in unsent.into_iter().rev() {
+                    items.push_front(Delivery::Control(control));
                 }
                 return false;
             }

@@ -147,7 +147,10 @@ impl RawRoom {
                     | Control::HeartbeatTimeout
                     | Control::Shutdown,
                 ) => {}
-                Delivery::Control(Control::Frame(frame)) => out.push(Out::Frame(frame)),
+                // (The connection takes a `Rest` before its handler sees the batch.)
+                Delivery::Control(Control::Frame(frame) | Control::Rest(frame)) => {
+                    out.push(Out::Frame(frame))
+                }
             }
         }
     }

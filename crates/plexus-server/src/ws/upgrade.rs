@@ -15,7 +15,7 @@ use plexus_protocol::ws::handshake::{
 };
 
 use bytes::Bytes;
-use plexus_core::DirectWriter;
+use plexus_core::{BoxFuture, DirectWriter};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -107,32 +107,9 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
             .any(accepts_deflate);
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_shared = shared.clone();
-    shared.tasks.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(error) => {
-                tracing::debug!(%error, "WebSocket upgrade did not complete");
-                return;
-            }
-        };
-        // Over plain TCP the socket comes back out of hyper, to be shared with a direct writer
-        // (see `direct`); over TLS it stays in hyper's upgraded stream, written by the task only.
-        match upgraded.downcast::<TokioIo<Tracked<TcpStream>>>() {
-            Ok(parts) => {
-                let mut socket = None;
-                let io = parts.io.into_inner().map_io(|stream| {
-                    let stream = Arc::new(stream);
-                    socket = Some(stream.clone());
-                    SharedTcp(stream)
-                });
-                start(task_shared, io, parts.read_buf, socket, endpoint, deflate).await
-            }
-            Err(upgraded) => {
-                let io = TokioIo::new(upgraded);
-                start(task_shared, io, Bytes::new(), None, endpoint, deflate).await
-            }
-        }
-    });
+    shared
+        .tasks
+        .spawn(serve_upgraded(on_upgrade, task_shared, endpoint, deflate));
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(CONNECTION, "upgrade")
@@ -146,8 +123,57 @@ fn upgrade(shared: Arc<Shared>, mut request: Request, endpoint: Endpoint) -> Res
         .expect("static headers are valid")
 }
 
-/// Runs an upgraded connection: `read` holds bytes the client sent right after its handshake;
-/// `socket`, when given, is the same socket as `io`, for direct writes.
+/// The task of one upgraded WebSocket: waits for hyper to hand over the socket, then runs it.
+/// What it holds while the connection lives is what every idle connection costs, so the
+/// setup and the connection's own state are on the heap and the task keeps two pointers.
+async fn serve_upgraded(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    deflate: bool,
+) {
+    let prepare = match on_upgrade.await {
+        Ok(upgraded) => Box::pin(unwrap_upgraded(upgraded, shared, endpoint, deflate)),
+        Err(error) => {
+            tracing::debug!(%error, "WebSocket upgrade did not complete");
+            return;
+        }
+    };
+    if let Some(connection) = prepare.await {
+        connection.await
+    }
+}
+
+/// Over plain TCP the socket comes back out of hyper, to be shared with a direct writer (see
+/// `direct`); over TLS it stays in hyper's upgraded stream, written by the task only.
+async fn unwrap_upgraded(
+    upgraded: hyper::upgrade::Upgraded,
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    deflate: bool,
+) -> Option<BoxFuture<()>> {
+    match upgraded.downcast::<TokioIo<Tracked<TcpStream>>>() {
+        Ok(parts) => {
+            let mut socket = None;
+            let io = parts.io.into_inner().map_io(|stream| {
+                let stream = Arc::new(stream);
+                socket = Some(stream.clone());
+                SharedTcp(stream)
+            });
+            start(shared, io, parts.read_buf, socket, endpoint, deflate).await
+        }
+        Err(upgraded) => {
+            let io = TokioIo::new(upgraded);
+            start(shared, io, Bytes::new(), None, endpoint, deflate).await
+        }
+    }
+}
+
+/// Prepares an upgraded connection (joins its room, if it has one) and returns the future that
+/// runs it, or None if it was refused and closed. `read` holds bytes the client sent right after
+/// its handshake; `socket`, when given, is the same socket as `io`, for direct writes.
+///
+/// Separate from running it, so the connection's long-lived task holds the running state only.
 async fn start<IO>(
     shared: Arc<Shared>,
     io: IO,
@@ -155,8 +181,9 @@ async fn start<IO>(
     socket: Option<Arc<TcpStream>>,
     endpoint: Endpoint,
     deflate: bool,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin,
+) -> Option<BoxFuture<()>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let writer = |frames| {
         socket.map(|socket| {
@@ -187,12 +214,28 @@ async fn start<IO>(
                     let mut wire = crate::wire::Wire::new(io);
                     wire.queue(plexus_protocol::ws::encode_close(code, &reason));
                     wire.finish(std::time::Duration::from_secs(1)).await;
-                    return;
+                    return None;
                 }
             }
         }
     };
-    connection::run(io, read, shared, handler, deflate).await
+    // Boxed: passed back through the caller's `await`, an unboxed future would be held in the
+    // task's state more than once over, which every idle connection would pay for.
+    Some(Box::pin(connection::run(
+        io, read, shared, handler, deflate,
+    )))
+}
+
+/// The size of a WebSocket connection's task future (for the size probe in `connection`).
+#[cfg(test)]
+pub(super) fn task_future_size() -> usize {
+    fn size<A, B, C, D, F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+    size(serve_upgraded)
 }
 
 /// Cross-site WebSocket hijacking guard: a browser's `Origin` must be this server itself, or be

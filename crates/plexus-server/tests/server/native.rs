@@ -296,9 +296,11 @@ async fn expiring_connections_and_subscriptions() {
         (3005, "connection expired".into())
     );
 
-    // A refreshed connection stays.
+    // A refreshed connection stays. (`exp` is in whole seconds, so a "1 s" token may have only
+    // milliseconds left; this one has 1 to 2 s, time enough to refresh it on a loaded machine.)
     let mut refreshed = ws(&server, "/connection/websocket").await;
-    let token = token_expiring("u2", None, Some(Duration::from_secs(1)));
+    let first_expiry = tokio::time::Instant::now() + Duration::from_secs(2);
+    let token = token_expiring("u2", None, Some(Duration::from_secs(2)));
     send_text(
         &mut refreshed,
         &json!({"id": 1, "connect": {"token": token}}).to_string(),
@@ -345,6 +347,8 @@ async fn expiring_connections_and_subscriptions() {
     // secret:b is still subscribed: a second subscribe is refused as a duplicate.
     let again = command(&mut alice, 5, json!({"subscribe": {"channel": "secret:b", "token": token_with("alice", Some("secret:b"))}})).await;
     assert_eq!(again["error"]["code"], 105, "{again}");
+    // Past the first token's expiry, the refreshed connection still answers.
+    tokio::time::sleep_until(first_expiry + Duration::from_millis(200)).await;
     assert_eq!(
         refreshed_alive(&mut refreshed).await,
         json!({"id": 9, "ping": {}})
