@@ -21,8 +21,6 @@ pub type ConnectionId = u64;
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: ConnectionId,
-    /// The transport it came in on (`websocket`, `tcp`, `sse`…), for presence and metrics.
-    pub transport: &'static str,
     /// Client id, unique across nodes: what the protocol and presence call `client`.
     pub client: Arc<str>,
     /// User id from the token; empty for anonymous connections (one shared empty string).
@@ -31,6 +29,14 @@ pub struct ClientInfo {
     conn_info: Option<Box<Bytes>>,
     /// Display name; the TCP chat's `/nick` changes it.
     name: Mutex<Arc<str>>,
+}
+
+/// The name protocol clients get when they give none: one allocation, not one per connection.
+pub const DEFAULT_NAME: &str = "client";
+
+fn default_name() -> Arc<str> {
+    static NAME: OnceLock<Arc<str>> = OnceLock::new();
+    NAME.get_or_init(|| Arc::from(DEFAULT_NAME)).clone()
 }
 
 /// The user id of every anonymous connection: one allocation, not one per connection.
@@ -42,7 +48,6 @@ fn anonymous_user() -> Arc<str> {
 impl ClientInfo {
     pub fn new(
         id: ConnectionId,
-        transport: &'static str,
         client: Arc<str>,
         user: Arc<str>,
         conn_info: Option<Bytes>,
@@ -50,7 +55,6 @@ impl ClientInfo {
     ) -> ClientInfo {
         ClientInfo {
             id,
-            transport,
             client,
             user: if user.is_empty() {
                 anonymous_user()
@@ -58,7 +62,11 @@ impl ClientInfo {
                 user
             },
             conn_info: conn_info.map(Box::new),
-            name: Mutex::new(name.into()),
+            name: Mutex::new(if name == DEFAULT_NAME {
+                default_name()
+            } else {
+                name.into()
+            }),
         }
     }
 
@@ -485,7 +493,6 @@ mod tests {
         Subscriber {
             info: Arc::new(ClientInfo::new(
                 id,
-                "test",
                 format!("c{id}").into(),
                 format!("u{id}").into(),
                 None,
@@ -608,14 +615,7 @@ mod tests {
         let named = subscriber(&hub, 1 << 20);
         let id = hub.next_connection_id();
         let anonymous = Subscriber {
-            info: Arc::new(ClientInfo::new(
-                id,
-                "test",
-                "c".into(),
-                "".into(),
-                None,
-                "a",
-            )),
+            info: Arc::new(ClientInfo::new(id, "c".into(), "".into(), None, "a")),
             ..subscriber(&hub, 1 << 20)
         };
         hub.register(named.clone());
@@ -635,7 +635,6 @@ mod tests {
     fn client_info_keeps_what_it_was_given() {
         let info = ClientInfo::new(
             7,
-            "websocket",
             "c7".into(),
             "".into(),
             Some(Bytes::from_static(b"{}")),

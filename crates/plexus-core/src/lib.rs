@@ -30,7 +30,9 @@ pub use engine::{
     BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
     NodeCommand, NodeStats, StreamPosition,
 };
-pub use hub::{ClientInfo, CommandHandler, ConnectionId, FanOutReport, Hub, HubError, Subscriber};
+pub use hub::{
+    ClientInfo, CommandHandler, ConnectionId, FanOutReport, Hub, HubError, Subscriber, DEFAULT_NAME,
+};
 pub use memory::{new_epoch, MemoryEngine};
 pub use node::{recovery_is_complete, Node, PublishError, SubscribeError, Subscription};
 pub use options::{allowed_users, user_may_subscribe, ChannelError, ChannelOptions, Namespaces};

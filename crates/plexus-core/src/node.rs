@@ -304,7 +304,6 @@ mod tests {
         Subscriber {
             info: Arc::new(ClientInfo::new(
                 id,
-                "test",
                 format!("c{id}").into(),
                 user.into(),
                 None,

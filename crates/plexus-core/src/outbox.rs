@@ -94,11 +94,17 @@ pub trait DirectWriter: Send + Sync {
     fn write(&self, items: &mut VecDeque<Delivery>) -> bool;
 }
 
+/// The bytes `items` count for (they fit under an outbox's limit, so in 32 bits).
+fn weight_of(items: &VecDeque<Delivery>) -> u32 {
+    items.iter().map(Delivery::weight).sum::<usize>() as u32
+}
+
 #[derive(Debug)]
 struct Queue {
     items: VecDeque<Delivery>,
-    /// Sum of the items' [`Delivery::weight`].
-    bytes: usize,
+    /// Sum of the items' [`Delivery::weight`] (at most `limit`, so 32 bits do: every outbox
+    /// of every connection has one, and its size class counts).
+    bytes: u32,
     state: OutboxState,
     /// The connection's task waits with nothing to write: deliveries go to the writer.
     parked: bool,
@@ -113,7 +119,7 @@ pub struct Outbox {
     queue: Mutex<Queue>,
     /// Wakes the connection when the queue goes from empty to non-empty or changes state.
     notify: Notify,
-    limit: usize,
+    limit: u32,
     /// Writes for the connection while it is parked; set once, by the connection.
     writer: OnceLock<Arc<dyn DirectWriter>>,
 }
@@ -130,7 +136,9 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
+    /// An outbox that holds up to `limit` bytes (at most 4 GiB).
     pub fn new(limit: usize) -> Outbox {
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
         Outbox {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),
@@ -188,7 +196,7 @@ impl Outbox {
             return; // the task has taken over (a state change wakes it by itself)
         }
         let done = writer.write(&mut queue.items);
-        queue.bytes = queue.items.iter().map(Delivery::weight).sum();
+        queue.bytes = weight_of(&queue.items);
         if queue.items.is_empty() && queue.items.capacity() > 16 {
             queue.items = VecDeque::new();
         }
@@ -215,14 +223,14 @@ impl Outbox {
             return Err(queue.state);
         }
         let weight = delivery.weight();
-        if queue.bytes + weight > self.limit {
+        if queue.bytes as usize + weight > self.limit as usize {
             queue.state = OutboxState::Overflowed;
             // The rest of a frame a direct writer wrote in part stays: the stream breaks unless
             // it is completed before the close.
             queue
                 .items
                 .retain(|item| matches!(item, Delivery::Control(Control::Rest(_))));
-            queue.bytes = queue.items.iter().map(Delivery::weight).sum();
+            queue.bytes = weight_of(&queue.items);
             if queue.items.is_empty() {
                 queue.items = VecDeque::new();
             }
@@ -255,7 +263,7 @@ impl Outbox {
     ) {
         let was_empty = queue.items.is_empty();
         queue.items.push_back(delivery);
-        queue.bytes += weight;
+        queue.bytes += weight as u32; // below the limit, which fits in 32 bits
         let parked = queue.parked;
         drop(queue);
         if was_empty {
@@ -276,7 +284,7 @@ impl Outbox {
             };
             let weight = delivery.weight();
             taken += weight;
-            queue.bytes -= weight;
+            queue.bytes -= weight as u32;
             out.push(delivery);
         }
         if queue.items.is_empty() && queue.items.capacity() > 16 {

@@ -193,7 +193,6 @@ pub(crate) async fn poll(
     let id = shared.node.hub().next_connection_id();
     let info = Arc::new(ClientInfo::new(
         id,
-        "poll",
         crate::new_client_id(),
         user.into(),
         None,

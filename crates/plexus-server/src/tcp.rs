@@ -88,7 +88,6 @@ pub(crate) async fn chat<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, shared: Arc
     let id = shared.node.hub().next_connection_id();
     let info = Arc::new(ClientInfo::new(
         id,
-        "tcp",
         crate::new_client_id(),
         "".into(),
         None,

@@ -80,14 +80,6 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    /// The transport's name, as the SDKs and metrics call it.
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Sse => "sse",
-            Kind::HttpStream => "http_stream",
-        }
-    }
-
     fn content_type(self) -> &'static str {
         match self {
             Kind::Sse => "text/event-stream",

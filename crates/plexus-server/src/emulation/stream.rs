@@ -72,7 +72,7 @@ pub(super) async fn run(
         session: session_id.to_string(),
         node: shared.emulation.node.to_string(),
     };
-    let mut session = ClientSession::new_stream(&shared, kind.name(), ids);
+    let mut session = ClientSession::new_stream(&shared, ids);
     let mut stream = Stream {
         kind,
         shared: &shared,

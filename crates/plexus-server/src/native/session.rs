@@ -154,7 +154,6 @@ pub(crate) struct StreamIds {
 }
 
 pub(crate) struct ClientSession {
-    transport: &'static str,
     /// `None` on a WebSocket, whose pushes are finished frames. `Some` on a stream transport
     /// (SSE, HTTP streaming): pushes are unframed JSON and the connect result carries the ids.
     /// Boxed: WebSocket sessions, the many, do without it.
@@ -167,9 +166,8 @@ pub(crate) struct ClientSession {
 }
 
 impl ClientSession {
-    pub(crate) fn new(shared: &Shared, transport: &'static str) -> ClientSession {
+    pub(crate) fn new(shared: &Shared) -> ClientSession {
         ClientSession {
-            transport,
             stream: None,
             outbox: Arc::new(Outbox::new(shared.config.outbox_limit)),
             connected: None,
@@ -190,14 +188,10 @@ impl ClientSession {
 
     /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed JSON
     /// (`Out::Message`), never WebSocket frames, and its connect result names `ids`.
-    pub(crate) fn new_stream(
-        shared: &Shared,
-        transport: &'static str,
-        ids: StreamIds,
-    ) -> ClientSession {
+    pub(crate) fn new_stream(shared: &Shared, ids: StreamIds) -> ClientSession {
         ClientSession {
             stream: Some(Box::new(ids)),
-            ..ClientSession::new(shared, transport)
+            ..ClientSession::new(shared)
         }
     }
 
@@ -361,13 +355,12 @@ impl ClientSession {
         };
         let id = shared.node.hub().next_connection_id();
         let name = if request.name.is_empty() {
-            "client"
+            plexus_core::DEFAULT_NAME
         } else {
             &request.name
         };
         let info = Arc::new(ClientInfo::new(
             id,
-            self.transport,
             crate::new_client_id(),
             user.into(),
             conn_info,

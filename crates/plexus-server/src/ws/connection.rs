@@ -64,7 +64,7 @@ pub(crate) enum Handler {
     Echo(Arc<Outbox>),
     Room(RawRoom),
     /// The native protocol (`/connection/websocket`).
-    Native(Box<ClientSession>),
+    Native(ClientSession),
 }
 
 impl Handler {
@@ -572,5 +572,19 @@ mod size_probe {
         println!("Handler: {} bytes", std::mem::size_of::<Handler>());
         println!("Wire<Io>: {} bytes", std::mem::size_of::<Wire<Io>>());
         println!("Decoder: {} bytes", std::mem::size_of::<Decoder>());
+        println!("Outbox: {} bytes", std::mem::size_of::<Outbox>());
+        println!(
+            "ClientInfo: {} bytes",
+            std::mem::size_of::<plexus_core::ClientInfo>()
+        );
+        println!(
+            "ClientSession: {} bytes",
+            std::mem::size_of::<ClientSession>()
+        );
+        println!("Beat: {} bytes", std::mem::size_of::<Beat>());
+        println!(
+            "SocketWriter: {} bytes",
+            std::mem::size_of::<super::super::direct::SocketWriter>()
+        );
     }
 }

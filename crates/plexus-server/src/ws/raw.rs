@@ -63,7 +63,6 @@ impl RawRoom {
         let id = shared.node.hub().next_connection_id();
         let info = Arc::new(ClientInfo::new(
             id,
-            "websocket",
             crate::new_client_id(),
             "".into(),
             None,

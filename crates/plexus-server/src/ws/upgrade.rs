@@ -199,11 +199,11 @@ where
             Handler::Echo(outbox)
         }
         Endpoint::Native => {
-            let session = crate::native::session::ClientSession::new(&shared, "websocket");
+            let session = crate::native::session::ClientSession::new(&shared);
             if let Some(writer) = writer(Frames::Native) {
                 session.outbox().set_writer(writer);
             }
-            Handler::Native(Box::new(session))
+            Handler::Native(session)
         }
         Endpoint::Room(channel) => {
             match RawRoom::join(&shared, &channel, writer(Frames::Raw)).await {
