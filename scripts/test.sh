@@ -60,6 +60,10 @@ else
   cargo test --workspace --locked --no-fail-fast
 fi
 
+# The binary the JavaScript and SDK suites run (cargo puts it under CARGO_TARGET_DIR if set).
+PLEXUS_DEBUG_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/plexus"
+case "$PLEXUS_DEBUG_BIN" in /*) ;; *) PLEXUS_DEBUG_BIN="$PWD/$PLEXUS_DEBUG_BIN" ;; esac
+
 step "browser tests (headless Chromium)"
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -71,15 +75,15 @@ fi
 (
   cd tests/browser
   npm ci --no-audit --no-fund --loglevel=error
-  PLEXUS_BIN="$PWD/../../target/debug/plexus" npm test
+  PLEXUS_BIN="$PLEXUS_DEBUG_BIN" npm test
 )
 
 step "plexus.js (unit tests with a fake clock, integration with the real binary)"
 (
   cd tests/plexusjs
   npm ci --no-audit --no-fund --loglevel=error
-  PLEXUS_BIN="$PWD/../../target/debug/plexus" npm test
+  PLEXUS_BIN="$PLEXUS_DEBUG_BIN" npm test
 )
 
 step "official SDKs (centrifuge-js, centrifuge-python) against the real binary"
-PLEXUS_BIN="$PWD/target/debug/plexus" tests/sdk/run.sh
+PLEXUS_BIN="$PLEXUS_DEBUG_BIN" tests/sdk/run.sh
