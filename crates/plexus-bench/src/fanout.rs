@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{close, interpret, preflight, Endpoint, Failures, OpenError, Received};
 use crate::latency::{Latencies, LatencySummary};
 use crate::progress::{Progress, ProgressMode};
-use crate::publisher::{PublishError, PublishVia, Publisher};
+use crate::publisher::{PublishVia, Publisher};
 use crate::rate::Rate;
 use crate::seq::{stamp_message, SeqCounts, SeqTracker, PROBE};
 use crate::system::fd_soft_limit;
@@ -234,22 +234,21 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
             shared.first_send.store(t, Relaxed);
         }
         match publisher
-            .publish(stamp_message(next + 1, t, options.size))
+            .publish_numbered(
+                next + 1,
+                t,
+                options.size,
+                &shared.publish_errors,
+                &shared.failures,
+            )
             .await
         {
-            Ok(()) => {
+            Ok(true) => {
                 next += 1;
                 shared.sent.store(next, Relaxed);
             }
-            Err(PublishError::Rejected(reason)) => {
-                // Not published: the same number goes again next time.
-                shared.publish_errors.fetch_add(1, Relaxed);
-                shared.failures.add(format!("publish: {reason}"));
-            }
-            Err(PublishError::Broken(reason)) => {
-                shared.failures.add(format!("publisher: {reason}"));
-                break;
-            }
+            Ok(false) => {}
+            Err(()) => break,
         }
     }
     let sent = next;

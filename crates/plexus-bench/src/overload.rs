@@ -26,7 +26,7 @@ use crate::client::{close, interpret, preflight, Endpoint, Failures, OpenError, 
 use crate::http::one_request;
 use crate::latency::{Latencies, LatencySummary};
 use crate::progress::{Progress, ProgressMode};
-use crate::publisher::{PublishError, PublishVia, Publisher};
+use crate::publisher::{PublishVia, Publisher};
 use crate::rate::Rate;
 use crate::seq::{stamp_message, SeqCounts, SeqTracker, PROBE};
 use crate::system::{fd_soft_limit, rss_kib};
@@ -486,21 +486,21 @@ pub async fn overload(options: OverloadOptions) -> Result<OverloadReport, BenchE
             break;
         }
         match publisher
-            .publish(stamp_message(next + 1, shared.now(), options.size))
+            .publish_numbered(
+                next + 1,
+                shared.now(),
+                options.size,
+                &shared.publish_errors,
+                &shared.failures,
+            )
             .await
         {
-            Ok(()) => {
+            Ok(true) => {
                 next += 1;
                 shared.sent.store(next, Relaxed);
             }
-            Err(PublishError::Rejected(reason)) => {
-                shared.publish_errors.fetch_add(1, Relaxed);
-                shared.failures.add(format!("publish: {reason}"));
-            }
-            Err(PublishError::Broken(reason)) => {
-                shared.failures.add(format!("publisher: {reason}"));
-                break;
-            }
+            Ok(false) => {}
+            Err(()) => break,
         }
     }
     let sent = next;

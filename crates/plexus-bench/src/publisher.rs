@@ -3,7 +3,7 @@
 //! without waiting for the replies), or the server API.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use plexus_protocol::client::parse_replies;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::client::{native_publish, Endpoint, OpenError, Protocol, Ws};
+use crate::client::{native_publish, Endpoint, Failures, OpenError, Protocol, Ws};
 use crate::http::ApiPublisher;
 use crate::seq::{stamp_message, PROBE};
 use crate::target::Target;
@@ -165,6 +165,32 @@ impl Publisher {
                 }
             }
         }));
+    }
+
+    /// Publishes message number `seq` of a paced load (stamped with `t`, padded to `size`),
+    /// counting a refusal in `errors` and `failures`. Returns whether it was published, or
+    /// `Err` when the publisher cannot go on (the reason is in `failures`).
+    pub(crate) async fn publish_numbered(
+        &mut self,
+        seq: u64,
+        t: u64,
+        size: usize,
+        errors: &AtomicU64,
+        failures: &Failures,
+    ) -> Result<bool, ()> {
+        match self.publish(stamp_message(seq, t, size)).await {
+            Ok(()) => Ok(true),
+            Err(PublishError::Rejected(reason)) => {
+                // Not published: the caller sends the same number again next time.
+                errors.fetch_add(1, Relaxed);
+                failures.add(format!("publish: {reason}"));
+                Ok(false)
+            }
+            Err(PublishError::Broken(reason)) => {
+                failures.add(format!("publisher: {reason}"));
+                Err(())
+            }
+        }
     }
 
     pub(crate) async fn publish(&mut self, stamp: String) -> Result<(), PublishError> {

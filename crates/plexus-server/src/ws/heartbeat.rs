@@ -20,6 +20,7 @@ use std::time::Duration;
 use plexus_core::{Control, Outbox};
 use tokio::time::MissedTickBehavior;
 
+use super::lock;
 use crate::Shared;
 
 /// One connection's place in the sweep.
@@ -119,12 +120,6 @@ impl Heartbeats {
             beat.outbox.push_control(Control::HeartbeatTimeout);
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Runs the sweep until shutdown, then tells every connection. (A connection that registers

@@ -13,3 +13,11 @@ mod upgrade;
 pub(crate) use connection::Out;
 pub(crate) use raw::data_frame;
 pub(crate) use upgrade::{chat, check_origin, echo, native};
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every update under these
+/// locks is a single push, swap or flag change), so a poisoned lock is still usable.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
