@@ -379,6 +379,14 @@ def test_floor(opts):
                               "--frames", str(frames)], capture_output=True, text=True,
                              check=True, timeout=opts.duration * 3 + 60)
         out[f"frames_{frames}"] = json.loads(res.stdout)
+    # The same at the wide fan-out's size (both ends of every socket are in the floor's process,
+    # so at most 9,900 under the 20,000 files a process may hold here).
+    wide = min(opts.wide_subscribers, 9900)
+    res = subprocess.run([str(exe), "--conns", str(wide), "--rate", str(opts.wide_rate),
+                          "--duration-s", str(opts.duration), "--frames", "1"],
+                         capture_output=True, text=True, check=True,
+                         timeout=opts.duration * 3 + 120)
+    out["wide"] = json.loads(res.stdout)
     return out
 
 

@@ -114,6 +114,8 @@ def main():
     floor1 = median([f["frames_1"]["us_per_write"] for f in floor_runs])
     floor8w = median([f["frames_8"]["us_per_write"] for f in floor_runs])
     floor8 = median([f["frames_8"]["us_per_frame"] for f in floor_runs])
+    floor_wide = median([f["wide"]["us_per_write"] for f in floor_runs if "wide" in f])
+    floor_wide_conns = max([f["wide"]["conns"] for f in floor_runs if "wide" in f], default=None)
 
     def best(test, key, among):
         vals = [(R.get(test, p, key), p) for p in among]
@@ -321,6 +323,11 @@ def main():
                      f"{ms(R.get('fanout-wide', p, 'p99_us'))} | "
                      f"{fmt(R.get('fanout-wide', p, 'lost'), 0)} | "
                      f"{fmt(R.get('fanout-wide', p, 'us_per_delivery'), 2)} |")
+    if floor_wide is not None:
+        lines.append(f"| kernel floor, 1 frame / write to {floor_wide_conns:,} sockets | "
+                     f"| ≥ {fmt(floor_wide * wide_subs / 1000 * 0.99, 1)} (99 % of "
+                     f"{wide_subs:,} writes at {fmt(floor_wide, 2)} µs) | | "
+                     f"{fmt(floor_wide, 2)} |")
     summary += [
         (f"4. p99 ≤ 6 ms at {subs:,} × {rate}", f"{ms(R.get('fanout', 'plexus', 'p99_us'))} ms",
          verdict(msv(R.get("fanout", "plexus", "p99_us")), 6, " ms")),

@@ -41,8 +41,8 @@ const N_ENCODINGS: usize = 6;
 pub struct EncodingCache([OnceLock<Bytes>; N_ENCODINGS]);
 
 impl EncodingCache {
-    pub fn get_or_init(&self, encoding: Encoding, encode: impl FnOnce() -> Bytes) -> Bytes {
-        self.0[encoding as usize].get_or_init(encode).clone()
+    pub fn get_or_init(&self, encoding: Encoding, encode: impl FnOnce() -> Bytes) -> &Bytes {
+        self.0[encoding as usize].get_or_init(encode)
     }
 }
 
@@ -90,7 +90,12 @@ impl Publication {
     }
 
     /// The publication in `encoding`, produced by `encode` the first time it is asked for.
-    pub fn encoded(&self, encoding: Encoding, encode: impl FnOnce(&Publication) -> Bytes) -> Bytes {
+    /// Borrowed, so a writer can hand it to the socket without touching its reference count.
+    pub fn encoded(
+        &self,
+        encoding: Encoding,
+        encode: impl FnOnce(&Publication) -> Bytes,
+    ) -> &Bytes {
         self.encodings.get_or_init(encoding, || encode(self))
     }
 
@@ -206,7 +211,7 @@ impl Membership {
         }
     }
 
-    pub fn encoded(&self, encoding: Encoding, encode: impl FnOnce(&Membership) -> Bytes) -> Bytes {
+    pub fn encoded(&self, encoding: Encoding, encode: impl FnOnce(&Membership) -> Bytes) -> &Bytes {
         self.encodings.get_or_init(encoding, || encode(self))
     }
 }
@@ -228,7 +233,7 @@ mod tests {
             ))
         };
         for _ in 0..3 {
-            assert_eq!(publication.encoded(Encoding::WebSocketRaw, encode), "<hi>");
+            assert_eq!(*publication.encoded(Encoding::WebSocketRaw, encode), "<hi>");
         }
         assert_eq!(calls.load(Ordering::Relaxed), 1);
         publication.encoded(Encoding::ChatLine, encode);

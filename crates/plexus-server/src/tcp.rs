@@ -315,9 +315,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                     if publication.publisher() == Some(&*self.info.client) {
                         continue; // TCP chat convention: your own lines are not echoed back
                     }
-                    let line = publication.encoded(Encoding::ChatLine, |p| {
-                        render_publication(&p.data, p.kind == MessageKind::Text).into()
-                    });
+                    let line = publication
+                        .encoded(Encoding::ChatLine, |p| {
+                            render_publication(&p.data, p.kind == MessageKind::Text).into()
+                        })
+                        .clone();
                     self.wire.queue(line);
                     n_sent += 1;
                 }

@@ -57,7 +57,7 @@ fn publication_push(p: &Publication) -> Vec<u8> {
 }
 
 /// The `pub` push of a publication in a WebSocket frame, encoded once for all subscribers.
-pub(crate) fn publication_frame(p: &Publication, deflate: bool) -> Bytes {
+pub(crate) fn publication_frame(p: &Publication, deflate: bool) -> &Bytes {
     let encoding = if deflate {
         Encoding::WebSocketJsonDeflated
     } else {
@@ -72,10 +72,11 @@ pub(crate) fn publication_frame(p: &Publication, deflate: bool) -> Bytes {
 /// encoded once for all subscribers.
 pub(crate) fn publication_json(p: &Publication) -> Bytes {
     p.encoded(Encoding::Json, |p| publication_push(p).into())
+        .clone()
 }
 
 /// The `join` or `leave` push in a WebSocket frame, encoded once for all subscribers.
-pub(crate) fn membership_frame(membership: &Membership, joined: bool, deflate: bool) -> Bytes {
+pub(crate) fn membership_frame(membership: &Membership, joined: bool, deflate: bool) -> &Bytes {
     let encoding = if deflate {
         Encoding::WebSocketJsonDeflated
     } else {
@@ -88,7 +89,9 @@ pub(crate) fn membership_frame(membership: &Membership, joined: bool, deflate: b
 
 /// The `join` or `leave` push as unframed JSON, encoded once for all subscribers.
 pub(crate) fn membership_json(membership: &Membership, joined: bool) -> Bytes {
-    membership.encoded(Encoding::Json, |m| membership_push(m, joined).into())
+    membership
+        .encoded(Encoding::Json, |m| membership_push(m, joined).into())
+        .clone()
 }
 
 fn membership_push(m: &Membership, joined: bool) -> Vec<u8> {

@@ -457,7 +457,7 @@ impl ClientSession {
                     out.push(if stream {
                         Out::Message(MessageKind::Text, json::publication_json(&publication))
                     } else {
-                        Out::Frame(json::publication_frame(&publication, deflate))
+                        Out::Frame(json::publication_frame(&publication, deflate).clone())
                     });
                 }
                 Delivery::Join(membership) | Delivery::Leave(membership)
@@ -563,7 +563,7 @@ fn membership_out(
     if stream {
         Out::Message(MessageKind::Text, json::membership_json(membership, joined))
     } else {
-        Out::Frame(json::membership_frame(membership, joined, deflate))
+        Out::Frame(json::membership_frame(membership, joined, deflate).clone())
     }
 }
 

@@ -143,7 +143,7 @@ impl Handler {
     }
 
     fn heartbeat(&self) -> Bytes {
-        heartbeat_frame(matches!(self, Handler::Native(_)))
+        heartbeat_frame(matches!(self, Handler::Native(_))).clone()
     }
 
     fn timeout_close(&self) -> (u16, &'static str) {
@@ -188,16 +188,14 @@ impl Handler {
 
 /// The frame that asks the peer for a sign of life: a WebSocket ping, or, on the native
 /// protocol, its `{}` (which JavaScript in a browser can see and answer).
-pub(crate) fn heartbeat_frame(native: bool) -> Bytes {
+pub(crate) fn heartbeat_frame(native: bool) -> &'static Bytes {
     static PING: OnceLock<Bytes> = OnceLock::new();
     static NATIVE: OnceLock<Bytes> = OnceLock::new();
     if native {
         NATIVE
             .get_or_init(|| encode_frame(OpCode::Text, plexus_protocol::client::SERVER_PING, false))
-            .clone()
     } else {
         PING.get_or_init(|| encode_frame(OpCode::Ping, b"", false))
-            .clone()
     }
 }
 

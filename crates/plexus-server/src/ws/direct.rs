@@ -17,7 +17,7 @@
 //! only the task handles, like a close) goes back to the task, which writes it first.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice, Read, Write};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -260,8 +260,9 @@ pub(crate) struct SocketWriter {
 }
 
 /// What one queued delivery means to the writer.
-enum Step {
-    Frame(Bytes),
+enum Step<'a> {
+    /// Its frame, borrowed from the delivery (encoded once per publication) or a static.
+    Frame(&'a Bytes),
     /// Nothing to send (a join or leave a raw client does not get).
     Skip,
     /// Only the connection's task can handle it.
@@ -284,10 +285,10 @@ impl SocketWriter {
         })
     }
 
-    fn step(&self, delivery: &Delivery) -> Step {
+    fn step<'a>(&self, delivery: &'a Delivery) -> Step<'a> {
         match (self.frames, delivery) {
             (_, Delivery::Control(Control::Frame(frame) | Control::Rest(frame))) => {
-                Step::Frame(frame.clone())
+                Step::Frame(frame)
             }
             (frames, Delivery::Control(Control::Heartbeat)) => Step::Frame(
                 super::connection::heartbeat_frame(matches!(frames, Frames::Native)),
@@ -318,61 +319,65 @@ impl DirectWriter for SocketWriter {
     fn write(&self, items: &mut VecDeque<Delivery>) -> bool {
         let metrics = &self.shared.metrics.websocket;
         loop {
-            let mut frames: Vec<Bytes> = Vec::with_capacity(items.len().min(MAX_SLICES));
-            let mut stopped = false;
-            while frames.len() < MAX_SLICES {
-                let Some(front) = items.front() else { break };
-                match self.step(front) {
-                    Step::Frame(frame) => frames.push(frame),
+            // The frames of up to MAX_SLICES items, borrowed (no copy, no reference count, no
+            // allocation), and each item's frame length (0: nothing to send).
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut lens = [0usize; MAX_SLICES];
+            let (mut looked, mut n, mut total, mut stopped) = (0, 0, 0, false);
+            for item in items.iter().take(MAX_SLICES) {
+                match self.step(item) {
+                    Step::Frame(frame) => {
+                        slices[n] = IoSlice::new(frame);
+                        n += 1;
+                        lens[looked] = frame.len();
+                        total += frame.len();
+                    }
                     Step::Skip => {}
                     Step::Stop => {
                         stopped = true;
                         break;
                     }
                 }
+                looked += 1;
+            }
+            // Straight to the socket, without tokio's readiness: a full socket (EAGAIN) sends the
+            // rest to the task, whose own write then clears the readiness and waits. An error is
+            // left for the task's write to report.
+            let written = if n == 0 {
+                0
+            } else {
+                (&*socket2::SockRef::from(&*self.socket))
+                    .write_vectored(&slices[..n])
+                    .unwrap_or_default()
+            };
+            metrics.bytes_out.inc_by(written as u64);
+            // What went out whole leaves the queue; a frame cut short stays at the front as the
+            // rest of a frame begun (never dropped); the others stay as they were.
+            let mut left = written;
+            let mut sent = 0u64;
+            for &len in &lens[..looked] {
+                if left < len {
+                    if left > 0 {
+                        let rest = match self.step(&items[0]) {
+                            Step::Frame(frame) => Some(frame.slice(left..)),
+                            Step::Skip | Step::Stop => None,
+                        };
+                        if let Some(rest) = rest {
+                            items[0] = Delivery::Control(Control::Rest(rest));
+                        }
+                    }
+                    break;
+                }
+                left -= len;
+                sent += u64::from(len > 0);
                 items.pop_front();
             }
-            if frames.is_empty() {
-                return !stopped && items.is_empty();
-            }
-            // On the stack, as in `Wire::poll_io`: no allocation per write for the slices.
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            for (slot, frame) in slices.iter_mut().zip(&frames) {
-                *slot = IoSlice::new(frame);
-            }
-            let slices = &slices[..frames.len()];
-            let total: usize = frames.iter().map(Bytes::len).sum();
-            // Full, or failing: the task's own write will report the error.
-            let written = self.socket.try_write_vectored(slices).unwrap_or_default();
-            metrics.bytes_out.inc_by(written as u64);
-            // Frames not (wholly) written go back to the front, in order: the one cut short as
-            // the rest of a frame begun (never dropped), the others as finished frames.
-            let mut skip = written;
-            let mut unsent = Vec::new();
-            let mut sent = 0u64;
-            for mut frame in frames {
-                if skip >= frame.len() {
-                    skip -= frame.len();
-                    sent += 1;
-                    continue;
-                }
-                unsent.push(if skip > 0 {
-                    let _ = frame.split_to(skip);
-                    skip = 0;
-                    Control::Rest(frame)
-                } else {
-                    Control::Frame(frame)
-                });
-            }
             metrics.messages_out.inc_by(sent);
-            if written < total {
-                for control in unsent.into_iter().rev() {
-                    items.push_front(Delivery::Control(control));
-                }
+            if written < total || stopped {
                 return false;
             }
-            if stopped {
-                return false;
+            if items.is_empty() {
+                return true;
             }
         }
     }

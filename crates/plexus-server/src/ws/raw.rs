@@ -33,7 +33,7 @@ pub(crate) fn data_frame(kind: MessageKind, data: &[u8], deflate: bool) -> Bytes
 }
 
 /// A publication as a raw frame, encoded once for every raw subscriber.
-pub(crate) fn publication_frame(publication: &Publication, deflate: bool) -> Bytes {
+pub(crate) fn publication_frame(publication: &Publication, deflate: bool) -> &Bytes {
     let encoding = if deflate && publication.data.len() >= COMPRESS_MIN {
         Encoding::WebSocketRawDeflated
     } else {
@@ -127,7 +127,7 @@ impl RawRoom {
         for delivery in batch {
             match delivery {
                 Delivery::Publication(publication) => {
-                    out.push(Out::Frame(publication_frame(&publication, deflate)))
+                    out.push(Out::Frame(publication_frame(&publication, deflate).clone()))
                 }
                 Delivery::Join(_) | Delivery::Leave(_) => {} // raw clients get data only
                 Delivery::Control(Control::Disconnect { code, reason }) => {
