@@ -18,6 +18,11 @@ const MAX_SLICES: usize = 64;
 /// Bytes read per poll.
 const READ_CHUNK: usize = 8 * 1024;
 
+thread_local! {
+    static READ_BUFFER: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
 /// What one [`Wire::poll_io`] did.
 #[derive(Debug)]
 pub enum WireEvent {
@@ -140,21 +145,36 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
             }
         }
         if want_read {
-            let mut buffer = [0u8; READ_CHUNK];
-            let mut read_buf = ReadBuf::new(&mut buffer);
-            match Pin::new(&mut self.io).poll_read(cx, &mut read_buf) {
-                Poll::Ready(Ok(())) if read_buf.filled().is_empty() => {
-                    return Poll::Ready(WireEvent::Eof)
-                }
-                Poll::Ready(Ok(())) => {
-                    reader(read_buf.filled());
-                    return Poll::Ready(WireEvent::Read(read_buf.filled().len()));
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(WireEvent::Failed(error)),
-                Poll::Pending => {}
+            // One buffer per thread, zeroed once: a connection holds none while it waits, and a
+            // read does not clear 8 KiB first. (Should the reader ever poll another wire on this
+            // thread, that one reads into a buffer of its own.)
+            let event = READ_BUFFER.with(|shared| match shared.try_borrow_mut() {
+                Ok(mut buffer) => self.poll_read(cx, &mut buffer[..], reader),
+                Err(_) => self.poll_read(cx, &mut [0u8; READ_CHUNK], reader),
+            });
+            if let Poll::Ready(event) = event {
+                return Poll::Ready(event);
             }
         }
         Poll::Pending
+    }
+
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        buffer: &mut [u8],
+        reader: &mut impl FnMut(&[u8]),
+    ) -> Poll<WireEvent> {
+        let mut read_buf = ReadBuf::new(buffer);
+        match Pin::new(&mut self.io).poll_read(cx, &mut read_buf) {
+            Poll::Ready(Ok(())) if read_buf.filled().is_empty() => Poll::Ready(WireEvent::Eof),
+            Poll::Ready(Ok(())) => {
+                reader(read_buf.filled());
+                Poll::Ready(WireEvent::Read(read_buf.filled().len()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(WireEvent::Failed(error)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn advance(&mut self, mut written: usize) {
