@@ -401,14 +401,15 @@ def fs_type(path):
         return None
 
 
-def test_publish(server, opts, via):
-    """Acknowledged publishes/s from --publishers concurrent publishers, one in flight each."""
+def test_publish(server, opts, case):
+    """Acknowledged publishes/s from `publishers` concurrent publishers, one in flight each."""
+    via, publishers = case
     if via == "native":
         args = [server.url("/connection/websocket"), "--token", server.token()]
     else:
         args = [server.http("/api/publish"), "--api-key", API_KEY]
     report, samples, lines = run_bench(
-        ["publish"] + args + ["--publishers", str(opts.publishers), "--channel",
+        ["publish"] + args + ["--publishers", str(publishers), "--channel",
                               f"chat:publish-{via}", "--duration", f"{opts.duration}s"],
         pid=server.pid)
     points = [(t, int(m.group(1))) for t, line in lines if (m := PUBLISH_RE.search(line))]
@@ -416,7 +417,7 @@ def test_publish(server, opts, via):
     lat = report.get("latency_us") or {}
     return {"engine": server.engine, "via": via, "publishes_per_s": report.get("publishes_per_s"),
             "published": report.get("published"), "errors": report.get("errors"),
-            "connected": report.get("connected"), "publishers": opts.publishers,
+            "connected": report.get("connected"), "publishers": publishers,
             "p50_us": lat.get("p50_us"), "p99_us": lat.get("p99_us"),
             "us_per_publish": us, "window": window, "data_fs": fs_type(server.data_dir),
             "failures": report.get("failures")}
@@ -462,15 +463,20 @@ TESTS = {"conns": test_conns, "conns-native": test_conns_native, "fanout": test_
 PLEXUS_ONLY = {"conns-native", "fanout-native", "publish"}
 
 
-def cases(test, peers):
+def publisher_counts(opts):
+    return [int(n) for n in str(opts.publishers).split(",")]
+
+
+def cases(test, peers, opts):
     """The measurements of one test in one round: (peer, engine, extra argument)."""
     if test == "floor":
         return [("floor", None, None)]
     if test in PLEXUS_ONLY:
         peers = [p for p in peers if p == "plexus"]
     if test == "publish":
-        return [(p, engine, via) for p in peers for engine in ("memory", "embedded")
-                for via in ("native", "api")]
+        # Each publisher count, memory then durable, back to back, for both paths.
+        return [(p, engine, (via, n)) for p in peers for n in publisher_counts(opts)
+                for via in ("native", "api") for engine in ("memory", "embedded")]
     return [(p, "memory", None) for p in peers]
 
 
@@ -489,7 +495,9 @@ def main():
     p.add_argument("--duration", type=int, default=10)
     p.add_argument("--idle-conns", type=int, default=10000)
     p.add_argument("--idle-hold", type=int, default=60)
-    p.add_argument("--publishers", type=int, default=64)
+    # Publish throughput at each count: 64 waits on the commit's latency (a publisher has one
+    # publish in flight), 256 is enough in flight to saturate the server core.
+    p.add_argument("--publishers", default="64,256")
     p.add_argument("--overload-subscribers", type=int, default=100)
     p.add_argument("--overload-fast", type=int, default=10)
     p.add_argument("--overload-rate", type=int, default=300)
@@ -513,7 +521,7 @@ def main():
 
     for test in tests:
         for rnd in range(1, opts.rounds + 1):
-            for peer, engine, extra in cases(test, peers):
+            for peer, engine, extra in cases(test, peers, opts):
                 label = " ".join(str(x) for x in (test, peer, engine, extra) if x)
                 print(f"[round {rnd}] {label}", file=sys.stderr, flush=True)
                 started = time.monotonic()
