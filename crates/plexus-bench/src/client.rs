@@ -106,7 +106,7 @@ impl OpenError {
         }
     }
 
-    fn from_io(error: io::Error) -> OpenError {
+    pub(crate) fn from_io(error: io::Error) -> OpenError {
         if is_fd_limit(&error) {
             OpenError::FdLimit(error)
         } else {
@@ -184,18 +184,7 @@ fn ws_config() -> WebSocketConfig {
 impl Endpoint {
     /// Opens client number `index` (which picks its source address).
     pub async fn open(&self, index: u64) -> Result<Ws, OpenError> {
-        let source = match self.sources {
-            Some(sources) if Sources::applies_to(&self.addr) => {
-                Some(IpAddr::V4(sources.nth(index)))
-            }
-            _ => None,
-        };
-        let stream = tokio::time::timeout(
-            self.timeout,
-            connect_tcp(self.addr, source, self.recv_buffer),
-        )
-        .await
-        .map_err(|_| OpenError::Timeout("TCP connect"))??;
+        let stream = self.connect(index).await?;
         let request = self
             .target
             .url
@@ -218,6 +207,23 @@ impl Endpoint {
             .map_err(|_| OpenError::Timeout("native connect"))??;
         }
         Ok(ws)
+    }
+
+    /// The TCP connection of client number `index`, from its source address, within the
+    /// timeout.
+    pub(crate) async fn connect(&self, index: u64) -> Result<TcpStream, OpenError> {
+        let source = match self.sources {
+            Some(sources) if Sources::applies_to(&self.addr) => {
+                Some(IpAddr::V4(sources.nth(index)))
+            }
+            _ => None,
+        };
+        tokio::time::timeout(
+            self.timeout,
+            connect_tcp(self.addr, source, self.recv_buffer),
+        )
+        .await
+        .map_err(|_| OpenError::Timeout("TCP connect"))?
     }
 }
 
@@ -264,11 +270,9 @@ pub fn native_publish(id: u32, channel: &str, data: String) -> String {
     )
 }
 
-async fn native_handshake(
-    ws: &mut Ws,
-    token: &str,
-    channel: Option<&str>,
-) -> Result<(), OpenError> {
+/// The native client's first message: `connect` (id 1) with `token`, and `subscribe` (id 2) to
+/// `channel` when there is one.
+pub(crate) fn native_hello(token: &str, channel: Option<&str>) -> String {
     let mut text = native_command(
         1,
         Request::Connect(ConnectRequest {
@@ -288,37 +292,59 @@ async fn native_handshake(
             }),
         ));
     }
-    ws.send(Message::text(text))
+    text
+}
+
+/// What one message told a native client waiting for the answers to [`native_hello`]: how many
+/// of them it carried, and whether a server ping (answer `{}`) came with them. An error reply
+/// (or a message that is not replies) ends the client.
+pub(crate) fn native_hello_replies(text: &str) -> Result<(u32, bool), OpenError> {
+    let mut answered = 0;
+    let mut ping = false;
+    for reply in parse_replies(text) {
+        let reply = reply.map_err(|error| OpenError::Ws(format!("bad reply: {error}")))?;
+        if reply.is_server_ping() {
+            ping = true;
+            continue;
+        }
+        let method = match reply.id {
+            1 => "connect",
+            2 => "subscribe",
+            _ => continue, // a push: nothing is published yet, or it is not ours
+        };
+        if let Some(error) = reply.error {
+            return Err(OpenError::Reply {
+                method,
+                code: error.code,
+                message: error.message,
+            });
+        }
+        answered += 1;
+    }
+    Ok((answered, ping))
+}
+
+async fn native_handshake(
+    ws: &mut Ws,
+    token: &str,
+    channel: Option<&str>,
+) -> Result<(), OpenError> {
+    ws.send(Message::text(native_hello(token, channel)))
         .await
         .map_err(OpenError::from_ws)?;
-    let mut waiting = if channel.is_some() { 2 } else { 1 };
+    let mut waiting: u32 = if channel.is_some() { 2 } else { 1 };
     while waiting > 0 {
         let text = match next_data(ws).await? {
             Some(text) => text,
             None => continue,
         };
-        for reply in parse_replies(&text) {
-            let reply = reply.map_err(|error| OpenError::Ws(format!("bad reply: {error}")))?;
-            if reply.is_server_ping() {
-                ws.send(Message::text("{}"))
-                    .await
-                    .map_err(OpenError::from_ws)?;
-                continue;
-            }
-            let method = match reply.id {
-                1 => "connect",
-                2 => "subscribe",
-                _ => continue, // a push: nothing is published yet, or it is not ours
-            };
-            if let Some(error) = reply.error {
-                return Err(OpenError::Reply {
-                    method,
-                    code: error.code,
-                    message: error.message,
-                });
-            }
-            waiting -= 1;
+        let (answered, ping) = native_hello_replies(&text)?;
+        if ping {
+            ws.send(Message::text("{}"))
+                .await
+                .map_err(OpenError::from_ws)?;
         }
+        waiting = waiting.saturating_sub(answered);
     }
     Ok(())
 }
@@ -365,21 +391,26 @@ pub enum Received {
 /// Reads what a raw or native message carries.
 pub fn interpret(protocol: &Protocol, message: &Message) -> Received {
     match message {
-        Message::Text(text) => match protocol {
-            Protocol::Raw => match parse_stamp(text) {
-                Some(stamp) => Received::Stamps {
-                    stamps: vec![stamp],
-                    ping: false,
-                },
-                None => Received::Other,
-            },
-            Protocol::Native { .. } => interpret_native(text),
-        },
+        Message::Text(text) => interpret_text(protocol, text),
         Message::Close(frame) => {
             let (code, reason) = close_parts(frame.as_ref());
             Received::Closed(code, reason)
         }
         _ => Received::Other,
+    }
+}
+
+/// Reads what a raw or native text message carries.
+pub fn interpret_text(protocol: &Protocol, text: &str) -> Received {
+    match protocol {
+        Protocol::Raw => match parse_stamp(text) {
+            Some(stamp) => Received::Stamps {
+                stamps: vec![stamp],
+                ping: false,
+            },
+            None => Received::Other,
+        },
+        Protocol::Native { .. } => interpret_native(text),
     }
 }
 

@@ -1,5 +1,8 @@
 //! `fanout`: N subscribers on one channel, one publisher at a fixed rate; order, loss and
-//! latency at every subscriber.
+//! latency at every subscriber. The subscribers are read by one thread ([`reader`]), so that the
+//! generator's own cost per delivery stays well under the server's.
+
+mod reader;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,18 +10,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use tokio::task::JoinSet;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
-use crate::client::{close, interpret, preflight, Endpoint, Failures, OpenError, Received};
+use self::reader::Readers;
+use crate::client::{preflight, Endpoint, Failures};
 use crate::latency::{Latencies, LatencySummary};
 use crate::progress::{Progress, ProgressMode};
 use crate::publisher::{PublishVia, Publisher};
 use crate::rate::Rate;
-use crate::seq::{stamp_message, SeqCounts, SeqTracker, PROBE};
+use crate::seq::{stamp_message, SeqCounts, PROBE};
 use crate::system::fd_soft_limit;
 use crate::{
     check_count, check_duration, per_second, seconds, write_failures, BenchError, FdLimitReached,
@@ -171,9 +172,15 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
         }
     };
 
-    // Subscribe, at the ramp rate.
+    // Subscribe, at the ramp rate: tasks open the subscribers and hand them to the reader.
+    let readers =
+        Arc::new(
+            Readers::start(shared.clone()).map_err(|error| BenchError::Connect {
+                target: options.endpoint.target.url.clone(),
+                reason: format!("cannot start the reader thread: {error}"),
+            })?,
+        );
     let endpoint = Arc::new(options.endpoint.clone());
-    let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
     for index in 0..options.subscribers {
         tokio::time::sleep_until((start + options.ramp.due(index)).into()).await;
@@ -185,7 +192,7 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
             index,
             endpoint.clone(),
             shared.clone(),
-            cancel.clone(),
+            readers.clone(),
         ));
     }
     while shared.connected.load(Relaxed) + shared.failed.load(Relaxed)
@@ -266,10 +273,10 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
         0
     };
     let published = sent.saturating_sub(rejected_late);
-    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
     let mut counts = SeqCounts::default();
-    while let Some(result) = tasks.join_next().await {
-        if let Ok(Some(tracker)) = result {
+    if let Ok(readers) = Arc::try_unwrap(readers) {
+        for tracker in readers.finish().await {
             counts += tracker.finish(published);
         }
     }
@@ -313,77 +320,29 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
     })
 }
 
-/// One subscriber: returns what it saw, or `None` if it never connected.
+/// Opens one subscriber and hands it to the reader thread.
 async fn subscriber(
     index: u64,
     endpoint: Arc<Endpoint>,
     shared: Arc<Shared>,
-    cancel: CancellationToken,
-) -> Option<SeqTracker> {
-    let mut ws = match endpoint.open(index).await {
-        Ok(ws) => ws,
+    readers: Arc<Readers>,
+) {
+    match reader::open(&endpoint, index, &shared).await {
+        Ok(opened) => {
+            shared.connected.fetch_add(1, Relaxed);
+            if let Err(reason) = readers.add(opened) {
+                shared.dropped.fetch_add(1, Relaxed);
+                shared.failures.add(format!("dropped: {reason}"));
+            }
+        }
         Err(error) => {
             if error.is_fd_limit() {
                 shared.fd_limit_hit.store(true, Relaxed);
             }
             shared.failures.add(error.reason());
             shared.failed.fetch_add(1, Relaxed);
-            return None;
-        }
-    };
-    shared.connected.fetch_add(1, Relaxed);
-    let mut tracker = SeqTracker::new();
-    let mut ready = false;
-    let ended = loop {
-        tokio::select! {
-            () = cancel.cancelled() => break None,
-            message = ws.next() => match message {
-                Some(Ok(message)) => match interpret(&endpoint.protocol, &message) {
-                    Received::Stamps { stamps, ping } => {
-                        if ping {
-                            if let Err(error) = ws.send(Message::text("{}")).await {
-                                break Some(OpenError::from_ws(error).reason());
-                            }
-                        }
-                        let now = shared.now();
-                        if !ready {
-                            ready = true;
-                            shared.ready.fetch_add(1, Relaxed);
-                        }
-                        for stamp in stamps.into_iter().filter(|stamp| stamp.seq != PROBE) {
-                            shared
-                                .latencies
-                                .record(index, Duration::from_nanos(now.saturating_sub(stamp.t)));
-                            tracker.observe(stamp.seq);
-                            shared.deliveries.fetch_add(1, Relaxed);
-                            shared.last_delivery.fetch_max(now, Relaxed);
-                        }
-                    }
-                    Received::Ping => {
-                        if let Err(error) = ws.send(Message::text("{}")).await {
-                            break Some(OpenError::from_ws(error).reason());
-                        }
-                    }
-                    Received::Closed(code, reason) => {
-                        break Some(OpenError::Closed(code, reason).reason())
-                    }
-                    Received::Other => {}
-                },
-                Some(Err(error)) => break Some(OpenError::from_ws(error).reason()),
-                None => break Some("connection closed".to_owned()),
-            },
-        }
-    };
-    match ended {
-        None => {
-            close(ws, Duration::from_secs(3)).await;
-        }
-        Some(reason) => {
-            shared.dropped.fetch_add(1, Relaxed);
-            shared.failures.add(format!("dropped: {reason}"));
         }
     }
-    Some(tracker)
 }
 
 impl fmt::Display for FanoutReport {

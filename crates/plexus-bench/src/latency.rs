@@ -37,6 +37,26 @@ impl Latencies {
             .saturating_record(nanos);
     }
 
+    /// An empty histogram with the shared bounds, for a reader that records on its own and
+    /// merges with [`Latencies::add`] at the end.
+    pub fn histogram() -> Histogram<u64> {
+        empty()
+    }
+
+    /// Records `nanos` in a histogram of [`Latencies::histogram`], as [`Latencies::record`] does.
+    pub fn record_in(histogram: &mut Histogram<u64>, nanos: u64) {
+        histogram.saturating_record(nanos.max(1));
+    }
+
+    /// Adds what a reader recorded on its own.
+    pub fn add(&self, histogram: &Histogram<u64>) {
+        self.shards[0]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .add(histogram)
+            .expect("same bounds");
+    }
+
     pub fn merged(&self) -> Histogram<u64> {
         let mut all = empty();
         for shard in &self.shards {

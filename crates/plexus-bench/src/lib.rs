@@ -87,6 +87,7 @@ pub mod rate;
 pub mod seq;
 pub mod system;
 pub mod target;
+mod wsframe;
 
 use std::future::Future;
 use std::time::Duration;
