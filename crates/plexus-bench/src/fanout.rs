@@ -99,6 +99,25 @@ struct Shared {
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            epoch: Instant::now(),
+            attempted: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            ready: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            first_send: AtomicU64::new(0),
+            last_delivery: AtomicU64::new(0),
+            publish_errors: AtomicU64::new(0),
+            fd_limit_hit: AtomicBool::new(false),
+            failures: Failures::default(),
+            latencies: Latencies::new(),
+        }
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -123,22 +142,7 @@ pub async fn fanout(options: FanoutOptions) -> Result<FanoutReport, BenchError> 
     let mut publisher =
         Publisher::open(&options.endpoint, &options.channel, &options.publish).await?;
 
-    let shared = Arc::new(Shared {
-        epoch: Instant::now(),
-        attempted: AtomicU64::new(0),
-        connected: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        ready: AtomicU64::new(0),
-        dropped: AtomicU64::new(0),
-        deliveries: AtomicU64::new(0),
-        sent: AtomicU64::new(0),
-        first_send: AtomicU64::new(0),
-        last_delivery: AtomicU64::new(0),
-        publish_errors: AtomicU64::new(0),
-        fd_limit_hit: AtomicBool::new(false),
-        failures: Failures::default(),
-        latencies: Latencies::new(),
-    });
+    let shared = Arc::new(Shared::new());
     {
         let shared = shared.clone();
         publisher.start_reader(move |reason| {

@@ -14,6 +14,11 @@
 //! | [`publish`] | N publishers, one acknowledged publish in flight each, through the native protocol or the HTTP API: publishes/s and latency |
 //! | [`overload`] | slow subscribers (reading less than is published) and fast ones, while probes time new connections and HTTP requests: who was cut with 3008, server RSS |
 //!
+//! Clients are tokio tasks speaking tokio-tungstenite, except the fan-out subscribers: tasks open
+//! them (with a hand-written upgrade) and one thread reads them all with `epoll` and an in-place
+//! frame parser, so that reading a delivery costs the generator less than writing it costs the
+//! server and the latency measured is the server's ([`fanout`]'s `reader`).
+//!
 //! Client sockets are bound to 127.0.0.1 … 127.0.0.N in turn ([`Sources`]) so that tens of
 //! thousands of connections do not run out of one address's ephemeral ports. Running out of file
 //! descriptors (EMFILE) stops the opening of more, and the report says where ([`FdLimitReached`]).

@@ -698,4 +698,144 @@ mod tests {
             Err("connect error 109: token expired".into())
         );
     }
+
+    /// A server that answers the upgrade and then follows `script` on the socket.
+    async fn scripted_server<F, Fut>(script: F) -> (Endpoint, tokio::task::JoinHandle<()>)
+    where
+        F: FnOnce(tokio::net::TcpStream, Vec<u8>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let endpoint = Endpoint {
+            target: crate::Target::websocket(&format!("ws://{addr}/chat/x")).unwrap(),
+            addr,
+            protocol: Protocol::Raw,
+            sources: None,
+            timeout: Duration::from_secs(5),
+            recv_buffer: None,
+        };
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                assert_ne!(socket.read_buf(&mut request).await.unwrap(), 0);
+            }
+            let request = String::from_utf8(request).unwrap();
+            assert!(request.starts_with("GET /chat/x HTTP/1.1\r\n"), "{request}");
+            let key = request
+                .lines()
+                .find_map(|line| line.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap();
+            let accept = plexus_protocol::ws::handshake::accept_key(key.trim());
+            let response = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            script(socket, response.into_bytes()).await;
+        });
+        (endpoint, server)
+    }
+
+    /// Reads one masked client frame: its first byte and unmasked payload.
+    async fn client_frame(socket: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+        let mut header = [0u8; 6];
+        socket.read_exact(&mut header).await.unwrap();
+        assert_ne!(header[1] & 0x80, 0, "client frames are masked");
+        let len = usize::from(header[1] & 0x7F);
+        assert!(len <= 125);
+        let mut payload = vec![0u8; len];
+        socket.read_exact(&mut payload).await.unwrap();
+        for (i, byte) in payload.iter_mut().enumerate() {
+            *byte ^= header[2 + i % 4];
+        }
+        (header[0], payload)
+    }
+
+    async fn wait_for(what: impl Fn() -> bool) {
+        let until = Instant::now() + Duration::from_secs(5);
+        while !what() {
+            assert!(Instant::now() < until, "timed out");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reader_thread_reads_answers_and_closes() {
+        let (endpoint, server) = scripted_server(|mut socket, mut out| async move {
+            // A probe in the same write as the upgrade response: it must not be lost.
+            out.extend(server_text(r#"{"seq":0,"t":0,"pad":""}"#));
+            socket.write_all(&out).await.unwrap();
+            // A measured message in two fragments, a ping between them, cut across writes.
+            let message = br#"{"seq":1,"t":0,"pad":""}"#;
+            let (head, tail) = message.split_at(10);
+            let mut bytes = vec![0x01, head.len() as u8];
+            bytes.extend_from_slice(head);
+            bytes.extend([0x89, 2, b'h', b'i']);
+            bytes.extend([0x80, tail.len() as u8]);
+            bytes.extend_from_slice(tail);
+            let (first, second) = bytes.split_at(15);
+            socket.write_all(first).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            socket.write_all(second).await.unwrap();
+            assert_eq!(client_frame(&mut socket).await, (0x8A, b"hi".to_vec()));
+            // The end of the run: the client's close, answered.
+            assert_eq!(client_frame(&mut socket).await, (0x88, vec![0x03, 0xE8]));
+            socket.write_all(&[0x88, 2, 0x03, 0xE8]).await.unwrap();
+        })
+        .await;
+        let shared = Arc::new(Shared::new());
+        let readers = Readers::start(shared.clone()).unwrap();
+        readers
+            .add(open(&endpoint, 0, &shared).await.unwrap())
+            .unwrap();
+        wait_for(|| shared.deliveries.load(Relaxed) == 1).await;
+        assert_eq!(shared.ready.load(Relaxed), 1);
+        let trackers = readers.finish().await;
+        server.await.unwrap();
+        assert_eq!(trackers.len(), 1);
+        assert_eq!(trackers[0].finish(1).received, 1);
+        assert_eq!(shared.dropped.load(Relaxed), 0);
+        assert!(shared.failures.snapshot().is_empty());
+        assert_eq!(shared.latencies.summary().count, 1);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_frame_drops_the_subscriber_with_its_reason() {
+        let (endpoint, server) = scripted_server(|mut socket, mut out| async move {
+            out.extend([0x83, 0]);
+            socket.write_all(&out).await.unwrap();
+            // The client goes away.
+            let mut rest = Vec::new();
+            let _ = socket.read_to_end(&mut rest).await;
+        })
+        .await;
+        let shared = Arc::new(Shared::new());
+        let readers = Readers::start(shared.clone()).unwrap();
+        readers
+            .add(open(&endpoint, 0, &shared).await.unwrap())
+            .unwrap();
+        wait_for(|| shared.dropped.load(Relaxed) == 1).await;
+        assert_eq!(readers.finish().await.len(), 1);
+        server.await.unwrap();
+        assert_eq!(
+            shared.failures.snapshot().into_iter().collect::<Vec<_>>(),
+            [("dropped: protocol: unknown opcode 0x3".to_owned(), 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_is_its_status() {
+        let (endpoint, server) = scripted_server(|mut socket, _| async move {
+            socket
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        })
+        .await;
+        let shared = Shared::new();
+        let error = open(&endpoint, 0, &shared).await.err().unwrap();
+        assert_eq!(error.reason(), "HTTP 503");
+        server.await.unwrap();
+    }
 }
