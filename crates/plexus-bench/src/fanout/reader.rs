@@ -5,7 +5,8 @@
 //! Each subscriber is opened by a tokio task (TCP connect, a hand-written WebSocket upgrade, for
 //! the native protocol `connect` and `subscribe` answered), and then handed to one OS thread that
 //! reads every subscriber: one `epoll_wait` (mio, edge-triggered) for all ready sockets, one
-//! `read` per socket into a reused buffer (a short read means the socket is drained), frames
+//! `read` per socket into a reused buffer (a short read means the socket is drained), short naps
+//! rather than a blocking wait for a moment after the last event ([`NAP_WINDOW`]), frames
 //! parsed where they were read ([`FrameReader`]), the receive time taken right after the read.
 //! Pings are answered (a WebSocket ping with a masked pong, a native `{}` with `{}`), a close
 //! from the server or a bad frame ends that subscriber as dropped with its reason, and at the end
@@ -47,6 +48,20 @@ const WAKE: Token = Token(usize::MAX);
 
 /// One read's worth: large enough that a burst to one socket is read in one call.
 const READ_BUFFER: usize = 256 * 1024;
+
+/// For how long after the last event the reader naps and polls instead of blocking in
+/// `epoll_wait`. During a burst the server writes the next socket a few microseconds later; a
+/// reader blocked in `epoll_wait` must be woken for it, and on loopback that waking (an IPI to
+/// an idle core, a VM exit on this machine) is done, and paid for, by the server's write. A
+/// reader that naps ([`NAP`]) and then polls without blocking is woken by its own timer, and
+/// finds the sockets written meanwhile ready together. Measured at 1,000 × 50: blocking at once
+/// made the server's CPU per delivery ~10 % higher and the p99 ~1 ms longer; spinning instead of
+/// napping gave the same server numbers but doubled this thread's CPU at 10,000 × 5.
+const NAP_WINDOW: Duration = Duration::from_millis(1);
+
+/// One nap (plus the kernel's timer slack, 50 µs by default): about the most a delivery waits
+/// for the reader during a burst.
+const NAP: Duration = Duration::from_micros(20);
 
 /// One subscriber, opened: its socket and its state, with the bytes that came after the upgrade
 /// (or after the native replies) still to be parsed.
@@ -412,8 +427,17 @@ fn run(mut poll: Poll, commands: mpsc::Receiver<Command>, shared: &Shared) -> Ve
     let mut batch = Batch::default();
     let mut open = 0usize;
     let mut stop_by: Option<Instant> = None;
+    let mut last_event = Instant::now();
+    let mut napping = false;
     loop {
-        let timeout = stop_by.map(|by| by.saturating_duration_since(Instant::now()));
+        let timeout = if last_event.elapsed() < NAP_WINDOW {
+            if napping {
+                std::thread::sleep(NAP);
+            }
+            Some(Duration::ZERO)
+        } else {
+            stop_by.map(|by| by.saturating_duration_since(Instant::now()))
+        };
         if let Err(error) = poll.poll(&mut events, timeout) {
             if error.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -422,6 +446,11 @@ fn run(mut poll: Poll, commands: mpsc::Receiver<Command>, shared: &Shared) -> Ve
                 .failures
                 .add(format!("reader thread: poll failed: {}", io_reason(&error)));
             break;
+        }
+        // Nothing ready: nap before the next poll (within the window).
+        napping = events.is_empty();
+        if !events.is_empty() {
+            last_event = Instant::now();
         }
         for event in &events {
             if event.token() == WAKE {
