@@ -4,7 +4,8 @@
 //!
 //! It mirrors the fan-out test: CONNS sockets, ROUNDS per second; each round writes to every
 //! socket once (1 frame per write, or FRAMES frames in one write). The writer is pinned to core
-//! 0, the readers (one epoll(7) thread, like `plexus bench`'s own readers) to core 1. CPU is the
+//! 0, the readers (one epoll(7) thread that naps and polls for 1 ms after its last event before
+//! it blocks, like `plexus bench fanout`'s reader) to core 1. CPU is the
 //! writer thread's own
 //! (CLOCK_THREAD_CPUTIME_ID: user + system, including the loopback receive path the kernel runs
 //! in the writer's context).
@@ -89,10 +90,28 @@ fn main() {
             let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
             let mut buf = vec![0u8; 64 * 1024];
             let mut bytes = 0u64;
+            // As `plexus bench fanout`'s reader: for 1 ms after the last event it naps 20 µs
+            // and polls without blocking, so a burst of writes does not pay for waking a
+            // blocked reader at every frame; then it blocks.
+            let (window, nap) = (Duration::from_millis(1), Duration::from_micros(20));
+            let mut last_event = Instant::now();
+            let mut napping = false;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let n = unsafe {
-                    libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 100)
+                let timeout = if last_event.elapsed() < window {
+                    if napping {
+                        std::thread::sleep(nap);
+                    }
+                    0
+                } else {
+                    100
                 };
+                let n = unsafe {
+                    libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, timeout)
+                };
+                napping = n <= 0;
+                if n > 0 {
+                    last_event = Instant::now();
+                }
                 for event in &events[..n.max(0) as usize] {
                     let i = event.u64 as usize;
                     // Edge-triggered: read until the socket is empty (a short read says so).
