@@ -231,26 +231,7 @@ fn close_frame(payload: &[u8]) -> Result<Frame<'static>, FrameError> {
 
 /// Appends one final, masked client frame to `out`.
 pub fn push_masked(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        len @ 0..=125 => out.push(0x80 | len as u8),
-        len @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    let mask = mask_key();
-    out.extend_from_slice(&mask);
-    out.extend(
-        payload
-            .iter()
-            .zip(mask.iter().cycle())
-            .map(|(byte, mask)| byte ^ mask),
-    );
+    plexus_protocol::ws::push_client_frame(out, 0x80 | opcode, payload, mask_key());
 }
 
 /// A masked close frame with `code` and no reason.

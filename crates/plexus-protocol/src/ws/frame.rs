@@ -46,20 +46,38 @@ fn header_len(payload_len: usize) -> usize {
 pub fn encode_frame(opcode: OpCode, payload: &[u8], compressed: bool) -> Bytes {
     let mut out = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
     let rsv1 = if compressed { 0x40 } else { 0 };
-    out.put_u8(0x80 | rsv1 | opcode as u8);
-    match payload.len() {
-        len @ 0..=125 => out.put_u8(len as u8),
-        len @ 126..=0xFFFF => {
-            out.put_u8(126);
+    put_header(&mut out, 0x80 | rsv1 | opcode as u8, 0, payload.len());
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// Appends one masked frame as a client sends it (RFC 6455 §5.3): `first` is its first byte
+/// (FIN, RSV bits, opcode), `mask` the masking key. For clients and tests of the server.
+pub fn push_client_frame(out: &mut Vec<u8>, first: u8, payload: &[u8], mask: [u8; 4]) {
+    put_header(out, first, 0x80, payload.len());
+    out.extend_from_slice(&mask);
+    out.extend(
+        payload
+            .iter()
+            .zip(mask.iter().cycle())
+            .map(|(byte, mask)| byte ^ mask),
+    );
+}
+
+/// The first byte, then the payload length (7, 16 or 64 bits) with the MASK bit `mask_bit`.
+fn put_header(out: &mut impl BufMut, first: u8, mask_bit: u8, len: usize) {
+    out.put_u8(first);
+    match len {
+        0..=125 => out.put_u8(mask_bit | len as u8),
+        126..=0xFFFF => {
+            out.put_u8(mask_bit | 126);
             out.put_u16(len as u16);
         }
-        len => {
-            out.put_u8(127);
+        _ => {
+            out.put_u8(mask_bit | 127);
             out.put_u64(len as u64);
         }
     }
-    out.put_slice(payload);
-    out.freeze()
 }
 
 /// Encodes a close frame with a code and a reason (cut to fit the 125-byte control payload
@@ -78,6 +96,27 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_frames_decode_as_the_server_reads_them() {
+        use crate::ws::{Decoder, DecoderConfig, Event};
+        let mut decoder = Decoder::new(DecoderConfig {
+            max_message_size: 1 << 20,
+            deflate: false,
+        });
+        let mut out = Vec::new();
+        for len in [0, 125, 126, 300, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            out.clear();
+            push_client_frame(&mut out, 0x82, &payload, [1, 2, 3, 4]);
+            assert_eq!(out[1] & 0x80, 0x80, "masked");
+            decoder.feed(&out);
+            match decoder.next_event().unwrap() {
+                Some(Event::Message { data, .. }) => assert_eq!(&data[..], &payload[..]),
+                other => panic!("{len}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn lengths() {

@@ -13,7 +13,7 @@ mod frame;
 pub mod handshake;
 
 pub use decoder::{DecodeError, Decoder, DecoderConfig, Event};
-pub use frame::{encode_close, encode_frame, OpCode};
+pub use frame::{encode_close, encode_frame, push_client_frame, OpCode};
 
 /// Whether a data message is text (valid UTF-8) or binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -122,20 +122,8 @@ pub const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
 
 /// A masked client frame with the given first byte (FIN, RSV, opcode).
 pub fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    match payload.len() {
-        len @ 0..=125 => out.push(0x80 | len as u8),
-        len @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&MASK);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    let mut out = Vec::new();
+    plexus_protocol::ws::push_client_frame(&mut out, first, payload, MASK);
     out
 }
 
