@@ -510,8 +510,10 @@ def main():
     unknown = [t for t in tests if t not in TESTS]
     if unknown:
         p.error(f"unknown tests {unknown}; known: {', '.join(TESTS)}")
+    # What was measured, kept with the numbers so `run.sh --report-only` can name it later.
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "options": vars(opts),
-               "runs": []}
+               "command": os.environ.get("BENCH_COMMAND"),
+               "revision": os.environ.get("BENCH_REV"), "runs": []}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -133,8 +133,9 @@ def main():
       f"`bench/results/{src.name}` (not committed).\n")
     w(f"- **Date:** {data['started']} to {data['finished']}")
     w(f"- **Machine:** {machine()}")
-    w(f"- **Command:** `{os.environ.get('BENCH_COMMAND', 'bench/run.sh')}` "
-      f"(Plexus at `{os.environ.get('BENCH_REV', '?')}`)")
+    command = data.get("command") or os.environ.get("BENCH_COMMAND") or "bench/run.sh"
+    revision = data.get("revision") or os.environ.get("BENCH_REV") or "?"
+    w(f"- **Command:** `{command.strip()}` (Plexus at `{revision}`)")
     w("- **Rounds:** " + ", ".join(f"{t} {R.rounds(t)}" for t in tests if R.rounds(t))
       + "; each cell is the median over rounds; servers run in rotation inside each round, "
       "each measurement on a fresh server process.")

@@ -109,12 +109,14 @@ export PLEXUS_BIN="$BENCH/.bin/plexus"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 out="$BENCH/results/$stamp.json"
 step "measuring: peers=$peers tests=$tests rounds=$rounds conns=$conns"
+export BENCH_COMMAND="$COMMAND"
+BENCH_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+export BENCH_REV
 python3 "$BENCH/harness.py" --peers "$peers" --tests "$tests" --rounds "$rounds" \
   --conns "$conns" --hold "$hold" --duration "$duration" --out "$out" \
   --idle-conns "$idle_conns" --idle-hold "$idle_hold" --wide-subscribers "$wide" \
   --overload-subscribers "$overload_subscribers" --overload-duration "$overload_duration"
 cp "$out" "$BENCH/results/latest.json"
 
-BENCH_COMMAND="$COMMAND" BENCH_REV="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-  python3 "$BENCH/report.py" "$out" "$ROOT/docs/benchmarks.md"
+python3 "$BENCH/report.py" "$out" "$ROOT/docs/benchmarks.md"
 step "wrote docs/benchmarks.md (raw: ${out#$ROOT/})"
