@@ -789,6 +789,16 @@ mod tests {
         }
     }
 
+    /// A reader thread with one subscriber of `endpoint` opened and added.
+    async fn one_subscriber(endpoint: &Endpoint) -> (Arc<Shared>, Readers) {
+        let shared = Arc::new(Shared::new());
+        let readers = Readers::start(shared.clone()).unwrap();
+        readers
+            .add(open(endpoint, 0, &shared).await.unwrap())
+            .unwrap();
+        (shared, readers)
+    }
+
     #[tokio::test]
     async fn the_reader_thread_reads_answers_and_closes() {
         let (endpoint, server) = scripted_server(|mut socket, mut out| async move {
@@ -813,11 +823,7 @@ mod tests {
             socket.write_all(&[0x88, 2, 0x03, 0xE8]).await.unwrap();
         })
         .await;
-        let shared = Arc::new(Shared::new());
-        let readers = Readers::start(shared.clone()).unwrap();
-        readers
-            .add(open(&endpoint, 0, &shared).await.unwrap())
-            .unwrap();
+        let (shared, readers) = one_subscriber(&endpoint).await;
         wait_for(|| shared.deliveries.load(Relaxed) == 1).await;
         assert_eq!(shared.ready.load(Relaxed), 1);
         let trackers = readers.finish().await;
@@ -839,11 +845,7 @@ mod tests {
             let _ = socket.read_to_end(&mut rest).await;
         })
         .await;
-        let shared = Arc::new(Shared::new());
-        let readers = Readers::start(shared.clone()).unwrap();
-        readers
-            .add(open(&endpoint, 0, &shared).await.unwrap())
-            .unwrap();
+        let (shared, readers) = one_subscriber(&endpoint).await;
         wait_for(|| shared.dropped.load(Relaxed) == 1).await;
         assert_eq!(readers.finish().await.len(), 1);
         server.await.unwrap();
