@@ -115,6 +115,101 @@ async fn epoch_and_offsets_survive_reopen() {
     assert_eq!(entries[1].data, Bytes::from_static(b"2"));
 }
 
+/// `close` takes a checkpoint, so the checkpoint file alone holds the history: the reopened
+/// log needs nothing from the write-ahead file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_leaves_everything_in_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = DurableLog::open(dir.path(), ignore()).unwrap();
+    let mut last = None;
+    for i in 1..=50u64 {
+        last = Some(
+            log.append("trimmed", Bytes::from(format!("m{i}")), keep(10))
+                .await
+                .unwrap(),
+        );
+    }
+    log.append("other", Bytes::from_static(b"x"), keep(10))
+        .await
+        .unwrap();
+    log.remove("other").unwrap();
+    let stats = log.stats();
+    log.close();
+    assert_eq!(stats.failed_checkpoints, 0);
+
+    std::fs::remove_file(dir.path().join(plexus_engine_embedded::log::WAL_FILE_NAME)).unwrap();
+    let log = DurableLog::open(dir.path(), ignore()).unwrap();
+    let (entries, top) = log.read("trimmed", None, None, false).unwrap();
+    assert_eq!(Some(top.clone()), last);
+    assert_eq!(offsets(&entries), (41..=50).collect::<Vec<_>>());
+    assert_eq!(entries[9].data, Bytes::from_static(b"m50"));
+    let (entries, top) = log.read("other", None, None, false).unwrap();
+    assert!(entries.is_empty());
+    assert_eq!(top.offset, 1);
+    let next = log
+        .append("trimmed", Bytes::from_static(b"m51"), keep(10))
+        .await
+        .unwrap();
+    assert_eq!(next.offset, 51);
+    assert_eq!(next.epoch, top_epoch(&log, "trimmed"));
+    log.close();
+}
+
+fn top_epoch(log: &DurableLog, channel: &str) -> String {
+    log.top(channel).unwrap().epoch
+}
+
+/// Checkpoints taken while appends go on (every few milliseconds and every few KiB)
+/// lose nothing and keep offsets consecutive, and the write-ahead file stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_during_appends_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        checkpoint_interval: Duration::from_millis(2),
+        checkpoint_bytes: 2048,
+        ..LogOptions::default()
+    };
+    let log = DurableLog::open_with_options(dir.path(), ignore(), options).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..4u32 {
+        let log = log.clone();
+        tasks.spawn(async move {
+            for i in 0..250u32 {
+                log.append(
+                    &format!("c{task}"),
+                    Bytes::from(format!("{task}-{i}")),
+                    keep(1000),
+                )
+                .await
+                .unwrap();
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    let stats = log.stats();
+    assert!(
+        stats.checkpoints >= 2,
+        "expected checkpoints, got {stats:?}"
+    );
+    assert_eq!(stats.failed_checkpoints, 0);
+    let wal = std::fs::metadata(dir.path().join(plexus_engine_embedded::log::WAL_FILE_NAME))
+        .unwrap()
+        .len();
+    // 1,000 appends are ~60 KiB of records; the file is reused from its start instead.
+    assert!(wal <= 1 << 20, "write-ahead file grew to {wal} bytes");
+    log.close();
+    let log = DurableLog::open(dir.path(), ignore()).unwrap();
+    for task in 0..4u32 {
+        let (entries, top) = log.read(&format!("c{task}"), None, None, false).unwrap();
+        assert_eq!(top.offset, 250);
+        assert_eq!(offsets(&entries), (1..=250).collect::<Vec<_>>());
+        assert_eq!(entries[249].data, Bytes::from(format!("{task}-249")));
+    }
+    log.close();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_since_limit_and_reverse() {
     let dir = tempfile::tempdir().unwrap();
@@ -395,6 +490,15 @@ async fn concurrent_appends_share_commits() {
     eprintln!("1000 concurrent appends: {stats:?}");
     assert_eq!(stats.appends, 1000);
     assert!(stats.commits < 100, "expected group commit, got {stats:?}");
+    // After big batches the writer waits for another big one, but only for a moment: an
+    // append on its own still gets through, and the one after it too.
+    for i in 0..2 {
+        let lone = log
+            .append("lone", Bytes::from(format!("lone{i}")), keep(10))
+            .await
+            .unwrap();
+        assert_eq!(lone.offset, i + 1);
+    }
     for c in 0..10 {
         let (entries, top) = log.read(&format!("ch{c}"), None, None, false).unwrap();
         assert_eq!(top.offset, 100);
@@ -403,17 +507,36 @@ async fn concurrent_appends_share_commits() {
 }
 
 const CHILD_ENV: &str = "PLEXUS_LOG_CHILD";
-const CHILD_TEST: &str = "sigkill_loses_no_acknowledged_entry";
+/// Set in the child to take a checkpoint every few milliseconds and every few records.
+const CHILD_CHECKPOINTS_ENV: &str = "PLEXUS_LOG_CHILD_CHECKPOINTS";
 
-/// Child side: append forever (well, at most a minute) and print every acknowledgement.
+/// Child side: remove the history of one channel, then append forever (well, at most a
+/// minute) and print every acknowledgement.
 fn run_child(dir: &Path) {
+    let options = if std::env::var_os(CHILD_CHECKPOINTS_ENV).is_some() {
+        LogOptions {
+            checkpoint_interval: Duration::from_millis(3),
+            checkpoint_bytes: 4096,
+            ..LogOptions::default()
+        }
+    } else {
+        LogOptions::default()
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let log = DurableLog::open(dir, ignore()).unwrap();
+        let log = DurableLog::open_with_options(dir, ignore(), options).unwrap();
+        for i in 0..3 {
+            log.append("gone", Bytes::from(format!("gone{i}")), keep(100))
+                .await
+                .unwrap();
+        }
+        log.remove("gone").unwrap();
+        // On a line of its own: libtest has already printed "test NAME ... " without one.
+        println!("\nREMOVED gone {}", log.top("gone").unwrap().offset);
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut tasks = tokio::task::JoinSet::new();
         for task in 0..8 {
@@ -442,6 +565,25 @@ fn run_child(dir: &Path) {
 #[cfg(unix)]
 #[test]
 fn sigkill_loses_no_acknowledged_entry() {
+    sigkill_child("sigkill_loses_no_acknowledged_entry", false, 500);
+}
+
+/// The same, with a checkpoint every few milliseconds: the kill lands during or between
+/// checkpoints, and the write-ahead file is overwritten from its start many times.
+#[cfg(unix)]
+#[test]
+fn sigkill_during_checkpoints_loses_no_acknowledged_entry() {
+    sigkill_child(
+        "sigkill_during_checkpoints_loses_no_acknowledged_entry",
+        true,
+        3000,
+    );
+}
+
+/// Runs the child (this test binary, as test `name`), kills it with SIGKILL after
+/// `kill_after` acknowledgements, then checks every acknowledged entry in the reopened log.
+#[cfg(unix)]
+fn sigkill_child(name: &str, checkpoints: bool, kill_after: usize) {
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
 
@@ -450,15 +592,19 @@ fn sigkill_loses_no_acknowledged_entry() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    if checkpoints {
+        command.env(CHILD_CHECKPOINTS_ENV, "1");
+    }
+    let mut child = command.spawn().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut acks = Vec::new();
+    let mut removed_top = None;
     let mut killed = false;
     let mut line = Vec::new();
     loop {
@@ -480,7 +626,10 @@ fn sigkill_loses_no_acknowledged_entry() {
                 fields[4].to_owned(),
             ));
         }
-        if acks.len() == 500 && !killed {
+        if fields.len() == 3 && fields[0] == "REMOVED" {
+            removed_top = Some(fields[2].parse::<u64>().unwrap());
+        }
+        if acks.len() == kill_after && !killed {
             child.kill().unwrap(); // SIGKILL, with appends in flight
             killed = true;
         }
@@ -492,10 +641,15 @@ fn sigkill_loses_no_acknowledged_entry() {
         acks.len()
     );
     assert_eq!(status.signal(), Some(9));
-    assert!(acks.len() >= 500);
+    assert!(acks.len() >= kill_after);
     eprintln!("child acknowledged {} appends before SIGKILL", acks.len());
 
     let log = DurableLog::open(dir.path(), ignore()).unwrap();
+    // The removal was acknowledged before any append: it must hold after the crash.
+    let (gone, gone_top) = log.read("gone", None, None, false).unwrap();
+    assert_eq!(Some(gone_top.offset), removed_top);
+    assert_eq!(gone_top.offset, 3);
+    assert!(gone.is_empty(), "removed history came back: {gone:?}");
     let mut max_offset: HashMap<String, u64> = HashMap::new();
     for (channel, offset, epoch, data) in &acks {
         let (entries, top) = log.read(channel, Some(offset - 1), Some(1), false).unwrap();

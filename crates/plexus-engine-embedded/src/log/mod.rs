@@ -1,0 +1,1059 @@
+//! The durable per-channel publication log.
+//!
+//! # Model
+//!
+//! Every channel is a *stream*: an append-only sequence of opaque entries numbered by a
+//! strictly increasing `offset` (the first entry gets 1), plus an `epoch`, a random string
+//! chosen when the stream is created. A `(offset, epoch)` pair is a [`StreamPosition`].
+//!
+//! # Storage
+//!
+//! Three parts, each in its own module:
+//!
+//! * `streams`: every stream in memory, with its retained entries. Reads are served from
+//!   here and never touch the disk.
+//! * `wal`: the write-ahead file `history.wal`. Every change is a record appended to it
+//!   and made durable with `fdatasync` before anyone sees the change.
+//! * `snapshot`: the checkpoint, `history.redb` (a [redb](https://docs.rs/redb) file):
+//!   the streams as of the last checkpoint, and which write-ahead generation follows it.
+//!
+//! So the retained history is held twice: in memory for reads, on disk for restarts. Memory
+//! grows with what the channels' retention keeps (see docs/capacity.md), as in Redis.
+//!
+//! # Group commit
+//!
+//! [`DurableLog::append`] writes nothing itself: it queues the request to a single writer
+//! thread. The writer takes every request that is pending (up to
+//! [`LogOptions::max_batch`]), assigns offsets in arrival order, writes the whole batch as
+//! one write-ahead record and makes it durable with one `fdatasync`. Only then does it apply
+//! the batch to the streams in memory, call the `on_commit` callback for every appended
+//! entry, in order, and resolve every `append` future. So an append is acknowledged only
+//! once it is durable, `on_commit` and readers see entries strictly in offset order and only
+//! once they would survive a crash, and N concurrent appends cost about one `fdatasync`.
+//!
+//! If the record cannot be written, every request of the batch gets the error and nothing
+//! of it is applied, so no offset of a failed batch was ever seen; the writer carries on.
+//!
+//! # Checkpoints
+//!
+//! Every [`LogOptions::checkpoint_interval`] when something changed, whenever the
+//! write-ahead file passes [`LogOptions::checkpoint_bytes`], and on close, the writer
+//! stores the streams that changed into `history.redb` in one durable redb transaction,
+//! together with the next write-ahead generation, and then writes the write-ahead file
+//! from its start again. A checkpoint writes each changed stream's metadata, the entries it
+//! gained that are still retained and the deletion of those it lost: an entry published
+//! and trimmed between two checkpoints never reaches redb at all.
+//!
+//! # Crash safety
+//!
+//! redb commits are atomic and checksummed, and write-ahead records carry a CRC, their
+//! generation and a sequence number. Opening the log loads the checkpoint, then applies
+//! the records of its generation in order, up to the first one that is torn, of another
+//! generation or out of sequence; then it takes a checkpoint. Applying a record that the
+//! checkpoint already holds changes nothing, so a crash at any point (`SIGKILL` or power
+//! loss, given a disk that honours `fsync`) recovers every acknowledged entry with its
+//! offset, and the top offset never goes below an acknowledged one, so offsets are never
+//! reused.
+//!
+//! # Streams that do not exist yet
+//!
+//! [`DurableLog::top`] and [`DurableLog::read`] on a channel that has no stream yet create
+//! it (fresh epoch, offset 0) and persist it durably before returning, so the epoch a
+//! subscriber was shown stays valid. These calls go through the writer too (and so are
+//! group-committed with other work); they block the calling thread until that commit, which
+//! takes about one `fdatasync`. Calls on existing streams only read memory and never block
+//! on the writer.
+
+mod snapshot;
+mod streams;
+mod wal;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use redb::Database;
+use tokio::sync::oneshot;
+
+use streams::{Stream, Streams};
+use wal::{Op, Wal};
+
+pub use wal::WAL_FILE_NAME;
+
+/// Name of the checkpoint file inside the log directory.
+pub const DB_FILE_NAME: &str = "history.redb";
+
+/// At most this many channels are expired by one sweep.
+const MAX_SWEEP_CHANNELS: usize = 4096;
+
+/// Position in a stream: the offset of its newest entry (0 when nothing was ever appended)
+/// and the stream's epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StreamPosition {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// How much history to keep for a channel; given with every append, and the values of the
+/// latest append apply. Both must be greater than zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Only the newest `max_len` entries are kept.
+    pub max_len: usize,
+    /// Entries older than this (by their append time) are neither returned nor kept.
+    pub ttl: Duration,
+}
+
+/// One stored publication.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub offset: u64,
+    /// The opaque encoded publication, as given to [`DurableLog::append`].
+    pub data: Bytes,
+}
+
+/// Counters of the writer, see [`DurableLog::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Successful durable commits (one write-ahead record per batch).
+    pub commits: u64,
+    /// Commits that failed; their requests got the error.
+    pub failed_commits: u64,
+    /// Entries appended and acknowledged.
+    pub appends: u64,
+    /// The largest number of requests committed in one batch.
+    pub max_batch: u64,
+    /// Checkpoints written to `history.redb`.
+    pub checkpoints: u64,
+    /// Checkpoints that failed (the write-ahead file keeps everything; retried later).
+    pub failed_checkpoints: u64,
+}
+
+/// Tuning knobs; [`LogOptions::default`] suits a server.
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    /// Most requests committed in one write-ahead record (default 1024).
+    pub max_batch: usize,
+    /// Under load (the previous batch had several requests), the writer waits up to this
+    /// long for a batch as large as the previous one (default 2 ms), so one `fdatasync`
+    /// covers more appends. Zero commits as soon as anything is queued.
+    pub commit_window: Duration,
+    /// How often the writer deletes expired entries (default 5 s). Expired entries are
+    /// also trimmed on every append to their channel, and they are never returned by
+    /// reads, whatever this interval.
+    pub sweep_interval: Duration,
+    /// How often a checkpoint is taken when something changed (default 5 s): this bounds
+    /// how much a restart replays.
+    pub checkpoint_interval: Duration,
+    /// A checkpoint is also taken as soon as the write-ahead file holds this many bytes
+    /// (default 64 MiB), which bounds its size.
+    pub checkpoint_bytes: u64,
+    /// redb's quick-repair for checkpoints: each also saves the allocator state and uses
+    /// two-phase commit, which makes reopening after a crash nearly instant instead of a
+    /// walk over the whole file. Default `false`.
+    pub quick_repair: bool,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 1024,
+            commit_window: Duration::from_millis(2),
+            sweep_interval: Duration::from_secs(5),
+            checkpoint_interval: Duration::from_secs(5),
+            checkpoint_bytes: 64 << 20,
+            quick_repair: false,
+        }
+    }
+}
+
+/// Called by the writer thread for every committed entry, in offset order, before the
+/// corresponding `append` completes. It runs on the writer thread, so it must be quick
+/// (hand the entry over to a channel or a hub, do not do I/O), and it must not keep a
+/// [`DurableLog`] alive (that would be a reference cycle that keeps the writer running).
+pub type OnCommit = Arc<dyn Fn(&str, &StreamPosition, &Bytes) + Send + Sync>;
+
+/// Errors of the log. Cloneable, because one failed commit fails every request of its batch.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LogError {
+    /// The checkpoint database failed (I/O error, corruption, file already open, ...).
+    #[error("history storage error: {0}")]
+    Storage(#[source] Arc<redb::Error>),
+    /// A file system operation failed (the write-ahead file, creating the directory,
+    /// starting the writer thread).
+    #[error("history log I/O error: {0}")]
+    Io(#[source] Arc<std::io::Error>),
+    /// Stored stream metadata could not be decoded.
+    #[error("corrupt stream metadata for channel {channel:?}")]
+    Corrupt { channel: String },
+    /// `max_len` or `ttl` was zero.
+    #[error("invalid retention: max_len and ttl must both be greater than zero")]
+    InvalidRetention,
+    /// The log was closed (or its writer stopped) before the request was committed.
+    #[error("history log is closed")]
+    Closed,
+}
+
+fn storage<E: Into<redb::Error>>(err: E) -> LogError {
+    LogError::Storage(Arc::new(err.into()))
+}
+
+fn io(err: std::io::Error) -> LogError {
+    LogError::Io(Arc::new(err))
+}
+
+/// The durable log. Cheap to clone (all clones share one store and one writer); `Send`
+/// and `Sync`. The writer stops when [`DurableLog::close`] is called on any clone or the
+/// last clone is dropped, after committing what was already queued and a checkpoint.
+#[derive(Clone)]
+pub struct DurableLog {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Arc<Database>,
+    gathering: Arc<Gathering>,
+    writer_thread: std::thread::Thread,
+    streams: Arc<RwLock<Streams>>,
+    /// The write-ahead generation in use, for checkpoints taken outside the writer.
+    generation: Arc<AtomicU64>,
+    tx: Sender<Cmd>,
+    closed: AtomicBool,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    writer_id: ThreadId,
+    stats: Arc<Stats>,
+    quick_repair: bool,
+}
+
+/// How the writer and the appenders agree on when a gathering batch is complete.
+struct Gathering {
+    /// Requests sent and not yet taken by the writer.
+    queued: AtomicUsize,
+    /// While the writer gathers: how many queued requests complete its batch (the
+    /// appender that reaches it wakes the writer); `usize::MAX` otherwise.
+    wanted: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Stats {
+    commits: AtomicU64,
+    failed_commits: AtomicU64,
+    appends: AtomicU64,
+    max_batch: AtomicU64,
+    checkpoints: AtomicU64,
+    failed_checkpoints: AtomicU64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+type SyncReply<T> = SyncSender<Result<T, LogError>>;
+
+enum Cmd {
+    Append {
+        channel: String,
+        data: Bytes,
+        retention: Retention,
+        reply: Reply<StreamPosition>,
+    },
+    Ensure {
+        channel: String,
+        reply: SyncReply<StreamPosition>,
+    },
+    Remove {
+        channel: String,
+        reply: SyncReply<()>,
+    },
+    Shutdown,
+}
+
+fn read_lock(streams: &RwLock<Streams>) -> RwLockReadGuard<'_, Streams> {
+    // Only the writer changes the streams, and a panic there leaves them consistent
+    // (an op is applied whole or not at all), so a poisoned lock is still good to read.
+    streams
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write_lock(streams: &RwLock<Streams>) -> RwLockWriteGuard<'_, Streams> {
+    streams
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl DurableLog {
+    /// Opens (or creates) the log stored in `dir`, with default [`LogOptions`].
+    pub fn open(dir: &Path, on_commit: OnCommit) -> Result<DurableLog, LogError> {
+        Self::open_with_options(dir, on_commit, LogOptions::default())
+    }
+
+    /// Opens (or creates) the log stored in `dir`: loads the checkpoint, replays the
+    /// write-ahead records after it and takes a checkpoint if there were any. After an
+    /// unclean shutdown redb first repairs its file, rolling back to its last commit.
+    pub fn open_with_options(
+        dir: &Path,
+        on_commit: OnCommit,
+        options: LogOptions,
+    ) -> Result<DurableLog, LogError> {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let db = Database::builder()
+            .create(dir.join(DB_FILE_NAME))
+            .map_err(storage)?;
+        snapshot::prepare(&db, options.quick_repair)?;
+        let now = now_ms();
+        let loaded = snapshot::load(&db, now)?;
+        let mut streams = loaded.streams;
+        let mut changed = loaded.expired;
+        let (mut wal, records) =
+            Wal::open(&dir.join(WAL_FILE_NAME), loaded.generation).map_err(io)?;
+        let replayed = records.len();
+        for op in records.into_iter().flatten() {
+            if !changed.contains(op.channel()) {
+                changed.insert(op.channel().to_owned());
+            }
+            streams::apply(&mut streams, &op, now);
+        }
+        let mut generation = loaded.generation;
+        if replayed > 0 || !changed.is_empty() {
+            // The records of this generation are now in memory; store them in the
+            // checkpoint so the write-ahead file can start over.
+            generation += 1;
+            snapshot::save(&db, &streams, &changed, generation, options.quick_repair)?;
+            for channel in &changed {
+                if let Some(stream) = streams.get_mut(channel) {
+                    stream.saved_top = stream.top;
+                }
+            }
+            tracing::info!(
+                replayed,
+                streams = changed.len(),
+                "history log: recovered write-ahead records"
+            );
+        }
+        wal.restart(generation);
+
+        let mut schedule = Schedule::default();
+        for (channel, stream) in &mut streams {
+            schedule.set(channel, stream.trim(now));
+        }
+        let db = Arc::new(db);
+        let streams = Arc::new(RwLock::new(streams));
+        let generation = Arc::new(AtomicU64::new(generation));
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Stats::default());
+        let gathering = Arc::new(Gathering {
+            queued: AtomicUsize::new(0),
+            wanted: AtomicUsize::new(usize::MAX),
+        });
+        let writer = Writer {
+            gathering: gathering.clone(),
+            db: db.clone(),
+            wal,
+            streams: streams.clone(),
+            generation: generation.clone(),
+            changed: HashSet::new(),
+            rx,
+            on_commit,
+            stats: stats.clone(),
+            options: LogOptions {
+                max_batch: options.max_batch.max(1),
+                ..options.clone()
+            },
+            schedule,
+        };
+        let handle = std::thread::Builder::new()
+            .name("plexus-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(io)?;
+        let writer_id = handle.thread().id();
+        let writer_thread = handle.thread().clone();
+        Ok(DurableLog {
+            shared: Arc::new(Shared {
+                db,
+                gathering,
+                writer_thread,
+                streams,
+                generation,
+                tx,
+                closed: AtomicBool::new(false),
+                writer: Mutex::new(Some(handle)),
+                writer_id,
+                stats,
+                quick_repair: options.quick_repair,
+            }),
+        })
+    }
+
+    /// Appends `data` to `channel`. The request is queued when this is called (so appends are
+    /// ordered by call, not by when their futures are polled); the future resolves once the
+    /// entry is durable, after `on_commit` was called for it. If the future is dropped, the
+    /// entry is still committed (and `on_commit` still called); only the acknowledgement is lost.
+    pub fn append(
+        &self,
+        channel: &str,
+        data: Bytes,
+        retention: Retention,
+    ) -> impl std::future::Future<Output = Result<StreamPosition, LogError>> + Send + 'static {
+        let queued = self.enqueue(channel, data, retention);
+        async move {
+            // A dropped reply sender means the writer stopped before committing this entry.
+            queued?.await.map_err(|_| LogError::Closed)?
+        }
+    }
+
+    fn enqueue(
+        &self,
+        channel: &str,
+        data: Bytes,
+        retention: Retention,
+    ) -> Result<oneshot::Receiver<Result<StreamPosition, LogError>>, LogError> {
+        if retention.max_len == 0 || retention.ttl.is_zero() {
+            return Err(LogError::InvalidRetention);
+        }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.shared.send(Cmd::Append {
+            channel: channel.to_owned(),
+            data,
+            retention,
+            reply,
+        })?;
+        Ok(rx)
+    }
+
+    /// Retained entries of `channel`. With `since = Some(o)`, only entries with offset > `o`;
+    /// otherwise all retained ones. Oldest first, or newest first when `reverse`; at most
+    /// `limit` of them (the oldest ones, or the newest ones when `reverse`). Also returns
+    /// the stream's current position. An unknown channel is created (see the module docs).
+    pub fn read(
+        &self,
+        channel: &str,
+        since: Option<u64>,
+        limit: Option<usize>,
+        reverse: bool,
+    ) -> Result<(Vec<Entry>, StreamPosition), LogError> {
+        if let Some(stream) = read_lock(&self.shared.streams).get(channel) {
+            let entries = stream.read(since, limit.unwrap_or(usize::MAX), reverse, now_ms());
+            return Ok((entries, stream.position()));
+        }
+        Ok((Vec::new(), self.ensure(channel)?))
+    }
+
+    /// Current position of `channel`. An unknown channel is created (see the module docs).
+    pub fn top(&self, channel: &str) -> Result<StreamPosition, LogError> {
+        if let Some(stream) = read_lock(&self.shared.streams).get(channel) {
+            return Ok(stream.position());
+        }
+        self.ensure(channel)
+    }
+
+    /// Deletes every entry of `channel` but keeps its epoch and top offset, so clients that
+    /// hold older offsets learn that they cannot recover. Blocks until durable. A no-op for
+    /// an unknown channel.
+    pub fn remove(&self, channel: &str) -> Result<(), LogError> {
+        let owned = channel.to_owned();
+        self.request(
+            |reply| Cmd::Remove {
+                channel: owned,
+                reply,
+            },
+            |shared| {
+                shared.store_now(channel, |stream| {
+                    stream.entries.clear();
+                })?;
+                Ok(())
+            },
+        )
+    }
+
+    /// Counters of the writer.
+    pub fn stats(&self) -> LogStats {
+        let s = &self.shared.stats;
+        LogStats {
+            commits: s.commits.load(Ordering::Relaxed),
+            failed_commits: s.failed_commits.load(Ordering::Relaxed),
+            appends: s.appends.load(Ordering::Relaxed),
+            max_batch: s.max_batch.load(Ordering::Relaxed),
+            checkpoints: s.checkpoints.load(Ordering::Relaxed),
+            failed_checkpoints: s.failed_checkpoints.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Commits what is queued, takes a checkpoint, stops the writer and waits for it, for
+    /// every clone of this log: later appends fail with [`LogError::Closed`]. Dropping the
+    /// last clone does the same. Blocks for up to one commit and one checkpoint.
+    pub fn close(self) {
+        self.shared.shutdown();
+    }
+
+    /// Creates the stream of `channel` if it does not exist, durably, and returns its
+    /// position.
+    fn ensure(&self, channel: &str) -> Result<StreamPosition, LogError> {
+        let owned = channel.to_owned();
+        self.request(
+            |reply| Cmd::Ensure {
+                channel: owned,
+                reply,
+            },
+            |shared| shared.store_now(channel, |_| {}),
+        )
+    }
+
+    /// Runs a blocking request through the writer, or directly when called from the
+    /// writer thread itself (from `on_commit`), which would otherwise wait for itself.
+    fn request<T>(
+        &self,
+        make: impl FnOnce(SyncReply<T>) -> Cmd,
+        inline: impl FnOnce(&Shared) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        if std::thread::current().id() == self.shared.writer_id {
+            return inline(&self.shared);
+        }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed);
+        }
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.shared.send(make(reply))?;
+        rx.recv().map_err(|_| LogError::Closed)?
+    }
+}
+
+impl std::fmt::Debug for DurableLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableLog")
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Queues `cmd` for the writer, and wakes the writer if it is gathering a batch and
+    /// this request completes it.
+    fn send(&self, cmd: Cmd) -> Result<(), LogError> {
+        // Counted before it can be taken, so the writer's count never goes below zero.
+        let queued = self.gathering.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        if self.tx.send(cmd).is_err() {
+            self.gathering.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(LogError::Closed);
+        }
+        if queued >= self.gathering.wanted.load(Ordering::Acquire)
+            && self.gathering.wanted.swap(usize::MAX, Ordering::AcqRel) != usize::MAX
+        {
+            self.writer_thread.unpark();
+        }
+        Ok(())
+    }
+
+    /// On the writer thread, between batches (from `on_commit`): creates the stream of
+    /// `channel` if needed, changes it with `change`, and stores it in the checkpoint
+    /// right away, outside the write-ahead file. Only the writer thread changes the
+    /// streams, so this cannot race with a batch.
+    fn store_now(
+        &self,
+        channel: &str,
+        change: impl FnOnce(&mut Stream),
+    ) -> Result<StreamPosition, LogError> {
+        let mut streams = write_lock(&self.streams);
+        let before = streams.get(channel).cloned();
+        let stream = streams
+            .entry(channel.to_owned())
+            .or_insert_with(|| Stream::new(new_epoch()));
+        change(stream);
+        let position = stream.position();
+        let changed = HashSet::from([channel.to_owned()]);
+        let generation = self.generation.load(Ordering::Acquire);
+        match snapshot::save(&self.db, &streams, &changed, generation, self.quick_repair) {
+            Ok(()) => {
+                if let Some(stream) = streams.get_mut(channel) {
+                    stream.saved_top = stream.top;
+                }
+                Ok(position)
+            }
+            Err(err) => {
+                match before {
+                    Some(stream) => streams.insert(channel.to_owned(), stream),
+                    None => streams.remove(channel),
+                };
+                Err(err)
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            // Fails only if the writer is already gone.
+            let _ = self.send(Cmd::Shutdown);
+        }
+        if std::thread::current().id() == self.writer_id {
+            // Closed from `on_commit`: the writer stops after the current batch.
+            return;
+        }
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("history log writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// 16 random hex characters.
+fn new_epoch() -> String {
+    let mut buf = [0u8; 8];
+    if getrandom::fill(&mut buf).is_err() {
+        // No OS randomness: fall back to std's randomly keyed hasher, mixed with the time.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        buf = hasher.finish().to_le_bytes();
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// When each channel's oldest entry expires, so the sweep visits only channels with
+/// something to delete. Lives in the writer; built from the streams at start.
+#[derive(Default)]
+struct Schedule {
+    by_due: BTreeSet<(u64, String)>,
+    due_of: HashMap<String, u64>,
+}
+
+impl Schedule {
+    fn set(&mut self, channel: &str, due: Option<u64>) {
+        if self.due_of.get(channel).copied() == due {
+            return;
+        }
+        if let Some(old) = self.due_of.remove(channel) {
+            self.by_due.remove(&(old, channel.to_owned()));
+        }
+        if let Some(due) = due {
+            self.due_of.insert(channel.to_owned(), due);
+            self.by_due.insert((due, channel.to_owned()));
+        }
+    }
+
+    fn due(&self, now: u64) -> Vec<String> {
+        self.by_due
+            .iter()
+            .take_while(|(due, _)| *due <= now)
+            .take(MAX_SWEEP_CHANNELS)
+            .map(|(_, channel)| channel.clone())
+            .collect()
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    gathering: Arc<Gathering>,
+    wal: Wal,
+    streams: Arc<RwLock<Streams>>,
+    generation: Arc<AtomicU64>,
+    /// Streams changed since the last checkpoint.
+    changed: HashSet<String>,
+    rx: Receiver<Cmd>,
+    on_commit: OnCommit,
+    stats: Arc<Stats>,
+    options: LogOptions,
+    schedule: Schedule,
+}
+
+/// A request of the batch being committed, waiting for its answer.
+enum Pending {
+    Appended {
+        /// Index of its op in the batch's record.
+        op: usize,
+        position: StreamPosition,
+        reply: Reply<StreamPosition>,
+    },
+    Ensured {
+        position: StreamPosition,
+        reply: SyncReply<StreamPosition>,
+    },
+    Removed {
+        reply: SyncReply<()>,
+    },
+}
+
+impl Pending {
+    fn fail(self, err: &LogError) {
+        // A failed send means the caller stopped waiting; nothing to do.
+        match self {
+            Pending::Appended { reply, .. } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Pending::Ensured { reply, .. } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Pending::Removed { reply } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+    }
+
+    fn succeed(self) {
+        match self {
+            Pending::Appended {
+                position, reply, ..
+            } => {
+                let _ = reply.send(Ok(position));
+            }
+            Pending::Ensured { position, reply } => {
+                let _ = reply.send(Ok(position));
+            }
+            Pending::Removed { reply } => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+}
+
+/// A stream as the batch being planned sees it: the applied state plus the batch so far.
+struct Planned {
+    epoch: String,
+    top: u64,
+    last_ms: u64,
+}
+
+/// The batch's view of `channel`, loaded on first use; `None` for an unknown stream
+/// unless `create`.
+fn plan<'p>(
+    planned: &'p mut HashMap<String, Planned>,
+    streams: &Streams,
+    channel: &str,
+    create: bool,
+) -> Option<&'p mut Planned> {
+    if !planned.contains_key(channel) {
+        let state = match streams.get(channel) {
+            Some(stream) => Planned {
+                epoch: stream.epoch.clone(),
+                top: stream.top,
+                last_ms: stream.last_ms,
+            },
+            None if create => Planned {
+                epoch: new_epoch(),
+                top: 0,
+                last_ms: 0,
+            },
+            None => return None,
+        };
+        planned.insert(channel.to_owned(), state);
+    }
+    planned.get_mut(channel)
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut next_sweep = Instant::now() + self.options.sweep_interval;
+        let mut next_checkpoint = Instant::now() + self.options.checkpoint_interval;
+        let mut stopping = false;
+        let mut last_batch = 0usize;
+        loop {
+            let first = if stopping {
+                self.rx.try_recv().ok()
+            } else {
+                let wait = next_sweep
+                    .min(next_checkpoint)
+                    .saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(wait) {
+                    Ok(cmd) => Some(cmd),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if stopping && first.is_none() {
+                break;
+            }
+            let mut batch = Vec::new();
+            let first_taken = first.is_some();
+            match first {
+                Some(Cmd::Shutdown) => stopping = true,
+                Some(cmd) => batch.push(cmd),
+                None => {}
+            }
+            if first_taken {
+                self.gathering.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            if !batch.is_empty() {
+                self.drain(&mut batch, &mut stopping);
+                self.gather(&mut batch, &mut stopping, last_batch);
+            }
+            last_batch = batch.len();
+            if !batch.is_empty() {
+                self.process(batch);
+            }
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.sweep(now_ms());
+                next_sweep = now + self.options.sweep_interval;
+            }
+            if now >= next_checkpoint || self.wal.len() >= self.options.checkpoint_bytes {
+                self.checkpoint();
+                next_checkpoint = now + self.options.checkpoint_interval;
+            }
+        }
+        self.checkpoint();
+    }
+
+    /// Under load, lets requests gather before a commit. Each commit costs the same
+    /// `fdatasync` whatever its size, so fewer, bigger batches leave more of the core to
+    /// the server. After a batch of several requests, the writer waits until as many are
+    /// queued again (the appender that completes the batch wakes it), for at most
+    /// [`LogOptions::commit_window`]. So when every appender waits for the writer the
+    /// batch is complete at once, under a steady load batches grow until a window fills
+    /// them, and an append on its own (the last batch had one) never waits.
+    fn gather(&self, batch: &mut Vec<Cmd>, stopping: &mut bool, last_batch: usize) {
+        if last_batch < 2 || self.options.commit_window.is_zero() {
+            return;
+        }
+        let wanted = last_batch.min(self.options.max_batch);
+        let deadline = Instant::now() + self.options.commit_window;
+        loop {
+            if batch.len() >= wanted || *stopping {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            self.gathering
+                .wanted
+                .store(wanted - batch.len(), Ordering::Release);
+            // Requests queued before `wanted` was set did not wake anyone: take them.
+            let before = batch.len();
+            self.drain(batch, stopping);
+            if batch.len() == before {
+                std::thread::park_timeout(deadline - now);
+            }
+            self.gathering.wanted.store(usize::MAX, Ordering::Release);
+            self.drain(batch, stopping);
+        }
+    }
+
+    /// Moves queued requests into `batch`, up to `max_batch`.
+    fn drain(&self, batch: &mut Vec<Cmd>, stopping: &mut bool) {
+        let mut taken = 0;
+        while batch.len() < self.options.max_batch {
+            match self.rx.try_recv() {
+                Ok(Cmd::Shutdown) => *stopping = true,
+                Ok(cmd) => batch.push(cmd),
+                Err(_) => break,
+            }
+            taken += 1;
+        }
+        self.gathering.queued.fetch_sub(taken, Ordering::AcqRel);
+    }
+
+    /// Commits one batch: plans it against the streams, writes its record, applies it,
+    /// then hands its entries to `on_commit` and acknowledges every request.
+    fn process(&mut self, batch: Vec<Cmd>) {
+        let size = batch.len() as u64;
+        let now = now_ms();
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut pending = Vec::with_capacity(batch.len());
+        {
+            let streams = read_lock(&self.streams);
+            let mut planned: HashMap<String, Planned> = HashMap::new();
+            for cmd in batch {
+                match cmd {
+                    Cmd::Append {
+                        channel,
+                        data,
+                        retention,
+                        reply,
+                    } => {
+                        let Some(stream) = plan(&mut planned, &streams, &channel, true) else {
+                            continue;
+                        };
+                        stream.top += 1;
+                        // Keep append times monotonic per stream even if the clock steps back.
+                        stream.last_ms = stream.last_ms.max(now);
+                        let position = StreamPosition {
+                            offset: stream.top,
+                            epoch: stream.epoch.clone(),
+                        };
+                        let op = Op::Append {
+                            epoch: stream.epoch.clone(),
+                            offset: stream.top,
+                            time_ms: stream.last_ms,
+                            max_len: retention.max_len as u64,
+                            ttl_ms: ttl_ms(retention.ttl),
+                            data,
+                            channel,
+                        };
+                        pending.push(Pending::Appended {
+                            op: ops.len(),
+                            position,
+                            reply,
+                        });
+                        ops.push(op);
+                    }
+                    Cmd::Ensure { channel, reply } => {
+                        // Created by this batch already, or before it.
+                        let known =
+                            planned.contains_key(&channel) || streams.contains_key(&channel);
+                        let Some(stream) = plan(&mut planned, &streams, &channel, true) else {
+                            continue;
+                        };
+                        let position = StreamPosition {
+                            offset: stream.top,
+                            epoch: stream.epoch.clone(),
+                        };
+                        if !known {
+                            ops.push(Op::Create {
+                                epoch: stream.epoch.clone(),
+                                channel,
+                            });
+                        }
+                        pending.push(Pending::Ensured { position, reply });
+                    }
+                    Cmd::Remove { channel, reply } => {
+                        if let Some(stream) = plan(&mut planned, &streams, &channel, false) {
+                            let op = Op::Remove {
+                                epoch: stream.epoch.clone(),
+                                top: stream.top,
+                                channel,
+                            };
+                            ops.push(op);
+                        }
+                        pending.push(Pending::Removed { reply });
+                    }
+                    Cmd::Shutdown => {}
+                }
+            }
+        }
+        if !ops.is_empty() {
+            if let Err(err) = self.wal.append(&ops) {
+                let err = io(err);
+                self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%err, requests = pending.len(), "history log: commit failed");
+                for request in pending {
+                    request.fail(&err);
+                }
+                return;
+            }
+            self.stats.commits.fetch_add(1, Ordering::Relaxed);
+            self.stats.max_batch.fetch_max(size, Ordering::Relaxed);
+        }
+        // Durable: now readers may see it.
+        let mut due: HashMap<&str, Option<u64>> = HashMap::new();
+        {
+            let mut streams = write_lock(&self.streams);
+            for op in &ops {
+                if let Some(next) = streams::apply(&mut streams, op, now) {
+                    due.insert(op.channel(), next);
+                }
+                if !self.changed.contains(op.channel()) {
+                    self.changed.insert(op.channel().to_owned());
+                }
+            }
+        }
+        for (channel, next) in due {
+            self.schedule.set(channel, next);
+        }
+        // Deliver everything, in offset order, before acknowledging anything.
+        let mut appended = 0;
+        for request in &pending {
+            if let Pending::Appended { op, position, .. } = request {
+                if let Op::Append { channel, data, .. } = &ops[*op] {
+                    appended += 1;
+                    let on_commit = &self.on_commit;
+                    if catch_unwind(AssertUnwindSafe(|| on_commit(channel, position, data)))
+                        .is_err()
+                    {
+                        tracing::error!(
+                            channel,
+                            offset = position.offset,
+                            "history log: on_commit panicked"
+                        );
+                    }
+                }
+            }
+        }
+        self.stats.appends.fetch_add(appended, Ordering::Relaxed);
+        for request in pending {
+            request.succeed();
+        }
+    }
+
+    /// Drops expired entries from the streams whose oldest entry is due.
+    fn sweep(&mut self, now: u64) {
+        let due = self.schedule.due(now);
+        if due.is_empty() {
+            return;
+        }
+        let mut streams = write_lock(&self.streams);
+        for channel in due {
+            let next = streams.get_mut(&channel).and_then(|s| s.trim(now));
+            self.schedule.set(&channel, next);
+            self.changed.insert(channel);
+        }
+    }
+
+    /// Stores the changed streams and the next generation in `history.redb`, then starts
+    /// the write-ahead file over. On failure everything stays in the write-ahead file.
+    fn checkpoint(&mut self) {
+        if self.changed.is_empty() && self.wal.len() == 0 {
+            return;
+        }
+        let next = self.wal.generation() + 1;
+        let saved = snapshot::save(
+            &self.db,
+            &read_lock(&self.streams),
+            &self.changed,
+            next,
+            self.options.quick_repair,
+        );
+        match saved {
+            Ok(()) => {
+                let mut streams = write_lock(&self.streams);
+                for channel in self.changed.drain() {
+                    if let Some(stream) = streams.get_mut(&channel) {
+                        stream.saved_top = stream.top;
+                    }
+                }
+                drop(streams);
+                self.wal.restart(next);
+                self.generation.store(next, Ordering::Release);
+                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                self.stats
+                    .failed_checkpoints
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%err, "history log: checkpoint failed; the write-ahead file keeps the changes");
+            }
+        }
+    }
+}
