@@ -1,8 +1,9 @@
 //! The embedded engine, Plexus's default: history durable on disk, everything else in process.
 //!
-//! - [`log`]: a per-channel, append-only publication log in one [redb](https://docs.rs/redb)
-//!   file with group commit: concurrent appends share one transaction and one `fsync`, and each
-//!   is acknowledged only once durable.
+//! - [`log`]: a per-channel, append-only publication log with group commit: concurrent appends
+//!   share one write-ahead record and one `fdatasync`, and each is acknowledged only once
+//!   durable. Reads are served from memory; a [redb](https://docs.rs/redb) file holds the
+//!   checkpoints.
 //! - [`EmbeddedEngine`]: the `plexus_core::Engine` on top of it. Publications in channels with
 //!   history go through the log and are delivered to subscribers from the log's commit callback,
 //!   so subscribers see them in offset order and only once they would survive a crash (`kill -9`

@@ -90,6 +90,9 @@ pub use wal::WAL_FILE_NAME;
 /// Name of the checkpoint file inside the log directory.
 pub const DB_FILE_NAME: &str = "history.redb";
 
+/// redb's page cache, used only by checkpoints and the load at start.
+const CHECKPOINT_CACHE_BYTES: usize = 16 << 20;
+
 /// At most this many channels are expired by one sweep.
 const MAX_SWEEP_CHANNELS: usize = 4096;
 
@@ -302,6 +305,9 @@ impl DurableLog {
     ) -> Result<DurableLog, LogError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = Database::builder()
+            // Reads are served from memory, so redb's cache only helps checkpoints find the
+            // pages they change; its default (1 GiB) would hold the history a second time.
+            .set_cache_size(CHECKPOINT_CACHE_BYTES)
             .create(dir.join(DB_FILE_NAME))
             .map_err(storage)?;
         snapshot::prepare(&db, options.quick_repair)?;
