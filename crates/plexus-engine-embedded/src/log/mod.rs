@@ -72,7 +72,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::{JoinHandle, ThreadId};
@@ -89,6 +89,11 @@ pub use wal::WAL_FILE_NAME;
 
 /// Name of the checkpoint file inside the log directory.
 pub const DB_FILE_NAME: &str = "history.redb";
+
+/// The writer lets requests gather (see [`LogOptions::commit_window`]) only after a batch
+/// of at least this many: below it, a commit per arrival costs little, and a steady trickle
+/// of appends would otherwise wait for company on every commit.
+const GATHER_AFTER: usize = 8;
 
 /// redb's page cache, used only by checkpoints and the load at start.
 const CHECKPOINT_CACHE_BYTES: usize = 16 << 20;
@@ -544,14 +549,21 @@ impl Shared {
     /// Queues `cmd` for the writer, and wakes the writer if it is gathering a batch and
     /// this request completes it.
     fn send(&self, cmd: Cmd) -> Result<(), LogError> {
+        let gathering = &self.gathering;
         // Counted before it can be taken, so the writer's count never goes below zero.
-        let queued = self.gathering.queued.fetch_add(1, Ordering::AcqRel) + 1;
+        gathering.queued.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(cmd).is_err() {
-            self.gathering.queued.fetch_sub(1, Ordering::AcqRel);
+            gathering.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(LogError::Closed);
         }
-        if queued >= self.gathering.wanted.load(Ordering::Acquire)
-            && self.gathering.wanted.swap(usize::MAX, Ordering::AcqRel) != usize::MAX
+        // Sent, then look at `wanted`; the writer sets `wanted`, then looks at the queue.
+        // With both orders enforced, either this sees the writer gathering or the writer
+        // finds this request.
+        fence(Ordering::SeqCst);
+        let wanted = gathering.wanted.load(Ordering::SeqCst);
+        if wanted != usize::MAX
+            && gathering.queued.load(Ordering::SeqCst) >= wanted
+            && gathering.wanted.swap(usize::MAX, Ordering::SeqCst) != usize::MAX
         {
             self.writer_thread.unpark();
         }
@@ -809,7 +821,7 @@ impl Writer {
                 None => {}
             }
             if first_taken {
-                self.gathering.queued.fetch_sub(1, Ordering::AcqRel);
+                self.gathering.queued.fetch_sub(1, Ordering::SeqCst);
             }
             if !batch.is_empty() {
                 self.drain(&mut batch, &mut stopping);
@@ -838,31 +850,29 @@ impl Writer {
     /// queued again (the appender that completes the batch wakes it), for at most
     /// [`LogOptions::commit_window`]. So when every appender waits for the writer the
     /// batch is complete at once, under a steady load batches grow until a window fills
-    /// them, and an append on its own (the last batch had one) never waits.
+    /// them, and after small batches (fewer than [`GATHER_AFTER`]) nothing waits.
     fn gather(&self, batch: &mut Vec<Cmd>, stopping: &mut bool, last_batch: usize) {
-        if last_batch < 2 || self.options.commit_window.is_zero() {
+        if last_batch < GATHER_AFTER || self.options.commit_window.is_zero() {
             return;
         }
         let wanted = last_batch.min(self.options.max_batch);
         let deadline = Instant::now() + self.options.commit_window;
-        loop {
-            if batch.len() >= wanted || *stopping {
-                break;
-            }
+        while batch.len() < wanted && !*stopping {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
             self.gathering
                 .wanted
-                .store(wanted - batch.len(), Ordering::Release);
-            // Requests queued before `wanted` was set did not wake anyone: take them.
+                .store(wanted - batch.len(), Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            // Requests sent before `wanted` was set did not wake anyone: take them.
             let before = batch.len();
             self.drain(batch, stopping);
             if batch.len() == before {
                 std::thread::park_timeout(deadline - now);
             }
-            self.gathering.wanted.store(usize::MAX, Ordering::Release);
+            self.gathering.wanted.store(usize::MAX, Ordering::SeqCst);
             self.drain(batch, stopping);
         }
     }
@@ -878,7 +888,7 @@ impl Writer {
             }
             taken += 1;
         }
-        self.gathering.queued.fetch_sub(taken, Ordering::AcqRel);
+        self.gathering.queued.fetch_sub(taken, Ordering::SeqCst);
     }
 
     /// Commits one batch: plans it against the streams, writes its record, applies it,
