@@ -210,6 +210,30 @@ async fn checkpoints_during_appends_lose_nothing() {
     log.close();
 }
 
+/// Intervals too long to add to a clock reading mean "never", not a panic of the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_intervals_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        sweep_interval: Duration::MAX,
+        checkpoint_interval: Duration::MAX,
+        commit_window: Duration::MAX,
+        ..LogOptions::default()
+    };
+    let log = DurableLog::open_with_options(dir.path(), ignore(), options).unwrap();
+    for i in 1..=3u64 {
+        let position = log
+            .append("long", Bytes::from(format!("{i}")), keep(10))
+            .await
+            .unwrap();
+        assert_eq!(position.offset, i);
+    }
+    log.close();
+    let log = DurableLog::open(dir.path(), ignore()).unwrap();
+    assert_eq!(log.top("long").unwrap().offset, 3);
+    log.close();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_since_limit_and_reverse() {
     let dir = tempfile::tempdir().unwrap();

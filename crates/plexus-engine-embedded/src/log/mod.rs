@@ -31,8 +31,11 @@
 //! once it is durable, `on_commit` and readers see entries strictly in offset order and only
 //! once they would survive a crash, and N concurrent appends cost about one `fdatasync`.
 //!
-//! If the record cannot be written, every request of the batch gets the error and nothing
-//! of it is applied, so no offset of a failed batch was ever seen; the writer carries on.
+//! If the record cannot be written, every request of the batch gets the error, nothing of it
+//! is applied, and its place in the file is cleared (zeroed and synced) so that no restart
+//! replays it; the writer carries on. If even that fails, or a checkpoint fails, the log
+//! stops taking writes ([`LogError::Failed`]): what is on disk is then uncertain, and
+//! acknowledging more could promise what a restart does not recover.
 //!
 //! # Checkpoints
 //!
@@ -61,8 +64,8 @@
 //! it (fresh epoch, offset 0) and persist it durably before returning, so the epoch a
 //! subscriber was shown stays valid. These calls go through the writer too (and so are
 //! group-committed with other work); they block the calling thread until that commit, which
-//! takes about one `fdatasync`. Calls on existing streams only read memory and never block
-//! on the writer.
+//! takes about one `fdatasync`. Calls on existing streams only read memory: they wait at
+//! most for the writer to apply a batch, never for a disk write.
 
 mod snapshot;
 mod streams;
@@ -74,7 +77,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -140,7 +143,8 @@ pub struct LogStats {
     pub max_batch: u64,
     /// Checkpoints written to `history.redb`.
     pub checkpoints: u64,
-    /// Checkpoints that failed (the write-ahead file keeps everything; retried later).
+    /// Checkpoints that failed; after one the log stops taking writes
+    /// ([`LogError::Failed`]).
     pub failed_checkpoints: u64,
 }
 
@@ -149,7 +153,7 @@ pub struct LogStats {
 pub struct LogOptions {
     /// Most requests committed in one write-ahead record (default 1024).
     pub max_batch: usize,
-    /// Under load (the previous batch had several requests), the writer waits up to this
+    /// Under load (the previous batch had 8 requests or more), the writer waits up to this
     /// long for a batch as large as the previous one (default 2 ms), so one `fdatasync`
     /// covers more appends. Zero commits as soon as anything is queued.
     pub commit_window: Duration,
@@ -207,6 +211,12 @@ pub enum LogError {
     /// The log was closed (or its writer stopped) before the request was committed.
     #[error("history log is closed")]
     Closed,
+    /// A storage failure left what is on disk uncertain (a checkpoint that failed, or a
+    /// write-ahead record that failed and could not be cleared), so the log stopped taking
+    /// writes rather than acknowledge what a restart might not recover. Reads go on;
+    /// restarting the server recovers from what is on disk.
+    #[error("history log stopped taking writes after a storage failure: {0}")]
+    Failed(#[source] Arc<LogError>),
 }
 
 fn storage<E: Into<redb::Error>>(err: E) -> LogError {
@@ -227,6 +237,8 @@ pub struct DurableLog {
 
 struct Shared {
     db: Arc<Database>,
+    /// Set once a storage failure leaves the disk's state uncertain; then writes fail.
+    failure: Arc<OnceLock<LogError>>,
     gathering: Arc<Gathering>,
     writer_thread: std::thread::Thread,
     streams: Arc<RwLock<Streams>>,
@@ -278,6 +290,24 @@ enum Cmd {
         reply: SyncReply<()>,
     },
     Shutdown,
+}
+
+impl Cmd {
+    fn fail(self, err: &LogError) {
+        // A failed send means the caller stopped waiting; nothing to do.
+        match self {
+            Cmd::Append { reply, .. } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Cmd::Ensure { reply, .. } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Cmd::Remove { reply, .. } => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Cmd::Shutdown => {}
+        }
+    }
 }
 
 fn read_lock(streams: &RwLock<Streams>) -> RwLockReadGuard<'_, Streams> {
@@ -334,7 +364,12 @@ impl DurableLog {
             // The records of this generation are now in memory; store them in the
             // checkpoint so the write-ahead file can start over.
             generation += 1;
-            snapshot::save(&db, &streams, &changed, generation, options.quick_repair)?;
+            snapshot::save(
+                &db,
+                changed_streams(&streams, &changed),
+                generation,
+                options.quick_repair,
+            )?;
             for channel in &changed {
                 if let Some(stream) = streams.get_mut(channel) {
                     stream.saved_top = stream.top;
@@ -347,6 +382,7 @@ impl DurableLog {
             );
         }
         wal.restart(generation);
+        sync_dir(dir);
 
         let mut schedule = Schedule::default();
         for (channel, stream) in &mut streams {
@@ -361,7 +397,9 @@ impl DurableLog {
             queued: AtomicUsize::new(0),
             wanted: AtomicUsize::new(usize::MAX),
         });
+        let failure = Arc::new(OnceLock::new());
         let writer = Writer {
+            failure: failure.clone(),
             gathering: gathering.clone(),
             db: db.clone(),
             wal,
@@ -386,6 +424,7 @@ impl DurableLog {
         Ok(DurableLog {
             shared: Arc::new(Shared {
                 db,
+                failure,
                 gathering,
                 writer_thread,
                 streams,
@@ -450,11 +489,18 @@ impl DurableLog {
         limit: Option<usize>,
         reverse: bool,
     ) -> Result<(Vec<Entry>, StreamPosition), LogError> {
-        if let Some(stream) = read_lock(&self.shared.streams).get(channel) {
-            let entries = stream.read(since, limit.unwrap_or(usize::MAX), reverse, now_ms());
-            return Ok((entries, stream.position()));
+        let read = |streams: &Streams| {
+            streams.get(channel).map(|stream| {
+                let entries = stream.read(since, limit.unwrap_or(usize::MAX), reverse, now_ms());
+                (entries, stream.position())
+            })
+        };
+        if let Some(found) = read(&read_lock(&self.shared.streams)) {
+            return Ok(found);
         }
-        Ok((Vec::new(), self.ensure(channel)?))
+        let position = self.ensure(channel)?;
+        // A concurrent append may have created the stream first, with entries.
+        Ok(read(&read_lock(&self.shared.streams)).unwrap_or((Vec::new(), position)))
     }
 
     /// Current position of `channel`. An unknown channel is created (see the module docs).
@@ -476,9 +522,10 @@ impl DurableLog {
                 reply,
             },
             |shared| {
-                shared.store_now(channel, |stream| {
+                if let Some(mut stream) = shared.stream(channel) {
                     stream.entries.clear();
-                })?;
+                    shared.store_now(channel, stream)?;
+                }
                 Ok(())
             },
         )
@@ -513,7 +560,10 @@ impl DurableLog {
                 channel: owned,
                 reply,
             },
-            |shared| shared.store_now(channel, |_| {}),
+            |shared| match shared.stream(channel) {
+                Some(stream) => Ok(stream.position()),
+                None => shared.store_now(channel, Stream::new(new_epoch())),
+            },
         )
     }
 
@@ -570,39 +620,38 @@ impl Shared {
         Ok(())
     }
 
-    /// On the writer thread, between batches (from `on_commit`): creates the stream of
-    /// `channel` if needed, changes it with `change`, and stores it in the checkpoint
-    /// right away, outside the write-ahead file. Only the writer thread changes the
-    /// streams, so this cannot race with a batch.
-    fn store_now(
-        &self,
-        channel: &str,
-        change: impl FnOnce(&mut Stream),
-    ) -> Result<StreamPosition, LogError> {
-        let mut streams = write_lock(&self.streams);
-        let before = streams.get(channel).cloned();
-        let stream = streams
-            .entry(channel.to_owned())
-            .or_insert_with(|| Stream::new(new_epoch()));
-        change(stream);
-        let position = stream.position();
-        let changed = HashSet::from([channel.to_owned()]);
-        let generation = self.generation.load(Ordering::Acquire);
-        match snapshot::save(&self.db, &streams, &changed, generation, self.quick_repair) {
-            Ok(()) => {
-                if let Some(stream) = streams.get_mut(channel) {
-                    stream.saved_top = stream.top;
-                }
-                Ok(position)
-            }
-            Err(err) => {
-                match before {
-                    Some(stream) => streams.insert(channel.to_owned(), stream),
-                    None => streams.remove(channel),
-                };
-                Err(err)
-            }
+    /// A copy of the stream of `channel`, if it exists.
+    fn stream(&self, channel: &str) -> Option<Stream> {
+        read_lock(&self.streams).get(channel).cloned()
+    }
+
+    /// On the writer thread, between batches (from `on_commit`): stores `stream` as the
+    /// stream of `channel` in the checkpoint right away, outside the write-ahead file, and
+    /// then in memory. Only the writer thread changes the streams, so nothing changed them
+    /// since the caller copied the stream; readers see the old state until the store is
+    /// durable.
+    fn store_now(&self, channel: &str, stream: Stream) -> Result<StreamPosition, LogError> {
+        if let Some(failure) = self.failure.get() {
+            return Err(LogError::Failed(Arc::new(failure.clone())));
         }
+        let generation = self.generation.load(Ordering::Acquire);
+        let saved = snapshot::save(
+            &self.db,
+            [(channel, &stream)],
+            generation,
+            self.quick_repair,
+        );
+        if let Err(err) = saved {
+            // The commit may or may not be on disk: stop taking writes.
+            let _ = self.failure.set(err.clone());
+            tracing::error!(%err, "history log: storing a stream failed; no more writes until restart");
+            return Err(err);
+        }
+        let mut stream = stream;
+        stream.saved_top = stream.top;
+        let position = stream.position();
+        write_lock(&self.streams).insert(channel.to_owned(), stream);
+        Ok(position)
     }
 
     fn shutdown(&self) {
@@ -650,6 +699,33 @@ fn new_epoch() -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The streams named in `changed` that exist.
+fn changed_streams<'s>(
+    streams: &'s Streams,
+    changed: &'s HashSet<String>,
+) -> impl Iterator<Item = (&'s str, &'s Stream)> {
+    changed
+        .iter()
+        .filter_map(|channel| streams.get_key_value(channel.as_str()))
+        .map(|(channel, stream)| (channel.as_str(), stream))
+}
+
+/// Makes the directory's entries (the files just created) durable. Best effort: some
+/// filesystems do not sync directories, and then there is nothing more to do.
+fn sync_dir(dir: &Path) {
+    if let Err(err) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(%err, "history log: cannot sync the data directory");
+    }
+}
+
+/// `now + d`, or a time far enough away when that does not fit in an `Instant`.
+fn later(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -694,6 +770,7 @@ impl Schedule {
 
 struct Writer {
     db: Arc<Database>,
+    failure: Arc<OnceLock<LogError>>,
     gathering: Arc<Gathering>,
     wal: Wal,
     streams: Arc<RwLock<Streams>>,
@@ -793,8 +870,8 @@ fn plan<'p>(
 
 impl Writer {
     fn run(mut self) {
-        let mut next_sweep = Instant::now() + self.options.sweep_interval;
-        let mut next_checkpoint = Instant::now() + self.options.checkpoint_interval;
+        let mut next_sweep = later(self.options.sweep_interval);
+        let mut next_checkpoint = later(self.options.checkpoint_interval);
         let mut stopping = false;
         let mut last_batch = 0usize;
         loop {
@@ -834,11 +911,11 @@ impl Writer {
             let now = Instant::now();
             if now >= next_sweep {
                 self.sweep(now_ms());
-                next_sweep = now + self.options.sweep_interval;
+                next_sweep = later(self.options.sweep_interval);
             }
             if now >= next_checkpoint || self.wal.len() >= self.options.checkpoint_bytes {
                 self.checkpoint();
-                next_checkpoint = now + self.options.checkpoint_interval;
+                next_checkpoint = later(self.options.checkpoint_interval);
             }
         }
         self.checkpoint();
@@ -856,7 +933,7 @@ impl Writer {
             return;
         }
         let wanted = last_batch.min(self.options.max_batch);
-        let deadline = Instant::now() + self.options.commit_window;
+        let deadline = later(self.options.commit_window);
         while batch.len() < wanted && !*stopping {
             let now = Instant::now();
             if now >= deadline {
@@ -894,6 +971,13 @@ impl Writer {
     /// Commits one batch: plans it against the streams, writes its record, applies it,
     /// then hands its entries to `on_commit` and acknowledges every request.
     fn process(&mut self, batch: Vec<Cmd>) {
+        if let Some(failure) = self.failure.get() {
+            let err = LogError::Failed(Arc::new(failure.clone()));
+            for cmd in batch {
+                cmd.fail(&err);
+            }
+            return;
+        }
         let size = batch.len() as u64;
         let now = now_ms();
         let mut ops = Vec::with_capacity(batch.len());
@@ -974,6 +1058,12 @@ impl Writer {
                 let err = io(err);
                 self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%err, requests = pending.len(), "history log: commit failed");
+                // The record may be on disk anyway: clear its place so that no restart
+                // replays what its requesters were told failed.
+                if let Err(clear) = self.wal.clear_tail() {
+                    tracing::error!(err = %clear, "history log: cannot clear a failed record; no more writes until restart");
+                    let _ = self.failure.set(io(clear));
+                }
                 for request in pending {
                     request.fail(&err);
                 }
@@ -1040,14 +1130,13 @@ impl Writer {
     /// Stores the changed streams and the next generation in `history.redb`, then starts
     /// the write-ahead file over. On failure everything stays in the write-ahead file.
     fn checkpoint(&mut self) {
-        if self.changed.is_empty() && self.wal.len() == 0 {
+        if self.failure.get().is_some() || (self.changed.is_empty() && self.wal.len() == 0) {
             return;
         }
         let next = self.wal.generation() + 1;
         let saved = snapshot::save(
             &self.db,
-            &read_lock(&self.streams),
-            &self.changed,
+            changed_streams(&read_lock(&self.streams), &self.changed),
             next,
             self.options.quick_repair,
         );
@@ -1065,10 +1154,13 @@ impl Writer {
                 self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
             Err(err) => {
+                // The commit may or may not be on disk, so it is unknown which generation a
+                // restart replays: acknowledging more records could promise what it drops.
                 self.stats
                     .failed_checkpoints
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%err, "history log: checkpoint failed; the write-ahead file keeps the changes");
+                tracing::error!(%err, "history log: checkpoint failed; no more writes until restart");
+                let _ = self.failure.set(err);
             }
         }
     }

@@ -10,9 +10,11 @@
 //!
 //! A checkpoint writes, for each stream changed since the last one, its metadata, deletes
 //! the entries it no longer retains and inserts the entries it gained, then the next
-//! generation, all in one durable redb transaction. So the file is always the state of
-//! exactly one generation boundary, and the records of that generation are what follows
-//! it. Stream metadata is kept forever (a few dozen bytes per channel), which is what keeps
+//! generation, all in one durable redb transaction. So the file holds everything up to the
+//! start of the generation it names, and that generation's records are what follows it. A
+//! stream may also be stored between checkpoints (`store_now`, when `on_commit` calls back
+//! into the log): then the file holds some of the generation's records already, and
+//! replaying them is harmless because replay skips what a stream already has. Stream metadata is kept forever (a few dozen bytes per channel), which is what keeps
 //! offsets from being reused and epochs stable for as long as the data directory lives.
 
 use std::collections::{HashMap, HashSet};
@@ -101,12 +103,11 @@ pub(super) fn load(db: &Database, now: u64) -> Result<Loaded, LogError> {
     })
 }
 
-/// Durably stores the `changed` streams as they are in `streams`, and `generation` as the
-/// one that follows. Channels in `changed` but not in `streams` are skipped.
-pub(super) fn save(
+/// Durably stores `streams` (channel and stream) and `generation` as the write-ahead
+/// generation that follows, in one transaction.
+pub(super) fn save<'s>(
     db: &Database,
-    streams: &Streams,
-    changed: &HashSet<String>,
+    streams: impl IntoIterator<Item = (&'s str, &'s Stream)>,
     generation: u64,
     quick_repair: bool,
 ) -> Result<(), LogError> {
@@ -114,10 +115,8 @@ pub(super) fn save(
     {
         let mut metas = txn.open_table(META).map_err(storage)?;
         let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
-        for channel in changed {
-            if let Some(stream) = streams.get(channel) {
-                save_stream(&mut metas, &mut entries, channel, stream)?;
-            }
+        for (channel, stream) in streams {
+            save_stream(&mut metas, &mut entries, channel, stream)?;
         }
         txn.open_table(STATE)
             .map_err(storage)?

@@ -279,14 +279,22 @@ impl Wal {
         self.buf[8..16].copy_from_slice(&self.generation.to_le_bytes());
         self.buf[16..24].copy_from_slice(&self.sequence.to_le_bytes());
         let end = self.tail + self.buf.len() as u64;
-        // Keep zeros after the record, so a scan stops right after the last one even if
-        // the file had never been this long.
+        // Zeros follow the record where the file was never this long, so a scan stops
+        // right after it; in a reused file an older generation's record follows, and the
+        // generation check stops the scan there.
         self.extend_to(end + HEADER as u64)?;
         self.file.write_all_at(&self.buf, self.tail)?;
         self.file.sync_data()?;
         self.tail = end;
         self.sequence += 1;
         Ok(())
+    }
+
+    /// Zeroes the header at the tail and makes that durable, so that a record whose write
+    /// failed (and may have reached the disk anyway) is never replayed.
+    pub(super) fn clear_tail(&mut self) -> io::Result<()> {
+        self.file.write_all_at(&[0u8; HEADER], self.tail)?;
+        self.file.sync_data()
     }
 
     fn extend_to(&mut self, needed: u64) -> io::Result<()> {
@@ -383,6 +391,32 @@ mod tests {
         std::fs::write(&path, &raw).unwrap();
         let (_, records) = Wal::open(&path, 5).unwrap();
         assert_eq!(records, vec![vec![append("b", 1, b"payload")]]);
+    }
+
+    #[test]
+    fn a_cleared_tail_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WAL_FILE_NAME);
+        let (mut wal, _) = Wal::open(&path, 0).unwrap();
+        wal.append(&[append("a", 1, b"kept")]).unwrap();
+        let (tail, sequence) = (wal.tail, wal.sequence);
+        // A record that reached the disk although its append reported an error: the
+        // writer's position stays where it was, and the writer clears it.
+        wal.append(&[append("a", 2, b"failed")]).unwrap();
+        wal.tail = tail;
+        wal.sequence = sequence;
+        wal.clear_tail().unwrap();
+        drop(wal);
+        let (mut wal, records) = Wal::open(&path, 0).unwrap();
+        assert_eq!(records, vec![vec![append("a", 1, b"kept")]]);
+        // And the next record takes its place.
+        wal.restart(0);
+        wal.append(&[append("a", 1, b"kept")]).unwrap();
+        wal.append(&[append("a", 2, b"next")]).unwrap();
+        drop(wal);
+        let (_, records) = Wal::open(&path, 0).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1], vec![append("a", 2, b"next")]);
     }
 
     #[test]
