@@ -111,7 +111,15 @@ impl Publication {
 
     /// The storage form engines keep in history (channel and offset are kept by the engine).
     pub fn to_stored(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.data.len() + 64);
+        // Exactly the size needed: history keeps this buffer, capacity included.
+        let info = self.info.as_ref().map_or(0, |info| {
+            4 * 4
+                + info.user.len()
+                + info.client.len()
+                + info.conn_info.as_ref().map_or(0, |b| b.len())
+                + info.chan_info.as_ref().map_or(0, |b| b.len())
+        });
+        let mut out = BytesMut::with_capacity(3 + info + self.data.len());
         out.put_u8(STORED_VERSION);
         out.put_u8(match self.kind {
             MessageKind::Text => 0,
