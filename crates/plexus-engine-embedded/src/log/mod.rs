@@ -1134,6 +1134,7 @@ impl Writer {
             return;
         }
         let next = self.wal.generation() + 1;
+        let started = Instant::now();
         let saved = snapshot::save(
             &self.db,
             changed_streams(&read_lock(&self.streams), &self.changed),
@@ -1142,6 +1143,12 @@ impl Writer {
         );
         match saved {
             Ok(()) => {
+                tracing::debug!(
+                    streams = self.changed.len(),
+                    records_bytes = self.wal.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "history log: checkpoint"
+                );
                 let mut streams = write_lock(&self.streams);
                 for channel in self.changed.drain() {
                     if let Some(stream) = streams.get_mut(&channel) {
