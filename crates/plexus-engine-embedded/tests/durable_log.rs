@@ -210,6 +210,49 @@ async fn checkpoints_during_appends_lose_nothing() {
     log.close();
 }
 
+/// A checkpoint over many changed streams is stored in slices with appends in between;
+/// appends that change streams already stored in the round are stored again, and nothing
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliced_checkpoints_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough for hundreds of streams to change between checkpoints.
+    let options = LogOptions {
+        checkpoint_interval: Duration::from_millis(100),
+        ..LogOptions::default()
+    };
+    let log = DurableLog::open_with_options(dir.path(), ignore(), options).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..4u32 {
+        let log = log.clone();
+        tasks.spawn(async move {
+            for i in 0..1000u32 {
+                let channel = format!("m{}", (task * 1000 + i) % 1000);
+                log.append(&channel, Bytes::from(format!("{task}-{i}")), keep(100))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+    let stats = log.stats();
+    assert!(
+        stats.checkpoint_slices > stats.checkpoints,
+        "expected checkpoints in several slices: {stats:?}"
+    );
+    log.close();
+    std::fs::remove_file(dir.path().join(plexus_engine_embedded::log::WAL_FILE_NAME)).unwrap();
+    let log = DurableLog::open(dir.path(), ignore()).unwrap();
+    for channel in 0..1000u32 {
+        let (entries, top) = log.read(&format!("m{channel}"), None, None, false).unwrap();
+        assert_eq!(top.offset, 4, "m{channel}");
+        assert_eq!(offsets(&entries), [1, 2, 3, 4], "m{channel}");
+    }
+    log.close();
+}
+
 /// Intervals too long to add to a clock reading mean "never", not a panic of the writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_intervals_are_accepted() {
@@ -537,14 +580,16 @@ const CHILD_CHECKPOINTS_ENV: &str = "PLEXUS_LOG_CHILD_CHECKPOINTS";
 /// Child side: remove the history of one channel, then append forever (well, at most a
 /// minute) and print every acknowledgement.
 fn run_child(dir: &Path) {
-    let options = if std::env::var_os(CHILD_CHECKPOINTS_ENV).is_some() {
-        LogOptions {
+    // With checkpoints: many channels, so that a checkpoint takes several slices.
+    let (options, channels) = if std::env::var_os(CHILD_CHECKPOINTS_ENV).is_some() {
+        let options = LogOptions {
             checkpoint_interval: Duration::from_millis(3),
             checkpoint_bytes: 4096,
             ..LogOptions::default()
-        }
+        };
+        (options, 400)
     } else {
-        LogOptions::default()
+        (LogOptions::default(), 3)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -568,7 +613,7 @@ fn run_child(dir: &Path) {
             tasks.spawn(async move {
                 let mut i = 0u64;
                 while Instant::now() < deadline {
-                    let channel = format!("ch{}", task % 3);
+                    let channel = format!("ch{}", (task + 8 * i) % channels);
                     let data = format!("t{task}-{i}-{}", "p".repeat(i as usize % 50));
                     let position = log
                         .append(&channel, Bytes::from(data.clone()), keep(1_000_000))

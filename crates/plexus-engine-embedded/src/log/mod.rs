@@ -98,6 +98,13 @@ pub const DB_FILE_NAME: &str = "history.redb";
 /// of appends would otherwise wait for company on every commit.
 const GATHER_AFTER: usize = 8;
 
+/// About how much one checkpoint slice stores: a stream counts [`STREAM_WORK`], each of its
+/// new entries 1 (~1 µs each in redb here), so a slice takes about a millisecond.
+const SLICE_WORK: usize = 1000;
+const STREAM_WORK: usize = 5;
+/// A checkpoint stores whatever is left in one go after this many slices.
+const MAX_SLICES: u32 = 200;
+
 /// redb's page cache, used only by checkpoints and the load at start.
 const CHECKPOINT_CACHE_BYTES: usize = 16 << 20;
 
@@ -143,6 +150,8 @@ pub struct LogStats {
     pub max_batch: u64,
     /// Checkpoints written to `history.redb`.
     pub checkpoints: u64,
+    /// Slices those checkpoints took (see [`LogOptions::checkpoint_interval`]).
+    pub checkpoint_slices: u64,
     /// Checkpoints that failed; after one the log stops taking writes
     /// ([`LogError::Failed`]).
     pub failed_checkpoints: u64,
@@ -162,7 +171,8 @@ pub struct LogOptions {
     /// reads, whatever this interval.
     pub sweep_interval: Duration,
     /// How often a checkpoint is taken when something changed (default 5 s): this bounds
-    /// how much a restart replays.
+    /// how much a restart replays. A checkpoint stores the changed streams in slices of
+    /// about a millisecond of work, with batches of appends in between.
     pub checkpoint_interval: Duration,
     /// A checkpoint is also taken as soon as the write-ahead file holds this many bytes
     /// (default 64 MiB), which bounds its size.
@@ -242,8 +252,6 @@ struct Shared {
     gathering: Arc<Gathering>,
     writer_thread: std::thread::Thread,
     streams: Arc<RwLock<Streams>>,
-    /// The write-ahead generation in use, for checkpoints taken outside the writer.
-    generation: Arc<AtomicU64>,
     tx: Sender<Cmd>,
     closed: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -268,6 +276,7 @@ struct Stats {
     appends: AtomicU64,
     max_batch: AtomicU64,
     checkpoints: AtomicU64,
+    checkpoint_slices: AtomicU64,
     failed_checkpoints: AtomicU64,
 }
 
@@ -367,7 +376,7 @@ impl DurableLog {
             snapshot::save(
                 &db,
                 changed_streams(&streams, &changed),
-                generation,
+                snapshot::Commit::Generation(generation),
                 options.quick_repair,
             )?;
             for channel in &changed {
@@ -390,7 +399,6 @@ impl DurableLog {
         }
         let db = Arc::new(db);
         let streams = Arc::new(RwLock::new(streams));
-        let generation = Arc::new(AtomicU64::new(generation));
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let gathering = Arc::new(Gathering {
@@ -404,8 +412,8 @@ impl DurableLog {
             db: db.clone(),
             wal,
             streams: streams.clone(),
-            generation: generation.clone(),
             changed: HashSet::new(),
+            round: None,
             rx,
             on_commit,
             stats: stats.clone(),
@@ -428,7 +436,6 @@ impl DurableLog {
                 gathering,
                 writer_thread,
                 streams,
-                generation,
                 tx,
                 closed: AtomicBool::new(false),
                 writer: Mutex::new(Some(handle)),
@@ -540,6 +547,7 @@ impl DurableLog {
             appends: s.appends.load(Ordering::Relaxed),
             max_batch: s.max_batch.load(Ordering::Relaxed),
             checkpoints: s.checkpoints.load(Ordering::Relaxed),
+            checkpoint_slices: s.checkpoint_slices.load(Ordering::Relaxed),
             failed_checkpoints: s.failed_checkpoints.load(Ordering::Relaxed),
         }
     }
@@ -634,11 +642,10 @@ impl Shared {
         if let Some(failure) = self.failure.get() {
             return Err(LogError::Failed(Arc::new(failure.clone())));
         }
-        let generation = self.generation.load(Ordering::Acquire);
         let saved = snapshot::save(
             &self.db,
             [(channel, &stream)],
-            generation,
+            snapshot::Commit::Durable,
             self.quick_repair,
         );
         if let Err(err) = saved {
@@ -774,14 +781,23 @@ struct Writer {
     gathering: Arc<Gathering>,
     wal: Wal,
     streams: Arc<RwLock<Streams>>,
-    generation: Arc<AtomicU64>,
-    /// Streams changed since the last checkpoint.
+    /// Streams changed since they were last stored in the checkpoint.
     changed: HashSet<String>,
+    /// The checkpoint in progress, if any.
+    round: Option<Round>,
     rx: Receiver<Cmd>,
     on_commit: OnCommit,
     stats: Arc<Stats>,
     options: LogOptions,
     schedule: Schedule,
+}
+
+/// A checkpoint in progress (see [`Writer::checkpoint_slice`]).
+struct Round {
+    started: Instant,
+    slices: u32,
+    /// The longest a slice held up the writer.
+    longest: Duration,
 }
 
 /// A request of the batch being committed, waiting for its answer.
@@ -878,9 +894,14 @@ impl Writer {
             let first = if stopping {
                 self.rx.try_recv().ok()
             } else {
-                let wait = next_sweep
-                    .min(next_checkpoint)
-                    .saturating_duration_since(Instant::now());
+                // During a checkpoint, only look for requests between its slices.
+                let wait = if self.round.is_some() {
+                    Duration::ZERO
+                } else {
+                    next_sweep
+                        .min(next_checkpoint)
+                        .saturating_duration_since(Instant::now())
+                };
                 match self.rx.recv_timeout(wait) {
                     Ok(cmd) => Some(cmd),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -913,12 +934,27 @@ impl Writer {
                 self.sweep(now_ms());
                 next_sweep = later(self.options.sweep_interval);
             }
-            if now >= next_checkpoint || self.wal.len() >= self.options.checkpoint_bytes {
-                self.checkpoint();
+            if self.round.is_none()
+                && (now >= next_checkpoint || self.wal.len() >= self.options.checkpoint_bytes)
+            {
+                self.round = Some(Round {
+                    started: now,
+                    slices: 0,
+                    longest: Duration::ZERO,
+                });
                 next_checkpoint = later(self.options.checkpoint_interval);
             }
+            if self.round.is_some() {
+                self.checkpoint_slice(false);
+            }
         }
-        self.checkpoint();
+        // On the way out: the whole checkpoint at once.
+        self.round.get_or_insert(Round {
+            started: Instant::now(),
+            slices: 0,
+            longest: Duration::ZERO,
+        });
+        self.checkpoint_slice(true);
     }
 
     /// Under load, lets requests gather before a commit. Each commit costs the same
@@ -1127,48 +1163,98 @@ impl Writer {
         }
     }
 
-    /// Stores the changed streams and the next generation in `history.redb`, then starts
-    /// the write-ahead file over. On failure everything stays in the write-ahead file.
-    fn checkpoint(&mut self) {
+    /// One slice of the checkpoint in progress: stores some of the changed streams in
+    /// `history.redb`, about [`SLICE_WORK`] worth (all of them if `whole`), in a commit
+    /// without `fsync`. The slice that takes the last changed streams also stores the next
+    /// generation, durably (which makes the earlier slices durable too), and the write-ahead
+    /// file starts over. Batches run between slices, so a checkpoint never holds up appends
+    /// for more than a slice; a stream they change again is stored again by a later slice.
+    /// After [`MAX_SLICES`] slices the rest goes in one, so a checkpoint always ends.
+    fn checkpoint_slice(&mut self, whole: bool) {
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
         if self.failure.get().is_some() || (self.changed.is_empty() && self.wal.len() == 0) {
+            // Failed, or nothing to store.
+            self.round = None;
             return;
         }
-        let next = self.wal.generation() + 1;
+        round.slices += 1;
+        let whole = whole || round.slices >= MAX_SLICES;
         let started = Instant::now();
+        let streams = read_lock(&self.streams);
+        let mut slice: Vec<&str> = Vec::new();
+        let mut work = 0;
+        for channel in &self.changed {
+            if !whole && work >= SLICE_WORK {
+                break;
+            }
+            if let Some(stream) = streams.get(channel) {
+                work += STREAM_WORK
+                    + stream
+                        .entries
+                        .iter()
+                        .rev()
+                        .take_while(|e| e.offset > stream.saved_top)
+                        .count();
+            }
+            slice.push(channel);
+        }
+        let last = slice.len() == self.changed.len();
+        let next = self.wal.generation() + 1;
+        let commit = if last {
+            snapshot::Commit::Generation(next)
+        } else {
+            snapshot::Commit::Slice
+        };
         let saved = snapshot::save(
             &self.db,
-            changed_streams(&read_lock(&self.streams), &self.changed),
-            next,
+            slice
+                .iter()
+                .filter_map(|channel| streams.get_key_value(*channel))
+                .map(|(channel, stream)| (channel.as_str(), stream)),
+            commit,
             self.options.quick_repair,
         );
-        match saved {
-            Ok(()) => {
+        let slice: Vec<String> = slice.into_iter().map(str::to_owned).collect();
+        drop(streams);
+        if let Err(err) = saved {
+            // The commit may or may not be on disk, so it is unknown which generation a
+            // restart replays: acknowledging more records could promise what it drops.
+            self.stats
+                .failed_checkpoints
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%err, "history log: checkpoint failed; no more writes until restart");
+            let _ = self.failure.set(err);
+            self.round = None;
+            return;
+        }
+        self.stats.checkpoint_slices.fetch_add(1, Ordering::Relaxed);
+        if let Some(round) = self.round.as_mut() {
+            round.longest = round.longest.max(started.elapsed());
+        }
+        {
+            // Nothing changed the streams since they were read: only this thread does.
+            let mut streams = write_lock(&self.streams);
+            for channel in &slice {
+                if let Some(stream) = streams.get_mut(channel) {
+                    stream.saved_top = stream.top;
+                }
+                self.changed.remove(channel);
+            }
+        }
+        if last {
+            if let Some(round) = self.round.take() {
                 tracing::debug!(
-                    streams = self.changed.len(),
+                    slices = round.slices,
+                    longest_slice_us = round.longest.as_micros() as u64,
                     records_bytes = self.wal.len(),
-                    elapsed_us = started.elapsed().as_micros() as u64,
+                    elapsed_us = round.started.elapsed().as_micros() as u64,
                     "history log: checkpoint"
                 );
-                let mut streams = write_lock(&self.streams);
-                for channel in self.changed.drain() {
-                    if let Some(stream) = streams.get_mut(&channel) {
-                        stream.saved_top = stream.top;
-                    }
-                }
-                drop(streams);
-                self.wal.restart(next);
-                self.generation.store(next, Ordering::Release);
-                self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
-            Err(err) => {
-                // The commit may or may not be on disk, so it is unknown which generation a
-                // restart replays: acknowledging more records could promise what it drops.
-                self.stats
-                    .failed_checkpoints
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%err, "history log: checkpoint failed; no more writes until restart");
-                let _ = self.failure.set(err);
-            }
+            self.wal.restart(next);
+            self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

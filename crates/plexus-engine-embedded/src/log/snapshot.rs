@@ -19,7 +19,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use redb::{Database, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
+};
 
 use super::streams::{expiry_cutoff, Stored, Stream, Streams};
 use super::{storage, LogError};
@@ -103,25 +105,43 @@ pub(super) fn load(db: &Database, now: u64) -> Result<Loaded, LogError> {
     })
 }
 
-/// Durably stores `streams` (channel and stream) and `generation` as the write-ahead
-/// generation that follows, in one transaction.
+/// How a [`save`] commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Commit {
+    /// Durably, and with this as the write-ahead generation that follows: the end of a
+    /// checkpoint.
+    Generation(u64),
+    /// Durably, leaving the generation as it is (a stream stored between checkpoints).
+    Durable,
+    /// Without `fsync`, leaving the generation as it is: one slice of a checkpoint. It
+    /// becomes durable with the next durable commit, and a crash before that rolls it back,
+    /// which loses nothing: the write-ahead records still hold it.
+    Slice,
+}
+
+/// Stores `streams` (channel and stream) in one transaction, committed as `commit` says.
 pub(super) fn save<'s>(
     db: &Database,
     streams: impl IntoIterator<Item = (&'s str, &'s Stream)>,
-    generation: u64,
+    commit: Commit,
     quick_repair: bool,
 ) -> Result<(), LogError> {
-    let txn = begin(db, quick_repair)?;
+    let mut txn = begin(db, quick_repair)?;
+    if commit == Commit::Slice {
+        txn.set_durability(Durability::None).map_err(storage)?;
+    }
     {
         let mut metas = txn.open_table(META).map_err(storage)?;
         let mut entries = txn.open_table(ENTRIES).map_err(storage)?;
         for (channel, stream) in streams {
             save_stream(&mut metas, &mut entries, channel, stream)?;
         }
-        txn.open_table(STATE)
-            .map_err(storage)?
-            .insert(GENERATION, generation)
-            .map_err(storage)?;
+        if let Commit::Generation(generation) = commit {
+            txn.open_table(STATE)
+                .map_err(storage)?
+                .insert(GENERATION, generation)
+                .map_err(storage)?;
+        }
     }
     txn.commit().map_err(storage)
 }
