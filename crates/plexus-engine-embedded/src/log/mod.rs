@@ -41,9 +41,11 @@
 //!
 //! Every [`LogOptions::checkpoint_interval`] when something changed, whenever the
 //! write-ahead file passes [`LogOptions::checkpoint_bytes`], and on close, the writer
-//! stores the streams that changed into `history.redb` in one durable redb transaction,
-//! together with the next write-ahead generation, and then writes the write-ahead file
-//! from its start again. A checkpoint writes each changed stream's metadata, the entries it
+//! stores the streams that changed into `history.redb`, together with the next write-ahead
+//! generation, and then writes the write-ahead file from its start again. It does so in
+//! slices of about a millisecond, with batches in between: each slice is a redb commit
+//! without `fsync`, and the last one, which stores the generation, is durable and makes the
+//! others durable with it. A checkpoint writes each changed stream's metadata, the entries it
 //! gained that are still retained and the deletion of those it lost: an entry published
 //! and trimmed between two checkpoints never reaches redb at all.
 //!

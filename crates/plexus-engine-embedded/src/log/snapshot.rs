@@ -10,12 +10,17 @@
 //!
 //! A checkpoint writes, for each stream changed since the last one, its metadata, deletes
 //! the entries it no longer retains and inserts the entries it gained, then the next
-//! generation, all in one durable redb transaction. So the file holds everything up to the
-//! start of the generation it names, and that generation's records are what follows it. A
-//! stream may also be stored between checkpoints (`store_now`, when `on_commit` calls back
-//! into the log): then the file holds some of the generation's records already, and
-//! replaying them is harmless because replay skips what a stream already has. Stream metadata is kept forever (a few dozen bytes per channel), which is what keeps
-//! offsets from being reused and epochs stable for as long as the data directory lives.
+//! generation. The writer splits that into slices ([`Commit::Slice`], no `fsync`) and ends
+//! with the one that stores the generation ([`Commit::Generation`], durable, which makes the
+//! slices durable with it). So the file holds everything up to the start of the generation
+//! it names, and that generation's records are what follows it. A crash before the last
+//! slice rolls the file back to the previous checkpoint, whose records are all still in the
+//! write-ahead file. The file may also hold part of the current generation: a stream stored
+//! between checkpoints (`store_now`, when `on_commit` calls back into the log), or slices
+//! made durable by such a store. Replaying those records is harmless, because replay skips
+//! what a stream already has. Stream metadata is kept forever (a few dozen bytes per
+//! channel), which is what keeps offsets from being reused and epochs stable for as long as
+//! the data directory lives.
 
 use std::collections::{HashMap, HashSet};
 
