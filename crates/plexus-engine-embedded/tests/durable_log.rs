@@ -583,8 +583,9 @@ fn run_child(dir: &Path) {
     // With checkpoints: many channels, so that a checkpoint takes several slices.
     let (options, channels) = if std::env::var_os(CHILD_CHECKPOINTS_ENV).is_some() {
         let options = LogOptions {
-            checkpoint_interval: Duration::from_millis(3),
-            checkpoint_bytes: 4096,
+            // Long enough for several hundred streams to change between checkpoints, so
+            // that each takes several slices.
+            checkpoint_interval: Duration::from_millis(20),
             ..LogOptions::default()
         };
         (options, 400)
@@ -623,6 +624,10 @@ fn run_child(dir: &Path) {
                         "ACK {channel} {} {} {data}",
                         position.offset, position.epoch
                     );
+                    if task == 0 && i.is_multiple_of(200) {
+                        let stats = log.stats();
+                        println!("STATS {} {}", stats.checkpoints, stats.checkpoint_slices);
+                    }
                     i += 1;
                 }
             });
@@ -645,14 +650,14 @@ fn sigkill_during_checkpoints_loses_no_acknowledged_entry() {
     sigkill_child(
         "sigkill_during_checkpoints_loses_no_acknowledged_entry",
         true,
-        3000,
+        20_000,
     );
 }
 
 /// Runs the child (this test binary, as test `name`), kills it with SIGKILL after
 /// `kill_after` acknowledgements, then checks every acknowledged entry in the reopened log.
 #[cfg(unix)]
-fn sigkill_child(name: &str, checkpoints: bool, kill_after: usize) {
+fn sigkill_child(name: &str, with_checkpoints: bool, kill_after: usize) {
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Command, Stdio};
 
@@ -667,13 +672,15 @@ fn sigkill_child(name: &str, checkpoints: bool, kill_after: usize) {
         .env(CHILD_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    if checkpoints {
+    if with_checkpoints {
         command.env(CHILD_CHECKPOINTS_ENV, "1");
     }
     let mut child = command.spawn().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut acks = Vec::new();
     let mut removed_top = None;
+    // The child's last (checkpoints, slices).
+    let mut checkpoints = (0, 0);
     let mut killed = false;
     let mut line = Vec::new();
     loop {
@@ -695,6 +702,12 @@ fn sigkill_child(name: &str, checkpoints: bool, kill_after: usize) {
                 fields[4].to_owned(),
             ));
         }
+        if fields.len() == 3 && fields[0] == "STATS" {
+            checkpoints = (
+                fields[1].parse::<u64>().unwrap(),
+                fields[2].parse::<u64>().unwrap(),
+            );
+        }
         if fields.len() == 3 && fields[0] == "REMOVED" {
             removed_top = Some(fields[2].parse::<u64>().unwrap());
         }
@@ -711,7 +724,16 @@ fn sigkill_child(name: &str, checkpoints: bool, kill_after: usize) {
     );
     assert_eq!(status.signal(), Some(9));
     assert!(acks.len() >= kill_after);
-    eprintln!("child acknowledged {} appends before SIGKILL", acks.len());
+    eprintln!(
+        "child acknowledged {} appends before SIGKILL; (checkpoints, slices) {checkpoints:?}",
+        acks.len()
+    );
+    if with_checkpoints {
+        assert!(
+            checkpoints.1 > checkpoints.0 && checkpoints.0 > 0,
+            "expected checkpoints in several slices before the kill: {checkpoints:?}"
+        );
+    }
 
     let log = DurableLog::open(dir.path(), ignore()).unwrap();
     // The removal was acknowledged before any append: it must hold after the crash.
