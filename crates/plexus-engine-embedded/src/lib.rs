@@ -89,6 +89,11 @@ impl Engine for EmbeddedEngine {
         NAME
     }
 
+    /// Not ready once a storage failure stopped the log from taking writes.
+    fn ready(&self) -> bool {
+        self.log.accepts_writes()
+    }
+
     fn publish(
         &self,
         publication: Publication,

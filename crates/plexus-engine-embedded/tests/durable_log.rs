@@ -253,6 +253,34 @@ async fn sliced_checkpoints_lose_nothing() {
     log.close();
 }
 
+/// A write-ahead file on a device that fails every write (`/dev/full`: ENOSPC): the first
+/// batch gets the I/O error; its place cannot be cleared either, so the log stops taking
+/// writes rather than risk a restart replaying what was reported failed.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fails_writes_stops_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        "/dev/full",
+        dir.path().join(plexus_engine_embedded::log::WAL_FILE_NAME),
+    )
+    .unwrap();
+    let log = DurableLog::open(dir.path(), ignore()).unwrap();
+    assert!(log.accepts_writes());
+    let first = log.append("a", Bytes::from_static(b"x"), keep(10)).await;
+    assert!(matches!(first, Err(LogError::Io(_))), "{first:?}");
+    assert!(!log.accepts_writes());
+    let second = log.append("a", Bytes::from_static(b"y"), keep(10)).await;
+    assert!(matches!(second, Err(LogError::Failed(_))), "{second:?}");
+    assert!(second
+        .unwrap_err()
+        .to_string()
+        .contains("stopped taking writes"));
+    let stats = log.stats();
+    assert_eq!((stats.failed_commits, stats.appends), (1, 0));
+    log.close();
+}
+
 /// Intervals too long to add to a clock reading mean "never", not a panic of the writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_intervals_are_accepted() {

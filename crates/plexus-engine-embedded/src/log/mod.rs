@@ -540,6 +540,12 @@ impl DurableLog {
         )
     }
 
+    /// Whether the log still takes writes: `false` once a storage failure stopped it (see
+    /// [`LogError::Failed`]); reads go on either way.
+    pub fn accepts_writes(&self) -> bool {
+        self.shared.failure.get().is_none()
+    }
+
     /// Counters of the writer.
     pub fn stats(&self) -> LogStats {
         let s = &self.shared.stats;

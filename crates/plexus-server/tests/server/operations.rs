@@ -230,3 +230,40 @@ async fn a_client_that_never_reads_is_dropped_after_write_timeout() {
     );
     drop(stalled);
 }
+
+/// A data directory whose write-ahead file fails every write (here `/dev/full`, ENOSPC):
+/// publishing into a channel with history gets an error, the server stays up, and `/ready`
+/// turns 503 so that a load balancer sends new clients elsewhere.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_failing_history_disk_makes_the_server_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/full", dir.path().join("history.wal")).unwrap();
+    let server = start(Config {
+        engine: plexus_server::config::EngineKind::Embedded,
+        data_dir: dir.path().to_path_buf(),
+        ..Config::for_tests()
+    })
+    .await;
+    let (status, body) = http_json(&server, "GET", "/ready", "", "").await;
+    assert_eq!(
+        (status, &body["engine"]),
+        (200, &serde_json::json!("embedded"))
+    );
+    for _ in 0..2 {
+        let reply = api_call(
+            &server,
+            "publish",
+            serde_json::json!({"channel": "chat:disk", "data": {"n": 1}}),
+        )
+        .await;
+        assert!(reply["error"]["message"].is_string(), "{reply}");
+        assert!(reply.get("result").is_none(), "{reply}");
+    }
+    let (status, body) = http_json(&server, "GET", "/ready", "", "").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["ready"], false);
+    // The server itself still answers.
+    let (status, _) = http_json(&server, "GET", "/health", "", "").await;
+    assert_eq!(status, 200);
+}
