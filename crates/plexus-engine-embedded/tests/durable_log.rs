@@ -35,6 +35,34 @@ fn keep(max_len: usize) -> Retention {
     }
 }
 
+/// Four tasks append `each` entries apiece, `"{task}-{i}"` to `channel(task, i)`, all at once,
+/// each waiting for its acknowledgement before the next.
+async fn append_from_tasks(
+    log: &DurableLog,
+    each: u32,
+    channel: fn(u32, u32) -> String,
+    retention: Retention,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..4u32 {
+        let log = log.clone();
+        tasks.spawn(async move {
+            for i in 0..each {
+                log.append(
+                    &channel(task, i),
+                    Bytes::from(format!("{task}-{i}")),
+                    retention,
+                )
+                .await
+                .unwrap();
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.unwrap();
+    }
+}
+
 fn offsets(entries: &[plexus_engine_embedded::Entry]) -> Vec<u64> {
     entries.iter().map(|e| e.offset).collect()
 }
@@ -170,24 +198,7 @@ async fn checkpoints_during_appends_lose_nothing() {
         ..LogOptions::default()
     };
     let log = DurableLog::open_with_options(dir.path(), ignore(), options).unwrap();
-    let mut tasks = tokio::task::JoinSet::new();
-    for task in 0..4u32 {
-        let log = log.clone();
-        tasks.spawn(async move {
-            for i in 0..250u32 {
-                log.append(
-                    &format!("c{task}"),
-                    Bytes::from(format!("{task}-{i}")),
-                    keep(1000),
-                )
-                .await
-                .unwrap();
-            }
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result.unwrap();
-    }
+    append_from_tasks(&log, 250, |task, _| format!("c{task}"), keep(1000)).await;
     let stats = log.stats();
     assert!(
         stats.checkpoints >= 2,
@@ -222,21 +233,13 @@ async fn sliced_checkpoints_lose_nothing() {
         ..LogOptions::default()
     };
     let log = DurableLog::open_with_options(dir.path(), ignore(), options).unwrap();
-    let mut tasks = tokio::task::JoinSet::new();
-    for task in 0..4u32 {
-        let log = log.clone();
-        tasks.spawn(async move {
-            for i in 0..1000u32 {
-                let channel = format!("m{}", (task * 1000 + i) % 1000);
-                log.append(&channel, Bytes::from(format!("{task}-{i}")), keep(100))
-                    .await
-                    .unwrap();
-            }
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result.unwrap();
-    }
+    append_from_tasks(
+        &log,
+        1000,
+        |task, i| format!("m{}", (task * 1000 + i) % 1000),
+        keep(100),
+    )
+    .await;
     let stats = log.stats();
     assert!(
         stats.checkpoint_slices > stats.checkpoints,

@@ -303,22 +303,9 @@ enum Cmd {
     Shutdown,
 }
 
-impl Cmd {
-    fn fail(self, err: &LogError) {
-        // A failed send means the caller stopped waiting; nothing to do.
-        match self {
-            Cmd::Append { reply, .. } => {
-                let _ = reply.send(Err(err.clone()));
-            }
-            Cmd::Ensure { reply, .. } => {
-                let _ = reply.send(Err(err.clone()));
-            }
-            Cmd::Remove { reply, .. } => {
-                let _ = reply.send(Err(err.clone()));
-            }
-            Cmd::Shutdown => {}
-        }
-    }
+/// The error every write gets once `failure` stopped the log.
+fn stopped(failure: &LogError) -> LogError {
+    LogError::Failed(Arc::new(failure.clone()))
 }
 
 fn read_lock(streams: &RwLock<Streams>) -> RwLockReadGuard<'_, Streams> {
@@ -648,7 +635,7 @@ impl Shared {
     /// durable.
     fn store_now(&self, channel: &str, stream: Stream) -> Result<StreamPosition, LogError> {
         if let Some(failure) = self.failure.get() {
-            return Err(LogError::Failed(Arc::new(failure.clone())));
+            return Err(stopped(failure));
         }
         let saved = snapshot::save(
             &self.db,
@@ -1015,13 +1002,6 @@ impl Writer {
     /// Commits one batch: plans it against the streams, writes its record, applies it,
     /// then hands its entries to `on_commit` and acknowledges every request.
     fn process(&mut self, batch: Vec<Cmd>) {
-        if let Some(failure) = self.failure.get() {
-            let err = LogError::Failed(Arc::new(failure.clone()));
-            for cmd in batch {
-                cmd.fail(&err);
-            }
-            return;
-        }
         let size = batch.len() as u64;
         let now = now_ms();
         let mut ops = Vec::with_capacity(batch.len());
@@ -1096,6 +1076,14 @@ impl Writer {
                     Cmd::Shutdown => {}
                 }
             }
+        }
+        if let Some(failure) = self.failure.get() {
+            // Planned for nothing: the log takes no more writes.
+            let err = stopped(failure);
+            for request in pending {
+                request.fail(&err);
+            }
+            return;
         }
         if !ops.is_empty() {
             if let Err(err) = self.wal.append(&ops) {
