@@ -381,6 +381,10 @@ impl DurableLog {
         }
         wal.restart(generation);
         sync_dir(dir);
+        tracing::debug!(
+            direct_io = wal.is_direct(),
+            "history log: write-ahead file open"
+        );
 
         let mut schedule = Schedule::default();
         for (channel, stream) in &mut streams {
@@ -1245,6 +1249,8 @@ impl Writer {
                     slices = round.slices,
                     longest_slice_us = round.longest.as_micros() as u64,
                     records_bytes = self.wal.len(),
+                    commits = self.stats.commits.load(Ordering::Relaxed),
+                    appends = self.stats.appends.load(Ordering::Relaxed),
                     elapsed_us = round.started.elapsed().as_micros() as u64,
                     "history log: checkpoint"
                 );

@@ -21,11 +21,20 @@
 //! The file grows in zero-filled chunks written ahead of the tail, and is reused from the
 //! start after each checkpoint, so most `fdatasync`s only write the record's own blocks:
 //! the file's size and block map do not change under them.
+//!
+//! Where the file system supports it, records are written with `O_DIRECT`, straight from
+//! the writer's buffer to the disk: the page cache would only add a copy and the work of
+//! writing it back, and the file is never read while the log is open. Direct writes cover
+//! whole 4 KiB blocks, so each one rewrites the tail's partial block: the bytes before the
+//! tail as they are (the writer keeps a copy), the record, and zeros to the block's end.
+//! A torn write of that block leaves its earlier bytes as they were either way, since
+//! they are written unchanged. Where `O_DIRECT` is refused (tmpfs, some FUSE file
+//! systems), the file is written through the page cache; the format is the same.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
@@ -35,6 +44,8 @@ pub const WAL_FILE_NAME: &str = "history.wal";
 const HEADER: usize = 24;
 /// The file is extended this much at a time, with zeros, ahead of the tail.
 const CHUNK: u64 = 1 << 20;
+/// Direct writes start and end on multiples of this, from a buffer aligned to it.
+const BLOCK: usize = 4096;
 /// The largest record body recovery accepts (a batch of 1,024 appends of 1 MiB each fits).
 const MAX_BODY: usize = 1 << 31;
 
@@ -181,12 +192,45 @@ fn checksum(generation: u64, sequence: u64, body: &[u8]) -> u32 {
 /// The open write-ahead file and where the next record goes.
 pub(super) struct Wal {
     file: File,
+    path: PathBuf,
+    /// Whether `file` was opened with `O_DIRECT`.
+    direct: bool,
     generation: u64,
     sequence: u64,
     tail: u64,
     /// Bytes of the file known to exist (written, zeros or records).
     allocated: u64,
+    /// The record being written.
     buf: Vec<u8>,
+    /// Direct mode: the file's bytes from the start of the tail's block to the tail.
+    tail_block: Vec<u8>,
+    /// Direct mode: where whole blocks are put together for writing.
+    aligned: AlignedBuf,
+}
+
+/// Memory whose usable part starts at a [`BLOCK`]-aligned address, as `O_DIRECT` needs.
+#[derive(Default)]
+struct AlignedBuf {
+    raw: Vec<u8>,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes starting at an aligned address.
+    fn zeroed(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.len() < len + BLOCK {
+            self.raw.resize(len + BLOCK, 0);
+        }
+        let address = self.raw.as_ptr() as usize;
+        let start = (BLOCK - address % BLOCK) % BLOCK;
+        let out = &mut self.raw[start..start + len];
+        out.fill(0);
+        out
+    }
+}
+
+/// `n` rounded down to a multiple of [`BLOCK`].
+fn block_start(n: u64) -> u64 {
+    n - n % BLOCK as u64
 }
 
 impl Wal {
@@ -231,14 +275,31 @@ impl Wal {
             records.push(ops);
             at = end;
         }
-        let wal = Wal {
+        let mut wal = Wal {
             file,
+            path: path.to_owned(),
+            direct: false,
             generation,
             sequence: 0,
             tail: 0,
             allocated,
             buf: Vec::new(),
+            tail_block: Vec::new(),
+            aligned: AlignedBuf::default(),
         };
+        // Direct writes start at block boundaries: the file's end must be one (it always is
+        // when this module wrote it, as it grows by whole chunks).
+        if allocated % BLOCK as u64 == 0 {
+            if let Ok(direct) = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                wal.file = direct;
+                wal.direct = true;
+            }
+        }
         Ok((wal, records))
     }
 
@@ -247,6 +308,12 @@ impl Wal {
         self.generation = generation;
         self.sequence = 0;
         self.tail = 0;
+        self.tail_block.clear();
+    }
+
+    /// Whether records are written with `O_DIRECT`.
+    pub(super) fn is_direct(&self) -> bool {
+        self.direct
     }
 
     pub(super) fn generation(&self) -> u64 {
@@ -282,18 +349,72 @@ impl Wal {
         // Zeros follow the record where the file was never this long, so a scan stops
         // right after it; in a reused file an older generation's record follows, and the
         // generation check stops the scan there.
-        self.extend_to(end + HEADER as u64)?;
-        self.file.write_all_at(&self.buf, self.tail)?;
+        let mut written = self.write_at_tail(end + HEADER as u64);
+        if let Err(err) = &written {
+            if self.direct && err.raw_os_error() == Some(libc::EINVAL) {
+                // The file system took the O_DIRECT open but not the write.
+                self.stop_direct(err)?;
+                written = self.write_at_tail(end + HEADER as u64);
+            }
+        }
+        written?;
         self.file.sync_data()?;
+        if self.direct {
+            // Keep what is now before the tail in its block.
+            let start = block_start(self.tail);
+            let new_start = block_start(end);
+            let mut block = std::mem::take(&mut self.tail_block);
+            if new_start > start {
+                block.clear();
+                let from = (new_start - self.tail) as usize;
+                block.extend_from_slice(&self.buf[from..]);
+            } else {
+                block.extend_from_slice(&self.buf);
+            }
+            self.tail_block = block;
+        }
         self.tail = end;
         self.sequence += 1;
+        Ok(())
+    }
+
+    /// Writes the record in `buf` at the tail (not yet durable), with the file at least
+    /// `needed` bytes long.
+    fn write_at_tail(&mut self, needed: u64) -> io::Result<()> {
+        self.extend_to(needed)?;
+        if !self.direct {
+            return self.file.write_all_at(&self.buf, self.tail);
+        }
+        let start = block_start(self.tail);
+        let head = self.tail_block.len();
+        let blocks = self
+            .aligned
+            .zeroed((head + self.buf.len()).next_multiple_of(BLOCK));
+        blocks[..head].copy_from_slice(&self.tail_block);
+        blocks[head..head + self.buf.len()].copy_from_slice(&self.buf);
+        self.file.write_all_at(blocks, start)
+    }
+
+    /// Goes on through the page cache after a direct write was refused.
+    fn stop_direct(&mut self, err: &io::Error) -> io::Result<()> {
+        tracing::warn!(%err, "history log: O_DIRECT write refused; writing through the page cache");
+        self.file = OpenOptions::new().read(true).write(true).open(&self.path)?;
+        self.direct = false;
+        self.tail_block.clear();
         Ok(())
     }
 
     /// Zeroes the header at the tail and makes that durable, so that a record whose write
     /// failed (and may have reached the disk anyway) is never replayed.
     pub(super) fn clear_tail(&mut self) -> io::Result<()> {
-        self.file.write_all_at(&[0u8; HEADER], self.tail)?;
+        if self.direct {
+            let head = self.tail_block.len();
+            let block = self.aligned.zeroed(BLOCK);
+            block[..head].copy_from_slice(&self.tail_block);
+            self.file.write_all_at(block, block_start(self.tail))?;
+        } else {
+            self.file.write_all_at(&[0u8; HEADER], self.tail)?;
+        }
         self.file.sync_data()
     }
 
@@ -302,11 +423,11 @@ impl Wal {
             return Ok(());
         }
         let target = needed.div_ceil(CHUNK) * CHUNK;
-        let zeros = vec![0u8; CHUNK as usize];
         let mut at = self.allocated;
         while at < target {
             let n = (target - at).min(CHUNK) as usize;
-            self.file.write_all_at(&zeros[..n], at)?;
+            let zeros = self.aligned.zeroed(n);
+            self.file.write_all_at(zeros, at)?;
             at += n as u64;
         }
         self.allocated = target;
@@ -399,12 +520,13 @@ mod tests {
         let path = dir.path().join(WAL_FILE_NAME);
         let (mut wal, _) = Wal::open(&path, 0).unwrap();
         wal.append(&[append("a", 1, b"kept")]).unwrap();
-        let (tail, sequence) = (wal.tail, wal.sequence);
+        let (tail, sequence, block) = (wal.tail, wal.sequence, wal.tail_block.clone());
         // A record that reached the disk although its append reported an error: the
         // writer's position stays where it was, and the writer clears it.
         wal.append(&[append("a", 2, b"failed")]).unwrap();
         wal.tail = tail;
         wal.sequence = sequence;
+        wal.tail_block = block;
         wal.clear_tail().unwrap();
         drop(wal);
         let (mut wal, records) = Wal::open(&path, 0).unwrap();
@@ -417,6 +539,87 @@ mod tests {
         let (_, records) = Wal::open(&path, 0).unwrap();
         assert_eq!(records.len(), 2);
         assert_eq!(records[1], vec![append("a", 2, b"next")]);
+    }
+
+    /// Records of many sizes, so that they start and end anywhere in a block and some
+    /// span several blocks, before and after a restart.
+    fn records_of_many_sizes(path: &Path) -> (Wal, Vec<Vec<Op>>) {
+        let (mut wal, _) = Wal::open(path, 0).unwrap();
+        wal.restart(7);
+        let mut written = Vec::new();
+        for offset in 1..=120u64 {
+            let len = (offset as usize * 577) % 9000;
+            let record = vec![Op::Append {
+                channel: "sizes".into(),
+                epoch: "e".into(),
+                offset,
+                time_ms: offset,
+                max_len: 1000,
+                ttl_ms: 1000,
+                data: Bytes::from(vec![offset as u8; len]),
+            }];
+            wal.append(&record).unwrap();
+            written.push(record);
+        }
+        (wal, written)
+    }
+
+    #[test]
+    fn records_that_straddle_blocks_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WAL_FILE_NAME);
+        let (mut wal, written) = records_of_many_sizes(&path);
+        println!("O_DIRECT: {}", wal.is_direct());
+        drop(wal);
+        let (_, records) = Wal::open(&path, 7).unwrap();
+        assert_eq!(records, written);
+
+        // A new generation from offset 0 over the old one, ending inside a block that
+        // still holds the old generation's bytes after it.
+        let (reopened, _) = Wal::open(&path, 7).unwrap();
+        wal = reopened;
+        wal.restart(8);
+        let fresh = vec![append("b", 1, b"fresh")];
+        wal.append(&fresh).unwrap();
+        drop(wal);
+        let (_, records) = Wal::open(&path, 8).unwrap();
+        assert_eq!(records, vec![fresh]);
+    }
+
+    #[test]
+    fn switching_to_the_page_cache_keeps_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WAL_FILE_NAME);
+        let (mut wal, mut written) = records_of_many_sizes(&path);
+        // What the writer does when a direct write is refused with EINVAL.
+        wal.stop_direct(&io::Error::from_raw_os_error(libc::EINVAL))
+            .unwrap();
+        assert!(!wal.is_direct());
+        for offset in 121..=130 {
+            let record = vec![append("sizes", offset, b"through the page cache")];
+            wal.append(&record).unwrap();
+            written.push(record);
+        }
+        drop(wal);
+        let (_, records) = Wal::open(&path, 7).unwrap();
+        assert_eq!(records, written);
+    }
+
+    #[test]
+    fn records_on_tmpfs_come_back() {
+        // tmpfs refuses O_DIRECT before Linux 6.6, and takes it since.
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            println!("skipped: no /dev/shm here");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let path = dir.path().join(WAL_FILE_NAME);
+        let (wal, written) = records_of_many_sizes(&path);
+        drop(wal);
+        let (wal, records) = Wal::open(&path, 7).unwrap();
+        assert_eq!(records, written);
+        println!("O_DIRECT on /dev/shm: {}", wal.is_direct());
     }
 
     #[test]
