@@ -174,7 +174,10 @@ def main():
       "`POST /api/publish`; the server with `--memory`, then with the durable embedded engine "
       "(a publish is acknowledged once fsync'd; concurrent ones share a commit), at N = "
       f"{opts.get('publishers', 64)} publishers: with few in flight the durable throughput is "
-      "bound by the commit's latency, with enough in flight by the server's CPU.")
+      "bound by the commit's latency, with enough in flight by the server's CPU. The generator "
+      "keeps polling while every publisher waits (on loopback the server's write would "
+      "otherwise pay for waking it, as a remote client never costs a server; "
+      "`--sleep-when-idle` measures that way).")
     w(f"6. **Past capacity:** `plexus bench overload URL/chat/slow --subscribers "
       f"{opts.get('overload_subscribers', 100)} --fast-subscribers "
       f"{opts.get('overload_fast', 10)} --rate {opts.get('overload_rate', 300)}/s --size "

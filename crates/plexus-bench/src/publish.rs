@@ -76,6 +76,12 @@ pub struct PublishOptions {
     pub duration: Duration,
     pub size: usize,
     pub progress: ProgressMode,
+    /// Let the runtime sleep while every publisher waits. Off by default: while publishing,
+    /// a task keeps the runtime polling, because on loopback a write to a sleeping reader
+    /// costs the *writer* (the server under test) the reader's wake-up, which a remote
+    /// client never would; a server that answers more slowly leaves the generator asleep
+    /// more often and would pay more of it (as `fanout`'s reader, see there).
+    pub sleep_when_idle: bool,
 }
 
 impl PublishOptions {
@@ -226,8 +232,17 @@ pub async fn publish(options: PublishOptions) -> Result<PublishReport, BenchErro
     }
     let measured_from = Instant::now();
     let _ = shared.deadline.set(measured_from + options.duration);
+    let poller = (!options.sleep_when_idle).then(|| {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(keep_polling(stop.clone()));
+        (stop, task)
+    });
     go.cancel();
     while tasks.join_next().await.is_some() {}
+    if let Some((stop, task)) = poller {
+        stop.cancel();
+        let _ = task.await;
+    }
     let measured = options.duration.min(measured_from.elapsed());
     progress.finish().await;
     let fd_limit = shared.fd_limit_hit.load(Relaxed).then(|| {
@@ -259,6 +274,14 @@ pub async fn publish(options: PublishOptions) -> Result<PublishReport, BenchErro
         fd_limit,
         elapsed_s: seconds(start.elapsed()),
     })
+}
+
+/// Keeps the runtime's worker from sleeping until `stop`: a task that yields again each
+/// time it runs, so the worker polls its sockets between tasks instead of blocking.
+async fn keep_polling(stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        tokio::task::yield_now().await;
+    }
 }
 
 /// One publisher: connect, wait for `go`, publish one at a time until the deadline.

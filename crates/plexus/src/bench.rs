@@ -217,6 +217,12 @@ struct PublishArgs {
     /// API: the server's API key
     #[arg(long, value_name = "KEY")]
     api_key: Option<String>,
+    /// Let the generator sleep while every publisher waits for its acknowledgement. By
+    /// default it keeps polling instead: on loopback the server's write of an
+    /// acknowledgement pays for waking a sleeping generator, which a remote client would
+    /// not cost it
+    #[arg(long)]
+    sleep_when_idle: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -522,6 +528,7 @@ async fn run_publish(args: PublishArgs) -> Result<(), Failure> {
         duration: args.duration,
         size: args.size,
         progress: args.common.progress(),
+        sleep_when_idle: args.sleep_when_idle,
     };
     let limit = args
         .common

@@ -878,6 +878,8 @@ fn bench_publish_counts_acknowledged_publishes_natively_and_through_the_api() {
         "2",
         "--duration",
         "1s",
+        // The generator as before it kept polling: the same counts.
+        "--sleep-when-idle",
     ]);
     assert_eq!(status, Some(0), "{stderr}");
     assert_eq!(report["via"], "api", "{report}");
