@@ -215,6 +215,16 @@ struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// Held on to between writes up to this size; a bigger one is freed after its write.
+    const KEEP: usize = 4 << 20;
+
+    /// Frees the memory if it grew past [`AlignedBuf::KEEP`] for an unusually big record.
+    fn trim(&mut self) {
+        if self.raw.len() > Self::KEEP {
+            self.raw = Vec::new();
+        }
+    }
+
     /// `len` zero bytes starting at an aligned address.
     fn zeroed(&mut self, len: usize) -> &mut [u8] {
         if self.raw.len() < len + BLOCK {
@@ -357,6 +367,7 @@ impl Wal {
                 written = self.write_at_tail(end + HEADER as u64);
             }
         }
+        self.aligned.trim();
         written?;
         self.file.sync_data()?;
         if self.direct {
@@ -408,10 +419,11 @@ impl Wal {
     /// failed (and may have reached the disk anyway) is never replayed.
     pub(super) fn clear_tail(&mut self) -> io::Result<()> {
         if self.direct {
+            // The header may cross into the next block: zero both.
             let head = self.tail_block.len();
-            let block = self.aligned.zeroed(BLOCK);
-            block[..head].copy_from_slice(&self.tail_block);
-            self.file.write_all_at(block, block_start(self.tail))?;
+            let blocks = self.aligned.zeroed((head + HEADER).next_multiple_of(BLOCK));
+            blocks[..head].copy_from_slice(&self.tail_block);
+            self.file.write_all_at(blocks, block_start(self.tail))?;
         } else {
             self.file.write_all_at(&[0u8; HEADER], self.tail)?;
         }
@@ -565,11 +577,67 @@ mod tests {
     }
 
     #[test]
+    fn a_cleared_tail_at_a_block_end_is_not_replayed() {
+        // A record "a" with `len` data bytes takes 71 + len bytes: the kept one ends (and
+        // the failed one starts) at `end`, where the failed one's header may cross into the
+        // next block; the failed one is small or spans several blocks.
+        for end in [4095usize, 4090, 4072, 100] {
+            // 465: a body of 512 bytes, whose length starts with a zero byte.
+            for failed_len in [10usize, 465, 9000] {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join(WAL_FILE_NAME);
+                let (mut wal, _) = Wal::open(&path, 0).unwrap();
+                let kept = vec![Op::Append {
+                    channel: "a".into(),
+                    epoch: "e".into(),
+                    offset: 1,
+                    time_ms: 7,
+                    max_len: 10,
+                    ttl_ms: 1000,
+                    data: Bytes::from(vec![1u8; end - 71]),
+                }];
+                wal.append(&kept).unwrap();
+                assert_eq!(wal.len(), end as u64);
+                let (tail, sequence, block) = (wal.tail, wal.sequence, wal.tail_block.clone());
+                // On disk, although reported failed (say its fdatasync failed).
+                let failed = vec![Op::Append {
+                    channel: "a".into(),
+                    epoch: "e".into(),
+                    offset: 2,
+                    time_ms: 7,
+                    max_len: 10,
+                    ttl_ms: 1000,
+                    data: Bytes::from(vec![2u8; failed_len]),
+                }];
+                wal.append(&failed).unwrap();
+                wal.tail = tail;
+                wal.sequence = sequence;
+                wal.tail_block = block;
+                wal.clear_tail().unwrap();
+                drop(wal);
+                let (_, records) = Wal::open(&path, 0).unwrap();
+                assert_eq!(
+                    records,
+                    vec![kept],
+                    "end {end}, failed record of {failed_len}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn records_that_straddle_blocks_come_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(WAL_FILE_NAME);
         let (mut wal, written) = records_of_many_sizes(&path);
-        println!("O_DIRECT: {}", wal.is_direct());
+        // Where the file system takes O_DIRECT, the log uses it.
+        let probe = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.path().join("probe"));
+        assert_eq!(wal.is_direct(), probe.is_ok());
         drop(wal);
         let (_, records) = Wal::open(&path, 7).unwrap();
         assert_eq!(records, written);
