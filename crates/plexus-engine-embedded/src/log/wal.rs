@@ -243,6 +243,23 @@ fn block_start(n: u64) -> u64 {
     n - n % BLOCK as u64
 }
 
+/// Direct mode: writes `bytes` at `tail` as whole blocks, from the start of the tail's block
+/// (whose bytes before the tail are `before`) to the end of the last block `bytes` touches,
+/// zeros after them.
+fn write_tail_blocks(
+    file: &File,
+    aligned: &mut AlignedBuf,
+    tail: u64,
+    before: &[u8],
+    bytes: &[u8],
+) -> io::Result<()> {
+    let head = before.len();
+    let blocks = aligned.zeroed((head + bytes.len()).next_multiple_of(BLOCK));
+    blocks[..head].copy_from_slice(before);
+    blocks[head..head + bytes.len()].copy_from_slice(bytes);
+    file.write_all_at(blocks, block_start(tail))
+}
+
 impl Wal {
     /// Opens (or creates) the file and reads back the records of `generation`, in order.
     /// Writing then starts over at offset 0, so call [`Wal::restart`] with a new
@@ -372,17 +389,14 @@ impl Wal {
         self.file.sync_data()?;
         if self.direct {
             // Keep what is now before the tail in its block.
-            let start = block_start(self.tail);
             let new_start = block_start(end);
-            let mut block = std::mem::take(&mut self.tail_block);
-            if new_start > start {
-                block.clear();
+            if new_start > block_start(self.tail) {
+                self.tail_block.clear();
                 let from = (new_start - self.tail) as usize;
-                block.extend_from_slice(&self.buf[from..]);
+                self.tail_block.extend_from_slice(&self.buf[from..]);
             } else {
-                block.extend_from_slice(&self.buf);
+                self.tail_block.extend_from_slice(&self.buf);
             }
-            self.tail_block = block;
         }
         self.tail = end;
         self.sequence += 1;
@@ -396,14 +410,13 @@ impl Wal {
         if !self.direct {
             return self.file.write_all_at(&self.buf, self.tail);
         }
-        let start = block_start(self.tail);
-        let head = self.tail_block.len();
-        let blocks = self
-            .aligned
-            .zeroed((head + self.buf.len()).next_multiple_of(BLOCK));
-        blocks[..head].copy_from_slice(&self.tail_block);
-        blocks[head..head + self.buf.len()].copy_from_slice(&self.buf);
-        self.file.write_all_at(blocks, start)
+        write_tail_blocks(
+            &self.file,
+            &mut self.aligned,
+            self.tail,
+            &self.tail_block,
+            &self.buf,
+        )
     }
 
     /// Goes on through the page cache after a direct write was refused.
@@ -420,10 +433,13 @@ impl Wal {
     pub(super) fn clear_tail(&mut self) -> io::Result<()> {
         if self.direct {
             // The header may cross into the next block: zero both.
-            let head = self.tail_block.len();
-            let blocks = self.aligned.zeroed((head + HEADER).next_multiple_of(BLOCK));
-            blocks[..head].copy_from_slice(&self.tail_block);
-            self.file.write_all_at(blocks, block_start(self.tail))?;
+            write_tail_blocks(
+                &self.file,
+                &mut self.aligned,
+                self.tail,
+                &self.tail_block,
+                &[0u8; HEADER],
+            )?;
         } else {
             self.file.write_all_at(&[0u8; HEADER], self.tail)?;
         }
@@ -451,7 +467,7 @@ impl Wal {
 mod tests {
     use super::*;
 
-    fn append(channel: &str, offset: u64, data: &'static [u8]) -> Op {
+    fn append(channel: &str, offset: u64, data: &[u8]) -> Op {
         Op::Append {
             channel: channel.into(),
             epoch: "e".into(),
@@ -459,7 +475,7 @@ mod tests {
             time_ms: 7,
             max_len: 10,
             ttl_ms: 1000,
-            data: Bytes::from_static(data),
+            data: Bytes::copy_from_slice(data),
         }
     }
 
@@ -561,15 +577,7 @@ mod tests {
         let mut written = Vec::new();
         for offset in 1..=120u64 {
             let len = (offset as usize * 577) % 9000;
-            let record = vec![Op::Append {
-                channel: "sizes".into(),
-                epoch: "e".into(),
-                offset,
-                time_ms: offset,
-                max_len: 1000,
-                ttl_ms: 1000,
-                data: Bytes::from(vec![offset as u8; len]),
-            }];
+            let record = vec![append("sizes", offset, &vec![offset as u8; len])];
             wal.append(&record).unwrap();
             written.push(record);
         }
@@ -587,28 +595,12 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join(WAL_FILE_NAME);
                 let (mut wal, _) = Wal::open(&path, 0).unwrap();
-                let kept = vec![Op::Append {
-                    channel: "a".into(),
-                    epoch: "e".into(),
-                    offset: 1,
-                    time_ms: 7,
-                    max_len: 10,
-                    ttl_ms: 1000,
-                    data: Bytes::from(vec![1u8; end - 71]),
-                }];
+                let kept = vec![append("a", 1, &vec![1u8; end - 71])];
                 wal.append(&kept).unwrap();
                 assert_eq!(wal.len(), end as u64);
                 let (tail, sequence, block) = (wal.tail, wal.sequence, wal.tail_block.clone());
                 // On disk, although reported failed (say its fdatasync failed).
-                let failed = vec![Op::Append {
-                    channel: "a".into(),
-                    epoch: "e".into(),
-                    offset: 2,
-                    time_ms: 7,
-                    max_len: 10,
-                    ttl_ms: 1000,
-                    data: Bytes::from(vec![2u8; failed_len]),
-                }];
+                let failed = vec![append("a", 2, &vec![2u8; failed_len])];
                 wal.append(&failed).unwrap();
                 wal.tail = tail;
                 wal.sequence = sequence;
