@@ -34,7 +34,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tasks.spawn(async move {
                 let channel = format!("bench-{}", i % 16);
                 while start.elapsed() < RUN {
-                    log.append(&channel, payload.clone(), retention).await?;
+                    log.append(channel.as_str(), payload.clone(), retention)
+                        .await?;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok::<_, plexus_engine_embedded::LogError>(())

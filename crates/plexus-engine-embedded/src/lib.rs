@@ -17,18 +17,21 @@ pub mod log;
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use plexus_core::{
     BoxFuture, ClientDescriptor, Deliver, Delivery, Engine, EngineError, HistoryPage, HistoryQuery,
     HistoryRetention, Membership, MemoryEngine, NodeCommand, Publication, StreamPosition,
 };
 
-pub use log::{DurableLog, Entry, LogError, LogOptions, LogStats, OnCommit, Retention};
+pub use log::{DurableLog, Entry, LogError, LogOptions, LogStats, OnCommit, Payload, Retention};
 
 const NAME: &str = "embedded";
 
 /// Durable history in a [`DurableLog`]; the rest delegated to a [`MemoryEngine`].
 pub struct EmbeddedEngine {
-    log: DurableLog,
+    /// Each append carries its publication to `on_commit`, which delivers it.
+    log: DurableLog<Arc<Publication>>,
     memory: MemoryEngine,
 }
 
@@ -50,10 +53,17 @@ fn unavailable(error: LogError) -> EngineError {
     }
 }
 
+/// The log stores a publication in its storage form, encoded on the writer thread.
+impl log::Payload for Arc<Publication> {
+    fn stored(&self) -> Bytes {
+        self.to_stored()
+    }
+}
+
 fn position(position: log::StreamPosition) -> StreamPosition {
     StreamPosition {
         offset: position.offset,
-        epoch: position.epoch.into(),
+        epoch: position.epoch,
     }
 }
 
@@ -62,16 +72,26 @@ impl EmbeddedEngine {
     /// `deliver`.
     pub fn open(dir: &Path, deliver: Arc<dyn Deliver>) -> Result<EmbeddedEngine, LogError> {
         let on_commit_deliver = deliver.clone();
-        let on_commit: OnCommit = Arc::new(move |channel, position, stored| {
-            match Publication::from_stored(channel.into(), position.offset, stored.clone()) {
-                Ok(publication) => {
-                    on_commit_deliver.deliver(Delivery::Publication(Arc::new(publication)))
+        let on_commit: OnCommit<Arc<Publication>> =
+            Arc::new(move |_channel, position, publication| {
+                // Made by the publisher and not shared yet, so the offset is set in place: the
+                // writer thread allocates nothing to deliver it.
+                match Arc::get_mut(publication) {
+                    Some(unshared) => unshared.offset = position.offset,
+                    None => {
+                        *publication = Arc::new(
+                            Publication::new(
+                                publication.channel.clone(),
+                                publication.kind,
+                                publication.data.clone(),
+                                publication.info.clone(),
+                            )
+                            .with_offset(position.offset),
+                        )
+                    }
                 }
-                Err(error) => {
-                    tracing::error!(channel, offset = position.offset, %error, "cannot deliver a stored publication")
-                }
-            }
-        });
+                on_commit_deliver.deliver(Delivery::Publication(publication.clone()))
+            });
         let log = DurableLog::open(dir, on_commit)?;
         Ok(EmbeddedEngine {
             log,
@@ -103,8 +123,8 @@ impl Engine for EmbeddedEngine {
             return self.memory.publish(publication, None);
         };
         let appended = self.log.append(
-            &publication.channel,
-            publication.to_stored(),
+            publication.channel.clone(),
+            Arc::new(publication),
             Retention {
                 max_len: retention.size,
                 ttl: retention.ttl,

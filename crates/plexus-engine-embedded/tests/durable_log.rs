@@ -19,7 +19,7 @@ fn recorder() -> (OnCommit, Delivered) {
     let on_commit: OnCommit = Arc::new(move |channel, position, data| {
         sink.lock()
             .unwrap()
-            .push((channel.to_owned(), position.clone(), data.clone()));
+            .push((channel.to_string(), position.clone(), data.clone()));
     });
     (on_commit, delivered)
 }
@@ -49,7 +49,7 @@ async fn append_from_tasks(
         tasks.spawn(async move {
             for i in 0..each {
                 log.append(
-                    &channel(task, i),
+                    channel(task, i),
                     Bytes::from(format!("{task}-{i}")),
                     retention,
                 )
@@ -183,7 +183,7 @@ async fn close_leaves_everything_in_the_checkpoint() {
     log.close();
 }
 
-fn top_epoch(log: &DurableLog, channel: &str) -> String {
+fn top_epoch(log: &DurableLog, channel: &str) -> std::sync::Arc<str> {
     log.top(channel).unwrap().epoch
 }
 
@@ -479,7 +479,7 @@ async fn on_commit_sees_every_committed_entry_once_in_offset_order() {
                 let channel = format!("ch{}", (task + i) % 3);
                 let data = Bytes::from(format!("{task}/{i}"));
                 let position = log
-                    .append(&channel, data.clone(), keep(1000))
+                    .append(channel.as_str(), data.clone(), keep(1000))
                     .await
                     .unwrap();
                 acks.push((channel, position, data));
@@ -573,7 +573,7 @@ async fn concurrent_appends_share_commits() {
         tasks.spawn(async move {
             start.wait().await;
             let channel = format!("ch{}", i % 10);
-            log.append(&channel, Bytes::from(i.to_string()), keep(1000))
+            log.append(channel.as_str(), Bytes::from(i.to_string()), keep(1000))
                 .await
                 .unwrap()
         });
@@ -648,7 +648,7 @@ fn run_child(dir: &Path) {
                     let channel = format!("ch{}", (task + 8 * i) % channels);
                     let data = format!("t{task}-{i}-{}", "p".repeat(i as usize % 50));
                     let position = log
-                        .append(&channel, Bytes::from(data.clone()), keep(1_000_000))
+                        .append(channel.as_str(), Bytes::from(data.clone()), keep(1_000_000))
                         .await
                         .unwrap();
                     println!(
@@ -775,7 +775,7 @@ fn sigkill_child(name: &str, with_checkpoints: bool, kill_after: usize) {
     let mut max_offset: HashMap<String, u64> = HashMap::new();
     for (channel, offset, epoch, data) in &acks {
         let (entries, top) = log.read(channel, Some(offset - 1), Some(1), false).unwrap();
-        assert_eq!(&top.epoch, epoch, "epoch of {channel} changed");
+        assert_eq!(&*top.epoch, epoch.as_str(), "epoch of {channel} changed");
         assert_eq!(entries.len(), 1, "{channel}@{offset} lost");
         assert_eq!(entries[0].offset, *offset);
         assert_eq!(entries[0].data, Bytes::from(data.clone()));
@@ -790,7 +790,11 @@ fn sigkill_child(name: &str, with_checkpoints: bool, kill_after: usize) {
             .build()
             .unwrap();
         let next = runtime
-            .block_on(log.append(&channel, Bytes::from_static(b"after"), keep(1_000_000)))
+            .block_on(log.append(
+                channel.as_str(),
+                Bytes::from_static(b"after"),
+                keep(1_000_000),
+            ))
             .unwrap();
         assert_eq!(next.offset, top.offset + 1, "offsets must never be reused");
         assert_eq!(next.epoch, top.epoch);

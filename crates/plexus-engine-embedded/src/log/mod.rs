@@ -118,7 +118,7 @@ const MAX_SWEEP_CHANNELS: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct StreamPosition {
     pub offset: u64,
-    pub epoch: String,
+    pub epoch: Arc<str>,
 }
 
 /// How much history to keep for a channel; given with every append, and the values of the
@@ -199,10 +199,32 @@ impl Default for LogOptions {
 }
 
 /// Called by the writer thread for every committed entry, in offset order, before the
-/// corresponding `append` completes. It runs on the writer thread, so it must be quick
-/// (hand the entry over to a channel or a hub, do not do I/O), and it must not keep a
-/// [`DurableLog`] alive (that would be a reference cycle that keeps the writer running).
-pub type OnCommit = Arc<dyn Fn(&str, &StreamPosition, &Bytes) + Send + Sync>;
+/// corresponding `append` completes, with the appended value. It runs on the writer thread,
+/// so it must be quick (hand the entry over to a channel or a hub, do not do I/O), and it
+/// must not keep a [`DurableLog`] alive (that would be a reference cycle that keeps the
+/// writer running).
+pub type OnCommit<T = Bytes> = Arc<dyn Fn(&Arc<str>, &StreamPosition, &mut T) + Send + Sync>;
+
+/// What is appended: a value whose stored form ([`Payload::stored`]) the log keeps and
+/// returns from reads. The value itself goes to `on_commit` and then back to the appender
+/// with the acknowledgement.
+///
+/// Why the writer thread encodes it and the value goes back: memory is freed on the
+/// thread that allocated it. The stored bytes live (and are dropped) with the writer's
+/// streams, the value is dropped by the appender, so no allocation crosses threads on
+/// the way through the log, which an allocator with per-thread caches pays for on both
+/// sides.
+pub trait Payload: Send + 'static {
+    /// The bytes to store; called once, on the writer thread.
+    fn stored(&self) -> Bytes;
+}
+
+/// Plain bytes are stored as they are.
+impl Payload for Bytes {
+    fn stored(&self) -> Bytes {
+        self.clone()
+    }
+}
 
 /// Errors of the log. Cloneable, because one failed commit fails every request of its batch.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -243,18 +265,18 @@ fn io(err: std::io::Error) -> LogError {
 /// and `Sync`. The writer stops when [`DurableLog::close`] is called on any clone or the
 /// last clone is dropped, after committing what was already queued and a checkpoint.
 #[derive(Clone)]
-pub struct DurableLog {
-    shared: Arc<Shared>,
+pub struct DurableLog<T = Bytes> {
+    shared: Arc<Shared<T>>,
 }
 
-struct Shared {
+struct Shared<T> {
     db: Arc<Database>,
     /// Set once a storage failure leaves the disk's state uncertain; then writes fail.
     failure: Arc<OnceLock<LogError>>,
     gathering: Arc<Gathering>,
     writer_thread: std::thread::Thread,
     streams: Arc<RwLock<Streams>>,
-    tx: Sender<Cmd>,
+    tx: Sender<Cmd<T>>,
     closed: AtomicBool,
     writer: Mutex<Option<JoinHandle<()>>>,
     writer_id: ThreadId,
@@ -282,22 +304,24 @@ struct Stats {
     failed_checkpoints: AtomicU64,
 }
 
-type Reply<T> = oneshot::Sender<Result<T, LogError>>;
+/// An appender's answer: where its entry went, and its value back.
+type Appended<T> = Result<(StreamPosition, T), LogError>;
+type AppendReply<T> = oneshot::Sender<Appended<T>>;
 type SyncReply<T> = SyncSender<Result<T, LogError>>;
 
-enum Cmd {
+enum Cmd<T> {
     Append {
-        channel: String,
-        data: Bytes,
+        channel: Arc<str>,
+        value: T,
         retention: Retention,
-        reply: Reply<StreamPosition>,
+        reply: AppendReply<T>,
     },
     Ensure {
-        channel: String,
+        channel: Arc<str>,
         reply: SyncReply<StreamPosition>,
     },
     Remove {
-        channel: String,
+        channel: Arc<str>,
         reply: SyncReply<()>,
     },
     Shutdown,
@@ -322,9 +346,9 @@ fn write_lock(streams: &RwLock<Streams>) -> RwLockWriteGuard<'_, Streams> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl DurableLog {
+impl<T: Payload> DurableLog<T> {
     /// Opens (or creates) the log stored in `dir`, with default [`LogOptions`].
-    pub fn open(dir: &Path, on_commit: OnCommit) -> Result<DurableLog, LogError> {
+    pub fn open(dir: &Path, on_commit: OnCommit<T>) -> Result<DurableLog<T>, LogError> {
         Self::open_with_options(dir, on_commit, LogOptions::default())
     }
 
@@ -333,9 +357,9 @@ impl DurableLog {
     /// unclean shutdown redb first repairs its file, rolling back to its last commit.
     pub fn open_with_options(
         dir: &Path,
-        on_commit: OnCommit,
+        on_commit: OnCommit<T>,
         options: LogOptions,
-    ) -> Result<DurableLog, LogError> {
+    ) -> Result<DurableLog<T>, LogError> {
         std::fs::create_dir_all(dir).map_err(io)?;
         let db = Database::builder()
             // Reads are served from memory, so redb's cache only helps checkpoints find the
@@ -353,7 +377,7 @@ impl DurableLog {
         let replayed = records.len();
         for op in records.into_iter().flatten() {
             if !changed.contains(op.channel()) {
-                changed.insert(op.channel().to_owned());
+                changed.insert(op.channel().clone());
             }
             streams::apply(&mut streams, &op, now);
         }
@@ -439,29 +463,33 @@ impl DurableLog {
         })
     }
 
-    /// Appends `data` to `channel`. The request is queued when this is called (so appends are
-    /// ordered by call, not by when their futures are polled); the future resolves once the
-    /// entry is durable, after `on_commit` was called for it. If the future is dropped, the
-    /// entry is still committed (and `on_commit` still called); only the acknowledgement is lost.
+    /// Appends `value` to `channel`. The request is queued when this is called (so appends
+    /// are ordered by call, not by when their futures are polled); the future resolves once
+    /// the entry is durable, after `on_commit` was called for it. If the future is dropped,
+    /// the entry is still committed (and `on_commit` still called); only the
+    /// acknowledgement is lost.
     pub fn append(
         &self,
-        channel: &str,
-        data: Bytes,
+        channel: impl Into<Arc<str>>,
+        value: T,
         retention: Retention,
     ) -> impl std::future::Future<Output = Result<StreamPosition, LogError>> + Send + 'static {
-        let queued = self.enqueue(channel, data, retention);
+        let queued = self.enqueue(channel.into(), value, retention);
         async move {
             // A dropped reply sender means the writer stopped before committing this entry.
-            queued?.await.map_err(|_| LogError::Closed)?
+            let (position, value) = queued?.await.map_err(|_| LogError::Closed)??;
+            // Dropped here, on the appender's thread, where it was made.
+            drop(value);
+            Ok(position)
         }
     }
 
     fn enqueue(
         &self,
-        channel: &str,
-        data: Bytes,
+        channel: Arc<str>,
+        value: T,
         retention: Retention,
-    ) -> Result<oneshot::Receiver<Result<StreamPosition, LogError>>, LogError> {
+    ) -> Result<oneshot::Receiver<Appended<T>>, LogError> {
         if retention.max_len == 0 || retention.ttl.is_zero() {
             return Err(LogError::InvalidRetention);
         }
@@ -470,8 +498,8 @@ impl DurableLog {
         }
         let (reply, rx) = oneshot::channel();
         self.shared.send(Cmd::Append {
-            channel: channel.to_owned(),
-            data,
+            channel,
+            value,
             retention,
             reply,
         })?;
@@ -515,10 +543,9 @@ impl DurableLog {
     /// hold older offsets learn that they cannot recover. Blocks until durable. A no-op for
     /// an unknown channel.
     pub fn remove(&self, channel: &str) -> Result<(), LogError> {
-        let owned = channel.to_owned();
         self.request(
             |reply| Cmd::Remove {
-                channel: owned,
+                channel: channel.into(),
                 reply,
             },
             |shared| {
@@ -561,10 +588,9 @@ impl DurableLog {
     /// Creates the stream of `channel` if it does not exist, durably, and returns its
     /// position.
     fn ensure(&self, channel: &str) -> Result<StreamPosition, LogError> {
-        let owned = channel.to_owned();
         self.request(
             |reply| Cmd::Ensure {
-                channel: owned,
+                channel: channel.into(),
                 reply,
             },
             |shared| match shared.stream(channel) {
@@ -576,11 +602,11 @@ impl DurableLog {
 
     /// Runs a blocking request through the writer, or directly when called from the
     /// writer thread itself (from `on_commit`), which would otherwise wait for itself.
-    fn request<T>(
+    fn request<R>(
         &self,
-        make: impl FnOnce(SyncReply<T>) -> Cmd,
-        inline: impl FnOnce(&Shared) -> Result<T, LogError>,
-    ) -> Result<T, LogError> {
+        make: impl FnOnce(SyncReply<R>) -> Cmd<T>,
+        inline: impl FnOnce(&Shared<T>) -> Result<R, LogError>,
+    ) -> Result<R, LogError> {
         if std::thread::current().id() == self.shared.writer_id {
             return inline(&self.shared);
         }
@@ -593,7 +619,7 @@ impl DurableLog {
     }
 }
 
-impl std::fmt::Debug for DurableLog {
+impl<T: Payload> std::fmt::Debug for DurableLog<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DurableLog")
             .field("closed", &self.shared.closed.load(Ordering::Relaxed))
@@ -602,10 +628,10 @@ impl std::fmt::Debug for DurableLog {
     }
 }
 
-impl Shared {
+impl<T> Shared<T> {
     /// Queues `cmd` for the writer, and wakes the writer if it is gathering a batch and
     /// this request completes it.
-    fn send(&self, cmd: Cmd) -> Result<(), LogError> {
+    fn send(&self, cmd: Cmd<T>) -> Result<(), LogError> {
         let gathering = &self.gathering;
         // Counted before it can be taken, so the writer's count never goes below zero.
         gathering.queued.fetch_add(1, Ordering::SeqCst);
@@ -656,7 +682,7 @@ impl Shared {
         let mut stream = stream;
         stream.saved_top = stream.top;
         let position = stream.position();
-        write_lock(&self.streams).insert(channel.to_owned(), stream);
+        write_lock(&self.streams).insert(channel.into(), stream);
         Ok(position)
     }
 
@@ -682,14 +708,14 @@ impl Shared {
     }
 }
 
-impl Drop for Shared {
+impl<T> Drop for Shared<T> {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
 /// 16 random hex characters.
-fn new_epoch() -> String {
+fn new_epoch() -> Arc<str> {
     let mut buf = [0u8; 8];
     if getrandom::fill(&mut buf).is_err() {
         // No OS randomness: fall back to std's randomly keyed hasher, mixed with the time.
@@ -702,18 +728,21 @@ fn new_epoch() -> String {
         );
         buf = hasher.finish().to_le_bytes();
     }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    buf.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into()
 }
 
 /// The streams named in `changed` that exist.
 fn changed_streams<'s>(
     streams: &'s Streams,
-    changed: &'s HashSet<String>,
+    changed: &'s HashSet<Arc<str>>,
 ) -> impl Iterator<Item = (&'s str, &'s Stream)> {
     changed
         .iter()
-        .filter_map(|channel| streams.get_key_value(channel.as_str()))
-        .map(|(channel, stream)| (channel.as_str(), stream))
+        .filter_map(|channel| streams.get_key_value(channel))
+        .map(|(channel, stream)| (&**channel, stream))
 }
 
 /// Makes the directory's entries (the files just created) durable. Best effort: some
@@ -746,25 +775,25 @@ fn ttl_ms(ttl: Duration) -> u64 {
 /// something to delete. Lives in the writer; built from the streams at start.
 #[derive(Default)]
 struct Schedule {
-    by_due: BTreeSet<(u64, String)>,
-    due_of: HashMap<String, u64>,
+    by_due: BTreeSet<(u64, Arc<str>)>,
+    due_of: HashMap<Arc<str>, u64>,
 }
 
 impl Schedule {
-    fn set(&mut self, channel: &str, due: Option<u64>) {
+    fn set(&mut self, channel: &Arc<str>, due: Option<u64>) {
         if self.due_of.get(channel).copied() == due {
             return;
         }
         if let Some(old) = self.due_of.remove(channel) {
-            self.by_due.remove(&(old, channel.to_owned()));
+            self.by_due.remove(&(old, channel.clone()));
         }
         if let Some(due) = due {
-            self.due_of.insert(channel.to_owned(), due);
-            self.by_due.insert((due, channel.to_owned()));
+            self.due_of.insert(channel.clone(), due);
+            self.by_due.insert((due, channel.clone()));
         }
     }
 
-    fn due(&self, now: u64) -> Vec<String> {
+    fn due(&self, now: u64) -> Vec<Arc<str>> {
         self.by_due
             .iter()
             .take_while(|(due, _)| *due <= now)
@@ -774,18 +803,18 @@ impl Schedule {
     }
 }
 
-struct Writer {
+struct Writer<T> {
     db: Arc<Database>,
     failure: Arc<OnceLock<LogError>>,
     gathering: Arc<Gathering>,
     wal: Wal,
     streams: Arc<RwLock<Streams>>,
     /// Streams changed since they were last stored in the checkpoint.
-    changed: HashSet<String>,
+    changed: HashSet<Arc<str>>,
     /// The checkpoint in progress, if any.
     round: Option<Round>,
-    rx: Receiver<Cmd>,
-    on_commit: OnCommit,
+    rx: Receiver<Cmd<T>>,
+    on_commit: OnCommit<T>,
     stats: Arc<Stats>,
     options: LogOptions,
     schedule: Schedule,
@@ -800,12 +829,13 @@ struct Round {
 }
 
 /// A request of the batch being committed, waiting for its answer.
-enum Pending {
+enum Pending<T> {
     Appended {
         /// Index of its op in the batch's record.
         op: usize,
         position: StreamPosition,
-        reply: Reply<StreamPosition>,
+        value: T,
+        reply: AppendReply<T>,
     },
     Ensured {
         position: StreamPosition,
@@ -816,7 +846,7 @@ enum Pending {
     },
 }
 
-impl Pending {
+impl<T> Pending<T> {
     fn fail(self, err: &LogError) {
         // A failed send means the caller stopped waiting; nothing to do.
         match self {
@@ -835,9 +865,12 @@ impl Pending {
     fn succeed(self) {
         match self {
             Pending::Appended {
-                position, reply, ..
+                position,
+                value,
+                reply,
+                ..
             } => {
-                let _ = reply.send(Ok(position));
+                let _ = reply.send(Ok((position, value)));
             }
             Pending::Ensured { position, reply } => {
                 let _ = reply.send(Ok(position));
@@ -851,7 +884,7 @@ impl Pending {
 
 /// A stream as the batch being planned sees it: the applied state plus the batch so far.
 struct Planned {
-    epoch: String,
+    epoch: Arc<str>,
     top: u64,
     last_ms: u64,
 }
@@ -859,9 +892,9 @@ struct Planned {
 /// The batch's view of `channel`, loaded on first use; `None` for an unknown stream
 /// unless `create`.
 fn plan<'p>(
-    planned: &'p mut HashMap<String, Planned>,
+    planned: &'p mut HashMap<Arc<str>, Planned>,
     streams: &Streams,
-    channel: &str,
+    channel: &Arc<str>,
     create: bool,
 ) -> Option<&'p mut Planned> {
     if !planned.contains_key(channel) {
@@ -878,12 +911,12 @@ fn plan<'p>(
             },
             None => return None,
         };
-        planned.insert(channel.to_owned(), state);
+        planned.insert(channel.clone(), state);
     }
     planned.get_mut(channel)
 }
 
-impl Writer {
+impl<T: Payload> Writer<T> {
     fn run(mut self) {
         let mut next_sweep = later(self.options.sweep_interval);
         let mut next_checkpoint = later(self.options.checkpoint_interval);
@@ -963,7 +996,7 @@ impl Writer {
     /// [`LogOptions::commit_window`]. So when every appender waits for the writer the
     /// batch is complete at once, under a steady load batches grow until a window fills
     /// them, and after small batches (fewer than [`GATHER_AFTER`]) nothing waits.
-    fn gather(&self, batch: &mut Vec<Cmd>, stopping: &mut bool, last_batch: usize) {
+    fn gather(&self, batch: &mut Vec<Cmd<T>>, stopping: &mut bool, last_batch: usize) {
         if last_batch < GATHER_AFTER || self.options.commit_window.is_zero() {
             return;
         }
@@ -990,7 +1023,7 @@ impl Writer {
     }
 
     /// Moves queued requests into `batch`, up to `max_batch`.
-    fn drain(&self, batch: &mut Vec<Cmd>, stopping: &mut bool) {
+    fn drain(&self, batch: &mut Vec<Cmd<T>>, stopping: &mut bool) {
         let mut taken = 0;
         while batch.len() < self.options.max_batch {
             match self.rx.try_recv() {
@@ -1005,19 +1038,19 @@ impl Writer {
 
     /// Commits one batch: plans it against the streams, writes its record, applies it,
     /// then hands its entries to `on_commit` and acknowledges every request.
-    fn process(&mut self, batch: Vec<Cmd>) {
+    fn process(&mut self, batch: Vec<Cmd<T>>) {
         let size = batch.len() as u64;
         let now = now_ms();
         let mut ops = Vec::with_capacity(batch.len());
         let mut pending = Vec::with_capacity(batch.len());
         {
             let streams = read_lock(&self.streams);
-            let mut planned: HashMap<String, Planned> = HashMap::new();
+            let mut planned: HashMap<Arc<str>, Planned> = HashMap::new();
             for cmd in batch {
                 match cmd {
                     Cmd::Append {
                         channel,
-                        data,
+                        value,
                         retention,
                         reply,
                     } => {
@@ -1037,12 +1070,13 @@ impl Writer {
                             time_ms: stream.last_ms,
                             max_len: retention.max_len as u64,
                             ttl_ms: ttl_ms(retention.ttl),
-                            data,
+                            data: value.stored(),
                             channel,
                         };
                         pending.push(Pending::Appended {
                             op: ops.len(),
                             position,
+                            value,
                             reply,
                         });
                         ops.push(op);
@@ -1109,7 +1143,7 @@ impl Writer {
             self.stats.max_batch.fetch_max(size, Ordering::Relaxed);
         }
         // Durable: now readers may see it.
-        let mut due: HashMap<&str, Option<u64>> = HashMap::new();
+        let mut due: HashMap<&Arc<str>, Option<u64>> = HashMap::new();
         {
             let mut streams = write_lock(&self.streams);
             for op in &ops {
@@ -1117,7 +1151,7 @@ impl Writer {
                     due.insert(op.channel(), next);
                 }
                 if !self.changed.contains(op.channel()) {
-                    self.changed.insert(op.channel().to_owned());
+                    self.changed.insert(op.channel().clone());
                 }
             }
         }
@@ -1126,16 +1160,22 @@ impl Writer {
         }
         // Deliver everything, in offset order, before acknowledging anything.
         let mut appended = 0;
-        for request in &pending {
-            if let Pending::Appended { op, position, .. } = request {
-                if let Op::Append { channel, data, .. } = &ops[*op] {
+        for request in &mut pending {
+            if let Pending::Appended {
+                op,
+                position,
+                value,
+                ..
+            } = request
+            {
+                if let Op::Append { channel, .. } = &ops[*op] {
                     appended += 1;
                     let on_commit = &self.on_commit;
-                    if catch_unwind(AssertUnwindSafe(|| on_commit(channel, position, data)))
+                    if catch_unwind(AssertUnwindSafe(|| on_commit(channel, position, value)))
                         .is_err()
                     {
                         tracing::error!(
-                            channel,
+                            channel = &**channel,
                             offset = position.offset,
                             "history log: on_commit panicked"
                         );
@@ -1183,7 +1223,7 @@ impl Writer {
         let whole = whole || round.slices >= MAX_SLICES;
         let started = Instant::now();
         let streams = read_lock(&self.streams);
-        let mut slice: Vec<&str> = Vec::new();
+        let mut slice: Vec<&Arc<str>> = Vec::new();
         let mut work = 0;
         for channel in &self.changed {
             if !whole && work >= SLICE_WORK {
@@ -1212,11 +1252,11 @@ impl Writer {
             slice
                 .iter()
                 .filter_map(|channel| streams.get_key_value(*channel))
-                .map(|(channel, stream)| (channel.as_str(), stream)),
+                .map(|(channel, stream)| (&**channel, stream)),
             commit,
             self.options.quick_repair,
         );
-        let slice: Vec<String> = slice.into_iter().map(str::to_owned).collect();
+        let slice: Vec<Arc<str>> = slice.into_iter().cloned().collect();
         drop(streams);
         if let Err(err) = saved {
             // The commit may or may not be on disk, so it is unknown which generation a

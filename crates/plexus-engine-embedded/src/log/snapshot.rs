@@ -23,6 +23,7 @@
 //! the data directory lives.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
@@ -57,7 +58,7 @@ pub(super) struct Loaded {
     pub generation: u64,
     /// Streams with entries that expired while the server was down: the next checkpoint
     /// deletes them from the file.
-    pub expired: HashSet<String>,
+    pub expired: HashSet<Arc<str>>,
 }
 
 /// Every stream of the checkpoint, with the entries still retained at `now`.
@@ -98,10 +99,11 @@ pub(super) fn load(db: &Database, now: u64) -> Result<Loaded, LogError> {
         let cutoff = expiry_cutoff(now, stream.ttl_ms);
         let before = stream.entries.len();
         stream.entries.retain(|e| e.time_ms >= cutoff);
+        let channel: Arc<str> = channel.into();
         if stream.entries.len() < before {
-            expired.insert(channel.to_owned());
+            expired.insert(channel.clone());
         }
-        streams.insert(channel.to_owned(), stream);
+        streams.insert(channel, stream);
     }
     Ok(Loaded {
         streams,
@@ -212,7 +214,7 @@ fn decode_meta(raw: &[u8]) -> Option<Stream> {
             .ok()
             .map(u64::from_le_bytes)
     };
-    let mut stream = Stream::new(std::str::from_utf8(&raw[META_HEADER..]).ok()?.to_owned());
+    let mut stream = Stream::new(std::str::from_utf8(&raw[META_HEADER..]).ok()?.into());
     stream.top = num(0)?;
     stream.last_ms = num(1)?;
     stream.max_len = num(2)?;

@@ -6,6 +6,7 @@
 //! after.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -15,7 +16,7 @@ use super::{Entry, StreamPosition};
 /// One channel's stream.
 #[derive(Clone, Debug)]
 pub(super) struct Stream {
-    pub epoch: String,
+    pub epoch: Arc<str>,
     /// Offset of the newest entry ever appended (0 if none).
     pub top: u64,
     /// Append time of the newest entry (ms since the Unix epoch).
@@ -36,10 +37,10 @@ pub(super) struct Stored {
     pub data: Bytes,
 }
 
-pub(super) type Streams = HashMap<String, Stream>;
+pub(super) type Streams = HashMap<Arc<str>, Stream>;
 
 impl Stream {
-    pub fn new(epoch: String) -> Self {
+    pub fn new(epoch: Arc<str>) -> Self {
         Stream {
             epoch,
             top: 0,
@@ -165,7 +166,7 @@ pub(super) fn apply(streams: &mut Streams, op: &Op, now: u64) -> Option<Option<u
             epoch,
             top,
         } => {
-            let stream = streams.get_mut(channel.as_str())?;
+            let stream = streams.get_mut(&**channel)?;
             if stream.epoch != *epoch {
                 return None;
             }
@@ -179,11 +180,13 @@ pub(super) fn apply(streams: &mut Streams, op: &Op, now: u64) -> Option<Option<u
 
 /// The stream of `channel`, created with `epoch` if unknown; `None` if it has another epoch
 /// (a record that does not belong to this stream).
-fn stream_of<'s>(streams: &'s mut Streams, channel: &str, epoch: &str) -> Option<&'s mut Stream> {
-    if !streams.contains_key(channel) {
-        streams.insert(channel.to_owned(), Stream::new(epoch.to_owned()));
-    }
-    streams
-        .get_mut(channel)
-        .filter(|stream| stream.epoch == epoch)
+fn stream_of<'s>(
+    streams: &'s mut Streams,
+    channel: &Arc<str>,
+    epoch: &Arc<str>,
+) -> Option<&'s mut Stream> {
+    let stream = streams
+        .entry(channel.clone())
+        .or_insert_with(|| Stream::new(epoch.clone()));
+    (stream.epoch == *epoch).then_some(stream)
 }

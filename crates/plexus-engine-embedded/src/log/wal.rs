@@ -35,6 +35,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -58,11 +59,11 @@ const OP_REMOVE: u8 = 3;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Op {
     /// A stream was created with this epoch (by a read or `top` of an unknown channel).
-    Create { channel: String, epoch: String },
+    Create { channel: Arc<str>, epoch: Arc<str> },
     /// An entry was appended at `offset` (the stream is created first if it is unknown).
     Append {
-        channel: String,
-        epoch: String,
+        channel: Arc<str>,
+        epoch: Arc<str>,
         offset: u64,
         time_ms: u64,
         max_len: u64,
@@ -71,14 +72,14 @@ pub(super) enum Op {
     },
     /// Every entry up to `top` was removed; the stream and its offsets stay.
     Remove {
-        channel: String,
-        epoch: String,
+        channel: Arc<str>,
+        epoch: Arc<str>,
         top: u64,
     },
 }
 
 impl Op {
-    pub(super) fn channel(&self) -> &str {
+    pub(super) fn channel(&self) -> &Arc<str> {
         match self {
             Op::Create { channel, .. }
             | Op::Append { channel, .. }
@@ -151,8 +152,8 @@ fn decode_body(mut body: &[u8]) -> Option<Vec<Op>> {
         let len = u32::from_le_bytes(take(body, 4)?.try_into().ok()?) as usize;
         take(body, len)
     }
-    fn string(body: &mut &[u8]) -> Option<String> {
-        std::str::from_utf8(bytes(body)?).ok().map(str::to_owned)
+    fn string(body: &mut &[u8]) -> Option<Arc<str>> {
+        std::str::from_utf8(bytes(body)?).ok().map(Arc::from)
     }
     let mut ops = Vec::new();
     while !body.is_empty() {
