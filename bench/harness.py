@@ -139,11 +139,10 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15)
 
 
-def run_bench(args, pid=None, limit_s=600, on_line=None, load_samples=None):
+def run_bench(args, pid=None, limit_s=600, on_line=None):
     """Runs `plexus bench ARGS --json` on the load core. With `pid`, samples the server's CPU
-    every 50 ms (and, given a `load_samples` list, the load generator's own CPU into it).
-    Returns the report, the CPU samples and the stderr progress lines (receipt time, text);
-    `on_line(text)` is called for each line as it arrives."""
+    every 50 ms. Returns the report, the CPU samples and the stderr progress lines (receipt
+    time, text); `on_line(text)` is called for each line as it arrives."""
     cmd = ["taskset", "-c", LOAD_CORE, str(PLEXUS), "bench"] + args + ["--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     samples, lines, stop = [], [], threading.Event()
@@ -151,10 +150,7 @@ def run_bench(args, pid=None, limit_s=600, on_line=None, load_samples=None):
     def sample():
         while not stop.is_set():
             try:
-                now = time.monotonic()
-                samples.append((now, cpu_ticks(pid)))
-                if load_samples is not None:
-                    load_samples.append((now, cpu_ticks(proc.pid)))
+                samples.append((time.monotonic(), cpu_ticks(pid)))
             except OSError:
                 return
             time.sleep(0.05)
@@ -412,23 +408,18 @@ def test_publish(server, opts, case):
         args = [server.url("/connection/websocket"), "--token", server.token()]
     else:
         args = [server.http("/api/publish"), "--api-key", API_KEY]
-    load = []
     report, samples, lines = run_bench(
         ["publish"] + args + ["--publishers", str(publishers), "--channel",
                               f"chat:publish-{via}", "--duration", f"{opts.duration}s"],
-        pid=server.pid, load_samples=load)
+        pid=server.pid)
     points = [(t, int(m.group(1))) for t, line in lines if (m := PUBLISH_RE.search(line))]
     us, window = windowed(samples, points)
-    # The load generator's own CPU per publish in the same window (it keeps polling while
-    # every publisher waits, so this counts that too).
-    load_us, _ = windowed(load, points) if len(load) > 1 else (None, None)
     lat = report.get("latency_us") or {}
     return {"engine": server.engine, "via": via, "publishes_per_s": report.get("publishes_per_s"),
             "published": report.get("published"), "errors": report.get("errors"),
             "connected": report.get("connected"), "publishers": publishers,
             "p50_us": lat.get("p50_us"), "p99_us": lat.get("p99_us"),
             "us_per_publish": us, "window": window, "data_fs": fs_type(server.data_dir),
-            "load_us_per_publish": load_us,
             "failures": report.get("failures")}
 
 

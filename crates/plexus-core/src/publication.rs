@@ -37,7 +37,7 @@ pub enum Encoding {
 const N_ENCODINGS: usize = 6;
 
 /// Cached encodings of one delivery.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct EncodingCache([OnceLock<Bytes>; N_ENCODINGS]);
 
 impl EncodingCache {
@@ -47,7 +47,7 @@ impl EncodingCache {
 }
 
 /// One message published in one channel.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Publication {
     pub channel: Arc<str>,
     pub kind: MessageKind,

@@ -74,22 +74,9 @@ impl EmbeddedEngine {
         let on_commit_deliver = deliver.clone();
         let on_commit: OnCommit<Arc<Publication>> =
             Arc::new(move |_channel, position, publication| {
-                // Made by the publisher and not shared yet, so the offset is set in place: the
-                // writer thread allocates nothing to deliver it.
-                match Arc::get_mut(publication) {
-                    Some(unshared) => unshared.offset = position.offset,
-                    None => {
-                        *publication = Arc::new(
-                            Publication::new(
-                                publication.channel.clone(),
-                                publication.kind,
-                                publication.data.clone(),
-                                publication.info.clone(),
-                            )
-                            .with_offset(position.offset),
-                        )
-                    }
-                }
+                // Made by the publisher and not shared yet, so the offset is set in place (no
+                // copy): the writer thread allocates nothing to deliver it.
+                Arc::make_mut(publication).offset = position.offset;
                 on_commit_deliver.deliver(Delivery::Publication(publication.clone()))
             });
         let log = DurableLog::open(dir, on_commit)?;

@@ -376,9 +376,7 @@ impl<T: Payload> DurableLog<T> {
             Wal::open(&dir.join(WAL_FILE_NAME), loaded.generation).map_err(io)?;
         let replayed = records.len();
         for op in records.into_iter().flatten() {
-            if !changed.contains(op.channel()) {
-                changed.insert(op.channel().clone());
-            }
+            changed.insert(op.channel().clone());
             streams::apply(&mut streams, &op, now);
         }
         let mut generation = loaded.generation;
@@ -1150,9 +1148,7 @@ impl<T: Payload> Writer<T> {
                 if let Some(next) = streams::apply(&mut streams, op, now) {
                     due.insert(op.channel(), next);
                 }
-                if !self.changed.contains(op.channel()) {
-                    self.changed.insert(op.channel().clone());
-                }
+                self.changed.insert(op.channel().clone());
             }
         }
         for (channel, next) in due {
