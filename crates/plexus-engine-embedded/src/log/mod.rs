@@ -165,7 +165,7 @@ pub struct LogOptions {
     /// Most requests committed in one write-ahead record (default 1024).
     pub max_batch: usize,
     /// Under load (the previous batch had 8 requests or more), the writer waits up to this
-    /// long for a batch as large as the previous one (default 2 ms), so one `fdatasync`
+    /// long after that commit for a batch as large as it (default 2 ms), so one `fdatasync`
     /// covers more appends. Zero commits as soon as anything is queued.
     pub commit_window: Duration,
     /// How often the writer deletes expired entries (default 5 s). Expired entries are
@@ -921,39 +921,45 @@ impl<T: Payload> Writer<T> {
         let mut stopping = false;
         let mut last_batch = 0usize;
         loop {
-            let first = if stopping {
-                self.rx.try_recv().ok()
-            } else {
-                // During a checkpoint, only look for requests between its slices.
-                let wait = if self.round.is_some() {
-                    Duration::ZERO
-                } else {
-                    next_sweep
-                        .min(next_checkpoint)
-                        .saturating_duration_since(Instant::now())
-                };
-                match self.rx.recv_timeout(wait) {
-                    Ok(cmd) => Some(cmd),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            };
-            if stopping && first.is_none() {
-                break;
-            }
             let mut batch = Vec::new();
-            let first_taken = first.is_some();
-            match first {
-                Some(Cmd::Shutdown) => stopping = true,
-                Some(cmd) => batch.push(cmd),
-                None => {}
-            }
-            if first_taken {
-                self.gathering.queued.fetch_sub(1, Ordering::SeqCst);
-            }
-            if !batch.is_empty() {
-                self.drain(&mut batch, &mut stopping);
+            // Under load the next batch gathers from the end of this commit, so the writer
+            // sleeps once per batch, until the appender that completes it wakes it.
+            if !stopping {
                 self.gather(&mut batch, &mut stopping, last_batch);
+            }
+            if batch.is_empty() {
+                let first = if stopping {
+                    self.rx.try_recv().ok()
+                } else {
+                    // During a checkpoint, only look for requests between its slices.
+                    let wait = if self.round.is_some() {
+                        Duration::ZERO
+                    } else {
+                        next_sweep
+                            .min(next_checkpoint)
+                            .saturating_duration_since(Instant::now())
+                    };
+                    match self.rx.recv_timeout(wait) {
+                        Ok(cmd) => Some(cmd),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                };
+                if stopping && first.is_none() {
+                    break;
+                }
+                let first_taken = first.is_some();
+                match first {
+                    Some(Cmd::Shutdown) => stopping = true,
+                    Some(cmd) => batch.push(cmd),
+                    None => {}
+                }
+                if first_taken {
+                    self.gathering.queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                if !batch.is_empty() {
+                    self.drain(&mut batch, &mut stopping);
+                }
             }
             last_batch = batch.len();
             if !batch.is_empty() {
@@ -989,9 +995,9 @@ impl<T: Payload> Writer<T> {
 
     /// Under load, lets requests gather before a commit. Each commit costs the same
     /// `fdatasync` whatever its size, so fewer, bigger batches leave more of the core to
-    /// the server. After a batch of several requests, the writer waits until as many are
-    /// queued again (the appender that completes the batch wakes it), for at most
-    /// [`LogOptions::commit_window`]. So when every appender waits for the writer the
+    /// the server. After a batch of several requests, the writer waits, from the end of
+    /// that commit, until as many are queued again (the appender that completes the batch
+    /// wakes it), for at most [`LogOptions::commit_window`]. So when every appender waits for the writer the
     /// batch is complete at once, under a steady load batches grow until a window fills
     /// them, and after small batches (fewer than [`GATHER_AFTER`]) nothing waits.
     fn gather(&self, batch: &mut Vec<Cmd<T>>, stopping: &mut bool, last_batch: usize) {
