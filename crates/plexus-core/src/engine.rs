@@ -22,6 +22,43 @@ pub struct StreamPosition {
     pub epoch: Arc<str>,
 }
 
+/// A number an engine reports for `/metrics` (the server names it `plexus_{name}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineMetric {
+    /// Lower-case words joined by `_`, e.g. `history_commits`; a counter gets `_total` there.
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: MetricKind,
+    pub value: f64,
+}
+
+/// Whether an [`EngineMetric`] only ever grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+impl EngineMetric {
+    pub fn counter(name: &'static str, help: &'static str, value: f64) -> EngineMetric {
+        EngineMetric {
+            name,
+            help,
+            kind: MetricKind::Counter,
+            value,
+        }
+    }
+
+    pub fn gauge(name: &'static str, help: &'static str, value: f64) -> EngineMetric {
+        EngineMetric {
+            name,
+            help,
+            kind: MetricKind::Gauge,
+            value,
+        }
+    }
+}
+
 /// How much history a channel keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryRetention {
@@ -132,6 +169,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether the engine can serve calls now (a broker engine: connected); for readiness checks.
     fn ready(&self) -> bool {
         true
+    }
+
+    /// What the engine counts of its own work (commits, connections), read at each scrape.
+    fn metrics(&self) -> Vec<EngineMetric> {
+        Vec::new()
     }
 
     fn publish(

@@ -27,8 +27,8 @@ mod presence;
 mod publication;
 
 pub use engine::{
-    BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
-    NodeCommand, NodeStats, StreamPosition,
+    BoxFuture, Deliver, Engine, EngineError, EngineMetric, HistoryPage, HistoryQuery,
+    HistoryRetention, MetricKind, NodeCommand, NodeStats, StreamPosition,
 };
 pub use hub::{
     ClientInfo, CommandHandler, ConnectionId, FanOutReport, Hub, HubError, Subscriber, DEFAULT_NAME,

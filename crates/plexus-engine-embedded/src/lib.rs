@@ -20,8 +20,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use plexus_core::{
-    BoxFuture, ClientDescriptor, Deliver, Delivery, Engine, EngineError, HistoryPage, HistoryQuery,
-    HistoryRetention, Membership, MemoryEngine, NodeCommand, Publication, StreamPosition,
+    BoxFuture, ClientDescriptor, Deliver, Delivery, Engine, EngineError, EngineMetric, HistoryPage,
+    HistoryQuery, HistoryRetention, Membership, MemoryEngine, NodeCommand, Publication,
+    StreamPosition,
 };
 
 pub use log::{DurableLog, Entry, LogError, LogOptions, LogStats, OnCommit, Payload, Retention};
@@ -99,6 +100,63 @@ impl Engine for EmbeddedEngine {
     /// Not ready once a storage failure stopped the log from taking writes.
     fn ready(&self) -> bool {
         self.log.accepts_writes()
+    }
+
+    fn metrics(&self) -> Vec<EngineMetric> {
+        let stats = self.log.stats();
+        let seconds = |micros: u64| micros as f64 / 1e6;
+        vec![
+            EngineMetric::counter(
+                "history_appends",
+                "Publications made durable in history",
+                stats.appends as f64,
+            ),
+            EngineMetric::counter(
+                "history_commits",
+                "Write-ahead records committed, each one fdatasync",
+                stats.commits as f64,
+            ),
+            EngineMetric::counter(
+                "history_commit_seconds",
+                "Time spent writing write-ahead records and waiting for fdatasync",
+                seconds(stats.commit_micros),
+            ),
+            EngineMetric::counter(
+                "history_commit_failures",
+                "Commits that failed (their publishers got an error)",
+                stats.failed_commits as f64,
+            ),
+            EngineMetric::gauge(
+                "history_largest_batch",
+                "The most publications committed in one record",
+                stats.max_batch as f64,
+            ),
+            EngineMetric::gauge(
+                "history_wal_bytes",
+                "Bytes of write-ahead records since the last checkpoint",
+                stats.wal_bytes as f64,
+            ),
+            EngineMetric::gauge(
+                "history_streams",
+                "Channels with a history stream",
+                stats.streams as f64,
+            ),
+            EngineMetric::counter(
+                "history_checkpoints",
+                "Checkpoints stored in history.redb",
+                stats.checkpoints as f64,
+            ),
+            EngineMetric::counter(
+                "history_checkpoint_seconds",
+                "Time spent storing checkpoints",
+                seconds(stats.checkpoint_micros),
+            ),
+            EngineMetric::counter(
+                "history_checkpoint_failures",
+                "Checkpoints that failed (the log then takes no more writes)",
+                stats.failed_checkpoints as f64,
+            ),
+        ]
     }
 
     fn publish(

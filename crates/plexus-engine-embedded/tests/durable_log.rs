@@ -205,6 +205,13 @@ async fn checkpoints_during_appends_lose_nothing() {
         "expected checkpoints, got {stats:?}"
     );
     assert_eq!(stats.failed_checkpoints, 0);
+    assert!(
+        stats.checkpoint_micros > 0 && stats.commit_micros > 0,
+        "{stats:?}"
+    );
+    // What the records since the last checkpoint hold, at most its threshold and one batch.
+    assert!(stats.wal_bytes < 2048 + 64 * 1024, "{stats:?}");
+    assert_eq!(stats.streams, 4, "{stats:?}");
     let wal = std::fs::metadata(dir.path().join(plexus_engine_embedded::log::WAL_FILE_NAME))
         .unwrap()
         .len();

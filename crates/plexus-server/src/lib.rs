@@ -150,11 +150,12 @@ impl Server {
         let tcp_chat_addr = chat_listener.as_ref().map(local);
 
         let heartbeats = ws::heartbeat::Heartbeats::new(config.ping_interval, config.pong_timeout);
+        let node = node(&config)?;
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
-            node: node(&config)?,
+            metrics: Metrics::new(node.engine().clone()),
+            node,
             config,
-            metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             verifier: Some(verifier),

@@ -3,10 +3,14 @@
 //! Counters are created once at start-up and cloned into connections as plain atomics, so the
 //! hot path never looks a label set up.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use std::sync::Arc;
+
+use plexus_core::{Engine, MetricKind};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,14 +90,54 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Metrics {
-        Metrics::new()
+/// Reads the engine's own numbers ([`Engine::metrics`]) at each scrape, and whether it is
+/// ready.
+struct EngineCollector(Arc<dyn Engine>);
+
+impl std::fmt::Debug for EngineCollector {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("EngineCollector")
     }
 }
 
+impl Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let ready = ConstGauge::new(i64::from(self.0.ready()));
+        let help = "1 while the engine can take publications (the same as /ready)";
+        describe(&mut encoder, "engine_ready", help, &ready)?;
+        for metric in self.0.metrics() {
+            let (name, help, value) = (metric.name, metric.help, metric.value);
+            // Whole numbers are written as such (`3`, not `3.0`).
+            let whole = value.fract() == 0.0 && value.abs() < 9e15;
+            match metric.kind {
+                MetricKind::Counter if whole => {
+                    describe(&mut encoder, name, help, &ConstCounter::new(value as u64))
+                }
+                MetricKind::Gauge if whole => {
+                    describe(&mut encoder, name, help, &ConstGauge::new(value as i64))
+                }
+                MetricKind::Counter => {
+                    describe(&mut encoder, name, help, &ConstCounter::new(value))
+                }
+                MetricKind::Gauge => describe(&mut encoder, name, help, &ConstGauge::new(value)),
+            }?;
+        }
+        Ok(())
+    }
+}
+
+fn describe(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// The server's metrics, with `engine`'s own read at each scrape.
+    pub fn new(engine: Arc<dyn Engine>) -> Metrics {
         let mut registry = Registry::with_prefix("plexus");
         let connections = Family::<TransportLabel, Gauge>::default();
         let accepted = Family::<TransportLabel, Counter>::default();
@@ -159,6 +203,7 @@ impl Metrics {
             "Connections cut because their outbox overflowed",
             slow_disconnects.clone(),
         );
+        registry.register_collector(Box::new(EngineCollector(engine)));
         Metrics {
             registry,
             websocket,

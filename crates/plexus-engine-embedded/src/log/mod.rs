@@ -146,6 +146,8 @@ pub struct LogStats {
     pub commits: u64,
     /// Commits that failed; their requests got the error.
     pub failed_commits: u64,
+    /// Time spent writing records and waiting for `fdatasync`, in microseconds.
+    pub commit_micros: u64,
     /// Entries appended and acknowledged.
     pub appends: u64,
     /// The largest number of requests committed in one batch.
@@ -154,9 +156,15 @@ pub struct LogStats {
     pub checkpoints: u64,
     /// Slices those checkpoints took (see [`LogOptions::checkpoint_interval`]).
     pub checkpoint_slices: u64,
+    /// Time those slices took, in microseconds.
+    pub checkpoint_micros: u64,
     /// Checkpoints that failed; after one the log stops taking writes
     /// ([`LogError::Failed`]).
     pub failed_checkpoints: u64,
+    /// Bytes of write-ahead records since the last checkpoint.
+    pub wal_bytes: u64,
+    /// Channels with a stream (their metadata is kept even when no entry is).
+    pub streams: u64,
 }
 
 /// Tuning knobs; [`LogOptions::default`] suits a server.
@@ -297,11 +305,14 @@ struct Gathering {
 struct Stats {
     commits: AtomicU64,
     failed_commits: AtomicU64,
+    commit_micros: AtomicU64,
     appends: AtomicU64,
     max_batch: AtomicU64,
     checkpoints: AtomicU64,
     checkpoint_slices: AtomicU64,
+    checkpoint_micros: AtomicU64,
     failed_checkpoints: AtomicU64,
+    wal_bytes: AtomicU64,
 }
 
 /// An appender's answer: where its entry went, and its value back.
@@ -568,11 +579,15 @@ impl<T: Payload> DurableLog<T> {
         LogStats {
             commits: s.commits.load(Ordering::Relaxed),
             failed_commits: s.failed_commits.load(Ordering::Relaxed),
+            commit_micros: s.commit_micros.load(Ordering::Relaxed),
             appends: s.appends.load(Ordering::Relaxed),
             max_batch: s.max_batch.load(Ordering::Relaxed),
             checkpoints: s.checkpoints.load(Ordering::Relaxed),
             checkpoint_slices: s.checkpoint_slices.load(Ordering::Relaxed),
+            checkpoint_micros: s.checkpoint_micros.load(Ordering::Relaxed),
             failed_checkpoints: s.failed_checkpoints.load(Ordering::Relaxed),
+            wal_bytes: s.wal_bytes.load(Ordering::Relaxed),
+            streams: read_lock(&self.shared.streams).len() as u64,
         }
     }
 
@@ -1128,7 +1143,15 @@ impl<T: Payload> Writer<T> {
             return;
         }
         if !ops.is_empty() {
-            if let Err(err) = self.wal.append(&ops) {
+            let started = Instant::now();
+            let appended = self.wal.append(&ops);
+            self.stats
+                .commit_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.stats
+                .wal_bytes
+                .store(self.wal.len(), Ordering::Relaxed);
+            if let Err(err) = appended {
                 let err = io(err);
                 self.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(%err, requests = pending.len(), "history log: commit failed");
@@ -1272,6 +1295,9 @@ impl<T: Payload> Writer<T> {
             return;
         }
         self.stats.checkpoint_slices.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .checkpoint_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if let Some(round) = self.round.as_mut() {
             round.longest = round.longest.max(started.elapsed());
         }
@@ -1298,6 +1324,7 @@ impl<T: Payload> Writer<T> {
                 );
             }
             self.wal.restart(next);
+            self.stats.wal_bytes.store(0, Ordering::Relaxed);
             self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -263,7 +263,75 @@ async fn a_failing_history_disk_makes_the_server_not_ready() {
     let (status, body) = http_json(&server, "GET", "/ready", "", "").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["ready"], false);
+    let metrics = server.metrics_text();
+    assert_eq!(metric(&metrics, "plexus_engine_ready"), Some(0.0));
+    assert_eq!(
+        metric(&metrics, "plexus_history_commit_failures_total"),
+        Some(1.0),
+        "the second publish was refused before a commit: {metrics}"
+    );
+    assert_eq!(metric(&metrics, "plexus_history_appends_total"), Some(0.0));
     // The server itself still answers.
     let (status, _) = http_json(&server, "GET", "/health", "", "").await;
     assert_eq!(status, 200);
+}
+
+/// The durable engine's own numbers are in `/metrics`: what it made durable, how many
+/// `fdatasync`s and how long they took, how much is waiting for a checkpoint.
+#[tokio::test]
+async fn metrics_show_the_history_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(Config {
+        engine: plexus_server::config::EngineKind::Embedded,
+        data_dir: dir.path().to_path_buf(),
+        ..Config::for_tests()
+    })
+    .await;
+    for n in 0..5 {
+        api_result(
+            &server,
+            "publish",
+            serde_json::json!({"channel": format!("chat:metrics-{}", n % 2), "data": {"n": n}}),
+        )
+        .await;
+    }
+    // Without history: delivered, not appended.
+    api_result(
+        &server,
+        "publish",
+        serde_json::json!({"channel": "chat:metrics-0", "data": {}, "skip_history": true}),
+    )
+    .await;
+    let (status, metrics) = http_request(&server, "GET", "/metrics", "", "").await;
+    assert_eq!(status, 200);
+    let value =
+        |name: &str| metric(&metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+    assert_eq!(value("plexus_engine_ready"), 1.0);
+    assert_eq!(value("plexus_history_appends_total"), 5.0);
+    // One publish at a time: one commit each.
+    assert_eq!(value("plexus_history_commits_total"), 5.0);
+    assert_eq!(value("plexus_history_largest_batch"), 1.0);
+    assert!(value("plexus_history_commit_seconds_total") > 0.0);
+    assert_eq!(value("plexus_history_commit_failures_total"), 0.0);
+    assert_eq!(value("plexus_history_streams"), 2.0);
+    // Five records, each a header and one publication, since no checkpoint yet.
+    assert!(value("plexus_history_wal_bytes") > 5.0 * 64.0, "{metrics}");
+    assert_eq!(value("plexus_history_checkpoint_failures_total"), 0.0);
+}
+
+/// The memory engine has no history log: its metrics say it is ready and nothing more.
+#[tokio::test]
+async fn metrics_of_the_memory_engine() {
+    let server = start_default().await;
+    let metrics = server.metrics_text();
+    assert_eq!(metric(&metrics, "plexus_engine_ready"), Some(1.0));
+    assert!(!metrics.contains("plexus_history_"), "{metrics}");
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
 }
