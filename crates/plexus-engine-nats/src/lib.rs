@@ -56,6 +56,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::rustls;
+use async_nats::rustls::pki_types::pem::PemObject;
+use async_nats::rustls::pki_types::CertificateDer;
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use futures_util::FutureExt;
 use plexus_core::{
@@ -86,8 +89,11 @@ const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Where NATS is and how the engine uses it.
 #[derive(Debug, Clone)]
 pub struct NatsOptions {
-    /// `nats://[user:password@]host:port`, or several separated by commas.
+    /// `nats://[user:password@]host:port`, or several separated by commas; `tls://…` for TLS.
     pub url: String,
+    /// For TLS: the PEM certificate(s) the server's certificate must chain to, instead of
+    /// the system's roots (a private CA, a self-signed server).
+    pub tls_ca: Option<Vec<u8>>,
     /// Prefix of every subject, stream and bucket (letters, digits, `-` and `_`), so several
     /// installations share one NATS.
     pub prefix: String,
@@ -106,6 +112,7 @@ impl NatsOptions {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> NatsOptions {
         NatsOptions {
             url: url.into(),
+            tls_ca: None,
             prefix: prefix.into(),
             shards: 4,
             presence_ttl: Duration::from_secs(60),
@@ -125,6 +132,23 @@ pub enum NatsEngineError {
     Prefix,
     #[error("cannot start the nats client: {0}")]
     Client(String),
+    #[error("the nats TLS certificate authority holds no usable PEM certificate")]
+    TlsCa,
+}
+
+/// A TLS client configuration that trusts only the certificates in `pem`.
+fn tls_trusting(pem: &[u8]) -> Result<rustls::ClientConfig, NatsEngineError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(pem) {
+        let certificate = certificate.map_err(|_| NatsEngineError::TlsCa)?;
+        roots.add(certificate).map_err(|_| NatsEngineError::TlsCa)?;
+    }
+    if roots.is_empty() {
+        return Err(NatsEngineError::TlsCa);
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Whether `prefix` can name subjects, streams and buckets.
@@ -201,8 +225,13 @@ impl NatsEngine {
         if servers.is_empty() {
             return Err(NatsEngineError::Url);
         }
+        let tls = options.tls_ca.as_deref().map(tls_trusting).transpose()?;
         let (events, event_receiver) = mpsc::unbounded_channel();
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new();
+        if let Some(tls) = tls {
+            connect = connect.tls_client_config(tls);
+        }
+        let connect = connect
             .name(format!("plexus ({})", options.prefix))
             .retry_on_initial_connect()
             .max_reconnects(None)

@@ -1,13 +1,20 @@
 //! The engine conformance suite (shared with every engine) on the NATS engine, against the
 //! NATS (with JetStream) at `PLEXUS_TEST_NATS_URL` (default `nats://127.0.0.1:4222`). Every
 //! engine gets a prefix of its own, so runs never see each other's streams; they are deleted
-//! at the end.
+//! at the end. And again over `tls://`, against a nats-server of the test's own that requires
+//! TLS.
+
+mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use plexus_core::Engine;
-use plexus_engine_nats::{NatsEngine, NatsOptions};
+use plexus_core::conformance::Recorder;
+use plexus_core::{Engine, EngineError, MessageKind, Publication};
+use plexus_engine_nats::{NatsEngine, NatsEngineError, NatsOptions};
+
+use common::{free_port, NatsServer};
 
 fn nats_url() -> String {
     std::env::var("PLEXUS_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
@@ -38,6 +45,61 @@ async fn nats_engine_conforms() {
         assert!(engine.is_ready());
         engine.destroy().await.expect("streams and bucket deleted");
     }
+}
+
+/// Trusting the self-signed certificate of the server through `tls_ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_engine_conforms_over_tls() {
+    let (dir, store) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = free_port();
+    let (_server, certificate) = NatsServer::start_tls(port, store.path(), dir.path());
+    let factory = |deliver| {
+        let options = NatsOptions {
+            tls_ca: Some(certificate.clone().into_bytes()),
+            ..NatsOptions::new(format!("tls://localhost:{port}"), unique_prefix())
+        };
+        Arc::new(NatsEngine::new(options, deliver).unwrap()) as Arc<dyn Engine>
+    };
+    plexus_core::conformance::check_engine(&factory).await;
+}
+
+/// Without the certificate (the system's roots do not vouch for it) the engine never gets
+/// ready, while one given the certificate does, and calls fail as unavailable; a CA without a
+/// certificate in it is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_server_is_refused() {
+    let (dir, store) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = free_port();
+    let (_server, certificate) = NatsServer::start_tls(port, store.path(), dir.path());
+    let options = |tls_ca: Option<&str>| NatsOptions {
+        tls_ca: tls_ca.map(|pem| pem.as_bytes().to_vec()),
+        timeout: Duration::from_secs(1),
+        ..NatsOptions::new(format!("tls://localhost:{port}"), "plexus-tls-refused")
+    };
+    let recorder = Arc::new(Recorder::default());
+    let trusted = NatsEngine::new(options(Some(&certificate)), recorder.clone()).unwrap();
+    let refused = NatsEngine::new(options(None), recorder.clone()).unwrap();
+    let started = Instant::now();
+    while !trusted.is_ready() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "trusted: ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for several attempts of the other.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!refused.is_ready());
+    let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
+    let error = refused.publish(publication, None).await.unwrap_err();
+    assert!(
+        matches!(error, EngineError::Unavailable { .. }),
+        "{error:?}"
+    );
+    trusted.destroy().await.expect("stream and bucket deleted");
+
+    let not_a_certificate = NatsEngine::new(options(Some("not a certificate")), recorder);
+    assert!(matches!(not_a_certificate, Err(NatsEngineError::TlsCa)));
 }
 
 #[tokio::test]

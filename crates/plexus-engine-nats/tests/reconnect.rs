@@ -2,9 +2,10 @@
 //! port is killed and started again on the same port; the same engine fails fast while it is
 //! away and works again, deliveries, presence and commands included, once it is back.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ use plexus_core::{
     MessageKind, NodeCommand, Publication,
 };
 use plexus_engine_nats::{NatsEngine, NatsOptions};
+
+use common::{free_port, NatsServer};
 
 /// Records deliveries and counts interruptions.
 #[derive(Default)]
@@ -35,52 +38,6 @@ impl Deliver for Hub {
     fn interrupted(&self) {
         self.interruptions.fetch_add(1, Ordering::SeqCst);
     }
-}
-
-/// A nats-server child, killed when dropped.
-struct NatsServer {
-    child: Child,
-}
-
-impl NatsServer {
-    fn start(port: u16, store: &Path) -> NatsServer {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server runs");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "nats-server listens"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        NatsServer { child }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 const RETENTION: HistoryRetention = HistoryRetention {

@@ -55,7 +55,7 @@ use plexus_core::{
     HistoryQuery, HistoryRetention, Membership, NodeCommand, PresenceMap, Publication,
     StreamPosition,
 };
-use redis::{Client, Cmd, Script, Value};
+use redis::{Client, Cmd, Script, TlsCertificates, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -79,8 +79,11 @@ const RETRY_REFRESH: Duration = Duration::from_secs(1);
 /// Where Redis is and how the engine uses it.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS.
     pub url: String,
+    /// With `rediss://`: the PEM certificate(s) the server's certificate must chain to,
+    /// instead of the system's and Mozilla's roots (a private CA, a self-signed server).
+    pub tls_ca: Option<Vec<u8>>,
     /// Prefix of every key and pub/sub channel, so several installations share one Redis.
     pub prefix: String,
     /// Writer connections; a channel always uses the same one.
@@ -99,6 +102,7 @@ impl RedisOptions {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> RedisOptions {
         RedisOptions {
             url: url.into(),
+            tls_ca: None,
             prefix: prefix.into(),
             shards: 4,
             presence_ttl: Duration::from_secs(60),
@@ -188,7 +192,17 @@ impl RedisEngine {
         if options.prefix.is_empty() {
             return Err(RedisEngineError::EmptyPrefix);
         }
-        let client = Client::open(options.url.as_str()).map_err(RedisEngineError::Url)?;
+        let client = match &options.tls_ca {
+            Some(roots) => Client::build_with_tls(
+                options.url.as_str(),
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(roots.clone()),
+                },
+            ),
+            None => Client::open(options.url.as_str()),
+        }
+        .map_err(RedisEngineError::Url)?;
         let cancel = CancellationToken::new();
         let shards = options.shards.max(1);
         let health = Arc::new(Health::new(shards));

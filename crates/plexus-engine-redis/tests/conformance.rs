@@ -1,12 +1,19 @@
 //! The engine conformance suite (shared with every engine) on the Redis engine, against the
-//! Redis at `PLEXUS_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`). Every engine gets a
-//! key prefix of its own, so runs never see each other's keys.
+//! Redis at `PLEXUS_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`), and again over
+//! `rediss://` against a redis-server of the test's own that speaks only TLS. Every engine
+//! gets a key prefix of its own, so runs never see each other's keys.
+
+mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use plexus_core::conformance::Recorder;
+use plexus_core::{Engine, EngineError, MessageKind, Publication};
 use plexus_engine_redis::{RedisEngine, RedisOptions};
+
+use common::{free_port, RedisServer};
 
 fn redis_url() -> String {
     std::env::var("PLEXUS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -26,9 +33,68 @@ async fn redis_engine_conforms() {
     let factory = |deliver| {
         let mut options = RedisOptions::new(redis_url(), unique_prefix());
         options.history_meta_ttl = Duration::from_secs(120);
-        Arc::new(RedisEngine::new(options, deliver).unwrap()) as Arc<dyn plexus_core::Engine>
+        Arc::new(RedisEngine::new(options, deliver).unwrap()) as Arc<dyn Engine>
     };
     plexus_core::conformance::check_engine(&factory).await;
+}
+
+/// Trusting the self-signed certificate of the server through `tls_ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_engine_conforms_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (_server, certificate) = RedisServer::start_tls(port, dir.path());
+    let factory = |deliver| {
+        let options = RedisOptions {
+            tls_ca: Some(certificate.clone().into_bytes()),
+            ..RedisOptions::new(format!("rediss://localhost:{port}"), unique_prefix())
+        };
+        Arc::new(RedisEngine::new(options, deliver).unwrap()) as Arc<dyn Engine>
+    };
+    plexus_core::conformance::check_engine(&factory).await;
+}
+
+/// Without the certificate (the system's and Mozilla's roots do not vouch for it), and over
+/// plain `redis://` to the TLS port, the engine never gets ready, while one given the
+/// certificate does, and calls fail as unavailable: no fallback to an unverified connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_server_or_plain_text_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (_server, certificate) = RedisServer::start_tls(port, dir.path());
+    let engine = |url: String, tls_ca: Option<&String>| {
+        let options = RedisOptions {
+            tls_ca: tls_ca.map(|pem| pem.clone().into_bytes()),
+            timeout: Duration::from_secs(1),
+            ..RedisOptions::new(url, "plexus-tls-refused")
+        };
+        RedisEngine::new(options, Arc::new(Recorder::default())).unwrap()
+    };
+    let trusted = engine(format!("rediss://localhost:{port}"), Some(&certificate));
+    let refused = [
+        engine(format!("rediss://localhost:{port}"), None),
+        engine(format!("redis://127.0.0.1:{port}"), None),
+    ];
+    let started = Instant::now();
+    while !trusted.is_ready() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "trusted: ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for several attempts of the others.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for engine in refused {
+        let url = engine.options().url.clone();
+        assert!(!engine.is_ready(), "{url}");
+        let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
+        let error = engine.publish(publication, None).await.unwrap_err();
+        assert!(
+            matches!(error, EngineError::Unavailable { .. }),
+            "{url}: {error:?}"
+        );
+    }
 }
 
 #[tokio::test]

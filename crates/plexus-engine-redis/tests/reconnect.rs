@@ -2,8 +2,9 @@
 //! same engine fails fast while it is away and works again, deliveries included, once it is
 //! back.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,53 +14,7 @@ use plexus_core::{
 };
 use plexus_engine_redis::{RedisEngine, RedisOptions};
 
-/// A redis-server child, killed when dropped.
-struct RedisServer {
-    child: Child,
-}
-
-impl RedisServer {
-    fn start(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server listens"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RedisServer { child }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, RedisServer};
 
 const RETENTION: HistoryRetention = HistoryRetention {
     size: 10,

@@ -87,6 +87,10 @@ pub struct Settings {
     /// [default: plexus]
     #[arg(long, env = "PLEXUS_REDIS_PREFIX", value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
+    /// With a rediss:// redis_url: the CA certificate(s) (PEM text or a file path) the Redis
+    /// server's certificate must chain to [default: the system's and Mozilla's roots]
+    #[arg(long, env = "PLEXUS_REDIS_TLS_CA", value_name = "PEM|FILE")]
+    pub redis_tls_ca: Option<String>,
     /// NATS server(s) of the nats engine, comma-separated (JetStream enabled)
     /// [default: nats://127.0.0.1:4222]
     #[arg(
@@ -100,6 +104,10 @@ pub struct Settings {
     /// NATS (letters, digits, '-', '_') [default: plexus]
     #[arg(long, env = "PLEXUS_NATS_PREFIX", value_name = "PREFIX")]
     pub nats_prefix: Option<String>,
+    /// With tls:// nats_url: the CA certificate(s) (PEM text or a file path) the NATS
+    /// server's certificate must chain to [default: the system's roots]
+    #[arg(long, env = "PLEXUS_NATS_TLS_CA", value_name = "PEM|FILE")]
+    pub nats_tls_ca: Option<String>,
     /// Keep everything in memory (same as --engine memory)
     #[arg(long, env = "PLEXUS_MEMORY")]
     #[serde(skip)]
@@ -221,14 +229,18 @@ pub struct Config {
     pub websocket_compression: bool,
     pub data_dir: PathBuf,
     pub engine: EngineKind,
-    /// The redis engine's server (`redis://…` or `unix://…`).
+    /// The redis engine's server (`redis://…`, `rediss://…` or `unix://…`).
     pub redis_url: String,
     /// The redis engine's key and channel prefix.
     pub redis_prefix: String,
+    /// PEM text: the roots a `rediss://` server's certificate must chain to.
+    pub redis_tls_ca: Option<String>,
     /// The nats engine's server(s) (`nats://…` or `tls://…`, comma-separated).
     pub nats_url: String,
     /// The nats engine's subject, stream and bucket prefix.
     pub nats_prefix: String,
+    /// PEM text: the roots a `tls://` NATS server's certificate must chain to.
+    pub nats_tls_ca: Option<String>,
     /// `None`: generate one in `data_dir` on first start.
     pub api_key: Option<String>,
     pub token_hmac_secret: Option<String>,
@@ -322,13 +334,13 @@ fn non_empty(key: &'static str, value: Option<String>) -> Result<Option<String>,
     }
 }
 
-/// The redis engine's URL: `redis://` or `unix://` (TLS is not supported yet).
+/// The redis engine's URL: `redis://`, `rediss://` (TLS) or `unix://`.
 fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
     let Some(url) = non_empty("redis_url", value)? else {
         return Ok("redis://127.0.0.1:6379".to_owned());
     };
     let url = url.trim();
-    if ["redis://", "unix://", "redis+unix://"]
+    if ["redis://", "rediss://", "unix://", "redis+unix://"]
         .iter()
         .any(|scheme| url.starts_with(scheme))
     {
@@ -337,7 +349,7 @@ fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
         // Not echoed: it may hold a password.
         Err(ConfigError::Invalid {
             key: "redis_url",
-            reason: "must start with redis:// or unix://".into(),
+            reason: "must start with redis://, rediss:// or unix://".into(),
         })
     }
 }
@@ -361,6 +373,35 @@ fn nats_url(value: Option<String>) -> Result<String, ConfigError> {
             reason: "must be nats:// or tls:// URLs, separated by commas".into(),
         })
     }
+}
+
+/// A broker's CA certificates (PEM inline or a file), only for TLS URLs: a CA given for a
+/// plain-text connection would look like TLS without being it.
+fn tls_ca(
+    key: &'static str,
+    value: Option<String>,
+    urls: &str,
+    needs: &str,
+) -> Result<Option<String>, ConfigError> {
+    let Some(pem) = pem_or_file(key, value)? else {
+        return Ok(None);
+    };
+    if !urls
+        .split(',')
+        .all(|url| url.starts_with("rediss://") || url.starts_with("tls://"))
+    {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!("is for {needs} only"),
+        });
+    }
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "holds no PEM certificate".into(),
+        });
+    }
+    Ok(Some(pem))
 }
 
 /// A PEM given inline, or read from the file it names.
@@ -482,8 +523,10 @@ impl Settings {
             engine: self.engine.or(lower.engine),
             redis_url: self.redis_url.or(lower.redis_url),
             redis_prefix: self.redis_prefix.or(lower.redis_prefix),
+            redis_tls_ca: self.redis_tls_ca.or(lower.redis_tls_ca),
             nats_url: self.nats_url.or(lower.nats_url),
             nats_prefix: self.nats_prefix.or(lower.nats_prefix),
+            nats_tls_ca: self.nats_tls_ca.or(lower.nats_tls_ca),
             memory: self.memory || lower.memory,
             api_key: self.api_key.or(lower.api_key),
             token_hmac_secret: self.token_hmac_secret.or(lower.token_hmac_secret),
@@ -501,6 +544,8 @@ impl Settings {
 
     /// Fills in defaults and checks every value.
     pub fn resolve(self) -> Result<Config, ConfigError> {
+        let redis_url = redis_url(self.redis_url)?;
+        let nats_url = nats_url(self.nats_url)?;
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -580,12 +625,24 @@ impl Settings {
                     })
                 }
             },
-            redis_url: redis_url(self.redis_url)?,
+            redis_tls_ca: tls_ca(
+                "redis_tls_ca",
+                self.redis_tls_ca,
+                &redis_url,
+                "a rediss:// redis_url",
+            )?,
+            redis_url,
             redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
                 Some(prefix) => prefix.trim().to_owned(),
                 None => "plexus".to_owned(),
             },
-            nats_url: nats_url(self.nats_url)?,
+            nats_tls_ca: tls_ca(
+                "nats_tls_ca",
+                self.nats_tls_ca,
+                &nats_url,
+                "tls:// nats_url servers",
+            )?,
+            nats_url,
             nats_prefix: match non_empty("nats_prefix", self.nats_prefix)? {
                 Some(prefix) if plexus_engine_nats::valid_prefix(prefix.trim()) => {
                     prefix.trim().to_owned()
@@ -701,6 +758,68 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("redis_prefix"));
+    }
+
+    #[test]
+    fn broker_tls_certificate_authorities() {
+        const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, PEM).unwrap();
+        let config = Settings {
+            redis_url: Some("rediss://:secret@redis.example:6380".into()),
+            redis_tls_ca: Some(file.to_str().unwrap().into()),
+            nats_url: Some("tls://a:4222, tls://b:4222".into()),
+            nats_tls_ca: Some(PEM.into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.redis_url, "rediss://:secret@redis.example:6380");
+        assert_eq!(config.redis_tls_ca.as_deref(), Some(PEM));
+        assert_eq!(config.nats_tls_ca.as_deref(), Some(PEM));
+        let refused = |settings: Settings, key: &str, why: &str| {
+            let error = settings.resolve().unwrap_err().to_string();
+            assert!(error.contains(key) && error.contains(why), "{error}");
+            assert!(!error.contains("secret"), "{error}");
+        };
+        refused(
+            Settings {
+                redis_url: Some("redis://:secret@x".into()),
+                redis_tls_ca: Some(PEM.into()),
+                ..Settings::default()
+            },
+            "redis_tls_ca",
+            "rediss://",
+        );
+        refused(
+            Settings {
+                nats_url: Some("tls://a:4222,nats://:secret@b:4222".into()),
+                nats_tls_ca: Some(PEM.into()),
+                ..Settings::default()
+            },
+            "nats_tls_ca",
+            "tls://",
+        );
+        refused(
+            Settings {
+                redis_url: Some("rediss://x".into()),
+                redis_tls_ca: Some(dir.path().join("missing.pem").to_str().unwrap().into()),
+                ..Settings::default()
+            },
+            "redis_tls_ca",
+            "cannot read",
+        );
+        std::fs::write(&file, "not a certificate").unwrap();
+        refused(
+            Settings {
+                redis_url: Some("rediss://x".into()),
+                redis_tls_ca: Some(file.to_str().unwrap().into()),
+                ..Settings::default()
+            },
+            "redis_tls_ca",
+            "no PEM certificate",
+        );
     }
 
     #[test]

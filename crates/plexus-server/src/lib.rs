@@ -382,15 +382,19 @@ fn node(config: &Config) -> Result<Node, BindError> {
         // Connects in the background: a Redis that is down at start is waited for (calls fail
         // as unavailable meanwhile, and `Engine::ready` is false) rather than fatal.
         config::EngineKind::Redis => Node::try_new(namespaces, |deliver| {
-            let options =
-                plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix);
+            let options = plexus_engine_redis::RedisOptions {
+                tls_ca: config.redis_tls_ca.clone().map(String::into_bytes),
+                ..plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix)
+            };
             let engine = plexus_engine_redis::RedisEngine::new(options, deliver)?;
             Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
         }),
         // Likewise: a NATS that is down at start is waited for.
         config::EngineKind::Nats => Node::try_new(namespaces, |deliver| {
-            let options =
-                plexus_engine_nats::NatsOptions::new(&config.nats_url, &config.nats_prefix);
+            let options = plexus_engine_nats::NatsOptions {
+                tls_ca: config.nats_tls_ca.clone().map(String::into_bytes),
+                ..plexus_engine_nats::NatsOptions::new(&config.nats_url, &config.nats_prefix)
+            };
             let engine = plexus_engine_nats::NatsEngine::new(options, deliver)?;
             Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
         }),

@@ -211,6 +211,71 @@ async fn three_nodes_share_rooms_presence_and_history() {
     remove_keys(&prefix).await;
 }
 
+/// A redis-server of the test's own that speaks only TLS, on a free port, with a new
+/// self-signed certificate for `localhost`; killed when dropped.
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    certificate: String,
+}
+
+impl TlsRedis {
+    fn start(dir: &std::path::Path) -> TlsRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .args(["--tls-auth-clients", "no", "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < TIMEOUT, "redis-server listens");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TlsRedis {
+            child,
+            port,
+            certificate: certified.cert.pem(),
+        }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same over `rediss://`: the nodes trust the Redis's certificate through
+/// `redis_tls_ca`, and the Redis takes nothing but TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_on_a_tls_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = TlsRedis::start(dir.path());
+    let config = |prefix: &str| Config {
+        redis_url: format!("rediss://localhost:{}", redis.port),
+        redis_tls_ca: Some(redis.certificate.clone()),
+        ..redis_config(prefix)
+    };
+    three_nodes_agree("redis", &unique_prefix(), config).await;
+}
+
 /// Several nodes on one NATS (`engine = "nats"`, JetStream at `PLEXUS_TEST_NATS_URL`, default
 /// `nats://127.0.0.1:4222`) under a prefix of the test's own, whose streams and bucket are
 /// deleted at the end.

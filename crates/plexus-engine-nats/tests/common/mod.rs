@@ -1,0 +1,79 @@
+//! A nats-server of the test's own (JetStream, its own store directory) on a free port,
+//! plain or TLS.
+
+// Each test binary uses part of this.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A nats-server child, killed when dropped.
+pub struct NatsServer {
+    pub child: Child,
+}
+
+impl NatsServer {
+    pub fn start(port: u16, store: &Path) -> NatsServer {
+        NatsServer::spawn(port, store, &[])
+    }
+
+    /// TLS required on `port`, with a new self-signed certificate for `localhost` and
+    /// 127.0.0.1 written to `dir`; returns the server and the certificate's PEM.
+    pub fn start_tls(port: u16, store: &Path, dir: &Path) -> (NatsServer, String) {
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let certified = rcgen::generate_simple_self_signed(names).unwrap();
+        let (cert, key) = (dir.join("nats.crt"), dir.join("nats.key"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let tls = [
+            "--tls",
+            "--tlscert",
+            cert.to_str().unwrap(),
+            "--tlskey",
+            key.to_str().unwrap(),
+        ];
+        (NatsServer::spawn(port, store, &tls), certified.cert.pem())
+    }
+
+    fn spawn(port: u16, store: &Path, args: &[&str]) -> NatsServer {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nats-server listens"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NatsServer { child }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,87 @@
+//! A redis-server of the test's own, on a free port, plain or TLS.
+
+// Each test binary uses part of this.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A redis-server child, killed when dropped.
+pub struct RedisServer {
+    pub child: Child,
+}
+
+impl RedisServer {
+    pub fn start(port: u16) -> RedisServer {
+        RedisServer::spawn(port, &["--port", &port.to_string()])
+    }
+
+    /// TLS only, on `port`, with a new self-signed certificate for `localhost` and
+    /// 127.0.0.1 written to `dir`; returns the server and the certificate's PEM.
+    pub fn start_tls(port: u16, dir: &Path) -> (RedisServer, String) {
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let certified = rcgen::generate_simple_self_signed(names).unwrap();
+        let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let server = RedisServer::spawn(
+            port,
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+                "--tls-auth-clients",
+                "no",
+            ],
+        );
+        (server, certified.cert.pem())
+    }
+
+    fn spawn(port: u16, args: &[&str]) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server listens"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer { child }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
