@@ -110,6 +110,22 @@ pub enum NodeCommand {
     /// A node's heartbeat: who it is and its counts, every few seconds (for `info`). Passed on
     /// to the server's handler like [`NodeCommand::Emulation`].
     Stats(NodeStats),
+    /// A question for every node, this one included (e.g. its channels, for the `channels`
+    /// API), from node `from`; each answers with a [`NodeCommand::SurveyReply`]. What `op`
+    /// means and what `data` holds is the server's. Passed on to the server's handler.
+    Survey {
+        from: Arc<str>,
+        id: u64,
+        op: Arc<str>,
+        data: bytes::Bytes,
+    },
+    /// Node `from`'s answer to the survey `id` of node `to`. Passed on to the server's handler.
+    SurveyReply {
+        to: Arc<str>,
+        id: u64,
+        from: Arc<str>,
+        data: bytes::Bytes,
+    },
 }
 
 /// What a node tells the others about itself.

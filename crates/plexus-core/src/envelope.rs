@@ -29,12 +29,14 @@
 //!
 //! ```text
 //! kind     1 byte      b'D' disconnect, b'U' unsubscribe, b'S' subscribe, b'E' emulation,
-//!                      b'N' node stats
+//!                      b'N' node stats, b'Q' survey, b'A' survey reply
 //! D        user, client (u32::MAX for none), code (u16 big-endian), reason
 //! U, S     user, channel
 //! E        node, session, data (u32 length + bytes)
 //! N        node, name, version, num_clients, num_users, num_channels, num_subs (u32 each,
 //!          big-endian), uptime (u64 big-endian)
+//! Q        from, id (u64 big-endian), op, data (u32 length + bytes)
+//! A        to, id (u64 big-endian), from, data (u32 length + bytes)
 //! ```
 //!
 //! Kinds are only ever added: a node decodes every message of an older node; a kind it does not
@@ -209,6 +211,20 @@ pub fn encode_command(command: &NodeCommand) -> Bytes {
             out.put_u32(stats.num_subs);
             out.put_u64(stats.uptime);
         }
+        NodeCommand::Survey { from, id, op, data } => {
+            out.put_u8(b'Q');
+            put_text(&mut out, from.as_bytes());
+            out.put_u64(*id);
+            put_text(&mut out, op.as_bytes());
+            put_text(&mut out, data);
+        }
+        NodeCommand::SurveyReply { to, id, from, data } => {
+            out.put_u8(b'A');
+            put_text(&mut out, to.as_bytes());
+            out.put_u64(*id);
+            put_text(&mut out, from.as_bytes());
+            put_text(&mut out, data);
+        }
     }
     out.freeze()
 }
@@ -277,6 +293,30 @@ pub fn decode_command(message: &[u8]) -> Result<NodeCommand, CorruptPublication>
                 num_subs: input.get_u32(),
                 uptime: input.get_u64(),
             })
+        }
+        kind @ (b'Q' | b'A') => {
+            let node = take_text(&mut input)?;
+            if input.remaining() < 8 {
+                return Err(CorruptPublication);
+            }
+            let id = input.get_u64();
+            let text = take_text(&mut input)?;
+            let data = take(&mut input)?.ok_or(CorruptPublication)?;
+            if kind == b'Q' {
+                NodeCommand::Survey {
+                    from: node,
+                    id,
+                    op: text,
+                    data,
+                }
+            } else {
+                NodeCommand::SurveyReply {
+                    to: node,
+                    id,
+                    from: text,
+                    data,
+                }
+            }
         }
         _ => return Err(CorruptPublication),
     };
@@ -392,6 +432,18 @@ mod tests {
                 num_subs: 4,
                 uptime: 5,
             }),
+            NodeCommand::Survey {
+                from: "n1".into(),
+                id: u64::MAX - 1,
+                op: "channels".into(),
+                data: Bytes::from_static(b"chat:*"),
+            },
+            NodeCommand::SurveyReply {
+                to: "n1".into(),
+                id: 7,
+                from: "n2".into(),
+                data: Bytes::from_static(b"{\"chat:a\":2}"),
+            },
         ];
         for command in commands {
             let encoded = encode_command(&command);

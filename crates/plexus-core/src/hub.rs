@@ -226,7 +226,8 @@ impl Hub {
     }
 
     /// Sets, once, who receives the [`NodeCommand`]s the hub does not handle itself
-    /// ([`NodeCommand::Emulation`], [`NodeCommand::Stats`]): the server, which owns what they concern. Without a
+    /// ([`NodeCommand::Emulation`], [`NodeCommand::Stats`], [`NodeCommand::Survey`],
+    /// [`NodeCommand::SurveyReply`]): the server, which owns what they concern. Without a
     /// handler they are dropped. Returns false if a handler was already set.
     pub fn on_other_commands(&self, handler: CommandHandler) -> bool {
         self.other_commands.set(OtherCommands(handler)).is_ok()
@@ -470,7 +471,10 @@ impl Deliver for Hub {
                     channel: channel.clone(),
                 },
             ),
-            NodeCommand::Emulation { .. } | NodeCommand::Stats(_) => {
+            NodeCommand::Emulation { .. }
+            | NodeCommand::Stats(_)
+            | NodeCommand::Survey { .. }
+            | NodeCommand::SurveyReply { .. } => {
                 if let Some(OtherCommands(handler)) = self.other_commands.get() {
                     handler(command);
                 }

@@ -19,6 +19,7 @@ mod native;
 mod peers;
 mod poll;
 pub mod secrets;
+mod survey;
 mod tcp;
 mod tls;
 mod tracked;
@@ -64,6 +65,7 @@ pub(crate) struct Shared {
     emulation: emulation::Sessions,
     /// The nodes heard from, for `info`.
     peers: Arc<peers::Peers>,
+    surveys: Arc<survey::Surveys>,
     /// Flushers that write to parked WebSocket connections (see `ws::direct`).
     direct: ws::direct::Lanes,
     /// The WebSocket heartbeat sweep.
@@ -163,6 +165,7 @@ impl Server {
             token_hmac_secret: secrets.token_hmac_secret.clone(),
             emulation: emulation::Sessions::new(new_client_id()),
             peers: Arc::new(peers::Peers::new()),
+            surveys: Arc::default(),
             heartbeats,
             direct: ws::direct::Lanes::new(
                 tokio::runtime::Handle::current().metrics().num_workers(),
@@ -170,7 +173,7 @@ impl Server {
         });
         ws::direct::start(&shared);
         ws::heartbeat::start(&shared);
-        emulation::serve_remote_frames(&shared);
+        peers::listen(&shared);
         peers::heartbeat(
             &shared,
             api::host_name().into(),

@@ -1,5 +1,6 @@
 //! The other nodes, as their heartbeats ([`NodeCommand::Stats`], every [`HEARTBEAT`] on the
 //! engine's control channel) describe them, for `info`. A node silent for [`SILENT`] is gone.
+//! [`listen`] takes every command from other nodes that is the server's to act on.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -52,6 +53,37 @@ impl Peers {
         nodes.retain(|_, (_, heard)| heard.elapsed() <= SILENT);
         nodes.values().map(|(stats, _)| stats.clone()).collect()
     }
+}
+
+/// Acts on the commands the hub passes on: heartbeats are kept here, `/emulation` frames for
+/// this node's sessions go to their streams, surveys are answered, and answers to this
+/// node's surveys go to whoever asked.
+pub(crate) fn listen(shared: &Arc<Shared>) {
+    let frames = crate::emulation::serve_remote_frames(shared);
+    let surveys = crate::survey::serve(shared);
+    let node = shared.emulation.node().clone();
+    let peers = shared.peers.clone();
+    let asked = shared.surveys.clone();
+    shared
+        .node
+        .hub()
+        .on_other_commands(Arc::new(move |command: &NodeCommand| match command {
+            NodeCommand::Emulation {
+                node: target,
+                session,
+                data,
+            } if *target == node => {
+                let _ = frames.send((session.clone(), data.clone()));
+            }
+            NodeCommand::Stats(stats) => peers.record(stats),
+            NodeCommand::Survey { .. } => {
+                let _ = surveys.send(command.clone());
+            }
+            NodeCommand::SurveyReply { to, id, from, data } if *to == node => {
+                asked.answered(*id, from.clone(), data.clone());
+            }
+            _ => {}
+        }));
 }
 
 /// This node's counts.

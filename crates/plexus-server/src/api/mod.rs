@@ -13,7 +13,7 @@ mod methods;
 mod reply;
 mod stats;
 
-pub(crate) use stats::host_name;
+pub(crate) use stats::{host_name, local_channels};
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -61,25 +61,60 @@ pub(super) struct ChannelsResult {
     channels: BTreeMap<String, ChannelInfo>,
 }
 
-/// Channels with subscribers on this node (not the whole cluster).
+/// Channels with subscribers on any node, with their subscriber counts summed over the
+/// nodes: this node's own when it is alone, else a survey of every live node.
 pub(super) async fn channels(
     shared: &Shared,
     request: ChannelsRequest,
 ) -> Result<ChannelsResult, ErrorCode> {
-    let channels = shared
+    let nodes = shared.peers.live().len();
+    let counts = if nodes <= 1 {
+        local_channels(shared, &request.pattern)
+    } else {
+        let answers = shared
+            .surveys
+            .ask(
+                shared,
+                crate::survey::CHANNELS,
+                request.pattern.clone().into(),
+                nodes,
+            )
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "channels: cannot ask the other nodes");
+                ErrorCode::Internal
+            })?;
+        let mut counts = BTreeMap::new();
+        for (node, answer) in answers {
+            match serde_json::from_slice::<BTreeMap<String, u32>>(&answer) {
+                Ok(channels) => {
+                    for (channel, clients) in channels {
+                        *counts.entry(channel).or_default() += clients;
+                    }
+                }
+                Err(error) => tracing::warn!(%node, %error, "channels: a bad answer"),
+            }
+        }
+        counts
+    };
+    let channels = counts
+        .into_iter()
+        .map(|(name, num_clients)| (name, ChannelInfo { num_clients }))
+        .collect();
+    Ok(ChannelsResult { channels })
+}
+
+/// This node's channels with subscribers whose names match the glob `pattern` (all when it is
+/// empty), with their subscriber counts.
+pub(crate) fn local_channels(shared: &Shared, pattern: &str) -> BTreeMap<String, u32> {
+    shared
         .node
         .hub()
         .channels()
         .into_iter()
-        .filter(|(name, _)| request.pattern.is_empty() || glob_matches(&request.pattern, name))
-        .map(|(name, clients)| {
-            let info = ChannelInfo {
-                num_clients: clients as u32,
-            };
-            (name.to_string(), info)
-        })
-        .collect();
-    Ok(ChannelsResult { channels })
+        .filter(|(name, _)| pattern.is_empty() || glob_matches(pattern, name))
+        .map(|(name, clients)| (name.to_string(), clients as u32))
+        .collect()
 }
 
 #[derive(Debug, Default, Deserialize)]

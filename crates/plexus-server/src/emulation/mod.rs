@@ -230,27 +230,13 @@ fn has_peers(shared: &Shared) -> bool {
     matches!(shared.node.engine().name(), "redis" | "nats")
 }
 
-/// Keeps the other nodes' heartbeats, and hands the [`NodeCommand::Emulation`]s for this
-/// node's sessions, sent through other nodes'
+/// Hands the [`NodeCommand::Emulation`]s for this node's sessions, sent through other nodes'
 /// `/emulation`, to their streams, as a local request would; one task keeps their order.
-pub(crate) fn serve_remote_frames(shared: &Arc<Shared>) {
+/// Returns where to send them (see [`crate::peers::listen`]).
+pub(crate) fn serve_remote_frames(
+    shared: &Arc<Shared>,
+) -> mpsc::UnboundedSender<(Arc<str>, Bytes)> {
     let (frames_tx, mut frames) = mpsc::unbounded_channel::<(Arc<str>, Bytes)>();
-    let node = shared.emulation.node.clone();
-    let peers = shared.peers.clone();
-    shared
-        .node
-        .hub()
-        .on_other_commands(Arc::new(move |command: &NodeCommand| match command {
-            NodeCommand::Emulation {
-                node: target,
-                session,
-                data,
-            } if *target == node => {
-                let _ = frames_tx.send((session.clone(), data.clone()));
-            }
-            NodeCommand::Stats(stats) => peers.record(stats),
-            _ => {}
-        }));
     let weak = Arc::downgrade(shared);
     let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
@@ -272,4 +258,5 @@ pub(crate) fn serve_remote_frames(shared: &Arc<Shared>) {
             let _ = commands.send(data).await;
         }
     });
+    frames_tx
 }

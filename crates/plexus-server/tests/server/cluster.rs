@@ -202,6 +202,23 @@ async fn three_nodes_agree(engine: &str, prefix: &str, config: impl Fn(&str) -> 
     }
     emulation_through_another_node(&a, &b, &c).await;
     info_lists_every_node([&a, &b, &c]).await;
+
+    // `channels` asks every node: the raw clients on A and B, and ann on A; none on C.
+    for node in [&a, &b, &c] {
+        let channels = api(node, "channels", json!({"pattern": "chat:r*"})).await;
+        assert_eq!(
+            channels,
+            json!({"channels": {"chat:r": {"num_clients": 3}}})
+        );
+    }
+    // A node gone before its heartbeat expired delays the answer (the survey's timeout), not
+    // spoils it.
+    c.shutdown().await;
+    let channels = api(&a, "channels", json!({"pattern": "chat:r*"})).await;
+    assert_eq!(
+        channels,
+        json!({"channels": {"chat:r": {"num_clients": 3}}})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
