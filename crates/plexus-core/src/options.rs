@@ -131,6 +131,17 @@ impl Namespaces {
         self.by_name.insert(name.to_owned(), options);
     }
 
+    /// The named namespaces and their options, by name.
+    pub fn named(&self) -> Vec<(&str, &ChannelOptions)> {
+        let mut named: Vec<_> = self
+            .by_name
+            .iter()
+            .map(|(name, options)| (name.as_str(), options))
+            .collect();
+        named.sort_by_key(|(name, _)| *name);
+        named
+    }
+
     /// The options of a channel, or why the name is not acceptable.
     pub fn resolve(&self, channel: &str) -> Result<&ChannelOptions, ChannelError> {
         if channel.is_empty() {

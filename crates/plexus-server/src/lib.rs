@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Config, ConfigError, LogFormat, Settings};
-pub use tls::TlsError;
+pub use tls::{acceptor as tls_acceptor, TlsError};
 
 use crate::limits::{ConnectionGuard, ConnectionLimits};
 use crate::metrics::{Metrics, Refusal};

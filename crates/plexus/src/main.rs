@@ -5,6 +5,7 @@
 //! configuration; 3 a listener address is in use; 4 `connect` saw an abnormal close.
 
 mod bench;
+mod config;
 mod connect;
 mod publish;
 mod serve;
@@ -39,6 +40,8 @@ enum Command {
     Token(Box<token::TokenArgs>),
     /// Load a running server: idle connections, fan-out latency, echo round trips, churn
     Bench(Box<bench::BenchArgs>),
+    /// Check a configuration without starting the server
+    Config(config::ConfigArgs),
 }
 
 /// An error with the exit code it maps to.
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
             Command::Publish(args) => publish::run(*args).await,
             Command::Token(args) => token::run(*args),
             Command::Bench(args) => bench::run(*args).await,
+            Command::Config(args) => config::run(args),
         }
     });
     // A blocking stdin read (connect) may still be parked in the blocking pool: do not wait

@@ -15,7 +15,13 @@ pub struct ServeArgs {
     settings: Settings,
 }
 
-fn load(args: ServeArgs) -> Result<Config, Failure> {
+impl ServeArgs {
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+}
+
+pub fn load(args: ServeArgs) -> Result<Config, Failure> {
     let file = match &args.config {
         Some(path) => Settings::load_file(path).map_err(|error| Failure::new(2, error))?,
         None => Settings::default(),
@@ -26,13 +32,18 @@ fn load(args: ServeArgs) -> Result<Config, Failure> {
         .map_err(|error| Failure::new(2, error))
 }
 
-fn init_logging(config: &Config) -> Result<(), Failure> {
-    let filter = EnvFilter::try_new(&config.log_level).map_err(|error| {
+/// The log filter of `log_level`, or why it is not one.
+pub fn log_filter(config: &Config) -> Result<EnvFilter, Failure> {
+    EnvFilter::try_new(&config.log_level).map_err(|error| {
         Failure::new(
             2,
             anyhow::anyhow!("invalid log_level {:?}: {error}", config.log_level),
         )
-    })?;
+    })
+}
+
+fn init_logging(config: &Config) -> Result<(), Failure> {
+    let filter = log_filter(config)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -294,6 +294,54 @@ fn bad_configuration_is_a_clear_error_with_status_2() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// `plexus config check`: the same layers as `serve`, the resolved values printed (secrets
+/// only said to be set), a bad value named with status 2, and nothing started or written.
+#[test]
+fn config_check_prints_the_resolved_configuration_or_the_offending_key() {
+    let dir = temp_dir("check");
+    let file = dir.join("plexus.toml");
+    std::fs::write(
+        &file,
+        "listen = \"0.0.0.0:9000\"\napi_key = \"hunter2\"\n[[namespaces]]\nname = \"news\"\nhistory_size = 10\nhistory_ttl = \"1h\"\n",
+    )
+    .unwrap();
+    let check = |args: &[&str], envs: &[(&str, &str)]| {
+        let output = plexus()
+            .args(["config", "check", "--config", file.to_str().unwrap()])
+            .args(args)
+            .envs(envs.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = text(&output.stdout);
+        (output.status.code().unwrap(), stdout, text(&output.stderr))
+    };
+    let (code, stdout, _) = check(&["--tcp-chat", "off"], &[("PLEXUS_ENGINE", "memory")]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.starts_with("configuration ok"), "{stdout}");
+    for expected in [
+        "listen            0.0.0.0:9000 (http, ws)",
+        "tcp_chat          off",
+        "engine            memory",
+        "news (history 10 for 1h)",
+        "api_key           set",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
+    }
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+
+    let (code, _, stderr) = check(&[], &[("PLEXUS_PING_INTERVAL", "soon")]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("invalid ping_interval"), "{stderr}");
+    let (code, _, stderr) = check(&["--tls-cert", "/nonexistent.pem", "--tls-key", "/k"], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("/nonexistent.pem"), "{stderr}");
+    // Nothing was started or written: no data directory appeared.
+    assert!(!std::path::Path::new(&temp_dir("data"))
+        .join("secrets.toml")
+        .exists());
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn address_in_use_exits_with_status_3() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

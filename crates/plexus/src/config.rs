@@ -1,0 +1,127 @@
+//! `plexus config check`: loads the configuration exactly as `serve` would (file, then
+//! `PLEXUS_*` environment, then flags), checks what `serve` would only find at start (the log
+//! filter, the TLS certificate and key), and prints the result without starting anything.
+
+use plexus_server::config::EngineKind;
+use plexus_server::Config;
+
+use crate::serve::{self, ServeArgs};
+use crate::Failure;
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    command: ConfigCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ConfigCommand {
+    /// Check a configuration (file, environment, flags as for `serve`) and print what it
+    /// resolves to; exit code 2 and the offending key when it is not valid
+    Check(Box<ServeArgs>),
+}
+
+pub fn run(args: ConfigArgs) -> Result<(), Failure> {
+    let ConfigCommand::Check(args) = args.command;
+    let source = match args.config_file() {
+        Some(path) => format!("{}, PLEXUS_* environment and flags", path.display()),
+        None => "defaults, PLEXUS_* environment and flags".to_owned(),
+    };
+    let config = serve::load(*args)?;
+    serve::log_filter(&config)?;
+    if let Some(files) = &config.tls {
+        plexus_server::tls_acceptor(files).map_err(|error| Failure::new(2, error))?;
+    }
+    println!("configuration ok ({source})");
+    print!("{}", summary(&config));
+    Ok(())
+}
+
+/// What a configuration amounts to, one setting a line; secrets are only said to be set.
+fn summary(config: &Config) -> String {
+    let off = |addr: Option<std::net::SocketAddr>| addr.map_or("off".to_owned(), |a| a.to_string());
+    let set = |value: bool| {
+        if value {
+            "set"
+        } else {
+            "generated in data_dir"
+        }
+    };
+    let scheme = if config.tls.is_some() {
+        "https, wss"
+    } else {
+        "http, ws"
+    };
+    let engine = match config.engine {
+        EngineKind::Embedded => format!("embedded (durable in {})", config.data_dir.display()),
+        EngineKind::Memory => "memory (history lost on restart)".to_owned(),
+        EngineKind::Redis => format!("redis, prefix {:?}", config.redis_prefix),
+        EngineKind::Nats => format!("nats, prefix {:?}", config.nats_prefix),
+    };
+    let namespaces: Vec<String> = config
+        .namespaces
+        .named()
+        .into_iter()
+        .map(|(name, options)| {
+            let mut traits = Vec::new();
+            if options.has_history() {
+                traits.push(format!(
+                    "history {} for {}",
+                    options.history_size,
+                    humantime::format_duration(options.history_ttl)
+                ));
+            }
+            if options.presence {
+                traits.push("presence".to_owned());
+            }
+            if options.private {
+                traits.push("private".to_owned());
+            }
+            if options.allow_publish_for_client {
+                traits.push("clients publish".to_owned());
+            }
+            format!("{name} ({})", traits.join(", "))
+        })
+        .collect();
+    let origins = if config.allowed_origins.is_empty() {
+        "same origin only".to_owned()
+    } else {
+        config.allowed_origins.join(", ")
+    };
+    let mut out = String::new();
+    let mut line = |key: &str, value: String| out.push_str(&format!("  {key:<18}{value}\n"));
+    line("listen", format!("{} ({scheme})", config.listen));
+    line("tcp_echo", off(config.tcp_echo));
+    line("tcp_chat", off(config.tcp_chat));
+    line("engine", engine);
+    line("namespaces", namespaces.join("; "));
+    line("api_key", set(config.api_key.is_some()).to_owned());
+    line(
+        "token_hmac_secret",
+        set(config.token_hmac_secret.is_some()).to_owned(),
+    );
+    line("allowed_origins", origins);
+    line(
+        "limits",
+        format!(
+            "{} connections, {} per IP, {} B messages, {} B outbox",
+            config.max_connections,
+            config.max_connections_per_ip,
+            config.max_message_size,
+            config.outbox_limit
+        ),
+    );
+    line(
+        "heartbeat",
+        format!(
+            "ping every {}, pong within {}",
+            humantime::format_duration(config.ping_interval),
+            humantime::format_duration(config.pong_timeout)
+        ),
+    );
+    line(
+        "logs",
+        format!("{:?}, {}", config.log_format, config.log_level).to_lowercase(),
+    );
+    out
+}
