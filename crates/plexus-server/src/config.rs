@@ -65,6 +65,11 @@ pub struct Settings {
     /// Bytes queued for one slow connection before it is cut with 3008 [default: 1048576]
     #[arg(long, env = "PLEXUS_OUTBOX_LIMIT", value_name = "BYTES")]
     pub outbox_limit: Option<usize>,
+    /// Most messages (protocol commands) one connection may send a second, in bursts of as
+    /// many; 0 for no limit. Over it a protocol command gets error 111, and a raw WebSocket
+    /// (1008) or TCP client is closed [default: 0]
+    #[arg(long, env = "PLEXUS_MAX_MESSAGES_PER_SECOND", value_name = "N")]
+    pub max_messages_per_second: Option<u32>,
     /// Offer permessage-deflate to WebSocket clients [default: false]
     #[arg(long, env = "PLEXUS_WEBSOCKET_COMPRESSION", value_name = "BOOL")]
     pub websocket_compression: Option<bool>,
@@ -226,6 +231,8 @@ pub struct Config {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub outbox_limit: usize,
+    /// Per connection; 0: no limit.
+    pub max_messages_per_second: u32,
     pub websocket_compression: bool,
     pub data_dir: PathBuf,
     pub engine: EngineKind,
@@ -518,6 +525,9 @@ impl Settings {
             max_connections: self.max_connections.or(lower.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             outbox_limit: self.outbox_limit.or(lower.outbox_limit),
+            max_messages_per_second: self
+                .max_messages_per_second
+                .or(lower.max_messages_per_second),
             websocket_compression: self.websocket_compression.or(lower.websocket_compression),
             data_dir: self.data_dir.or(lower.data_dir),
             engine: self.engine.or(lower.engine),
@@ -609,6 +619,7 @@ impl Settings {
                 self.max_connections_per_ip.unwrap_or(10_000),
             )?,
             outbox_limit: positive("outbox_limit", self.outbox_limit.unwrap_or(1 << 20))?,
+            max_messages_per_second: self.max_messages_per_second.unwrap_or(0),
             websocket_compression: self.websocket_compression.unwrap_or(false),
             data_dir: self
                 .data_dir

@@ -80,6 +80,7 @@ pub struct Metrics {
     /// Set from the hub's own total when rendered.
     deliveries: Counter,
     pub slow_disconnects: Counter,
+    pub rate_limited: Counter,
     /// Serialises renders, which move `deliveries` up to the hub's total.
     render_lock: std::sync::Mutex<()>,
 }
@@ -203,6 +204,12 @@ impl Metrics {
             "Connections cut because their outbox overflowed",
             slow_disconnects.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "messages_rate_limited",
+            "Messages refused because their connection was over max_messages_per_second",
+            rate_limited.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector(engine)));
         Metrics {
             registry,
@@ -214,6 +221,7 @@ impl Metrics {
             publications,
             deliveries,
             slow_disconnects,
+            rate_limited,
             render_lock: std::sync::Mutex::new(()),
         }
     }

@@ -15,6 +15,7 @@ use plexus_protocol::chat::{message_data, parse_line, render_publication, ChatLi
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, Instant};
 
+use crate::limits::MessageRate;
 use crate::wire::{Wire, WireEvent};
 use crate::Shared;
 
@@ -78,6 +79,8 @@ struct ChatSession<'a, IO> {
     line: BytesMut,
     /// Set once a goodbye was queued: stop reading, write it, close by this deadline.
     leaving: Option<Instant>,
+    /// Lines against `max_messages_per_second`.
+    rate: MessageRate,
 }
 
 /// Runs the line protocol of `plexus_protocol::chat` until `/quit`, EOF, idleness or shutdown.
@@ -107,6 +110,7 @@ pub(crate) async fn chat<IO: AsyncRead + AsyncWrite + Unpin>(io: IO, shared: Arc
         room: None,
         line: BytesMut::new(),
         leaving: None,
+        rate: MessageRate::new(shared.config.max_messages_per_second),
     };
     session.say(&format!(
         "* welcome to Plexus chat, {}. Commands: /nick NAME, /join ROOM, /who, /quit, /help\n",
@@ -197,6 +201,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
             let Some(end) = end else {
                 break;
             };
+            if !self.rate.allow(self.shared.config.max_messages_per_second) {
+                self.shared.metrics.rate_limited.inc();
+                self.leave("ERR message rate limit exceeded\n");
+                break;
+            }
             let line = self.line.split_to(end + 1);
             self.handle_line(&line[..end]).await;
         }

@@ -17,6 +17,7 @@ use plexus_protocol::client::{
 use tokio::time::Instant;
 
 use super::json;
+use crate::limits::MessageRate;
 use crate::ws::Out;
 use crate::Shared;
 
@@ -145,6 +146,8 @@ struct Connected {
     /// When the connection expires unless refreshed.
     expires_at: ExpiresAt,
     channels: ChannelMap,
+    /// Commands against `max_messages_per_second`.
+    rate: MessageRate,
 }
 
 /// The ids a stream transport's client sends its commands with (`POST /emulation`).
@@ -292,6 +295,10 @@ impl ClientSession {
         let Some(connected) = self.connected.as_mut() else {
             return Outcome::Disconnect(DisconnectCode::BadRequest);
         };
+        if !connected.rate.allow(shared.config.max_messages_per_second) {
+            shared.metrics.rate_limited.inc();
+            return ErrorCode::TooManyRequests.into();
+        }
         match request {
             Request::Connect(_) => unreachable!("handled above"),
             Request::Subscribe(request) => {
@@ -377,6 +384,7 @@ impl ClientSession {
             guest,
             expires_at: ExpiresAt::new(expires_at),
             channels: ChannelMap::default(),
+            rate: MessageRate::new(shared.config.max_messages_per_second),
         };
         // Server-side subscriptions from the token, recovering from positions the client sent.
         let mut subs = std::collections::BTreeMap::new();

@@ -30,6 +30,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::heartbeat::Beat;
 use super::raw::{data_frame, RawRoom};
+use crate::limits::MessageRate;
 use crate::native::session::ClientSession;
 use crate::wire::{Wire, WireEvent};
 use crate::Shared;
@@ -222,6 +223,7 @@ where
         // Too late for the shutdown sweep to have seen this connection.
         handler.outbox().push_control(Control::Shutdown);
     }
+    let rate = MessageRate::new(shared.config.max_messages_per_second);
     let mut connection = Connection {
         beat,
         wire: Wire::new(io),
@@ -236,6 +238,7 @@ where
         close_received: false,
         read_open: true,
         out: Vec::new(),
+        rate,
     };
     if !read.is_empty() {
         connection.decoder.feed(&read);
@@ -273,6 +276,9 @@ struct Connection<IO> {
     read_open: bool,
     /// The handler's requests, applied after each call.
     out: Vec<Out>,
+    /// Echo and rooms: the peer's messages against `max_messages_per_second` (a native
+    /// session limits its commands itself).
+    rate: MessageRate,
 }
 
 /// What woke the connection.
@@ -414,6 +420,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     return; // data after our close frame is discarded (RFC 6455 §5.5.1)
                 }
                 self.shared.metrics.websocket.messages_in.inc();
+                let limit = self.shared.config.max_messages_per_second;
+                if !matches!(handler, Handler::Native(_)) && !self.rate.allow(limit) {
+                    self.shared.metrics.rate_limited.inc();
+                    self.start_close(close::POLICY, "message rate limit exceeded");
+                    return;
+                }
                 let mut out = std::mem::take(&mut self.out);
                 if let Some(work) = handler.on_message(&self.shared, kind, data, &mut out) {
                     work.await;

@@ -335,3 +335,81 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         (key == name).then(|| value.trim().parse().ok())?
     })
 }
+
+/// `max_messages_per_second`, per connection: a protocol client over it gets error 111 for
+/// the extra commands and keeps its connection, whose rate comes back; a raw WebSocket client
+/// over it is closed with 1008 and a TCP chat client with an `ERR` line, after what they sent
+/// within the limit was delivered; the others in the room go on; the refusals are counted.
+#[tokio::test]
+async fn message_rate_limit_per_connection() {
+    let server = start(Config {
+        max_messages_per_second: 5,
+        ..Config::for_tests()
+    })
+    .await;
+
+    let (mut client, _) = native(&server, "ann").await;
+    let pings: Vec<String> = (2..12)
+        .map(|id| serde_json::json!({"id": id, "ping": {}}).to_string())
+        .collect();
+    send_text(&mut client, &pings.join("\n")).await;
+    let mut replies = Vec::new();
+    while replies.len() < 10 {
+        let text = next_text(&mut client).await;
+        for line in text.lines() {
+            let reply: serde_json::Value = serde_json::from_str(line).unwrap();
+            if reply.get("id").is_some() {
+                replies.push(reply);
+            }
+        }
+    }
+    for (n, reply) in replies.iter().enumerate() {
+        if n < 5 {
+            assert!(reply.get("ping").is_some(), "{reply}");
+        } else {
+            assert_eq!(reply["error"]["code"], 111, "{reply}");
+            assert_eq!(reply["error"]["message"], "too many requests");
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let reply = command(&mut client, 20, serde_json::json!({"ping": {}})).await;
+    assert!(reply.get("ping").is_some(), "the rate came back: {reply}");
+
+    let mut flooder = ws(&server, "/chat/limited").await;
+    let mut other = ws(&server, "/chat/limited").await;
+    // The other member is in the room once its own message comes back.
+    send_text(&mut other, "other is here").await;
+    assert_eq!(next_text(&mut other).await, "other is here");
+    for n in 1..=10 {
+        send_text(&mut flooder, &format!("flood {n}")).await;
+    }
+    assert_eq!(
+        expect_close(&mut flooder).await,
+        (1008, "message rate limit exceeded".to_owned())
+    );
+    for n in 1..=5 {
+        assert_eq!(next_text(&mut other).await, format!("flood {n}"));
+    }
+    send_text(&mut other, "still here").await;
+    assert_eq!(
+        next_text(&mut other).await,
+        "still here",
+        "nothing past the limit"
+    );
+
+    let mut chat = LineClient::connect(server.tcp_chat_addr().unwrap()).await;
+    chat.line_where(|l| l.contains("in room lobby")).await;
+    for n in 1..=10 {
+        chat.send(&format!("line {n}")).await;
+    }
+    chat.line_where(|l| l == "ERR message rate limit exceeded")
+        .await;
+    while chat.line().await.is_some() {}
+
+    let metrics = server.metrics_text();
+    // 5 commands, 1 raw message and 1 line refused.
+    assert_eq!(
+        metric(&metrics, "plexus_messages_rate_limited_total"),
+        Some(7.0)
+    );
+}
