@@ -22,6 +22,7 @@ use crate::{ws, Shared};
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const QUOTES_HTML: &str = include_str!("../static/quotes.html");
+const ADMIN_HTML: &str = include_str!("../static/admin.html");
 const PLEXUS_JS: &str = include_str!("../static/plexus.js");
 const PLEXUS_D_TS: &str = include_str!("../static/plexus.d.ts");
 
@@ -29,6 +30,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/quotes", get(quotes))
+        .route("/admin", get(admin))
         .route("/plexus.js", get(plexus_js))
         .route("/plexus.d.ts", get(plexus_d_ts))
         .route("/echo", get(ws::echo))
@@ -95,6 +97,11 @@ async fn quotes() -> Response {
         QUOTES_HTML,
     )
         .into_response()
+}
+
+/// The admin page: it reads everything through the server API, with the key its user types.
+async fn admin(headers: http::HeaderMap) -> Response {
+    asset(&headers, "text/html; charset=utf-8", ADMIN_HTML)
 }
 
 async fn plexus_js(headers: http::HeaderMap) -> Response {
