@@ -1,0 +1,589 @@
+//! The task that owns the connection: connects and reconnects, matches replies to calls,
+//! answers pings, routes pushes to subscriptions and renews them with recovery.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use plexus_protocol::client::{
+    encode_command, parse_replies, ConnectRequest, Push, PushBody, Reply, ReplyBody, Request,
+    SubscribeRequest, UnsubscribeRequest, CLIENT_PONG,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{Error, Options, State, SubscriptionEvent};
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How long a temporarily refused subscription waits before it is asked again.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+
+/// What the [`crate::Client`] and its subscriptions ask of the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Call {
+        request: Request,
+        reply: oneshot::Sender<Result<ReplyBody, Error>>,
+    },
+    Subscribe {
+        channel: String,
+        events: mpsc::UnboundedSender<SubscriptionEvent>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Close,
+}
+
+pub(crate) fn start(
+    url: String,
+    options: Options,
+) -> (mpsc::UnboundedSender<Command>, watch::Receiver<State>) {
+    let (commands_tx, commands) = mpsc::unbounded_channel();
+    let (state, state_rx) = watch::channel(State::Connecting);
+    let driver = Driver {
+        url,
+        options,
+        commands,
+        state,
+        subs: HashMap::new(),
+        queued: Vec::new(),
+    };
+    tokio::spawn(driver.run());
+    (commands_tx, state_rx)
+}
+
+/// A subscription as the driver keeps it, across connections.
+struct Sub {
+    events: mpsc::UnboundedSender<SubscriptionEvent>,
+    /// The stream's epoch and the last offset seen: where a resubscribe recovers from.
+    position: Option<(String, u64)>,
+    /// The caller of the first subscribe, until the server answers it.
+    first: Option<oneshot::Sender<Result<(), Error>>>,
+    /// Asked for (or granted) on the current connection.
+    requested: bool,
+    /// Refused for now (a temporary error): ask again then.
+    retry_at: Option<Instant>,
+}
+
+/// How a connection ended.
+enum End {
+    Reconnect,
+    Closed { code: u32, reason: String },
+}
+
+/// What a command sent on the current connection waits for.
+enum Pending {
+    Connect,
+    Call(oneshot::Sender<Result<ReplyBody, Error>>),
+    Subscribe(String),
+    /// An unsubscribe: nobody waits for its answer.
+    Ignore,
+}
+
+/// The current connection's own state.
+struct Connection {
+    next_id: u32,
+    pending: HashMap<u32, Pending>,
+    connected: bool,
+    /// The server wants `{}` back for its pings.
+    pong: bool,
+    /// Past this, the connection is dead: no connect reply, or no ping for too long.
+    watchdog: Instant,
+    /// The server's ping interval (0: it does not ping).
+    ping: Duration,
+    /// Frames to write.
+    out: Vec<String>,
+}
+
+impl Connection {
+    fn send(&mut self, request: &Request, pending: Pending) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, pending);
+        self.out
+            .push(String::from_utf8(encode_command(id, request)).expect("commands are JSON"));
+    }
+}
+
+struct Driver {
+    url: String,
+    options: Options,
+    commands: mpsc::UnboundedReceiver<Command>,
+    state: watch::Sender<State>,
+    subs: HashMap<String, Sub>,
+    /// Calls made while not connected.
+    queued: Vec<(Request, oneshot::Sender<Result<ReplyBody, Error>>)>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut attempt = 0u32;
+        loop {
+            let connect = tokio_tungstenite::connect_async(self.url.as_str());
+            let end = match tokio::time::timeout(self.options.timeout, connect).await {
+                Ok(Ok((socket, _))) => self.session(socket, &mut attempt).await,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, url = %self.url, "cannot connect");
+                    End::Reconnect
+                }
+                Err(_) => End::Reconnect,
+            };
+            if let End::Closed { code, reason } = end {
+                return self.finish(code, reason);
+            }
+            self.state.send_if_modified(|state| {
+                let changed = *state != State::Connecting;
+                *state = State::Connecting;
+                changed
+            });
+            let until = Instant::now() + self.backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            loop {
+                tokio::select! {
+                    () = sleep_until(until) => break,
+                    command = self.commands.recv() => match command {
+                        None => return self.finish(1000, "client dropped".into()),
+                        Some(Command::Close) => return self.finish(1000, "closed by the client".into()),
+                        Some(command) => self.offline(command),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Jittered exponential backoff: a random delay from `min` to `min · 2^attempt` (at most
+    /// `max`), so that clients cut at once do not all come back at once, and none sooner
+    /// than `min`.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let min = self.options.min_reconnect_delay;
+        let cap = min
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.options.max_reconnect_delay)
+            .max(min);
+        let spread = (cap - min).as_nanos().min(u128::from(u64::MAX)) as u64;
+        let random = getrandom::u64().unwrap_or(spread) % spread.saturating_add(1);
+        min + Duration::from_nanos(random)
+    }
+
+    /// A command while there is no connection: calls wait for one.
+    fn offline(&mut self, command: Command) {
+        match command {
+            Command::Call { request, reply } => self.queued.push((request, reply)),
+            Command::Subscribe {
+                channel,
+                events,
+                reply,
+            } => {
+                self.add_sub(channel, events, reply);
+            }
+            Command::Unsubscribe { channel } => {
+                self.subs.remove(&channel);
+            }
+            Command::Close => unreachable!("handled by the caller"),
+        }
+    }
+
+    fn add_sub(
+        &mut self,
+        channel: String,
+        events: mpsc::UnboundedSender<SubscriptionEvent>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) -> bool {
+        if self.subs.contains_key(&channel) {
+            let _ = reply.send(Err(Error::Server {
+                code: 105,
+                message: "already subscribed".into(),
+                temporary: false,
+            }));
+            return false;
+        }
+        let sub = Sub {
+            events,
+            position: None,
+            first: Some(reply),
+            requested: false,
+            retry_at: None,
+        };
+        self.subs.insert(channel, sub);
+        true
+    }
+
+    /// Closed for good: every waiting caller is told, every subscription ends.
+    fn finish(&mut self, code: u32, reason: String) {
+        let error = Error::Closed {
+            code,
+            reason: reason.clone(),
+        };
+        for (_, reply) in self.queued.drain(..) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for (_, mut sub) in self.subs.drain() {
+            if let Some(first) = sub.first.take() {
+                let _ = first.send(Err(error.clone()));
+            }
+        }
+        self.state.send_replace(State::Closed { code, reason });
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Call { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Command::Subscribe { reply, .. } => {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                Command::Unsubscribe { .. } | Command::Close => {}
+            }
+        }
+    }
+
+    async fn session(&mut self, socket: Socket, attempt: &mut u32) -> End {
+        let (mut sink, mut stream) = socket.split();
+        let mut connection = Connection {
+            next_id: 1,
+            pending: HashMap::new(),
+            connected: false,
+            pong: false,
+            watchdog: Instant::now() + self.options.timeout,
+            ping: Duration::ZERO,
+            out: Vec::new(),
+        };
+        let connect = Request::Connect(ConnectRequest {
+            token: self.options.token.clone(),
+            name: self.options.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..ConnectRequest::default()
+        });
+        connection.send(&connect, Pending::Connect);
+        let end = loop {
+            let mut written = true;
+            for frame in connection.out.drain(..) {
+                if let Err(error) = sink.send(Message::Text(frame.into())).await {
+                    tracing::debug!(%error, "lost the connection while writing");
+                    written = false;
+                    break;
+                }
+            }
+            if !written {
+                break End::Reconnect;
+            }
+            let retry = self.subs.values().filter_map(|sub| sub.retry_at).min();
+            let wake = retry.map_or(connection.watchdog, |at| at.min(connection.watchdog));
+            tokio::select! {
+                message = stream.next() => match message {
+                    None | Some(Err(_)) => break End::Reconnect,
+                    Some(Ok(Message::Text(text))) => {
+                        if connection.connected && !connection.ping.is_zero() {
+                            connection.watchdog =
+                                Instant::now() + connection.ping + self.options.max_ping_delay;
+                        }
+                        if let Err(end) = self.on_text(&text, &mut connection, attempt) {
+                            break end;
+                        }
+                    }
+                    Some(Ok(Message::Close(frame))) => break closed_by_server(frame),
+                    Some(Ok(_)) => {}
+                },
+                command = self.commands.recv() => match command {
+                    None | Some(Command::Close) => {
+                        let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        let reason = if command.is_none() { "client dropped" } else { "closed by the client" };
+                        break End::Closed { code: 1000, reason: reason.into() };
+                    }
+                    Some(command) => self.online(command, &mut connection),
+                },
+                () = sleep_until(wake) => {
+                    let now = Instant::now();
+                    if now >= connection.watchdog {
+                        tracing::debug!(connected = connection.connected, "no answer from the server in time");
+                        break End::Reconnect;
+                    }
+                    for (channel, sub) in &mut self.subs {
+                        if sub.retry_at.is_some_and(|at| at <= now) {
+                            sub.retry_at = None;
+                            resubscribe(channel, sub, &mut connection);
+                        }
+                    }
+                }
+            }
+        };
+        // Whatever waited on this connection: calls fail (they may have taken effect),
+        // subscriptions are asked for again on the next one.
+        for (_, pending) in connection.pending.drain() {
+            if let Pending::Call(reply) = pending {
+                let _ = reply.send(Err(Error::Disconnected));
+            }
+        }
+        for sub in self.subs.values_mut() {
+            sub.requested = false;
+            sub.retry_at = None;
+        }
+        end
+    }
+
+    /// A command while connected (or connecting on a socket).
+    fn online(&mut self, command: Command, connection: &mut Connection) {
+        match command {
+            Command::Call { request, reply } if connection.connected => {
+                connection.send(&request, Pending::Call(reply));
+            }
+            Command::Subscribe {
+                channel,
+                events,
+                reply,
+            } => {
+                if self.add_sub(channel.clone(), events, reply) && connection.connected {
+                    let sub = self.subs.get_mut(&channel).expect("just added");
+                    resubscribe(&channel, sub, connection);
+                }
+            }
+            Command::Unsubscribe { channel } => {
+                if let Some(sub) = self.subs.remove(&channel) {
+                    if sub.requested && connection.connected {
+                        let request = Request::Unsubscribe(UnsubscribeRequest { channel });
+                        connection.send(&request, Pending::Ignore);
+                    }
+                }
+            }
+            command => self.offline(command),
+        }
+    }
+
+    /// One WebSocket message from the server: replies, pushes, pings.
+    fn on_text(
+        &mut self,
+        text: &str,
+        connection: &mut Connection,
+        attempt: &mut u32,
+    ) -> Result<(), End> {
+        for reply in parse_replies(text) {
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(error) => {
+                    tracing::warn!(%error, "a reply that is not the protocol's; reconnecting");
+                    return Err(End::Reconnect);
+                }
+            };
+            if reply.is_server_ping() {
+                if connection.pong {
+                    connection
+                        .out
+                        .push(String::from_utf8(CLIENT_PONG.to_vec()).expect("the pong is text"));
+                }
+                continue;
+            }
+            if reply.id == 0 {
+                if let Some(ReplyBody::Push(push)) = reply.body {
+                    self.on_push(push, connection)?;
+                }
+                continue;
+            }
+            match connection.pending.remove(&reply.id) {
+                Some(Pending::Connect) => self.on_connect(reply, connection, attempt)?,
+                Some(Pending::Call(caller)) => {
+                    let _ = caller.send(match (reply.error, reply.body) {
+                        (Some(error), _) => Err(server_error(error)),
+                        (None, Some(body)) => Ok(body),
+                        (None, None) => Err(Error::Server {
+                            code: 107,
+                            message: "an empty reply".into(),
+                            temporary: false,
+                        }),
+                    });
+                }
+                Some(Pending::Subscribe(channel)) => self.on_subscribed(&channel, reply),
+                Some(Pending::Ignore) | None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_connect(
+        &mut self,
+        reply: Reply,
+        connection: &mut Connection,
+        attempt: &mut u32,
+    ) -> Result<(), End> {
+        let result = match (reply.error, reply.body) {
+            (Some(error), _) if error.temporary => return Err(End::Reconnect),
+            (Some(error), _) => {
+                return Err(End::Closed {
+                    code: error.code,
+                    reason: error.message,
+                })
+            }
+            (None, Some(ReplyBody::Connect(result))) => result,
+            _ => return Err(End::Reconnect),
+        };
+        *attempt = 0;
+        connection.connected = true;
+        connection.pong = result.pong;
+        connection.ping = Duration::from_secs(u64::from(result.ping));
+        connection.watchdog = if result.ping > 0 {
+            Instant::now() + connection.ping + self.options.max_ping_delay
+        } else {
+            Instant::now() + Duration::from_secs(365 * 24 * 3600)
+        };
+        self.state.send_replace(State::Connected {
+            client: result.client,
+        });
+        for (channel, sub) in &mut self.subs {
+            resubscribe(channel, sub, connection);
+        }
+        for (request, reply) in std::mem::take(&mut self.queued) {
+            // A caller that gave up (timed out) must not have its call made after all.
+            if !reply.is_closed() {
+                connection.send(&request, Pending::Call(reply));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_subscribed(&mut self, channel: &str, reply: Reply) {
+        let Some(sub) = self.subs.get_mut(channel) else {
+            return;
+        };
+        if let Some(error) = reply.error {
+            if error.temporary {
+                sub.requested = false;
+                sub.retry_at = Some(Instant::now() + RESUBSCRIBE_DELAY);
+                return;
+            }
+            match sub.first.take() {
+                Some(first) => {
+                    let _ = first.send(Err(server_error(error)));
+                }
+                None => {
+                    let _ = sub.events.send(SubscriptionEvent::Unsubscribed {
+                        code: error.code,
+                        reason: error.message,
+                    });
+                }
+            }
+            self.subs.remove(channel);
+            return;
+        }
+        let Some(ReplyBody::Subscribe(result)) = reply.body else {
+            return;
+        };
+        if let Some(first) = sub.first.take() {
+            let _ = first.send(Ok(()));
+        }
+        let mut delivered = sub
+            .events
+            .send(SubscriptionEvent::Subscribed {
+                recovered: result.recovered,
+                was_recovering: result.was_recovering,
+            })
+            .is_ok();
+        let mut top = result.offset;
+        for publication in result.publications {
+            top = top.max(publication.offset);
+            delivered &= sub
+                .events
+                .send(SubscriptionEvent::Publication(publication))
+                .is_ok();
+        }
+        sub.position = result.recoverable.then_some((result.epoch, top));
+        if !delivered {
+            // Nobody listens any more (the caller gave up waiting, or dropped it).
+            self.subs.remove(channel);
+        }
+    }
+
+    fn on_push(&mut self, push: Push, connection: &mut Connection) -> Result<(), End> {
+        if let PushBody::Disconnect(disconnect) = push.body {
+            return Err(if disconnect.reconnect {
+                End::Reconnect
+            } else {
+                End::Closed {
+                    code: disconnect.code,
+                    reason: disconnect.reason,
+                }
+            });
+        }
+        let Some(sub) = self.subs.get_mut(&push.channel) else {
+            return Ok(());
+        };
+        let event = match push.body {
+            PushBody::Publication(publication) => {
+                if let Some((_, offset)) = &mut sub.position {
+                    *offset = (*offset).max(publication.offset);
+                }
+                SubscriptionEvent::Publication(publication)
+            }
+            PushBody::Join(join) => SubscriptionEvent::Join(join.info),
+            PushBody::Leave(leave) => SubscriptionEvent::Leave(leave.info),
+            PushBody::Unsubscribe(unsubscribe) if unsubscribe.code >= 2500 => {
+                // The server asks for a new subscription (e.g. it lost deliveries): recover.
+                resubscribe(&push.channel, sub, connection);
+                return Ok(());
+            }
+            PushBody::Unsubscribe(unsubscribe) => {
+                let _ = sub.events.send(SubscriptionEvent::Unsubscribed {
+                    code: unsubscribe.code,
+                    reason: unsubscribe.reason,
+                });
+                self.subs.remove(&push.channel);
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        if sub.events.send(event).is_err() {
+            self.subs.remove(&push.channel);
+            let request = Request::Unsubscribe(UnsubscribeRequest {
+                channel: push.channel,
+            });
+            connection.send(&request, Pending::Ignore);
+        }
+        Ok(())
+    }
+}
+
+/// Asks for `channel` on this connection, recovering from its last position if it has one.
+fn resubscribe(channel: &str, sub: &mut Sub, connection: &mut Connection) {
+    let (recover, epoch, offset) = match &sub.position {
+        Some((epoch, offset)) => (true, epoch.clone(), *offset),
+        None => (false, String::new(), 0),
+    };
+    let request = Request::Subscribe(SubscribeRequest {
+        channel: channel.to_owned(),
+        recover,
+        epoch,
+        offset,
+        ..SubscribeRequest::default()
+    });
+    sub.requested = true;
+    connection.send(&request, Pending::Subscribe(channel.to_owned()));
+}
+
+fn server_error(error: plexus_protocol::client::Error) -> Error {
+    Error::Server {
+        code: error.code,
+        message: error.message,
+        temporary: error.temporary,
+    }
+}
+
+/// The server's close frame: 3500-3999 and 4500-4999 say not to reconnect.
+fn closed_by_server(frame: Option<CloseFrame>) -> End {
+    let Some(frame) = frame else {
+        return End::Reconnect;
+    };
+    let code = u16::from(frame.code);
+    match code {
+        3500..=3999 | 4500..=4999 => End::Closed {
+            code: u32::from(code),
+            reason: frame.reason.to_string(),
+        },
+        _ => End::Reconnect,
+    }
+}

@@ -1,0 +1,355 @@
+//! The client against the real server on a real port: calls, pushes, pings, reconnecting with
+//! recovery after a server-side disconnect and after a server restart, and the closes that
+//! must not be retried.
+
+use std::time::Duration;
+
+use plexus_client::{Client, Error, Options, State, Subscription, SubscriptionEvent};
+use plexus_server::config::EngineKind;
+use plexus_server::{Config, Server, ServerHandle};
+use serde_json::{json, Value};
+
+const SECRET: &str = "test-token-secret";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn token(user: &str) -> String {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    plexus_auth::mint_hs256(
+        SECRET,
+        &plexus_auth::MintRequest {
+            sub: user.into(),
+            now_unix,
+            ..Default::default()
+        },
+    )
+}
+
+fn url(server: &ServerHandle) -> String {
+    format!("ws://{}/connection/websocket", server.http_addr())
+}
+
+fn client(server: &ServerHandle, user: &str) -> Client {
+    let options = Options {
+        min_reconnect_delay: Duration::from_millis(300),
+        max_reconnect_delay: Duration::from_secs(1),
+        ..Options::token(token(user))
+    };
+    Client::connect(url(server), options)
+}
+
+/// A server API call; its `result`.
+async fn api(server: &ServerHandle, method: &str, body: Value) -> Value {
+    let body = body.to_string();
+    let request = format!(
+        "POST /api/{method} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-API-Key: test-api-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.http_addr())
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    let reply: Value = serde_json::from_str(body).unwrap();
+    assert!(reply.get("error").is_none(), "{method}: {reply}");
+    reply["result"].clone()
+}
+
+async fn next(subscription: &mut Subscription) -> SubscriptionEvent {
+    tokio::time::timeout(WAIT, subscription.next())
+        .await
+        .expect("an event in time")
+        .expect("the subscription goes on")
+}
+
+/// The data of the next event, which must be a publication.
+async fn next_data(subscription: &mut Subscription) -> Value {
+    match next(subscription).await {
+        SubscriptionEvent::Publication(publication) => {
+            serde_json::from_str(publication.data.expect("data").as_str()).unwrap()
+        }
+        other => panic!("expected a publication, got {other:?}"),
+    }
+}
+
+async fn wait_for_state(client: &Client, wanted: impl Fn(&State) -> bool) -> State {
+    let started = std::time::Instant::now();
+    loop {
+        let state = client.state();
+        if wanted(&state) {
+            return state;
+        }
+        assert!(started.elapsed() < WAIT, "state {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const FIRST: SubscriptionEvent = SubscriptionEvent::Subscribed {
+    recovered: false,
+    was_recovering: false,
+};
+const RECOVERED: SubscriptionEvent = SubscriptionEvent::Subscribed {
+    recovered: true,
+    was_recovering: true,
+};
+
+#[tokio::test]
+async fn subscribe_publish_history_and_presence() {
+    let server = Server::bind(Config::for_tests()).await.unwrap();
+    let ann = client(&server, "ann");
+    let bob = client(&server, "bob");
+    let ann_id = ann.connected().await.unwrap();
+    let mut room = ann.subscribe("chat:room").await.unwrap();
+    assert_eq!(next(&mut room).await, FIRST);
+    bob.publish("chat:room", &json!({"text": "hi ann"}))
+        .await
+        .unwrap();
+    assert_eq!(next_data(&mut room).await, json!({"text": "hi ann"}));
+
+    let history = bob.history("chat:room", -1).await.unwrap();
+    assert_eq!(history.publications.len(), 1);
+    assert_eq!(history.offset, 1);
+    let presence = ann.presence("chat:room").await.unwrap();
+    assert_eq!(presence.presence.len(), 1);
+    assert_eq!(presence.presence[&ann_id].user, "ann");
+    let stats = ann.presence_stats("chat:room").await.unwrap();
+    assert_eq!((stats.num_clients, stats.num_users), (1, 1));
+
+    // The server's own refusals come back as errors, and the connection goes on.
+    let refused = bob.publish("nowhere:x", &json!(1)).await.unwrap_err();
+    assert!(
+        matches!(refused, Error::Server { code: 102, .. }),
+        "{refused:?}"
+    );
+    assert!(matches!(
+        ann.subscribe("chat:room").await.unwrap_err(),
+        Error::Server { code: 105, .. }
+    ));
+    // Dropping the subscription unsubscribes.
+    drop(room);
+    let started = std::time::Instant::now();
+    loop {
+        let channels = api(&server, "channels", json!({})).await;
+        if channels["channels"].get("chat:room").is_none() {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "ann left: {channels}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ann.close().await;
+    assert!(matches!(ann.state(), State::Closed { code: 1000, .. }));
+    assert!(matches!(
+        ann.publish("chat:room", &json!(1)).await.unwrap_err(),
+        Error::Closed { .. }
+    ));
+}
+
+/// Cut by the server with a code that says "reconnect": the client comes back by itself with
+/// a new client id and recovers what was published meanwhile, each publication once, in order.
+#[tokio::test]
+async fn reconnects_and_recovers_what_it_missed() {
+    let server = Server::bind(Config::for_tests()).await.unwrap();
+    let ann = client(&server, "ann");
+    let first_id = ann.connected().await.unwrap();
+    let mut room = ann.subscribe("chat:gap").await.unwrap();
+    assert_eq!(next(&mut room).await, FIRST);
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:gap", "data": 1}),
+    )
+    .await;
+    assert_eq!(next_data(&mut room).await, json!(1));
+
+    let cut = json!({"user": "ann", "disconnect": {"code": 3001, "reason": "test"}});
+    api(&server, "disconnect", cut).await;
+    for n in 2..=4 {
+        api(
+            &server,
+            "publish",
+            json!({"channel": "chat:gap", "data": n}),
+        )
+        .await;
+    }
+    assert_eq!(next(&mut room).await, RECOVERED);
+    for n in 2..=4 {
+        assert_eq!(next_data(&mut room).await, json!(n));
+    }
+    let state = wait_for_state(&ann, |state| matches!(state, State::Connected { .. })).await;
+    assert_ne!(state, State::Connected { client: first_id });
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:gap", "data": 5}),
+    )
+    .await;
+    assert_eq!(next_data(&mut room).await, json!(5));
+}
+
+/// The durable engine keeps history across a restart: a client that was connected before
+/// gets, after reconnecting to the restarted server, what was published while it was down.
+#[tokio::test]
+async fn recovers_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        engine: EngineKind::Embedded,
+        data_dir: dir.path().to_path_buf(),
+        ..Config::for_tests()
+    };
+    let server = Server::bind(config.clone()).await.unwrap();
+    let addr = server.http_addr();
+    let ann = client(&server, "ann");
+    let mut room = ann.subscribe("chat:restart").await.unwrap();
+    assert_eq!(next(&mut room).await, FIRST);
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:restart", "data": "before"}),
+    )
+    .await;
+    assert_eq!(next_data(&mut room).await, json!("before"));
+
+    server.shutdown().await;
+    wait_for_state(&ann, |state| *state == State::Connecting).await;
+    let server = Server::bind(Config {
+        listen: addr,
+        ..config
+    })
+    .await
+    .unwrap();
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:restart", "data": "while down"}),
+    )
+    .await;
+    assert_eq!(next(&mut room).await, RECOVERED);
+    assert_eq!(next_data(&mut room).await, json!("while down"));
+    server.shutdown().await;
+}
+
+/// 3503 (force disconnect) and a refused token end the client for good: no reconnecting,
+/// subscriptions end, calls fail at once.
+#[tokio::test]
+async fn closes_that_must_not_be_retried() {
+    let server = Server::bind(Config::for_tests()).await.unwrap();
+    let ann = client(&server, "ann");
+    let mut room = ann.subscribe("chat:end").await.unwrap();
+    assert_eq!(next(&mut room).await, FIRST);
+    api(&server, "disconnect", json!({"user": "ann"})).await;
+    let state = wait_for_state(&ann, |state| matches!(state, State::Closed { .. })).await;
+    assert_eq!(
+        state,
+        State::Closed {
+            code: 3503,
+            reason: "force disconnect".into()
+        }
+    );
+    assert_eq!(tokio::time::timeout(WAIT, room.next()).await.unwrap(), None);
+    assert!(matches!(
+        ann.history("chat:end", 1).await.unwrap_err(),
+        Error::Closed { code: 3503, .. }
+    ));
+
+    let forged = Client::connect(url(&server), Options::token("not.a.token"));
+    let refused = forged.connected().await.unwrap_err();
+    assert!(
+        matches!(refused, Error::Closed { code: 3500, .. }),
+        "{refused:?}"
+    );
+}
+
+/// The server pings every second and cuts a client that does not answer within a second;
+/// this one answers, so it keeps its connection (same client id) well past that.
+#[tokio::test]
+async fn answers_the_servers_pings() {
+    let server = Server::bind(Config {
+        ping_interval: Duration::from_secs(1),
+        pong_timeout: Duration::from_secs(1),
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap();
+    let ann = client(&server, "ann");
+    let id = ann.connected().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(ann.state(), State::Connected { client: id });
+    ann.publish("chat:ping", &json!("still here"))
+        .await
+        .unwrap();
+}
+
+/// A path to the server that goes silent without closing (a dead NAT entry, a cable pulled
+/// somewhere): the client notices that the server's pings stopped and reconnects.
+#[tokio::test]
+async fn reconnects_when_the_servers_pings_stop() {
+    let server = Server::bind(Config {
+        ping_interval: Duration::from_secs(1),
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap();
+    let proxy = FreezingProxy::start(server.http_addr()).await;
+    let options = Options {
+        max_ping_delay: Duration::from_millis(500),
+        min_reconnect_delay: Duration::from_millis(100),
+        ..Options::token(token("ann"))
+    };
+    let ann = Client::connect(format!("ws://{}/connection/websocket", proxy.addr), options);
+    let first = ann.connected().await.unwrap();
+    let mut room = ann.subscribe("chat:silent").await.unwrap();
+    assert_eq!(next(&mut room).await, FIRST);
+    // Connections open now stop carrying anything, both ways, and stay open.
+    proxy.freeze.notify_waiters();
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:silent", "data": "unheard"}),
+    )
+    .await;
+    // The client gives up on the silent connection and comes back through a new one.
+    assert_eq!(next(&mut room).await, RECOVERED);
+    assert_eq!(next_data(&mut room).await, json!("unheard"));
+    let state = ann.state();
+    assert!(
+        matches!(&state, State::Connected { client } if *client != first),
+        "{state:?}"
+    );
+}
+
+/// Forwards TCP connections to `upstream` until told to freeze the ones open at that moment.
+struct FreezingProxy {
+    addr: std::net::SocketAddr,
+    freeze: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: std::net::SocketAddr) -> FreezingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let freeze = std::sync::Arc::new(tokio::sync::Notify::new());
+        let freezes = freeze.clone();
+        tokio::spawn(async move {
+            while let Ok((mut downstream, _)) = listener.accept().await {
+                let mut upstream = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let freeze = freezes.clone();
+                tokio::spawn(async move {
+                    let frozen = freeze.notified();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => {}
+                        () = frozen => {
+                            // Silent, not closed.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        FreezingProxy { addr, freeze }
+    }
+}
