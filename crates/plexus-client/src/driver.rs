@@ -32,11 +32,14 @@ pub(crate) enum Command {
     },
     Subscribe {
         channel: String,
+        id: u64,
         events: mpsc::UnboundedSender<SubscriptionEvent>,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// From a dropped subscription: `id` tells it from a later one of the same channel.
     Unsubscribe {
         channel: String,
+        id: u64,
     },
     Close,
 }
@@ -61,6 +64,7 @@ pub(crate) fn start(
 
 /// A subscription as the driver keeps it, across connections.
 struct Sub {
+    id: u64,
     events: mpsc::UnboundedSender<SubscriptionEvent>,
     /// The stream's epoch and the last offset seen: where a resubscribe recovers from.
     position: Option<(String, u64)>,
@@ -178,13 +182,14 @@ impl Driver {
             Command::Call { request, reply } => self.queued.push((request, reply)),
             Command::Subscribe {
                 channel,
+                id,
                 events,
                 reply,
             } => {
-                self.add_sub(channel, events, reply);
+                self.add_sub(channel, id, events, reply);
             }
-            Command::Unsubscribe { channel } => {
-                self.subs.remove(&channel);
+            Command::Unsubscribe { channel, id } => {
+                self.forget(&channel, id);
             }
             Command::Close => unreachable!("handled by the caller"),
         }
@@ -193,6 +198,7 @@ impl Driver {
     fn add_sub(
         &mut self,
         channel: String,
+        id: u64,
         events: mpsc::UnboundedSender<SubscriptionEvent>,
         reply: oneshot::Sender<Result<(), Error>>,
     ) -> bool {
@@ -205,6 +211,7 @@ impl Driver {
             return false;
         }
         let sub = Sub {
+            id,
             events,
             position: None,
             first: Some(reply),
@@ -213,6 +220,16 @@ impl Driver {
         };
         self.subs.insert(channel, sub);
         true
+    }
+
+    /// Removes the subscription of `channel` if it is subscription `id` (not a later one of
+    /// the same channel).
+    fn forget(&mut self, channel: &str, id: u64) -> Option<Sub> {
+        if self.subs.get(channel).is_some_and(|sub| sub.id == id) {
+            self.subs.remove(channel)
+        } else {
+            None
+        }
     }
 
     /// Closed for good: every waiting caller is told, every subscription ends.
@@ -337,16 +354,17 @@ impl Driver {
             }
             Command::Subscribe {
                 channel,
+                id,
                 events,
                 reply,
             } => {
-                if self.add_sub(channel.clone(), events, reply) && connection.connected {
+                if self.add_sub(channel.clone(), id, events, reply) && connection.connected {
                     let sub = self.subs.get_mut(&channel).expect("just added");
                     resubscribe(&channel, sub, connection);
                 }
             }
-            Command::Unsubscribe { channel } => {
-                if let Some(sub) = self.subs.remove(&channel) {
+            Command::Unsubscribe { channel, id } => {
+                if let Some(sub) = self.forget(&channel, id) {
                     if sub.requested && connection.connected {
                         let request = Request::Unsubscribe(UnsubscribeRequest { channel });
                         connection.send(&request, Pending::Ignore);

@@ -31,6 +31,7 @@
 
 mod driver;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 pub use plexus_protocol::client::{
@@ -188,16 +189,20 @@ impl Client {
     /// Subscribes to `channel`; resolves once the server accepted. The subscription is
     /// renewed after every reconnect until it is dropped or unsubscribed.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, Error> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
         self.send(Command::Subscribe {
             channel: channel.to_owned(),
+            id,
             events: events_tx,
             reply,
         })?;
         self.wait(answer).await??;
         Ok(Subscription {
             channel: channel.to_owned(),
+            id,
             events,
             commands: self.commands.clone(),
         })
@@ -315,6 +320,8 @@ fn unexpected(body: &ReplyBody) -> Error {
 #[derive(Debug)]
 pub struct Subscription {
     channel: String,
+    /// Tells this subscription from a later one of the same channel.
+    id: u64,
     events: mpsc::UnboundedReceiver<SubscriptionEvent>,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -335,6 +342,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Unsubscribe {
             channel: std::mem::take(&mut self.channel),
+            id: self.id,
         });
     }
 }

@@ -353,3 +353,37 @@ impl FreezingProxy {
         FreezingProxy { addr, freeze }
     }
 }
+
+/// Unsubscribed by the server (API `unsubscribe`): the subscription ends with the code; a new
+/// subscription to the same channel is not undone when the old one is dropped later.
+#[tokio::test]
+async fn server_unsubscribe_ends_a_subscription() {
+    let server = Server::bind(Config::for_tests()).await.unwrap();
+    let ann = client(&server, "ann");
+    let mut old = ann.subscribe("chat:again").await.unwrap();
+    assert_eq!(next(&mut old).await, FIRST);
+    api(
+        &server,
+        "unsubscribe",
+        json!({"user": "ann", "channel": "chat:again"}),
+    )
+    .await;
+    assert!(
+        matches!(
+            next(&mut old).await,
+            SubscriptionEvent::Unsubscribed { code: 2000, .. }
+        ),
+        "server unsubscribe"
+    );
+    assert_eq!(tokio::time::timeout(WAIT, old.next()).await.unwrap(), None);
+    let mut new = ann.subscribe("chat:again").await.unwrap();
+    assert_eq!(next(&mut new).await, FIRST);
+    drop(old);
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:again", "data": "kept"}),
+    )
+    .await;
+    assert_eq!(next_data(&mut new).await, json!("kept"));
+}
