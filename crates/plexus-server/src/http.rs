@@ -23,6 +23,7 @@ use crate::{ws, Shared};
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const QUOTES_HTML: &str = include_str!("../static/quotes.html");
 const ADMIN_HTML: &str = include_str!("../static/admin.html");
+const PLEXUS_CSS: &str = include_str!("../static/plexus.css");
 const PLEXUS_JS: &str = include_str!("../static/plexus.js");
 const PLEXUS_D_TS: &str = include_str!("../static/plexus.d.ts");
 
@@ -31,6 +32,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/", get(index))
         .route("/quotes", get(quotes))
         .route("/admin", get(admin))
+        .route("/plexus.css", get(plexus_css))
         .route("/plexus.js", get(plexus_js))
         .route("/plexus.d.ts", get(plexus_d_ts))
         .route("/echo", get(ws::echo))
@@ -102,6 +104,11 @@ async fn quotes() -> Response {
 /// The admin page: it reads everything through the server API, with the key its user types.
 async fn admin(headers: http::HeaderMap) -> Response {
     asset(&headers, "text/html; charset=utf-8", ADMIN_HTML)
+}
+
+/// What the built-in pages share: colours (light and dark), type, the header, panels, buttons.
+async fn plexus_css(headers: http::HeaderMap) -> Response {
+    asset(&headers, "text/css; charset=utf-8", PLEXUS_CSS)
 }
 
 async fn plexus_js(headers: http::HeaderMap) -> Response {
