@@ -155,6 +155,13 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub allowed_origins: Option<Vec<String>>,
+    /// Backend that answers protocol clients' `rpc` commands (an http:// URL, POSTed JSON as
+    /// Centrifugo's RPC proxy); without it `rpc` gets error 108 (not available)
+    #[arg(long, env = "PLEXUS_RPC_PROXY_URL", value_name = "URL")]
+    pub rpc_proxy_url: Option<String>,
+    /// How long the RPC backend may take to answer [default: 1s]
+    #[arg(long, env = "PLEXUS_RPC_PROXY_TIMEOUT", value_name = "DURATION")]
+    pub rpc_proxy_timeout: Option<String>,
     /// Channel namespaces (TOML `[[namespaces]]` only)
     #[arg(skip)]
     pub namespaces: Option<Vec<NamespaceSettings>>,
@@ -256,6 +263,9 @@ pub struct Config {
     pub token_ecdsa_public_key: Option<String>,
     pub allow_anonymous_connect_without_token: bool,
     pub allowed_origins: Vec<String>,
+    /// The RPC backend (`http://…`).
+    pub rpc_proxy_url: Option<String>,
+    pub rpc_proxy_timeout: Duration,
     pub namespaces: Namespaces,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -358,6 +368,28 @@ fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
             key: "redis_url",
             reason: "must start with redis://, rediss:// or unix://".into(),
         })
+    }
+}
+
+/// The RPC backend: an `http://` URL with a host.
+fn rpc_proxy_url(value: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(url) = non_empty("rpc_proxy_url", value)? else {
+        return Ok(None);
+    };
+    let url = url.trim();
+    match url.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+            Ok(Some(url.to_owned()))
+        }
+        Ok(uri) if uri.scheme_str() == Some("https") => Err(ConfigError::Invalid {
+            key: "rpc_proxy_url",
+            reason: "https:// backends are not supported yet; use http:// on a private network"
+                .into(),
+        }),
+        _ => Err(ConfigError::Invalid {
+            key: "rpc_proxy_url",
+            reason: format!("{url:?} is not an http:// URL"),
+        }),
     }
 }
 
@@ -546,6 +578,8 @@ impl Settings {
                 .allow_anonymous_connect_without_token
                 .or(lower.allow_anonymous_connect_without_token),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
+            rpc_proxy_url: self.rpc_proxy_url.or(lower.rpc_proxy_url),
+            rpc_proxy_timeout: self.rpc_proxy_timeout.or(lower.rpc_proxy_timeout),
             namespaces: self.namespaces.or(lower.namespaces),
             log_format: self.log_format.or(lower.log_format),
             log_level: self.log_level.or(lower.log_level),
@@ -677,6 +711,8 @@ impl Settings {
                 .allow_anonymous_connect_without_token
                 .unwrap_or(false),
             allowed_origins: self.allowed_origins.unwrap_or_default(),
+            rpc_proxy_url: rpc_proxy_url(self.rpc_proxy_url)?,
+            rpc_proxy_timeout: duration("rpc_proxy_timeout", self.rpc_proxy_timeout, "1s")?,
             namespaces: namespaces(self.namespaces.unwrap_or_default())?,
             log_format,
             log_level: self.log_level.unwrap_or_else(|| "info".into()),
@@ -831,6 +867,41 @@ mod tests {
             "redis_tls_ca",
             "no PEM certificate",
         );
+    }
+
+    #[test]
+    fn rpc_proxy() {
+        let config = Settings {
+            rpc_proxy_url: Some("http://backend.internal:8080/centrifugo/rpc".into()),
+            rpc_proxy_timeout: Some("250ms".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            config.rpc_proxy_url.as_deref(),
+            Some("http://backend.internal:8080/centrifugo/rpc")
+        );
+        assert_eq!(config.rpc_proxy_timeout, Duration::from_millis(250));
+        assert_eq!(Config::default().rpc_proxy_url, None);
+        assert_eq!(Config::default().rpc_proxy_timeout, Duration::from_secs(1));
+        for (url, why) in [
+            ("https://backend/rpc", "not supported yet"),
+            ("backend:8080/rpc", "not an http:// URL"),
+            ("ftp://backend/rpc", "not an http:// URL"),
+        ] {
+            let error = Settings {
+                rpc_proxy_url: Some(url.into()),
+                ..Settings::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.contains("rpc_proxy_url") && error.contains(why),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod metrics;
 mod native;
 mod peers;
 mod poll;
+mod proxy;
 pub mod secrets;
 mod survey;
 mod tcp;
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     /// The nodes heard from, for `info`.
     peers: Arc<peers::Peers>,
     surveys: Arc<survey::Surveys>,
+    /// The backend of `rpc` commands, if configured.
+    rpc_proxy: Option<proxy::RpcProxy>,
     /// Flushers that write to parked WebSocket connections (see `ws::direct`).
     direct: ws::direct::Lanes,
     /// The WebSocket heartbeat sweep.
@@ -153,6 +156,10 @@ impl Server {
 
         let heartbeats = ws::heartbeat::Heartbeats::new(config.ping_interval, config.pong_timeout);
         let node = node(&config)?;
+        let rpc_proxy = config.rpc_proxy_url.as_deref().map(|url| {
+            proxy::RpcProxy::new(url, config.rpc_proxy_timeout)
+                .expect("the configuration checked the URL")
+        });
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
             metrics: Metrics::new(node.engine().clone()),
@@ -166,6 +173,7 @@ impl Server {
             emulation: emulation::Sessions::new(new_client_id()),
             peers: Arc::new(peers::Peers::new()),
             surveys: Arc::default(),
+            rpc_proxy,
             heartbeats,
             direct: ws::direct::Lanes::new(
                 tokio::runtime::Handle::current().metrics().num_workers(),

@@ -71,6 +71,10 @@ pub(super) async fn run(
     let ids = StreamIds {
         session: session_id.to_string(),
         node: shared.emulation.node.to_string(),
+        transport: match kind {
+            Kind::Sse => "sse",
+            Kind::HttpStream => "http_stream",
+        },
     };
     let mut session = ClientSession::new_stream(&shared, ids);
     let mut stream = Stream {

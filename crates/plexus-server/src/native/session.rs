@@ -36,8 +36,12 @@ fn ttl(at: u64) -> u32 {
 enum Outcome {
     Reply(ReplyBody),
     Error(ErrorCode),
+    /// An error of the application's (from the RPC backend): any code and message.
+    AppError(proto::Error),
     NoReply,
     Disconnect(DisconnectCode),
+    /// A close the application asked for (from the RPC backend).
+    Close(u16, String),
 }
 
 impl From<ErrorCode> for Outcome {
@@ -154,6 +158,8 @@ struct Connected {
 pub(crate) struct StreamIds {
     pub(crate) session: String,
     pub(crate) node: String,
+    /// `sse` or `http_stream`, as the RPC proxy names it.
+    pub(crate) transport: &'static str,
 }
 
 pub(crate) struct ClientSession {
@@ -275,6 +281,14 @@ impl ClientSession {
             match outcome {
                 (id, Outcome::Reply(body)) => replies.push(encode_reply(&Reply::result(id, body))),
                 (id, Outcome::Error(code)) => replies.push(encode_reply(&Reply::error(id, code))),
+                (id, Outcome::AppError(error)) => {
+                    replies.push(encode_reply(&Reply::error(id, error)));
+                }
+                (_, Outcome::Close(code, reason)) => {
+                    flush(out, &mut replies);
+                    out.push(Out::Close(code, reason));
+                    return;
+                }
                 (_, Outcome::NoReply) => {}
                 (_, Outcome::Disconnect(code)) => {
                     flush(out, &mut replies);
@@ -327,7 +341,13 @@ impl ClientSession {
             Request::History(request) => history_command(shared, request).await,
             Request::Ping(_) => Outcome::Reply(ReplyBody::Ping(proto::PingResult {})),
             Request::Send(_) => Outcome::NoReply, // no message handler is configured
-            Request::Rpc(_) => ErrorCode::NotAvailable.into(),
+            Request::Rpc(request) => {
+                let transport = self
+                    .stream
+                    .as_ref()
+                    .map_or("websocket", |ids| ids.transport);
+                rpc_command(shared, connected, transport, &request).await
+            }
             Request::Refresh(request) => refresh_command(shared, connected, &request.token),
             Request::SubRefresh(request) => sub_refresh_command(shared, connected, request),
         }
@@ -738,6 +758,38 @@ async fn subscribe(
             .collect(),
         ..proto::SubscribeResult::default()
     })
+}
+
+/// An `rpc` command, answered by the application's backend (see [`crate::proxy`]).
+async fn rpc_command(
+    shared: &Shared,
+    connected: &Connected,
+    transport: &str,
+    request: &proto::RpcRequest,
+) -> Outcome {
+    let Some(proxy) = &shared.rpc_proxy else {
+        return ErrorCode::NotAvailable.into();
+    };
+    let call = crate::proxy::RpcCall {
+        client: &connected.info.client,
+        transport,
+        protocol: "json",
+        encoding: "json",
+        user: &connected.info.user,
+        method: &request.method,
+        data: request.data.as_ref(),
+    };
+    match proxy.call(&call).await {
+        Ok(crate::proxy::Answer::Result(data)) => {
+            Outcome::Reply(ReplyBody::Rpc(proto::RpcResult { data }))
+        }
+        Ok(crate::proxy::Answer::Error(error)) => Outcome::AppError(error),
+        Ok(crate::proxy::Answer::Disconnect { code, reason }) => Outcome::Close(code, reason),
+        Err(error) => {
+            tracing::warn!(%error, method = %request.method, "rpc proxy");
+            ErrorCode::Internal.into()
+        }
+    }
 }
 
 async fn publish_command(

@@ -8,6 +8,7 @@ mod native;
 mod operations;
 mod poll;
 mod rooms;
+mod rpc;
 mod tcp;
 mod tls;
 mod util;

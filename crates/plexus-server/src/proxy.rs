@@ -1,0 +1,153 @@
+//! The RPC proxy: a protocol client's `rpc` command is POSTed to the application's backend at
+//! `rpc_proxy_url`, as Centrifugo's RPC proxy does, and the backend's answer goes back to the
+//! client. The server stays the only thing clients talk to; the backend stays private.
+//!
+//! Request body (JSON): `client`, `transport` (`websocket`, `sse`, `http_stream`), `protocol`
+//! and `encoding` (`json`), `user`, `method`, `data` (the client's, as sent).
+//! Answer: `{"result":{"data":...}}` (the client gets `data`), `{"error":{"code":N,
+//! "message":"..."}}` (the client gets that error), or `{"disconnect":{"code":N,"reason":"..."}}`
+//! (the client is disconnected with it). A backend that does not answer within
+//! `rpc_proxy_timeout`, answers with another HTTP status, or with something else, gives the
+//! client error 100 (internal) and a warning in the log.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use plexus_protocol::client::{Error as ProtocolError, RawJson};
+use serde::{Deserialize, Serialize};
+
+/// The most a backend's answer may hold.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// What the client is told.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Result(Option<RawJson>),
+    Error(ProtocolError),
+    Disconnect { code: u16, reason: String },
+}
+
+/// Why the backend gave no answer the client can have.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot reach the backend: {0}")]
+    Unreachable(String),
+    #[error("the backend answered HTTP {0}")]
+    Status(StatusCode),
+    #[error("the backend's answer is not a proxy answer: {0}")]
+    BadAnswer(String),
+}
+
+/// One `rpc` call, as the backend gets it.
+#[derive(Debug, Serialize)]
+pub(crate) struct RpcCall<'a> {
+    pub client: &'a str,
+    pub transport: &'a str,
+    pub protocol: &'static str,
+    pub encoding: &'static str,
+    pub user: &'a str,
+    pub method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a RawJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Reply {
+    result: Option<ResultBody>,
+    error: Option<ProtocolError>,
+    disconnect: Option<DisconnectBody>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ResultBody {
+    data: Option<RawJson>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DisconnectBody {
+    code: u16,
+    #[serde(default)]
+    reason: String,
+}
+
+/// The backend, with a pool of kept-alive connections.
+pub(crate) struct RpcProxy {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: Uri,
+    timeout: Duration,
+}
+
+impl RpcProxy {
+    /// `url` is an `http://` URL (checked by the configuration).
+    pub(crate) fn new(url: &str, timeout: Duration) -> Result<RpcProxy, http::uri::InvalidUri> {
+        let url: Uri = url.parse()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(RpcProxy {
+            client,
+            url,
+            timeout,
+        })
+    }
+
+    pub(crate) async fn call(&self, call: &RpcCall<'_>) -> Result<Answer, ProxyError> {
+        let body = serde_json::to_vec(call).expect("a call is JSON");
+        let mut request = Request::post(self.url.clone())
+            .body(Full::new(Bytes::from(body)))
+            .expect("a POST to a parsed URI is a request");
+        request
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|error| ProxyError::Unreachable(error.to_string()))?;
+            if response.status() != StatusCode::OK {
+                return Err(ProxyError::Status(response.status()));
+            }
+            Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map(|body| body.to_bytes())
+                .map_err(|error| ProxyError::BadAnswer(error.to_string()))
+        };
+        let body = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| ProxyError::Timeout(self.timeout))??;
+        let reply: Reply = serde_json::from_slice(&body)
+            .map_err(|error| ProxyError::BadAnswer(error.to_string()))?;
+        match reply {
+            Reply {
+                disconnect: Some(disconnect),
+                ..
+            } => Ok(Answer::Disconnect {
+                code: disconnect.code,
+                reason: disconnect.reason,
+            }),
+            Reply {
+                error: Some(error), ..
+            } => Ok(Answer::Error(error)),
+            Reply {
+                result: Some(result),
+                ..
+            } => Ok(Answer::Result(result.data)),
+            _ => Err(ProxyError::BadAnswer(
+                "neither result, error nor disconnect".into(),
+            )),
+        }
+    }
+}

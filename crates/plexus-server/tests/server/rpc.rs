@@ -1,0 +1,99 @@
+//! The RPC proxy: a protocol client's `rpc` goes to a real HTTP backend (an axum server of the
+//! test's own on a free port), whose result, error or disconnect comes back to the client.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::{Json, Router};
+use plexus_server::Config;
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+/// A backend answering by method, keeping every call it got.
+async fn backend() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let seen = calls.clone();
+    let app = Router::new().route(
+        "/rpc",
+        post(move |Json(call): Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(call.clone());
+                let answer = match call["method"].as_str() {
+                    Some("echo") => json!({"result": {"data": {"echoed": call["data"]}}}),
+                    Some("fail") => json!({"error": {"code": 1000, "message": "no such thing"}}),
+                    Some("kick") => json!({"disconnect": {"code": 4501, "reason": "kicked"}}),
+                    Some("slow") => {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        json!({"result": {}})
+                    }
+                    _ => {
+                        return (http::StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
+                    }
+                };
+                (http::StatusCode::OK, Json(answer))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/rpc", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn rpc_goes_to_the_backend_and_its_answer_comes_back() {
+    let (url, calls) = backend().await;
+    let server = start(Config {
+        rpc_proxy_url: Some(url),
+        rpc_proxy_timeout: Duration::from_millis(300),
+        ..Config::for_tests()
+    })
+    .await;
+    let (mut ann, ann_id) = native(&server, "ann").await;
+
+    let reply = command(
+        &mut ann,
+        2,
+        json!({"rpc": {"method": "echo", "data": {"n": 1}}}),
+    )
+    .await;
+    assert_eq!(reply["rpc"]["data"], json!({"echoed": {"n": 1}}), "{reply}");
+    let call = calls.lock().unwrap()[0].clone();
+    assert_eq!(
+        call,
+        json!({"client": ann_id, "transport": "websocket", "protocol": "json",
+               "encoding": "json", "user": "ann", "method": "echo", "data": {"n": 1}})
+    );
+
+    // The backend's own error, as it gave it.
+    let reply = command(&mut ann, 3, json!({"rpc": {"method": "fail"}})).await;
+    assert_eq!(
+        reply["error"],
+        json!({"code": 1000, "message": "no such thing"})
+    );
+    // A backend that fails or is too slow: internal error, and the connection goes on.
+    for (id, method) in [(4, "broken"), (5, "slow")] {
+        let reply = command(&mut ann, id, json!({"rpc": {"method": method}})).await;
+        assert_eq!(reply["error"]["code"], 100, "{method}: {reply}");
+    }
+    let reply = command(&mut ann, 6, json!({"ping": {}})).await;
+    assert!(reply.get("ping").is_some(), "{reply}");
+    // The backend may disconnect the client.
+    send_text(
+        &mut ann,
+        &json!({"id": 7, "rpc": {"method": "kick"}}).to_string(),
+    )
+    .await;
+    assert_eq!(expect_close(&mut ann).await, (4501, "kicked".to_owned()));
+}
+
+#[tokio::test]
+async fn rpc_without_a_backend_is_not_available() {
+    let server = start_default().await;
+    let (mut ann, _) = native(&server, "ann").await;
+    let reply = command(&mut ann, 2, json!({"rpc": {"method": "echo"}})).await;
+    assert_eq!(reply["error"]["code"], 108, "{reply}");
+}
