@@ -106,6 +106,20 @@ describe('admin page', { timeout: 60_000 }, () => {
     assert.doesNotMatch(html, /innerHTML|insertAdjacentHTML|document\.write/, 'text only through textContent');
   });
 
+  test('the shared stylesheet /plexus.css is served and applied', async () => {
+    const response = await fetch(`${server.base}/plexus.css`);
+    assert.equal(response.status, 200);
+    assert.match(response.headers.get('content-type'), /^text\/css/);
+    assert.match(await response.text(), /--bg:/);
+    const { token, background } = await page.evaluate(() => ({
+      token: getComputedStyle(document.documentElement).getPropertyValue('--bg').trim(),
+      background: getComputedStyle(document.body).backgroundColor,
+    }));
+    assert.match(token, /^#[0-9a-f]{6}$/i, 'the --bg token comes from /plexus.css');
+    const [r, g, b] = [1, 3, 5].map((i) => parseInt(token.slice(i, i + 2), 16));
+    assert.equal(background, `rgb(${r}, ${g}, ${b})`);
+  });
+
   test('a wrong key is refused; the right one connects', async () => {
     assert.equal(await state(), 'signed-out');
     assert.ok(await page.locator('#sign-in').isVisible());
