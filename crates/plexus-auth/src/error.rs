@@ -35,6 +35,9 @@ pub enum KeyError {
     /// The ECDSA public key is not a PEM-encoded P-256 or P-384 public key.
     #[error("invalid ECDSA public key PEM: {0}")]
     InvalidEcdsaPem(String),
+    /// A JSON Web Key Set that is not one, or holds no key this server can verify with.
+    #[error("invalid JWKS: {0}")]
+    InvalidJwks(String),
 }
 
 /// Why a token was refused.
@@ -85,6 +88,12 @@ pub enum InvalidReason {
         /// The curve of the configured key.
         curve: &'static str,
     },
+    /// The header names a `kid` that the JSON Web Key Set does not hold (yet).
+    #[error("no key {0:?} in the JWKS")]
+    UnknownKeyId(String),
+    /// The `kid`'s key is not of the kind the token's `alg` needs (or not on its curve).
+    #[error("token is signed with {alg} but key {kid:?} is not a key for it")]
+    WrongKeyForAlgorithm { alg: &'static str, kid: String },
     /// The signature does not match the configured key.
     #[error("bad signature")]
     BadSignature,

@@ -18,12 +18,14 @@
 
 mod claims;
 mod error;
+mod jwks;
 mod mint;
 mod secret;
 mod verify;
 
 pub use claims::{check_subscription, ConnectionClaims, SubscriptionClaims};
 pub use error::{InvalidReason, KeyError, KeyKind, SubscriptionMismatch, TokenError};
+pub use jwks::{JwkKeys, Jwks};
 pub use mint::{mint_hs256, MintRequest};
 pub use secret::generate_secret;
 pub use verify::{TokenVerifier, VerifierKeys};

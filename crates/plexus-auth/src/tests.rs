@@ -545,3 +545,122 @@ fn generated_secrets_are_random_hex() {
     let token = mint_hs256(&a, &connection("1", None));
     assert!(hmac_verifier(&a).verify_connection(&token, NOW).is_ok());
 }
+
+/// The public JWK of the test RSA key pair, as an identity provider publishes it.
+fn rsa_jwk(kid: &str) -> Value {
+    use rsa::pkcs1::DecodeRsaPrivateKey as _;
+    use rsa::traits::PublicKeyParts;
+    let private = rsa::RsaPrivateKey::from_pkcs1_pem(&rsa_pems().0).unwrap();
+    let public = private.to_public_key();
+    json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+           "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
+           "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be())})
+}
+
+/// A fresh P-256 key pair: its private PEM and its public JWK.
+fn p256_jwk(kid: &str) -> (String, Value) {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let point = pair.public_key_raw(); // 0x04 || x || y
+    let jwk = json!({"kty": "EC", "kid": kid, "crv": "P-256",
+                     "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+                     "y": URL_SAFE_NO_PAD.encode(&point[33..65])});
+    (pair.serialize_pem(), jwk)
+}
+
+fn sign_with_kid(alg: Algorithm, key: &EncodingKey, kid: Option<&str>, claims: &Value) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+#[test]
+fn jwks_keys_by_kid() {
+    let (ec_private, ec_jwk) = p256_jwk("e1");
+    let set = json!({"keys": [
+        rsa_jwk("r1"),
+        ec_jwk,
+        // Left out: symmetric, encryption, no kid, another curve's type, garbage.
+        {"kty": "oct", "kid": "s1", "k": "c2VjcmV0"},
+        {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"},
+        {"kty": "RSA", "n": "AQAB", "e": "AQAB"},
+        {"kty": "OKP", "kid": "ed", "crv": "Ed25519", "x": "AAAA"},
+        {"nonsense": true}
+    ]});
+    let keys = JwkKeys::parse(set.to_string().as_bytes()).unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let jwks = Jwks::default();
+    let verifier = TokenVerifier::new(&VerifierKeys::default())
+        .unwrap()
+        .with_jwks(jwks.clone());
+    let rsa_key = EncodingKey::from_rsa_pem(rsa_pems().0.as_bytes()).unwrap();
+    let ec_key = EncodingKey::from_ec_pem(ec_private.as_bytes()).unwrap();
+    let claims = json!({"sub": "k", "exp": NOW + 1});
+    let rs = sign_with_kid(Algorithm::RS256, &rsa_key, Some("r1"), &claims);
+    // Before the set arrives the kid is unknown: the caller may fetch and retry.
+    assert_eq!(
+        invalid(verifier.verify_connection(&rs, NOW)),
+        InvalidReason::UnknownKeyId("r1".into())
+    );
+    jwks.replace(keys);
+    assert_eq!(verifier.verify_connection(&rs, NOW).unwrap().sub, "k");
+    let es = sign_with_kid(Algorithm::ES256, &ec_key, Some("e1"), &claims);
+    assert_eq!(verifier.verify_connection(&es, NOW).unwrap().sub, "k");
+    assert_eq!(
+        verifier.verify_connection(&es, NOW + 1),
+        Err(TokenError::Expired)
+    );
+    // The kid's key must be one for the token's algorithm.
+    let mismatched = sign_with_kid(Algorithm::RS256, &rsa_key, Some("e1"), &claims);
+    assert_eq!(
+        invalid(verifier.verify_connection(&mismatched, NOW)),
+        InvalidReason::WrongKeyForAlgorithm {
+            alg: "RS256",
+            kid: "e1".into()
+        }
+    );
+    // Signed by someone else under a published kid.
+    let (other_private, _) = p256_jwk("e1");
+    let other = EncodingKey::from_ec_pem(other_private.as_bytes()).unwrap();
+    let forged = sign_with_kid(Algorithm::ES256, &other, Some("e1"), &claims);
+    assert_eq!(
+        invalid(verifier.verify_connection(&forged, NOW)),
+        InvalidReason::BadSignature
+    );
+    // No kid: the configured keys (none here). An HMAC token never uses a set's key.
+    let no_kid = sign_with_kid(Algorithm::RS256, &rsa_key, None, &claims);
+    assert!(matches!(
+        invalid(verifier.verify_connection(&no_kid, NOW)),
+        InvalidReason::NoKeyForAlgorithm { .. }
+    ));
+    let hmac = sign_with_kid(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(b"guess"),
+        Some("r1"),
+        &claims,
+    );
+    assert!(matches!(
+        invalid(verifier.verify_connection(&hmac, NOW)),
+        InvalidReason::NoKeyForAlgorithm { .. }
+    ));
+    // A new set replaces the old one for every verifier sharing it.
+    let (_, rotated) = p256_jwk("e2");
+    jwks.replace(JwkKeys::parse(json!({"keys": [rotated]}).to_string().as_bytes()).unwrap());
+    assert_eq!(
+        invalid(verifier.verify_connection(&rs, NOW)),
+        InvalidReason::UnknownKeyId("r1".into())
+    );
+    for bad in [
+        r#"{"keys": []}"#,
+        "[]",
+        "not json",
+        r#"{"keys": [{"kty": "oct", "kid": "s", "k": "AA"}]}"#,
+    ] {
+        assert!(
+            matches!(
+                JwkKeys::parse(bad.as_bytes()),
+                Err(KeyError::InvalidJwks(_))
+            ),
+            "{bad}"
+        );
+    }
+}

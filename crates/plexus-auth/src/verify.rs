@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::claims::{ConnectionClaims, RawClaims, SubscriptionClaims};
 use crate::error::{InvalidReason, KeyError, KeyKind, TokenError};
+use crate::jwks::Jwks;
 
 /// The keys a [`TokenVerifier`] accepts tokens from; each is optional.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -35,8 +36,8 @@ impl fmt::Debug for VerifierKeys {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Curve {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Curve {
     P256,
     P384,
 }
@@ -59,6 +60,8 @@ pub struct TokenVerifier {
     hmac: Option<DecodingKey>,
     rsa: Option<DecodingKey>,
     ecdsa: Option<(DecodingKey, Curve)>,
+    /// Keys by `kid`, for tokens whose header names one.
+    jwks: Option<Jwks>,
 }
 
 impl fmt::Debug for TokenVerifier {
@@ -67,6 +70,7 @@ impl fmt::Debug for TokenVerifier {
             .field("hmac", &self.hmac.is_some())
             .field("rsa", &self.rsa.is_some())
             .field("ecdsa", &self.ecdsa.as_ref().map(|(_, curve)| curve.name()))
+            .field("jwks", &self.jwks.is_some())
             .finish()
     }
 }
@@ -93,7 +97,21 @@ impl TokenVerifier {
             .as_deref()
             .map(parse_ecdsa)
             .transpose()?;
-        Ok(TokenVerifier { hmac, rsa, ecdsa })
+        Ok(TokenVerifier {
+            hmac,
+            rsa,
+            ecdsa,
+            jwks: None,
+        })
+    }
+
+    /// Also accepts tokens whose header names a `kid` of `jwks`'s current set, checked with
+    /// that key (RS* and ES* only). A token with a `kid` is checked with the set's key alone:
+    /// an unknown `kid` is [`InvalidReason::UnknownKeyId`], so the caller may fetch the set
+    /// again and retry. Tokens without a `kid` are checked with the configured keys.
+    pub fn with_jwks(mut self, jwks: Jwks) -> TokenVerifier {
+        self.jwks = Some(jwks);
+        self
     }
 
     /// Verifies a connection token: signature, `exp`/`nbf` against `now_unix`, and claims.
@@ -132,7 +150,47 @@ impl TokenVerifier {
             .map_err(|_| InvalidReason::Malformed("header is not a JSON object with an alg"))?;
         let (alg, alg_name, needs) = algorithm(&header.alg)?;
 
-        let key = match needs {
+        let keys;
+        let key = match (&self.jwks, header.kid) {
+            (Some(jwks), Some(kid)) if needs != KeyKind::Hmac => {
+                keys = jwks.current();
+                let found = keys
+                    .get(&kid)
+                    .ok_or_else(|| InvalidReason::UnknownKeyId(kid.clone()))?;
+                let wanted_curve = match alg {
+                    Algorithm::ES256 => Some(Curve::P256),
+                    Algorithm::ES384 => Some(Curve::P384),
+                    _ => None,
+                };
+                if found.kind != needs || found.curve != wanted_curve {
+                    return Err(InvalidReason::WrongKeyForAlgorithm { alg: alg_name, kid }.into());
+                }
+                Some(&found.key)
+            }
+            _ => self.static_key(alg, alg_name, needs)?,
+        };
+        let key = key.ok_or(InvalidReason::NoKeyForAlgorithm {
+            alg: alg_name,
+            needs,
+        })?;
+        check_signature(token, signature, key, alg)?;
+
+        let payload = URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| InvalidReason::Malformed("payload is not base64url"))?;
+        let claims = RawClaims::parse(&payload)?;
+        claims.check_time(now_unix)?;
+        Ok(claims)
+    }
+
+    /// The configured key for `alg`'s family, if any.
+    fn static_key(
+        &self,
+        alg: Algorithm,
+        alg_name: &'static str,
+        needs: KeyKind,
+    ) -> Result<Option<&DecodingKey>, InvalidReason> {
+        Ok(match needs {
             KeyKind::Hmac => self.hmac.as_ref(),
             KeyKind::Rsa => self.rsa.as_ref(),
             KeyKind::Ecdsa => match &self.ecdsa {
@@ -146,47 +204,41 @@ impl TokenVerifier {
                         return Err(InvalidReason::WrongCurve {
                             alg: alg_name,
                             curve: curve.name(),
-                        }
-                        .into());
+                        });
                     }
                     Some(key)
                 }
                 None => None,
             },
-        };
-        let key = key.ok_or(InvalidReason::NoKeyForAlgorithm {
-            alg: alg_name,
-            needs,
-        })?;
+        })
+    }
+}
 
-        // The signed message is the token up to its last dot, exactly as sent.
-        let message = &token[..token.len() - signature.len() - 1];
-        match jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, alg) {
-            Ok(true) => {}
-            Ok(false) => return Err(InvalidReason::BadSignature.into()),
-            Err(e) => {
-                return Err(match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::Base64(_) => {
-                        InvalidReason::Malformed("signature is not base64url")
-                    }
-                    _ => InvalidReason::BadSignature,
-                }
-                .into())
+/// Checks `signature` over the token up to its last dot, exactly as sent.
+fn check_signature(
+    token: &str,
+    signature: &str,
+    key: &DecodingKey,
+    alg: Algorithm,
+) -> Result<(), InvalidReason> {
+    let message = &token[..token.len() - signature.len() - 1];
+    match jsonwebtoken::crypto::verify(signature, message.as_bytes(), key, alg) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(InvalidReason::BadSignature),
+        Err(e) => Err(match e.kind() {
+            jsonwebtoken::errors::ErrorKind::Base64(_) => {
+                InvalidReason::Malformed("signature is not base64url")
             }
-        }
-
-        let payload = URL_SAFE_NO_PAD
-            .decode(payload)
-            .map_err(|_| InvalidReason::Malformed("payload is not base64url"))?;
-        let claims = RawClaims::parse(&payload)?;
-        claims.check_time(now_unix)?;
-        Ok(claims)
+            _ => InvalidReason::BadSignature,
+        }),
     }
 }
 
 #[derive(Deserialize)]
 struct Header {
     alg: String,
+    #[serde(default)]
+    kid: Option<String>,
 }
 
 /// Maps a header's `alg` to the algorithm, its canonical name and the key kind it needs.

@@ -139,6 +139,11 @@ pub struct Settings {
     /// ECDSA public key (PEM text or a file path) for ES256 tokens
     #[arg(long, env = "PLEXUS_TOKEN_ECDSA_PUBLIC_KEY", value_name = "PEM|FILE")]
     pub token_ecdsa_public_key: Option<String>,
+    /// JSON Web Key Set URL (http:// or https://) of an identity provider: RS*/ES* tokens
+    /// whose header names a `kid` are checked with that key; fetched at start, every 10
+    /// minutes, and when a token names an unknown `kid`
+    #[arg(long, env = "PLEXUS_TOKEN_JWKS_URL", value_name = "URL")]
+    pub token_jwks_url: Option<String>,
     /// Let protocol clients connect without a token, as anonymous users [default: false]
     #[arg(
         long,
@@ -155,8 +160,8 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub allowed_origins: Option<Vec<String>>,
-    /// Backend that answers protocol clients' `rpc` commands (an http:// URL, POSTed JSON as
-    /// Centrifugo's RPC proxy); without it `rpc` gets error 108 (not available)
+    /// Backend that answers protocol clients' `rpc` commands (an http:// or https:// URL,
+    /// POSTed JSON as Centrifugo's RPC proxy); without it `rpc` gets error 108 (not available)
     #[arg(long, env = "PLEXUS_RPC_PROXY_URL", value_name = "URL")]
     pub rpc_proxy_url: Option<String>,
     /// How long the RPC backend may take to answer [default: 1s]
@@ -261,9 +266,11 @@ pub struct Config {
     /// PEM text.
     pub token_rsa_public_key: Option<String>,
     pub token_ecdsa_public_key: Option<String>,
+    /// An identity provider's JSON Web Key Set.
+    pub token_jwks_url: Option<String>,
     pub allow_anonymous_connect_without_token: bool,
     pub allowed_origins: Vec<String>,
-    /// The RPC backend (`http://…`).
+    /// The RPC backend (`http://…` or `https://…`).
     pub rpc_proxy_url: Option<String>,
     pub rpc_proxy_timeout: Duration,
     pub namespaces: Namespaces,
@@ -371,24 +378,20 @@ fn redis_url(value: Option<String>) -> Result<String, ConfigError> {
     }
 }
 
-/// The RPC backend: an `http://` URL with a host.
-fn rpc_proxy_url(value: Option<String>) -> Result<Option<String>, ConfigError> {
-    let Some(url) = non_empty("rpc_proxy_url", value)? else {
+/// A URL the server fetches from (the RPC backend, the JWKS): `http://` or `https://`, with a
+/// host.
+fn fetch_url(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(url) = non_empty(key, value)? else {
         return Ok(None);
     };
     let url = url.trim();
     match url.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+        Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
             Ok(Some(url.to_owned()))
         }
-        Ok(uri) if uri.scheme_str() == Some("https") => Err(ConfigError::Invalid {
-            key: "rpc_proxy_url",
-            reason: "https:// backends are not supported yet; use http:// on a private network"
-                .into(),
-        }),
         _ => Err(ConfigError::Invalid {
-            key: "rpc_proxy_url",
-            reason: format!("{url:?} is not an http:// URL"),
+            key,
+            reason: format!("{url:?} is not an http:// or https:// URL"),
         }),
     }
 }
@@ -574,6 +577,7 @@ impl Settings {
             token_hmac_secret: self.token_hmac_secret.or(lower.token_hmac_secret),
             token_rsa_public_key: self.token_rsa_public_key.or(lower.token_rsa_public_key),
             token_ecdsa_public_key: self.token_ecdsa_public_key.or(lower.token_ecdsa_public_key),
+            token_jwks_url: self.token_jwks_url.or(lower.token_jwks_url),
             allow_anonymous_connect_without_token: self
                 .allow_anonymous_connect_without_token
                 .or(lower.allow_anonymous_connect_without_token),
@@ -707,11 +711,12 @@ impl Settings {
                 "token_ecdsa_public_key",
                 self.token_ecdsa_public_key,
             )?,
+            token_jwks_url: fetch_url("token_jwks_url", self.token_jwks_url)?,
             allow_anonymous_connect_without_token: self
                 .allow_anonymous_connect_without_token
                 .unwrap_or(false),
             allowed_origins: self.allowed_origins.unwrap_or_default(),
-            rpc_proxy_url: rpc_proxy_url(self.rpc_proxy_url)?,
+            rpc_proxy_url: fetch_url("rpc_proxy_url", self.rpc_proxy_url)?,
             rpc_proxy_timeout: duration("rpc_proxy_timeout", self.rpc_proxy_timeout, "1s")?,
             namespaces: namespaces(self.namespaces.unwrap_or_default())?,
             log_format,
@@ -885,10 +890,28 @@ mod tests {
         assert_eq!(config.rpc_proxy_timeout, Duration::from_millis(250));
         assert_eq!(Config::default().rpc_proxy_url, None);
         assert_eq!(Config::default().rpc_proxy_timeout, Duration::from_secs(1));
+        let https = Settings {
+            rpc_proxy_url: Some("https://backend.example/rpc".into()),
+            token_jwks_url: Some("https://idp.example/.well-known/jwks.json".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            https.token_jwks_url.as_deref(),
+            Some("https://idp.example/.well-known/jwks.json")
+        );
+        let error = Settings {
+            token_jwks_url: Some("idp.example/jwks".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("token_jwks_url"), "{error}");
         for (url, why) in [
-            ("https://backend/rpc", "not supported yet"),
-            ("backend:8080/rpc", "not an http:// URL"),
-            ("ftp://backend/rpc", "not an http:// URL"),
+            ("backend:8080/rpc", "not an http:// or https:// URL"),
+            ("ftp://backend/rpc", "not an http:// or https:// URL"),
         ] {
             let error = Settings {
                 rpc_proxy_url: Some(url.into()),

@@ -13,6 +13,7 @@ mod app;
 pub mod config;
 mod emulation;
 mod http;
+mod jwks;
 mod limits;
 pub mod metrics;
 mod native;
@@ -69,6 +70,8 @@ pub(crate) struct Shared {
     surveys: Arc<survey::Surveys>,
     /// The backend of `rpc` commands, if configured.
     rpc_proxy: Option<proxy::RpcProxy>,
+    /// The identity provider's key set, if configured.
+    jwks: Option<Arc<jwks::JwksSource>>,
     /// Flushers that write to parked WebSocket connections (see `ws::direct`).
     direct: ws::direct::Lanes,
     /// The WebSocket heartbeat sweep.
@@ -122,11 +125,21 @@ impl Server {
     pub async fn bind(config: Config) -> Result<ServerHandle, BindError> {
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let secrets = secrets::resolve(&config)?;
-        let verifier = plexus_auth::TokenVerifier::new(&plexus_auth::VerifierKeys {
+        let mut verifier = plexus_auth::TokenVerifier::new(&plexus_auth::VerifierKeys {
             hmac_secret: Some(secrets.token_hmac_secret.clone()),
             rsa_public_key_pem: config.token_rsa_public_key.clone(),
             ecdsa_public_key_pem: config.token_ecdsa_public_key.clone(),
         })?;
+        let jwks = match &config.token_jwks_url {
+            Some(url) => {
+                let keys = plexus_auth::Jwks::default();
+                verifier = verifier.with_jwks(keys.clone());
+                Some(Arc::new(
+                    jwks::JwksSource::new(url, keys).expect("the configuration checked the URL"),
+                ))
+            }
+            None => None,
+        };
         let listen = |listener: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -174,6 +187,7 @@ impl Server {
             peers: Arc::new(peers::Peers::new()),
             surveys: Arc::default(),
             rpc_proxy,
+            jwks,
             heartbeats,
             direct: ws::direct::Lanes::new(
                 tokio::runtime::Handle::current().metrics().num_workers(),
@@ -182,6 +196,7 @@ impl Server {
         ws::direct::start(&shared);
         ws::heartbeat::start(&shared);
         peers::listen(&shared);
+        jwks::start(&shared);
         peers::heartbeat(
             &shared,
             api::host_name().into(),

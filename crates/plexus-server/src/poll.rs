@@ -80,7 +80,7 @@ fn is_guest(claims: &plexus_auth::ConnectionClaims) -> bool {
 type Refusal = (StatusCode, String);
 
 /// Who is asking, by the native protocol's subscribe rules.
-fn authorize(
+async fn authorize(
     shared: &Shared,
     channel: &str,
     headers: &HeaderMap,
@@ -109,7 +109,7 @@ fn authorize(
                 .verifier
                 .as_ref()
                 .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "invalid token"))?;
-            match verifier.verify_connection(&token, now_unix()) {
+            match crate::jwks::verify_connection(shared, verifier, &token, now_unix()).await {
                 // A guest of the built-in apps has exactly an anonymous user's rights.
                 Ok(claims) if is_guest(&claims) => {
                     if !options.allow_subscribe_for_anonymous || options.private {
@@ -159,7 +159,7 @@ pub(crate) async fn poll(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let user = match authorize(&shared, &channel, &headers, &query) {
+    let user = match authorize(&shared, &channel, &headers, &query).await {
         Ok(user) => user,
         Err((status, message)) => return refuse(status, &message),
     };

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -78,23 +79,37 @@ struct DisconnectBody {
     reason: String,
 }
 
+/// An HTTP client for the server's own requests (the RPC backend, the JWKS URL): `http://`
+/// and `https://` (rustls, Mozilla's roots), kept-alive connections in a pool.
+pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+pub(crate) fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
 /// The backend, with a pool of kept-alive connections.
 pub(crate) struct RpcProxy {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpClient,
     url: Uri,
     timeout: Duration,
 }
 
 impl RpcProxy {
-    /// `url` is an `http://` URL (checked by the configuration).
+    /// `url` is an `http://` or `https://` URL (checked by the configuration).
     pub(crate) fn new(url: &str, timeout: Duration) -> Result<RpcProxy, http::uri::InvalidUri> {
         let url: Uri = url.parse()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let client = http_client(timeout);
         Ok(RpcProxy {
             client,
             url,

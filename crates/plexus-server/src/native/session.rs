@@ -363,7 +363,8 @@ impl ClientSession {
             let Some(verifier) = &shared.verifier else {
                 return Outcome::Disconnect(DisconnectCode::InvalidToken);
             };
-            match verifier.verify_connection(&request.token, now_unix()) {
+            match crate::jwks::verify_connection(shared, verifier, &request.token, now_unix()).await
+            {
                 Ok(claims) => {
                     let expires_at = claims.connection_expires_at();
                     let guest = claims
@@ -641,7 +642,7 @@ async fn subscribe_command(
         let Some(verifier) = &shared.verifier else {
             return ErrorCode::PermissionDenied.into();
         };
-        match verifier.verify_subscription(&request.token, now_unix()) {
+        match crate::jwks::verify_subscription(shared, verifier, &request.token, now_unix()).await {
             Ok(claims) => {
                 if check_subscription(&claims, user, channel).is_err() {
                     return ErrorCode::PermissionDenied.into();

@@ -4,6 +4,7 @@
 mod api;
 mod cluster;
 mod emulation;
+mod jwks;
 mod native;
 mod operations;
 mod poll;
