@@ -17,6 +17,8 @@ pub(crate) struct JwkKey {
     pub(crate) key: DecodingKey,
     pub(crate) kind: KeyKind,
     pub(crate) curve: Option<Curve>,
+    /// The one algorithm the key is for, when the set says (`alg`).
+    pub(crate) alg: Option<jsonwebtoken::Algorithm>,
 }
 
 /// The usable keys of one key set, by `kid`.
@@ -70,10 +72,26 @@ impl JwkKeys {
                 },
                 _ => continue,
             };
+            let alg = match jwk.common.key_algorithm {
+                None => None,
+                Some(alg) => match alg.to_string().parse::<jsonwebtoken::Algorithm>() {
+                    Ok(alg) => Some(alg),
+                    // For something this server does not verify (e.g. encryption).
+                    Err(_) => continue,
+                },
+            };
             let Ok(key) = DecodingKey::from_jwk(&jwk) else {
                 continue;
             };
-            by_kid.insert(kid, JwkKey { key, kind, curve });
+            by_kid.insert(
+                kid,
+                JwkKey {
+                    key,
+                    kind,
+                    curve,
+                    alg,
+                },
+            );
         }
         if by_kid.is_empty() {
             return Err(KeyError::InvalidJwks(

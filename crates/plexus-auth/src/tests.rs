@@ -618,6 +618,15 @@ fn jwks_keys_by_kid() {
             kid: "e1".into()
         }
     );
+    // The set says r1 is for RS256 only.
+    let other_alg = sign_with_kid(Algorithm::RS384, &rsa_key, Some("r1"), &claims);
+    assert_eq!(
+        invalid(verifier.verify_connection(&other_alg, NOW)),
+        InvalidReason::WrongKeyForAlgorithm {
+            alg: "RS384",
+            kid: "r1".into()
+        }
+    );
     // Signed by someone else under a published kid.
     let (other_private, _) = p256_jwk("e1");
     let other = EncodingKey::from_ec_pem(other_private.as_bytes()).unwrap();

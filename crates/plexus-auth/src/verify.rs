@@ -162,7 +162,10 @@ impl TokenVerifier {
                     Algorithm::ES384 => Some(Curve::P384),
                     _ => None,
                 };
-                if found.kind != needs || found.curve != wanted_curve {
+                if found.kind != needs
+                    || found.curve != wanted_curve
+                    || found.alg.is_some_and(|only| only != alg)
+                {
                     return Err(InvalidReason::WrongKeyForAlgorithm { alg: alg_name, kid }.into());
                 }
                 Some(&found.key)

@@ -268,6 +268,9 @@ pub struct Config {
     pub token_ecdsa_public_key: Option<String>,
     /// An identity provider's JSON Web Key Set.
     pub token_jwks_url: Option<String>,
+    /// At most one fetch of the key set per this long because of unknown `kid`s (10 s; not a
+    /// setting: it protects the identity provider).
+    pub token_jwks_refetch: Duration,
     pub allow_anonymous_connect_without_token: bool,
     pub allowed_origins: Vec<String>,
     /// The RPC backend (`http://…` or `https://…`).
@@ -389,9 +392,10 @@ fn fetch_url(key: &'static str, value: Option<String>) -> Result<Option<String>,
         Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {
             Ok(Some(url.to_owned()))
         }
+        // Not echoed: it may hold credentials.
         _ => Err(ConfigError::Invalid {
             key,
-            reason: format!("{url:?} is not an http:// or https:// URL"),
+            reason: "is not an http:// or https:// URL with a host".into(),
         }),
     }
 }
@@ -712,6 +716,7 @@ impl Settings {
                 self.token_ecdsa_public_key,
             )?,
             token_jwks_url: fetch_url("token_jwks_url", self.token_jwks_url)?,
+            token_jwks_refetch: Duration::from_secs(10),
             allow_anonymous_connect_without_token: self
                 .allow_anonymous_connect_without_token
                 .unwrap_or(false),
@@ -911,7 +916,10 @@ mod tests {
         assert!(error.contains("token_jwks_url"), "{error}");
         for (url, why) in [
             ("backend:8080/rpc", "not an http:// or https:// URL"),
-            ("ftp://backend/rpc", "not an http:// or https:// URL"),
+            (
+                "ftp://user:secret@backend/rpc",
+                "not an http:// or https:// URL",
+            ),
         ] {
             let error = Settings {
                 rpc_proxy_url: Some(url.into()),

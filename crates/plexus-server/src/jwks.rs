@@ -1,6 +1,6 @@
 //! An identity provider's JSON Web Key Set (`token_jwks_url`): fetched at start (again every
 //! few seconds until it works), every [`REFRESH`], and when a token names a `kid` the current
-//! set lacks (a key rotation), at most once per [`MIN_REFETCH`]. The keys go to the token
+//! set lacks (a key rotation), at most once per `token_jwks_refetch` (10 s). The keys go to the token
 //! verifier through a shared [`plexus_auth::Jwks`].
 
 use std::sync::{Arc, Mutex};
@@ -19,8 +19,6 @@ use crate::Shared;
 
 /// How often the set is fetched again while all is well.
 const REFRESH: Duration = Duration::from_secs(600);
-/// How soon after a fetch an unknown `kid` may cause another.
-const MIN_REFETCH: Duration = Duration::from_secs(10);
 /// Between tries while the set cannot be had.
 const RETRY: Duration = Duration::from_secs(5);
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,8 +37,12 @@ pub(crate) struct JwksSource {
 
 impl JwksSource {
     pub(crate) fn new(url: &str, keys: Jwks) -> Result<JwksSource, http::uri::InvalidUri> {
+        let url: Uri = url.parse()?;
+        if url.scheme_str() == Some("http") {
+            tracing::warn!(%url, "token_jwks_url is http://: whoever can change the traffic on its way can put in keys of their own and sign any token; use https://");
+        }
         Ok(JwksSource {
-            url: url.parse()?,
+            url,
             client: http_client(TIMEOUT),
             keys,
             last: tokio::sync::Mutex::new(None),
@@ -144,7 +146,7 @@ async fn verify_fresh<T>(
             ) =>
         {
             // Fetched now, or by whoever fetched in the last moments: either way try again.
-            source.refresh(MIN_REFETCH).await;
+            source.refresh(shared.config.token_jwks_refetch).await;
             verify()
         }
         _ => result,

@@ -136,13 +136,14 @@ async fn authorize(
         return Err(refuse(StatusCode::FORBIDDEN, "permission denied"));
     }
     if options.private {
-        let granted = query.get("sub_token").is_some_and(|token| {
-            shared.verifier.as_ref().is_some_and(|verifier| {
-                verifier
-                    .verify_subscription(token, now_unix())
+        let granted = match (query.get("sub_token"), shared.verifier.as_ref()) {
+            (Some(token), Some(verifier)) => {
+                crate::jwks::verify_subscription(shared, verifier, token, now_unix())
+                    .await
                     .is_ok_and(|claims| check_subscription(&claims, &user, channel).is_ok())
-            })
-        });
+            }
+            _ => false,
+        };
         if !granted {
             return Err(refuse(
                 StatusCode::FORBIDDEN,

@@ -6,7 +6,8 @@
 //! and `encoding` (`json`), `user`, `method`, `data` (the client's, as sent).
 //! Answer: `{"result":{"data":...}}` (the client gets `data`), `{"error":{"code":N,
 //! "message":"..."}}` (the client gets that error), or `{"disconnect":{"code":N,"reason":"..."}}`
-//! (the client is disconnected with it). A backend that does not answer within
+//! (the client is disconnected with it; the code must be from 3000 to 4999, the reason at most
+//! 123 bytes). A backend that does not answer within
 //! `rpc_proxy_timeout`, answers with another HTTP status, or with something else, gives the
 //! client error 100 (internal) and a warning in the log.
 
@@ -146,13 +147,24 @@ impl RpcProxy {
         let reply: Reply = serde_json::from_slice(&body)
             .map_err(|error| ProxyError::BadAnswer(error.to_string()))?;
         match reply {
+            // Only the application range of close codes: others mean something to WebSocket
+            // itself, or are Plexus's own.
             Reply {
                 disconnect: Some(disconnect),
                 ..
-            } => Ok(Answer::Disconnect {
-                code: disconnect.code,
-                reason: disconnect.reason,
-            }),
+            } if (3000..=4999).contains(&disconnect.code) && disconnect.reason.len() <= 123 => {
+                Ok(Answer::Disconnect {
+                    code: disconnect.code,
+                    reason: disconnect.reason,
+                })
+            }
+            Reply {
+                disconnect: Some(disconnect),
+                ..
+            } => Err(ProxyError::BadAnswer(format!(
+                "disconnect code {} is not from 3000 to 4999 (or its reason is over 123 bytes)",
+                disconnect.code
+            ))),
             Reply {
                 error: Some(error), ..
             } => Ok(Answer::Error(error)),

@@ -348,8 +348,8 @@ impl ClientSession {
                     .map_or("websocket", |ids| ids.transport);
                 rpc_command(shared, connected, transport, &request).await
             }
-            Request::Refresh(request) => refresh_command(shared, connected, &request.token),
-            Request::SubRefresh(request) => sub_refresh_command(shared, connected, request),
+            Request::Refresh(request) => refresh_command(shared, connected, &request.token).await,
+            Request::SubRefresh(request) => sub_refresh_command(shared, connected, request).await,
         }
     }
 
@@ -925,11 +925,11 @@ pub(crate) async fn history(
     })
 }
 
-fn refresh_command(shared: &Shared, connected: &mut Connected, token: &str) -> Outcome {
+async fn refresh_command(shared: &Shared, connected: &mut Connected, token: &str) -> Outcome {
     let Some(verifier) = &shared.verifier else {
         return Outcome::Disconnect(DisconnectCode::InvalidToken);
     };
-    match verifier.verify_connection(token, now_unix()) {
+    match crate::jwks::verify_connection(shared, verifier, token, now_unix()).await {
         Ok(claims) if claims.sub == *connected.info.user => {
             connected.expires_at = ExpiresAt::new(claims.connection_expires_at());
             let expires_at = connected.expires_at.get();
@@ -945,7 +945,7 @@ fn refresh_command(shared: &Shared, connected: &mut Connected, token: &str) -> O
     }
 }
 
-fn sub_refresh_command(
+async fn sub_refresh_command(
     shared: &Shared,
     connected: &mut Connected,
     request: proto::SubRefreshRequest,
@@ -956,7 +956,7 @@ fn sub_refresh_command(
     let Some(verifier) = &shared.verifier else {
         return ErrorCode::PermissionDenied.into();
     };
-    match verifier.verify_subscription(&request.token, now_unix()) {
+    match crate::jwks::verify_subscription(shared, verifier, &request.token, now_unix()).await {
         Ok(claims)
             if check_subscription(&claims, &connected.info.user, &request.channel).is_ok() =>
         {

@@ -25,6 +25,7 @@ async fn backend() -> (String, Arc<Mutex<Vec<Value>>>) {
                     Some("echo") => json!({"result": {"data": {"echoed": call["data"]}}}),
                     Some("fail") => json!({"error": {"code": 1000, "message": "no such thing"}}),
                     Some("kick") => json!({"disconnect": {"code": 4501, "reason": "kicked"}}),
+                    Some("badkick") => json!({"disconnect": {"code": 1006, "reason": "no"}}),
                     Some("slow") => {
                         tokio::time::sleep(Duration::from_secs(3)).await;
                         json!({"result": {}})
@@ -75,7 +76,8 @@ async fn rpc_goes_to_the_backend_and_its_answer_comes_back() {
         json!({"code": 1000, "message": "no such thing"})
     );
     // A backend that fails or is too slow: internal error, and the connection goes on.
-    for (id, method) in [(4, "broken"), (5, "slow")] {
+    // A disconnect code outside 3000-4999 would break the WebSocket close: refused too.
+    for (id, method) in [(4, "broken"), (5, "slow"), (8, "badkick")] {
         let reply = command(&mut ann, id, json!({"rpc": {"method": method}})).await;
         assert_eq!(reply["error"]["code"], 100, "{method}: {reply}");
     }
