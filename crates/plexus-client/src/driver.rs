@@ -86,7 +86,8 @@ enum End {
 enum Pending {
     Connect,
     Call(oneshot::Sender<Result<ReplyBody, Error>>),
-    Subscribe(String),
+    /// The channel and the subscription's id: the answer is for that subscription only.
+    Subscribe(String, u64),
     /// An unsubscribe: nobody waits for its answer.
     Ignore,
 }
@@ -179,7 +180,12 @@ impl Driver {
     /// A command while there is no connection: calls wait for one.
     fn offline(&mut self, command: Command) {
         match command {
-            Command::Call { request, reply } => self.queued.push((request, reply)),
+            Command::Call { request, reply } => {
+                // Callers that gave up (timed out) are forgotten, so retries while the server
+                // is away do not pile up.
+                self.queued.retain(|(_, reply)| !reply.is_closed());
+                self.queued.push((request, reply));
+            }
             Command::Subscribe {
                 channel,
                 id,
@@ -282,10 +288,20 @@ impl Driver {
         let end = loop {
             let mut written = true;
             for frame in connection.out.drain(..) {
-                if let Err(error) = sink.send(Message::Text(frame.into())).await {
-                    tracing::debug!(%error, "lost the connection while writing");
-                    written = false;
-                    break;
+                // A peer that stopped reading must not hold the driver past the watchdog.
+                let send = sink.send(Message::Text(frame.into()));
+                match tokio::time::timeout_at(connection.watchdog, send).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "lost the connection while writing");
+                        written = false;
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!("a write did not finish before the watchdog");
+                        written = false;
+                        break;
+                    }
                 }
             }
             if !written {
@@ -366,8 +382,7 @@ impl Driver {
             Command::Unsubscribe { channel, id } => {
                 if let Some(sub) = self.forget(&channel, id) {
                     if sub.requested && connection.connected {
-                        let request = Request::Unsubscribe(UnsubscribeRequest { channel });
-                        connection.send(&request, Pending::Ignore);
+                        unsubscribe(&channel, connection);
                     }
                 }
             }
@@ -417,7 +432,9 @@ impl Driver {
                         }),
                     });
                 }
-                Some(Pending::Subscribe(channel)) => self.on_subscribed(&channel, reply),
+                Some(Pending::Subscribe(channel, id)) => {
+                    self.on_subscribed(&channel, id, reply, connection);
+                }
                 Some(Pending::Ignore) | None => {}
             }
         }
@@ -465,8 +482,12 @@ impl Driver {
         Ok(())
     }
 
-    fn on_subscribed(&mut self, channel: &str, reply: Reply) {
-        let Some(sub) = self.subs.get_mut(channel) else {
+    fn on_subscribed(&mut self, channel: &str, id: u64, reply: Reply, connection: &mut Connection) {
+        let Some(sub) = self.subs.get_mut(channel).filter(|sub| sub.id == id) else {
+            // Dropped meanwhile (a later subscription of the channel asks for itself).
+            if reply.error.is_none() && !self.subs.contains_key(channel) {
+                unsubscribe(channel, connection);
+            }
             return;
         };
         if let Some(error) = reply.error {
@@ -514,18 +535,19 @@ impl Driver {
         if !delivered {
             // Nobody listens any more (the caller gave up waiting, or dropped it).
             self.subs.remove(channel);
+            unsubscribe(channel, connection);
         }
     }
 
     fn on_push(&mut self, push: Push, connection: &mut Connection) -> Result<(), End> {
         if let PushBody::Disconnect(disconnect) = push.body {
-            return Err(if disconnect.reconnect {
-                End::Reconnect
-            } else {
-                End::Closed {
+            // By code, as for a close frame (the `reconnect` flag is legacy).
+            return Err(match disconnect.code {
+                3500..=3999 | 4500..=4999 => End::Closed {
                     code: disconnect.code,
                     reason: disconnect.reason,
-                }
+                },
+                _ => End::Reconnect,
             });
         }
         let Some(sub) = self.subs.get_mut(&push.channel) else {
@@ -557,13 +579,18 @@ impl Driver {
         };
         if sub.events.send(event).is_err() {
             self.subs.remove(&push.channel);
-            let request = Request::Unsubscribe(UnsubscribeRequest {
-                channel: push.channel,
-            });
-            connection.send(&request, Pending::Ignore);
+            unsubscribe(&push.channel, connection);
         }
         Ok(())
     }
+}
+
+/// Tells the server this client no longer wants `channel`.
+fn unsubscribe(channel: &str, connection: &mut Connection) {
+    let request = Request::Unsubscribe(UnsubscribeRequest {
+        channel: channel.to_owned(),
+    });
+    connection.send(&request, Pending::Ignore);
 }
 
 /// Asks for `channel` on this connection, recovering from its last position if it has one.
@@ -580,7 +607,7 @@ fn resubscribe(channel: &str, sub: &mut Sub, connection: &mut Connection) {
         ..SubscribeRequest::default()
     });
     sub.requested = true;
-    connection.send(&request, Pending::Subscribe(channel.to_owned()));
+    connection.send(&request, Pending::Subscribe(channel.to_owned(), sub.id));
 }
 
 fn server_error(error: plexus_protocol::client::Error) -> Error {

@@ -199,7 +199,15 @@ impl Client {
             events: events_tx,
             reply,
         })?;
-        self.wait(answer).await??;
+        let answer = self.wait(answer).await;
+        if !matches!(answer, Ok(Ok(()))) {
+            // Gave up (or refused): the driver must not keep it, nor the server.
+            let _ = self.commands.send(Command::Unsubscribe {
+                channel: channel.to_owned(),
+                id,
+            });
+        }
+        answer??;
         Ok(Subscription {
             channel: channel.to_owned(),
             id,

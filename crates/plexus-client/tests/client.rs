@@ -387,3 +387,38 @@ async fn server_unsubscribe_ends_a_subscription() {
     .await;
     assert_eq!(next_data(&mut new).await, json!("kept"));
 }
+
+/// A subscribe that timed out (its connection went silent) is forgotten: after the client
+/// reconnects, subscribing again works and the server holds one subscription, not two.
+#[tokio::test]
+async fn a_timed_out_subscribe_leaves_nothing_behind() {
+    let server = Server::bind(Config {
+        ping_interval: Duration::from_secs(1),
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap();
+    let proxy = FreezingProxy::start(server.http_addr()).await;
+    let options = Options {
+        timeout: Duration::from_millis(700),
+        max_ping_delay: Duration::from_millis(500),
+        min_reconnect_delay: Duration::from_millis(100),
+        ..Options::token(token("ann"))
+    };
+    let ann = Client::connect(format!("ws://{}/connection/websocket", proxy.addr), options);
+    let first = ann.connected().await.unwrap();
+    proxy.freeze.notify_waiters();
+    assert_eq!(
+        ann.subscribe("chat:once").await.unwrap_err(),
+        Error::Timeout
+    );
+    wait_for_state(
+        &ann,
+        |state| matches!(state, State::Connected { client } if *client != first),
+    )
+    .await;
+    let mut once = ann.subscribe("chat:once").await.unwrap();
+    assert_eq!(next(&mut once).await, FIRST);
+    let presence = ann.presence("chat:once").await.unwrap();
+    assert_eq!(presence.presence.len(), 1, "{presence:?}");
+}
