@@ -441,7 +441,14 @@ fn tls_ca(
             reason: format!("is for {needs} only"),
         });
     }
-    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+    use rustls_pki_types::pem::PemObject;
+    let certificates = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| ConfigError::Invalid {
+            key,
+            reason: format!("is not PEM certificates: {error}"),
+        })?;
+    if certificates.is_empty() {
         return Err(ConfigError::Invalid {
             key,
             reason: "holds no PEM certificate".into(),

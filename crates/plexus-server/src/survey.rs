@@ -2,10 +2,10 @@
 //! which each node, this one included, answers ([`NodeCommand::SurveyReply`]): how the
 //! `channels` API lists the channels of the whole cluster, not only this node's.
 //!
-//! A survey waits for as many answers as there are live nodes ([`crate::peers`]), at most
-//! [`TIMEOUT`]; a node that died since its last heartbeat only makes it wait that long.
+//! A survey waits for an answer from every live node ([`crate::peers`]), at most [`TIMEOUT`];
+//! a node that died since its last heartbeat only makes it wait that long.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,14 +39,14 @@ impl Surveys {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Asks every node and returns each node's answer: as soon as `nodes` answered, or what
-    /// came within [`TIMEOUT`].
+    /// Asks every node and returns each node's answer: as soon as every node of `nodes`
+    /// answered, or what came within [`TIMEOUT`].
     pub(crate) async fn ask(
         &self,
         shared: &Shared,
         op: &str,
         data: Bytes,
-        nodes: usize,
+        nodes: &HashSet<Arc<str>>,
     ) -> Result<HashMap<Arc<str>, Bytes>, EngineError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (answers_tx, mut answers_rx) = mpsc::unbounded_channel();
@@ -64,18 +64,16 @@ impl Surveys {
             .await?;
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         let mut answers = HashMap::new();
-        while answers.len() < nodes {
+        let mut waiting: HashSet<&Arc<str>> = nodes.iter().collect();
+        while !waiting.is_empty() {
             match tokio::time::timeout_at(deadline, answers_rx.recv()).await {
                 Ok(Some((node, answer))) => {
+                    waiting.remove(&node);
                     answers.insert(node, answer);
                 }
                 Ok(None) | Err(_) => {
-                    tracing::warn!(
-                        op,
-                        answered = answers.len(),
-                        nodes,
-                        "survey: not every node answered in time"
-                    );
+                    let missing: Vec<&str> = waiting.iter().map(|node| &***node).collect();
+                    tracing::warn!(op, ?missing, "survey: not every node answered in time");
                     break;
                 }
             }

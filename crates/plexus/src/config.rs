@@ -32,6 +32,13 @@ pub fn run(args: ConfigArgs) -> Result<(), Failure> {
     if let Some(files) = &config.tls {
         plexus_server::tls_acceptor(files).map_err(|error| Failure::new(2, error))?;
     }
+    // The token keys, as `serve` reads them (the HMAC secret may still be generated).
+    plexus_auth::TokenVerifier::new(&plexus_auth::VerifierKeys {
+        hmac_secret: None,
+        rsa_public_key_pem: config.token_rsa_public_key.clone(),
+        ecdsa_public_key_pem: config.token_ecdsa_public_key.clone(),
+    })
+    .map_err(|error| Failure::new(2, error))?;
     println!("configuration ok ({source})");
     print!("{}", summary(&config));
     Ok(())
@@ -119,6 +126,28 @@ fn summary(config: &Config) -> String {
             humantime::format_duration(config.pong_timeout)
         ),
     );
+    let per_second = match config.max_messages_per_second {
+        0 => "no limit".to_owned(),
+        n => format!("{n} a second per connection"),
+    };
+    line("message rate", per_second);
+    let fetch = |url: &Option<String>| match url {
+        // Only where it points, not what credentials it may carry.
+        Some(url) => url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| {
+                Some(format!(
+                    "{}://{}",
+                    uri.scheme_str()?,
+                    uri.authority()?.host()
+                ))
+            })
+            .unwrap_or_else(|| "set".to_owned()),
+        None => "none".to_owned(),
+    };
+    line("rpc_proxy_url", fetch(&config.rpc_proxy_url));
+    line("token_jwks_url", fetch(&config.token_jwks_url));
     line(
         "logs",
         format!("{:?}, {}", config.log_format, config.log_level).to_lowercase(),

@@ -335,6 +335,12 @@ fn config_check_prints_the_resolved_configuration_or_the_offending_key() {
     let (code, _, stderr) = check(&["--tls-cert", "/nonexistent.pem", "--tls-key", "/k"], &[]);
     assert_eq!(code, 2);
     assert!(stderr.contains("/nonexistent.pem"), "{stderr}");
+    // A key `serve` would refuse at start is refused here too.
+    let bad_key = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+    let flag = format!("--token-rsa-public-key={bad_key}");
+    let (code, _, stderr) = check(&[&flag], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("RSA"), "{stderr}");
     // Nothing was started or written: no data directory appeared.
     assert!(!std::path::Path::new(&temp_dir("data"))
         .join("secrets.toml")

@@ -67,8 +67,13 @@ pub(super) async fn channels(
     shared: &Shared,
     request: ChannelsRequest,
 ) -> Result<ChannelsResult, ErrorCode> {
-    let nodes = shared.peers.live().len();
-    let counts = if nodes <= 1 {
+    let nodes: std::collections::HashSet<Arc<str>> = shared
+        .peers
+        .live()
+        .into_iter()
+        .map(|node| node.node)
+        .collect();
+    let counts = if nodes.len() <= 1 {
         local_channels(shared, &request.pattern)
     } else {
         let answers = shared
@@ -77,7 +82,7 @@ pub(super) async fn channels(
                 shared,
                 crate::survey::CHANNELS,
                 request.pattern.clone().into(),
-                nodes,
+                &nodes,
             )
             .await
             .map_err(|error| {
