@@ -35,6 +35,9 @@ pub enum Control {
     Resync { channel: Arc<str> },
     /// A finished frame to write as is (a reply completed asynchronously).
     Frame(Bytes),
+    /// A protocol message completed asynchronously (an `rpc` reply), unframed: the session
+    /// frames it for its transport.
+    Reply(Bytes),
     /// The rest of a frame a [`DirectWriter`] could write only in part: it must go out next, and
     /// is never dropped (the stream would break).
     Rest(Bytes),
@@ -52,7 +55,7 @@ impl Delivery {
         match self {
             Delivery::Publication(publication) => publication.weight(),
             Delivery::Join(_) | Delivery::Leave(_) => 128,
-            Delivery::Control(Control::Frame(frame)) => frame.len() + 32,
+            Delivery::Control(Control::Frame(frame) | Control::Reply(frame)) => frame.len() + 32,
             Delivery::Control(_) => 64,
         }
     }

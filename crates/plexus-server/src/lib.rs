@@ -69,7 +69,7 @@ pub(crate) struct Shared {
     peers: Arc<peers::Peers>,
     surveys: Arc<survey::Surveys>,
     /// The backend of `rpc` commands, if configured.
-    rpc_proxy: Option<proxy::RpcProxy>,
+    rpc_proxy: Option<Arc<proxy::RpcProxy>>,
     /// The identity provider's key set, if configured.
     jwks: Option<Arc<jwks::JwksSource>>,
     /// Flushers that write to parked WebSocket connections (see `ws::direct`).
@@ -170,8 +170,10 @@ impl Server {
         let heartbeats = ws::heartbeat::Heartbeats::new(config.ping_interval, config.pong_timeout);
         let node = node(&config)?;
         let rpc_proxy = config.rpc_proxy_url.as_deref().map(|url| {
-            proxy::RpcProxy::new(url, config.rpc_proxy_timeout)
-                .expect("the configuration checked the URL")
+            Arc::new(
+                proxy::RpcProxy::new(url, config.rpc_proxy_timeout)
+                    .expect("the configuration checked the URL"),
+            )
         });
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),

@@ -354,6 +354,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                     Control::Subscribe { .. }
                     | Control::Resync { .. }
                     | Control::Frame(_)
+                    | Control::Reply(_)
                     | Control::Rest(_)
                     | Control::Heartbeat
                     | Control::HeartbeatTimeout

@@ -1,6 +1,7 @@
 //! One protocol client: connect, subscriptions, commands and pushes.
 
 use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,12 +37,8 @@ fn ttl(at: u64) -> u32 {
 enum Outcome {
     Reply(ReplyBody),
     Error(ErrorCode),
-    /// An error of the application's (from the RPC backend): any code and message.
-    AppError(proto::Error),
     NoReply,
     Disconnect(DisconnectCode),
-    /// A close the application asked for (from the RPC backend).
-    Close(u16, String),
 }
 
 impl From<ErrorCode> for Outcome {
@@ -152,6 +149,8 @@ struct Connected {
     channels: ChannelMap,
     /// Commands against `max_messages_per_second`.
     rate: MessageRate,
+    /// `rpc` commands waiting for the backend; made at the first.
+    rpc_in_flight: Option<Arc<AtomicU32>>,
 }
 
 /// The ids a stream transport's client sends its commands with (`POST /emulation`).
@@ -266,7 +265,9 @@ impl ClientSession {
         for incoming in parse_frame(text) {
             let outcome = match incoming {
                 Ok(Incoming::Pong) => continue,
-                Ok(Incoming::Command { id, request }) => (id, self.command(shared, request).await),
+                Ok(Incoming::Command { id, request }) => {
+                    (id, self.command(shared, id, request).await)
+                }
                 Err(error) if error.is_fatal() => {
                     (0, Outcome::Disconnect(DisconnectCode::BadRequest))
                 }
@@ -281,14 +282,7 @@ impl ClientSession {
             match outcome {
                 (id, Outcome::Reply(body)) => replies.push(encode_reply(&Reply::result(id, body))),
                 (id, Outcome::Error(code)) => replies.push(encode_reply(&Reply::error(id, code))),
-                (id, Outcome::AppError(error)) => {
-                    replies.push(encode_reply(&Reply::error(id, error)));
-                }
-                (_, Outcome::Close(code, reason)) => {
-                    flush(out, &mut replies);
-                    out.push(Out::Close(code, reason));
-                    return;
-                }
+
                 (_, Outcome::NoReply) => {}
                 (_, Outcome::Disconnect(code)) => {
                     flush(out, &mut replies);
@@ -299,7 +293,7 @@ impl ClientSession {
         flush(out, &mut replies);
     }
 
-    async fn command(&mut self, shared: &Shared, request: Request) -> Outcome {
+    async fn command(&mut self, shared: &Shared, id: u32, request: Request) -> Outcome {
         if let Request::Connect(request) = request {
             if self.connected.is_some() {
                 return Outcome::Disconnect(DisconnectCode::BadRequest);
@@ -346,7 +340,7 @@ impl ClientSession {
                     .stream
                     .as_ref()
                     .map_or("websocket", |ids| ids.transport);
-                rpc_command(shared, connected, transport, &request).await
+                rpc_command(shared, connected, &self.outbox, transport, id, request)
             }
             Request::Refresh(request) => refresh_command(shared, connected, &request.token).await,
             Request::SubRefresh(request) => sub_refresh_command(shared, connected, request).await,
@@ -406,6 +400,7 @@ impl ClientSession {
             expires_at: ExpiresAt::new(expires_at),
             channels: ChannelMap::default(),
             rate: MessageRate::new(shared.config.max_messages_per_second),
+            rpc_in_flight: None,
         };
         // Server-side subscriptions from the token, recovering from positions the client sent.
         let mut subs = std::collections::BTreeMap::new();
@@ -554,6 +549,9 @@ impl ClientSession {
                             encode_push(&channel, &body).into(),
                         ));
                     }
+                }
+                Delivery::Control(Control::Reply(message)) => {
+                    out.push(Out::Message(MessageKind::Text, message));
                 }
                 // A finished WebSocket frame means nothing on a stream transport.
                 Delivery::Control(Control::Frame(_) | Control::Rest(_)) if stream => {}
@@ -761,36 +759,66 @@ async fn subscribe(
     })
 }
 
-/// An `rpc` command, answered by the application's backend (see [`crate::proxy`]).
-async fn rpc_command(
+/// How many `rpc` commands of one connection may wait for the backend at once; more get
+/// error 111 (too many requests).
+const MAX_RPC_IN_FLIGHT: u32 = 32;
+
+/// An `rpc` command, answered by the application's backend (see [`crate::proxy`]) in a task of
+/// its own: the connection goes on meanwhile, and the reply comes through the outbox.
+fn rpc_command(
     shared: &Shared,
-    connected: &Connected,
-    transport: &str,
-    request: &proto::RpcRequest,
+    connected: &mut Connected,
+    outbox: &Arc<Outbox>,
+    transport: &'static str,
+    id: u32,
+    request: proto::RpcRequest,
 ) -> Outcome {
-    let Some(proxy) = &shared.rpc_proxy else {
+    let Some(proxy) = shared.rpc_proxy.clone() else {
         return ErrorCode::NotAvailable.into();
     };
-    let call = crate::proxy::RpcCall {
-        client: &connected.info.client,
-        transport,
-        protocol: "json",
-        encoding: "json",
-        user: &connected.info.user,
-        method: &request.method,
-        data: request.data.as_ref(),
-    };
-    match proxy.call(&call).await {
-        Ok(crate::proxy::Answer::Result(data)) => {
-            Outcome::Reply(ReplyBody::Rpc(proto::RpcResult { data }))
-        }
-        Ok(crate::proxy::Answer::Error(error)) => Outcome::AppError(error),
-        Ok(crate::proxy::Answer::Disconnect { code, reason }) => Outcome::Close(code, reason),
-        Err(error) => {
-            tracing::warn!(%error, method = %request.method, "rpc proxy");
-            ErrorCode::Internal.into()
-        }
+    let in_flight = connected
+        .rpc_in_flight
+        .get_or_insert_with(Default::default)
+        .clone();
+    if in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_RPC_IN_FLIGHT {
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+        return ErrorCode::TooManyRequests.into();
     }
+    let (client, user) = (connected.info.client.clone(), connected.info.user.clone());
+    let outbox = outbox.clone();
+    shared.tasks.spawn(async move {
+        let call = crate::proxy::RpcCall {
+            client: &client,
+            transport,
+            protocol: "json",
+            encoding: "json",
+            user: &user,
+            method: &request.method,
+            data: request.data.as_ref(),
+        };
+        let reply = match proxy.call(&call).await {
+            Ok(crate::proxy::Answer::Result(data)) => {
+                Reply::result(id, ReplyBody::Rpc(proto::RpcResult { data }))
+            }
+            Ok(crate::proxy::Answer::Error(error)) => Reply::error(id, error),
+            Ok(crate::proxy::Answer::Disconnect { code, reason }) => {
+                in_flight.fetch_sub(1, Ordering::Relaxed);
+                outbox.push_control(Control::Disconnect {
+                    code,
+                    reason: reason.into(),
+                });
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, method = %request.method, "rpc proxy");
+                Reply::error(id, ErrorCode::Internal)
+            }
+        };
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+        // A connection gone meanwhile refuses it: nothing to do.
+        outbox.push_control(Control::Reply(encode_reply(&reply).into()));
+    });
+    Outcome::NoReply
 }
 
 async fn publish_command(

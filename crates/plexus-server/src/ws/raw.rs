@@ -142,6 +142,7 @@ impl RawRoom {
                 Delivery::Control(
                     Control::Subscribe { .. }
                     | Control::Resync { .. }
+                    | Control::Reply(_)
                     | Control::Heartbeat
                     | Control::HeartbeatTimeout
                     | Control::Shutdown,

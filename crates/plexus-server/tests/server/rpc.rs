@@ -75,14 +75,49 @@ async fn rpc_goes_to_the_backend_and_its_answer_comes_back() {
         reply["error"],
         json!({"code": 1000, "message": "no such thing"})
     );
-    // A backend that fails or is too slow: internal error, and the connection goes on.
-    // A disconnect code outside 3000-4999 would break the WebSocket close: refused too.
+    // A backend that fails or is too slow, or gives a disconnect code outside 3000-4999
+    // (it would break the WebSocket close): internal error, and the connection goes on.
     for (id, method) in [(4, "broken"), (5, "slow"), (8, "badkick")] {
         let reply = command(&mut ann, id, json!({"rpc": {"method": method}})).await;
         assert_eq!(reply["error"]["code"], 100, "{method}: {reply}");
     }
-    let reply = command(&mut ann, 6, json!({"ping": {}})).await;
-    assert!(reply.get("ping").is_some(), "{reply}");
+    // The connection is not held while the backend thinks: a ping sent after a slow rpc is
+    // answered first.
+    let frame = [
+        json!({"id": 9, "rpc": {"method": "slow"}}).to_string(),
+        json!({"id": 10, "ping": {}}).to_string(),
+    ];
+    send_text(&mut ann, &frame.join("\n")).await;
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let text = next_text(&mut ann).await;
+        for line in text.lines() {
+            let reply: Value = serde_json::from_str(line).unwrap();
+            if let Some(id) = reply["id"].as_u64() {
+                order.push(id);
+            }
+        }
+    }
+    assert_eq!(order, [10, 9]);
+    // At most 32 wait for the backend per connection; more are refused at once.
+    let slow: Vec<String> = (100..140)
+        .map(|id| json!({"id": id, "rpc": {"method": "slow"}}).to_string())
+        .collect();
+    send_text(&mut ann, &slow.join("\n")).await;
+    let mut codes = std::collections::BTreeMap::new();
+    let mut answered = 0;
+    while answered < 40 {
+        let text = next_text(&mut ann).await;
+        for line in text.lines() {
+            let reply: Value = serde_json::from_str(line).unwrap();
+            if reply.get("id").is_some() {
+                answered += 1;
+                *codes.entry(reply["error"]["code"].as_u64()).or_insert(0) += 1;
+            }
+        }
+    }
+    assert_eq!(codes[&Some(111)], 8, "{codes:?}");
+    assert_eq!(codes[&Some(100)], 32, "{codes:?}");
     // The backend may disconnect the client.
     send_text(
         &mut ann,
@@ -98,4 +133,27 @@ async fn rpc_without_a_backend_is_not_available() {
     let (mut ann, _) = native(&server, "ann").await;
     let reply = command(&mut ann, 2, json!({"rpc": {"method": "echo"}})).await;
     assert_eq!(reply["error"]["code"], 108, "{reply}");
+}
+
+/// Over SSE the reply comes on the stream like any other, and the backend learns the
+/// transport.
+#[tokio::test]
+async fn rpc_over_sse() {
+    let (url, calls) = backend().await;
+    let server = start(Config {
+        rpc_proxy_url: Some(url),
+        ..Config::for_tests()
+    })
+    .await;
+    let (mut client, session, node) =
+        crate::emulation::connect(&server, crate::emulation::Kind::Sse, "ann").await;
+    let command = json!({"id": 2, "rpc": {"method": "echo", "data": "hi"}}).to_string();
+    assert_eq!(
+        crate::emulation::emulate(&server, &session, &node, &command).await,
+        200
+    );
+    let reply = client.reply().await;
+    assert_eq!(reply["id"], 2, "{reply}");
+    assert_eq!(reply["rpc"]["data"], json!({"echoed": "hi"}));
+    assert_eq!(calls.lock().unwrap()[0]["transport"], "sse");
 }
