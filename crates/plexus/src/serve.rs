@@ -86,6 +86,7 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
     println!("plexus: health        {http}://{addr}/health  {http}://{addr}/metrics");
     println!("plexus: protocol      {ws}://{addr}/connection/websocket");
     println!("plexus: server api    {http}://{addr}/api/{{method}}");
+    println!("plexus: admin         {http}://{addr}/admin  (sign in with the API key)");
     match server.engine() {
         "memory" => println!("plexus: history       in memory (lost on restart)"),
         engine => println!(
