@@ -43,6 +43,7 @@
 
 pub mod codec;
 mod scripts;
+mod source;
 mod subscriber;
 mod writer;
 
@@ -60,6 +61,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::scripts::Scripts;
+use crate::source::Source;
 use crate::subscriber::Subscriber;
 use crate::writer::{Health, Writers};
 
@@ -84,6 +86,10 @@ pub struct RedisOptions {
     /// With `rediss://`: the PEM certificate(s) the server's certificate must chain to,
     /// instead of the system's and Mozilla's roots (a private CA, a self-signed server).
     pub tls_ca: Option<Vec<u8>>,
+    /// Redis Sentinel: the sentinels' `redis://host:port` addresses and the monitored master's
+    /// name. Each connection asks them for the current master (so a failover is followed);
+    /// `url` then only gives the password and database.
+    pub sentinel: Option<(Vec<String>, String)>,
     /// Prefix of every key and pub/sub channel, so several installations share one Redis.
     pub prefix: String,
     /// Writer connections; a channel always uses the same one.
@@ -103,6 +109,7 @@ impl RedisOptions {
         RedisOptions {
             url: url.into(),
             tls_ca: None,
+            sentinel: None,
             prefix: prefix.into(),
             shards: 4,
             presence_ttl: Duration::from_secs(60),
@@ -192,25 +199,27 @@ impl RedisEngine {
         if options.prefix.is_empty() {
             return Err(RedisEngineError::EmptyPrefix);
         }
-        let client = match &options.tls_ca {
-            Some(roots) => Client::build_with_tls(
+        let source = match (&options.sentinel, &options.tls_ca) {
+            (Some((sentinels, master)), _) => Source::sentinel(sentinels, master, &options.url),
+            (None, Some(roots)) => Client::build_with_tls(
                 options.url.as_str(),
                 TlsCertificates {
                     client_tls: None,
                     root_cert: Some(roots.clone()),
                 },
-            ),
-            None => Client::open(options.url.as_str()),
+            )
+            .map(Source::direct),
+            (None, None) => Client::open(options.url.as_str()).map(Source::direct),
         }
         .map_err(RedisEngineError::Url)?;
         let cancel = CancellationToken::new();
         let shards = options.shards.max(1);
         let health = Arc::new(Health::new(shards));
         let scripts = Scripts::new();
-        let writers = Writers::start(&client, shards, health.clone(), &cancel);
+        let writers = Writers::start(&source, shards, health.clone(), &cancel);
         let connected = Arc::new(Notify::new());
         let subscriber = Subscriber::start(
-            &client,
+            &source,
             &options.prefix,
             deliver,
             health.clone(),

@@ -16,7 +16,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use plexus_core::{Deliver, Delivery, Membership};
 use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, Msg, Value};
+use redis::{Msg, Value};
+
+use crate::source::Source;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -69,8 +71,8 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 impl Subscriber {
     /// Starts the supervisor on the current Tokio runtime. `connected` is notified after every
     /// (re)connection, once every watched channel is subscribed.
-    pub fn start(
-        client: &Client,
+    pub(crate) fn start(
+        source: &Source,
         prefix: &str,
         deliver: Arc<dyn Deliver>,
         health: Arc<Health>,
@@ -86,7 +88,7 @@ impl Subscriber {
             health,
         });
         tokio::spawn(subscriber.clone().supervise(
-            client.clone(),
+            source.clone(),
             deliver,
             connected,
             cancel.clone(),
@@ -204,7 +206,7 @@ impl Subscriber {
 
     async fn supervise(
         self: Arc<Subscriber>,
-        client: Client,
+        source: Source,
         deliver: Arc<dyn Deliver>,
         connected: Arc<Notify>,
         cancel: CancellationToken,
@@ -214,7 +216,7 @@ impl Subscriber {
         loop {
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
-                outcome = self.connect(&client) => outcome,
+                outcome = self.connect(&source) => outcome,
             };
             let error: Arc<str> = match outcome {
                 Ok((sink, stream)) => {
@@ -259,9 +261,10 @@ impl Subscriber {
 
     /// Connects, subscribes the control channel and every watched channel, and marks the
     /// connection up.
-    async fn connect(&self, client: &Client) -> Result<(PubSubSink, PubSubStream), LinkError> {
+    async fn connect(&self, source: &Source) -> Result<(PubSubSink, PubSubStream), LinkError> {
         let failed = |error: redis::RedisError| LinkError::Failed(error.to_string().into());
-        let (mut sink, stream) = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+        let pubsub = async { source.client().await?.get_async_pubsub().await };
+        let (mut sink, stream) = tokio::time::timeout(CONNECT_TIMEOUT, pubsub)
             .await
             .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT))?
             .map_err(failed)?

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Cmd, Value};
+use redis::{AsyncConnectionConfig, Cmd, Value};
+
+use crate::source::Source;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -129,8 +131,8 @@ pub struct Writers {
 
 impl Writers {
     /// Starts `shards` writer tasks on the current Tokio runtime.
-    pub fn start(
-        client: &Client,
+    pub(crate) fn start(
+        source: &Source,
         shards: usize,
         health: Arc<Health>,
         cancel: &CancellationToken,
@@ -140,7 +142,7 @@ impl Writers {
                 let (queue, requests) = mpsc::unbounded_channel();
                 let writer = Writer {
                     shard,
-                    client: client.clone(),
+                    source: source.clone(),
                     health: health.clone(),
                     connection: None,
                     backoff: Backoff::default(),
@@ -167,7 +169,7 @@ impl Writers {
 
 struct Writer {
     shard: usize,
-    client: Client,
+    source: Source,
     health: Arc<Health>,
     connection: Option<MultiplexedConnection>,
     backoff: Backoff,
@@ -225,7 +227,9 @@ impl Writer {
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
             let mut connection = self
-                .client
+                .source
+                .client()
+                .await?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await?;
             let mut load = redis::pipe();
@@ -300,10 +304,12 @@ impl Writer {
         let error = match sent {
             Ok(Ok(values)) if values.len() == count => {
                 let mut scripts_missing = false;
+                let mut read_only = false;
                 for (value, reply) in values.into_iter().zip(replies) {
                     let result = match value {
                         Value::ServerError(error) => {
                             scripts_missing |= error.code() == "NOSCRIPT";
+                            read_only |= error.code() == "READONLY";
                             Err(LinkError::Server(error.to_string()))
                         }
                         value => Ok(value),
@@ -314,6 +320,10 @@ impl Writer {
                     // Someone flushed the script cache: those calls failed (in order, nothing
                     // was reordered); load the scripts again on a fresh connection.
                     self.lost("the scripts were flushed from redis".into());
+                } else if read_only {
+                    // A failover made this server a replica: connect again (through
+                    // Sentinel, to the new master).
+                    self.lost("redis is a read-only replica now".into());
                 }
                 return;
             }

@@ -96,6 +96,19 @@ pub struct Settings {
     /// server's certificate must chain to [default: the system's and Mozilla's roots]
     #[arg(long, env = "PLEXUS_REDIS_TLS_CA", value_name = "PEM|FILE")]
     pub redis_tls_ca: Option<String>,
+    /// Redis Sentinel addresses (host:port, comma-separated): the redis engine asks them for
+    /// the master of redis_sentinel_master at each (re)connection and follows failovers;
+    /// redis_url then gives only the password and database
+    #[arg(
+        long,
+        env = "PLEXUS_REDIS_SENTINELS",
+        value_name = "ADDRS",
+        value_delimiter = ','
+    )]
+    pub redis_sentinels: Option<Vec<String>>,
+    /// The master's name in Sentinel (`sentinel monitor NAME ...`)
+    #[arg(long, env = "PLEXUS_REDIS_SENTINEL_MASTER", value_name = "NAME")]
+    pub redis_sentinel_master: Option<String>,
     /// NATS server(s) of the nats engine, comma-separated (JetStream enabled)
     /// [default: nats://127.0.0.1:4222]
     #[arg(
@@ -254,6 +267,8 @@ pub struct Config {
     pub redis_prefix: String,
     /// PEM text: the roots a `rediss://` server's certificate must chain to.
     pub redis_tls_ca: Option<String>,
+    /// Sentinel `redis://host:port` addresses and the master's name.
+    pub redis_sentinel: Option<(Vec<String>, String)>,
     /// The nats engine's server(s) (`nats://…` or `tls://…`, comma-separated).
     pub nats_url: String,
     /// The nats engine's subject, stream and bucket prefix.
@@ -396,6 +411,46 @@ fn fetch_url(key: &'static str, value: Option<String>) -> Result<Option<String>,
         _ => Err(ConfigError::Invalid {
             key,
             reason: "is not an http:// or https:// URL with a host".into(),
+        }),
+    }
+}
+
+/// Sentinel addresses and the master's name, both or neither.
+fn redis_sentinel(
+    sentinels: Option<Vec<String>>,
+    master: Option<String>,
+) -> Result<Option<(Vec<String>, String)>, ConfigError> {
+    let sentinels: Vec<String> = sentinels
+        .unwrap_or_default()
+        .iter()
+        .map(|address| address.trim())
+        .filter(|address| !address.is_empty())
+        .map(|address| {
+            let address = address.strip_prefix("redis://").unwrap_or(address);
+            match address.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(format!("redis://{address}"))
+                }
+                _ => Err(ConfigError::Invalid {
+                    key: "redis_sentinels",
+                    reason: format!("{address:?} is not host:port"),
+                }),
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let master = master
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty());
+    match (sentinels.is_empty(), master) {
+        (true, None) => Ok(None),
+        (false, Some(master)) => Ok(Some((sentinels, master))),
+        (false, None) => Err(ConfigError::Invalid {
+            key: "redis_sentinel_master",
+            reason: "is needed with redis_sentinels".into(),
+        }),
+        (true, Some(_)) => Err(ConfigError::Invalid {
+            key: "redis_sentinels",
+            reason: "are needed with redis_sentinel_master".into(),
         }),
     }
 }
@@ -580,6 +635,8 @@ impl Settings {
             redis_url: self.redis_url.or(lower.redis_url),
             redis_prefix: self.redis_prefix.or(lower.redis_prefix),
             redis_tls_ca: self.redis_tls_ca.or(lower.redis_tls_ca),
+            redis_sentinels: self.redis_sentinels.or(lower.redis_sentinels),
+            redis_sentinel_master: self.redis_sentinel_master.or(lower.redis_sentinel_master),
             nats_url: self.nats_url.or(lower.nats_url),
             nats_prefix: self.nats_prefix.or(lower.nats_prefix),
             nats_tls_ca: self.nats_tls_ca.or(lower.nats_tls_ca),
@@ -691,6 +748,7 @@ impl Settings {
                 &redis_url,
                 "a rediss:// redis_url",
             )?,
+            redis_sentinel: redis_sentinel(self.redis_sentinels, self.redis_sentinel_master)?,
             redis_url,
             redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
                 Some(prefix) => prefix.trim().to_owned(),
@@ -939,6 +997,49 @@ mod tests {
                 error.contains("rpc_proxy_url") && error.contains(why),
                 "{error}"
             );
+        }
+    }
+
+    #[test]
+    fn redis_sentinel_settings() {
+        let config: Settings = toml::from_str(
+            "engine = \"redis\"\nredis_url = \"redis://:secret@mymaster/2\"\nredis_sentinels = [\"10.0.0.1:26379\", \"redis://10.0.0.2:26379\"]\nredis_sentinel_master = \"mymaster\"\n",
+        )
+        .unwrap();
+        let config = config.resolve().unwrap();
+        assert_eq!(
+            config.redis_sentinel,
+            Some((
+                vec![
+                    "redis://10.0.0.1:26379".to_owned(),
+                    "redis://10.0.0.2:26379".to_owned()
+                ],
+                "mymaster".to_owned()
+            ))
+        );
+        assert_eq!(Config::default().redis_sentinel, None);
+        for (sentinels, master, key) in [
+            (
+                Some(vec!["10.0.0.1:26379".to_owned()]),
+                None,
+                "redis_sentinel_master",
+            ),
+            (None, Some("mymaster".to_owned()), "redis_sentinels"),
+            (
+                Some(vec!["10.0.0.1".to_owned()]),
+                Some("m".to_owned()),
+                "redis_sentinels",
+            ),
+        ] {
+            let error = Settings {
+                redis_sentinels: sentinels,
+                redis_sentinel_master: master,
+                ..Settings::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(error.contains(key), "{error}");
         }
     }
 

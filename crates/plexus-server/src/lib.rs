@@ -412,6 +412,7 @@ fn node(config: &Config) -> Result<Node, BindError> {
         config::EngineKind::Redis => Node::try_new(namespaces, |deliver| {
             let options = plexus_engine_redis::RedisOptions {
                 tls_ca: config.redis_tls_ca.clone().map(String::into_bytes),
+                sentinel: config.redis_sentinel.clone(),
                 ..plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix)
             };
             let engine = plexus_engine_redis::RedisEngine::new(options, deliver)?;

@@ -44,6 +44,51 @@ impl RedisServer {
         (server, certified.cert.pem())
     }
 
+    /// A server that replicates to its replicas at once (the default waits 5 s to start a
+    /// full sync, in case more replicas come).
+    pub fn start_master(port: u16) -> RedisServer {
+        RedisServer::spawn(
+            port,
+            &[
+                "--port",
+                &port.to_string(),
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+        )
+    }
+
+    /// A replica of the server on `master`.
+    pub fn start_replica(port: u16, master: u16) -> RedisServer {
+        let master = master.to_string();
+        RedisServer::spawn(
+            port,
+            &[
+                "--port",
+                &port.to_string(),
+                "--replicaof",
+                "127.0.0.1",
+                &master,
+            ],
+        )
+    }
+
+    /// A sentinel on `port` watching the master on `master` as `mymaster`, quick to fail
+    /// over (half a second down); its config file (sentinels rewrite theirs) goes to `dir`.
+    pub fn start_sentinel(port: u16, master: u16, dir: &Path) -> RedisServer {
+        let config = dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master} 1\n\
+                 sentinel down-after-milliseconds mymaster 500\n\
+                 sentinel failover-timeout mymaster 2000\n"
+            ),
+        )
+        .unwrap();
+        RedisServer::spawn(port, &[config.to_str().unwrap(), "--sentinel"])
+    }
+
     fn spawn(port: u16, args: &[&str]) -> RedisServer {
         let child = Command::new("redis-server")
             .args(args)

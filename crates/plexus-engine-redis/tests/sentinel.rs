@@ -1,0 +1,81 @@
+//! Redis Sentinel: the engine finds the master through a sentinel, and after the master dies
+//! and the sentinel promotes its replica, the same engine goes on with the new master, by
+//! itself, with the history that was replicated.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plexus_core::conformance::Recorder;
+use plexus_core::{Engine, HistoryQuery, HistoryRetention, MessageKind, Publication};
+use plexus_engine_redis::{RedisEngine, RedisOptions};
+
+use common::{free_port, RedisServer};
+
+const RETENTION: HistoryRetention = HistoryRetention {
+    size: 100,
+    ttl: Duration::from_secs(600),
+};
+
+fn publication(text: &str) -> Publication {
+    Publication::new(
+        "chat:ha".into(),
+        MessageKind::Text,
+        text.to_owned().into(),
+        None,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_failover() {
+    let dir = tempfile::tempdir().unwrap();
+    let (master_port, replica_port, sentinel_port) = (free_port(), free_port(), free_port());
+    let master = RedisServer::start_master(master_port);
+    let _replica = RedisServer::start_replica(replica_port, master_port);
+    let _sentinel = RedisServer::start_sentinel(sentinel_port, master_port, dir.path());
+    let options = RedisOptions {
+        sentinel: Some((
+            vec![format!("redis://127.0.0.1:{sentinel_port}")],
+            "mymaster".to_owned(),
+        )),
+        timeout: Duration::from_secs(2),
+        ..RedisOptions::new("redis://mymaster", "plexus-sentinel")
+    };
+    let engine = RedisEngine::new(options, Arc::new(Recorder::default())).unwrap();
+    let first = engine
+        .publish(publication("before"), Some(RETENTION))
+        .await
+        .expect("publishes through the master the sentinel names");
+    assert_eq!(first.unwrap().offset, 1);
+    // Let the replica and the sentinel catch up with the master before it dies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    master.kill();
+    let started = Instant::now();
+    let offset = loop {
+        match engine.publish(publication("after"), Some(RETENTION)).await {
+            Ok(position) => break position.unwrap().offset,
+            Err(error) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no new master: {error:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // The promoted replica had the stream: the offsets go on.
+    assert_eq!(offset, 2);
+    let page = engine
+        .history("chat:ha", HistoryQuery::default())
+        .await
+        .unwrap();
+    let texts: Vec<String> = page
+        .publications
+        .iter()
+        .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+        .collect();
+    assert_eq!(texts, ["before", "after"]);
+    assert!(engine.is_ready());
+}
