@@ -201,20 +201,27 @@ impl Driver {
         }
     }
 
+    /// Adds a subscription; `None` if the channel already has one. `Some(true)` when it
+    /// replaced one nobody listens to any more (its caller gave up) that was asked for on the
+    /// current connection: the server must be told to unsubscribe that one first.
     fn add_sub(
         &mut self,
         channel: String,
         id: u64,
         events: mpsc::UnboundedSender<SubscriptionEvent>,
         reply: oneshot::Sender<Result<(), Error>>,
-    ) -> bool {
-        if self.subs.contains_key(&channel) {
-            let _ = reply.send(Err(Error::Server {
-                code: 105,
-                message: "already subscribed".into(),
-                temporary: false,
-            }));
-            return false;
+    ) -> Option<bool> {
+        let mut replaced_requested = false;
+        if let Some(old) = self.subs.get(&channel) {
+            if !old.events.is_closed() {
+                let _ = reply.send(Err(Error::Server {
+                    code: 105,
+                    message: "already subscribed".into(),
+                    temporary: false,
+                }));
+                return None;
+            }
+            replaced_requested = old.requested;
         }
         let sub = Sub {
             id,
@@ -225,7 +232,7 @@ impl Driver {
             retry_at: None,
         };
         self.subs.insert(channel, sub);
-        true
+        Some(replaced_requested)
     }
 
     /// Removes the subscription of `channel` if it is subscription `id` (not a later one of
@@ -288,9 +295,13 @@ impl Driver {
         let end = loop {
             let mut written = true;
             for frame in connection.out.drain(..) {
-                // A peer that stopped reading must not hold the driver past the watchdog.
+                // A peer that stopped reading must not hold the driver past the watchdog (or
+                // the call timeout, when the server does not ping).
                 let send = sink.send(Message::Text(frame.into()));
-                match tokio::time::timeout_at(connection.watchdog, send).await {
+                let limit = connection
+                    .watchdog
+                    .min(Instant::now() + self.options.timeout);
+                match tokio::time::timeout_at(limit, send).await {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => {
                         tracing::debug!(%error, "lost the connection while writing");
@@ -327,7 +338,8 @@ impl Driver {
                 command = self.commands.recv() => match command {
                     None | Some(Command::Close) => {
                         let frame = CloseFrame { code: CloseCode::Normal, reason: "".into() };
-                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        let close = sink.send(Message::Close(Some(frame)));
+                        let _ = tokio::time::timeout(self.options.timeout, close).await;
                         let reason = if command.is_none() { "client dropped" } else { "closed by the client" };
                         break End::Closed { code: 1000, reason: reason.into() };
                     }
@@ -339,6 +351,8 @@ impl Driver {
                         tracing::debug!(connected = connection.connected, "no answer from the server in time");
                         break End::Reconnect;
                     }
+                    // Nobody listens to some any more (their callers gave up): forget them.
+                    self.subs.retain(|_, sub| sub.retry_at.is_none() || !sub.events.is_closed());
                     for (channel, sub) in &mut self.subs {
                         if sub.retry_at.is_some_and(|at| at <= now) {
                             sub.retry_at = None;
@@ -374,7 +388,11 @@ impl Driver {
                 events,
                 reply,
             } => {
-                if self.add_sub(channel.clone(), id, events, reply) && connection.connected {
+                let added = self.add_sub(channel.clone(), id, events, reply);
+                if let (Some(replaced_requested), true) = (added, connection.connected) {
+                    if replaced_requested {
+                        unsubscribe(&channel, connection);
+                    }
                     let sub = self.subs.get_mut(&channel).expect("just added");
                     resubscribe(&channel, sub, connection);
                 }
@@ -553,6 +571,11 @@ impl Driver {
         let Some(sub) = self.subs.get_mut(&push.channel) else {
             return Ok(());
         };
+        if sub.first.is_some() {
+            // Not confirmed yet: pushes now belong to an earlier subscription of the channel;
+            // this one starts at its subscribe answer.
+            return Ok(());
+        }
         let event = match push.body {
             PushBody::Publication(publication) => {
                 if let Some((_, offset)) = &mut sub.position {

@@ -336,6 +336,45 @@ async fn commands(factory: Factory<'_>) {
     assert_eq!(recorder.commands.lock().unwrap()[0], command);
 }
 
+/// Stops process `pid` (SIGSTOP) and returns once every thread of it is stopped, so that
+/// nothing sent to it afterwards is handled: a broker frozen mid-flight, for the engines'
+/// outage tests. Linux only (it reads `/proc`).
+pub fn freeze_process(pid: u32) {
+    signal(pid, "-STOP");
+    let tasks = format!("/proc/{pid}/task");
+    let started = std::time::Instant::now();
+    loop {
+        let stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
+            let stat =
+                std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        });
+        if stopped {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "process {pid} stops"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Resumes a process stopped by [`freeze_process`] (SIGCONT).
+pub fn thaw_process(pid: u32) {
+    signal(pid, "-CONT");
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
 #[cfg(test)]
 mod tests {
     #[tokio::test]

@@ -55,7 +55,10 @@ impl Delivery {
         match self {
             Delivery::Publication(publication) => publication.weight(),
             Delivery::Join(_) | Delivery::Leave(_) => 128,
-            Delivery::Control(Control::Frame(frame) | Control::Reply(frame)) => frame.len() + 32,
+            Delivery::Control(Control::Frame(frame)) => frame.len() + 32,
+            // A command's reply is the connection's own request, not a backlog of deliveries:
+            // it must not make room for fewer of them, or push the connection over its limit
+            // (an `rpc` reply may be large; a connection has few in flight, see the session).
             Delivery::Control(_) => 64,
         }
     }
@@ -392,6 +395,17 @@ mod tests {
             assert!(outbox.push_control(Control::Frame(Bytes::from(vec![0; 50]))));
         }
         assert_eq!(outbox.state(), OutboxState::Open);
+    }
+
+    /// A large reply queued first does not make the next publication overflow the outbox.
+    #[test]
+    fn a_reply_does_not_count_against_deliveries() {
+        let outbox = Arc::new(Outbox::new(2_000));
+        assert!(outbox.push_control(Control::Reply(Bytes::from(vec![b'x'; 100_000]))));
+        assert!(outbox.push(publication(936)).is_ok());
+        let mut out = Vec::new();
+        assert_eq!(outbox.drain(usize::MAX, &mut out), OutboxState::Open);
+        assert_eq!(out.len(), 2);
     }
 
     #[test]

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::{Child, Command};
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -189,15 +187,6 @@ async fn fails_fast_while_nats_is_away_and_recovers_by_itself() {
     .await;
 }
 
-/// Stops (SIGSTOP) or resumes (SIGCONT) a process.
-fn signal(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_nats_times_out_instead_of_hanging() {
     let store = tempfile::tempdir().unwrap();
@@ -214,7 +203,7 @@ async fn a_frozen_nats_times_out_instead_of_hanging() {
         .publish(publication("before"), Some(RETENTION))
         .await
         .unwrap();
-    signal(&server.child, "-STOP");
+    server.freeze();
     let started = Instant::now();
     let error = engine
         .publish(publication("frozen"), Some(RETENTION))
@@ -230,7 +219,7 @@ async fn a_frozen_nats_times_out_instead_of_hanging() {
         started.elapsed()
     );
     eventually("not ready", Duration::from_secs(6), || !engine.is_ready()).await;
-    signal(&server.child, "-CONT");
+    server.thaw();
     eventually("ready again", Duration::from_secs(10), || engine.is_ready()).await;
     let position = engine
         .publish(publication("thawed"), Some(RETENTION))

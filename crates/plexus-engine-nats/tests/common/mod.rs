@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// A nats-server child, killed when dropped.
 pub struct NatsServer {
-    pub child: Child,
+    child: Child,
 }
 
 impl NatsServer {
@@ -55,6 +55,16 @@ impl NatsServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         NatsServer { child }
+    }
+
+    /// Stops the server (SIGSTOP), every thread of it, before returning.
+    pub fn freeze(&self) {
+        plexus_core::conformance::freeze_process(self.child.id());
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        plexus_core::conformance::thaw_process(self.child.id());
     }
 
     pub fn kill(mut self) {

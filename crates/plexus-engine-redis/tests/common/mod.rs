@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 /// A redis-server child, killed when dropped.
 pub struct RedisServer {
-    pub child: Child,
+    child: Child,
 }
 
 impl RedisServer {
@@ -108,6 +108,16 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         RedisServer { child }
+    }
+
+    /// Stops the server (SIGSTOP), every thread of it, before returning.
+    pub fn freeze(&self) {
+        plexus_core::conformance::freeze_process(self.child.id());
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        plexus_core::conformance::thaw_process(self.child.id());
     }
 
     pub fn kill(mut self) {

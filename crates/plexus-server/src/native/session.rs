@@ -150,7 +150,15 @@ struct Connected {
     /// Commands against `max_messages_per_second`.
     rate: MessageRate,
     /// `rpc` commands waiting for the backend; made at the first.
-    rpc_in_flight: Option<Arc<AtomicU32>>,
+    rpc: Option<Arc<RpcCalls>>,
+}
+
+/// A connection's `rpc` commands waiting for the backend.
+#[derive(Default)]
+struct RpcCalls {
+    in_flight: AtomicU32,
+    /// Cancelled when the connection ends: its calls stop waiting.
+    gone: tokio_util::sync::CancellationToken,
 }
 
 /// The ids a stream transport's client sends its commands with (`POST /emulation`).
@@ -400,7 +408,7 @@ impl ClientSession {
             expires_at: ExpiresAt::new(expires_at),
             channels: ChannelMap::default(),
             rate: MessageRate::new(shared.config.max_messages_per_second),
-            rpc_in_flight: None,
+            rpc: None,
         };
         // Server-side subscriptions from the token, recovering from positions the client sent.
         let mut subs = std::collections::BTreeMap::new();
@@ -572,6 +580,10 @@ impl ClientSession {
     pub(crate) async fn finish(&mut self, shared: &Shared) {
         self.outbox.close();
         if let Some(connected) = self.connected.take() {
+            if let Some(rpc) = &connected.rpc {
+                // Calls still waiting for the backend are of no use to anyone now.
+                rpc.gone.cancel();
+            }
             for channel in connected.channels.keys() {
                 shared.node.unsubscribe(channel, &connected.info).await;
             }
@@ -776,16 +788,14 @@ fn rpc_command(
     let Some(proxy) = shared.rpc_proxy.clone() else {
         return ErrorCode::NotAvailable.into();
     };
-    let in_flight = connected
-        .rpc_in_flight
-        .get_or_insert_with(Default::default)
-        .clone();
-    if in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_RPC_IN_FLIGHT {
-        in_flight.fetch_sub(1, Ordering::Relaxed);
+    let calls = connected.rpc.get_or_insert_with(Default::default).clone();
+    if calls.in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_RPC_IN_FLIGHT {
+        calls.in_flight.fetch_sub(1, Ordering::Relaxed);
         return ErrorCode::TooManyRequests.into();
     }
     let (client, user) = (connected.info.client.clone(), connected.info.user.clone());
     let outbox = outbox.clone();
+    let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
         let call = crate::proxy::RpcCall {
             client: &client,
@@ -796,25 +806,30 @@ fn rpc_command(
             method: &request.method,
             data: request.data.as_ref(),
         };
-        let reply = match proxy.call(&call).await {
-            Ok(crate::proxy::Answer::Result(data)) => {
+        let answer = tokio::select! {
+            answer = proxy.call(&call) => Some(answer),
+            () = calls.gone.cancelled() => None,
+            () = shutdown.cancelled() => None,
+        };
+        calls.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let reply = match answer {
+            None => return,
+            Some(Ok(crate::proxy::Answer::Result(data))) => {
                 Reply::result(id, ReplyBody::Rpc(proto::RpcResult { data }))
             }
-            Ok(crate::proxy::Answer::Error(error)) => Reply::error(id, error),
-            Ok(crate::proxy::Answer::Disconnect { code, reason }) => {
-                in_flight.fetch_sub(1, Ordering::Relaxed);
+            Some(Ok(crate::proxy::Answer::Error(error))) => Reply::error(id, error),
+            Some(Ok(crate::proxy::Answer::Disconnect { code, reason })) => {
                 outbox.push_control(Control::Disconnect {
                     code,
                     reason: reason.into(),
                 });
                 return;
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 tracing::warn!(%error, method = %request.method, "rpc proxy");
                 Reply::error(id, ErrorCode::Internal)
             }
         };
-        in_flight.fetch_sub(1, Ordering::Relaxed);
         // A connection gone meanwhile refuses it: nothing to do.
         outbox.push_control(Control::Reply(encode_reply(&reply).into()));
     });
