@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use plexus_protocol::client::{
-    encode_command, parse_replies, ConnectRequest, Push, PushBody, Reply, ReplyBody, Request,
-    SubscribeRequest, UnsubscribeRequest, CLIENT_PONG,
+    encode_command, parse_replies, ConnectRequest, Push, PushBody, RefreshRequest, Reply,
+    ReplyBody, Request, SubscribeRequest, UnsubscribeRequest, CLIENT_PONG,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
@@ -19,6 +19,11 @@ use crate::{Error, Options, State, SubscriptionEvent};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Close code of a connection whose token expired (the SDKs reconnect with a new token).
+const EXPIRED: u16 = 3005;
+/// Error code of a connect with an expired token.
+const TOKEN_EXPIRED: u32 = 109;
 
 /// How long a temporarily refused subscription waits before it is asked again.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
@@ -52,6 +57,8 @@ pub(crate) fn start(
     let (state, state_rx) = watch::channel(State::Connecting);
     let driver = Driver {
         url,
+        need_token: options.token_source.is_some() && options.token.is_empty(),
+        token: options.token.clone(),
         options,
         commands,
         state,
@@ -88,6 +95,8 @@ enum Pending {
     Call(oneshot::Sender<Result<ReplyBody, Error>>),
     /// The channel and the subscription's id: the answer is for that subscription only.
     Subscribe(String, u64),
+    /// A token refresh.
+    Refresh,
     /// An unsubscribe: nobody waits for its answer.
     Ignore,
 }
@@ -105,6 +114,10 @@ struct Connection {
     ping: Duration,
     /// Frames to write.
     out: Vec<String>,
+    /// When to ask the token source for a new token (the connection expires).
+    refresh_at: Option<Instant>,
+    /// The token source's answer, while it is being asked.
+    token_fetch: Option<oneshot::Receiver<Result<String, String>>>,
 }
 
 impl Connection {
@@ -125,20 +138,28 @@ struct Driver {
     subs: HashMap<String, Sub>,
     /// Calls made while not connected.
     queued: Vec<(Request, oneshot::Sender<Result<ReplyBody, Error>>)>,
+    /// The token the next connect sends.
+    token: String,
+    /// Ask [`Options::token_source`] for a new token before the next connect.
+    need_token: bool,
 }
 
 impl Driver {
     async fn run(mut self) {
         let mut attempt = 0u32;
         loop {
-            let connect = tokio_tungstenite::connect_async(self.url.as_str());
-            let end = match tokio::time::timeout(self.options.timeout, connect).await {
-                Ok(Ok((socket, _))) => self.session(socket, &mut attempt).await,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, url = %self.url, "cannot connect");
-                    End::Reconnect
+            let end = if self.need_token && !self.fresh_token().await {
+                End::Reconnect
+            } else {
+                let connect = tokio_tungstenite::connect_async(self.url.as_str());
+                match tokio::time::timeout(self.options.timeout, connect).await {
+                    Ok(Ok((socket, _))) => self.session(socket, &mut attempt).await,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, url = %self.url, "cannot connect");
+                        End::Reconnect
+                    }
+                    Err(_) => End::Reconnect,
                 }
-                Err(_) => End::Reconnect,
             };
             if let End::Closed { code, reason } = end {
                 return self.finish(code, reason);
@@ -159,6 +180,28 @@ impl Driver {
                         Some(command) => self.offline(command),
                     },
                 }
+            }
+        }
+    }
+
+    /// Asks the token source for a token to connect with; false if it gave none.
+    async fn fresh_token(&mut self) -> bool {
+        let Some(source) = self.options.token_source.clone() else {
+            return true;
+        };
+        match tokio::time::timeout(self.options.timeout, source()).await {
+            Ok(Ok(token)) => {
+                self.token = token;
+                self.need_token = false;
+                true
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the token source gave no token");
+                false
+            }
+            Err(_) => {
+                tracing::warn!("the token source did not answer in time");
+                false
             }
         }
     }
@@ -284,9 +327,11 @@ impl Driver {
             watchdog: Instant::now() + self.options.timeout,
             ping: Duration::ZERO,
             out: Vec::new(),
+            refresh_at: None,
+            token_fetch: None,
         };
         let connect = Request::Connect(ConnectRequest {
-            token: self.options.token.clone(),
+            token: self.token.clone(),
             name: self.options.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             ..ConnectRequest::default()
@@ -318,9 +363,30 @@ impl Driver {
             if !written {
                 break End::Reconnect;
             }
-            let retry = self.subs.values().filter_map(|sub| sub.retry_at).min();
-            let wake = retry.map_or(connection.watchdog, |at| at.min(connection.watchdog));
+            let wake = self
+                .subs
+                .values()
+                .filter_map(|sub| sub.retry_at)
+                .chain(connection.refresh_at)
+                .fold(connection.watchdog, Instant::min);
             tokio::select! {
+                token = async { connection.token_fetch.as_mut().expect("checked").await },
+                    if connection.token_fetch.is_some() =>
+                {
+                    connection.token_fetch = None;
+                    match token {
+                        Ok(Ok(token)) => {
+                            self.token = token.clone();
+                            let request = Request::Refresh(RefreshRequest { token });
+                            connection.send(&request, Pending::Refresh);
+                        }
+                        Ok(Err(error)) => {
+                            tracing::warn!(%error, "the token source gave no token; trying again");
+                            connection.refresh_at = Some(Instant::now() + RESUBSCRIBE_DELAY);
+                        }
+                        Err(_) => connection.refresh_at = Some(Instant::now() + RESUBSCRIBE_DELAY),
+                    }
+                }
                 message = stream.next() => match message {
                     None | Some(Err(_)) => break End::Reconnect,
                     Some(Ok(Message::Text(text))) => {
@@ -332,7 +398,13 @@ impl Driver {
                             break end;
                         }
                     }
-                    Some(Ok(Message::Close(frame))) => break closed_by_server(frame),
+                    Some(Ok(Message::Close(frame))) => {
+                        if frame.as_ref().is_some_and(|frame| u16::from(frame.code) == EXPIRED) {
+                            // Connect again with a new token, if there is a source of them.
+                            self.need_token = self.options.token_source.is_some();
+                        }
+                        break closed_by_server(frame);
+                    }
                     Some(Ok(_)) => {}
                 },
                 command = self.commands.recv() => match command {
@@ -357,6 +429,20 @@ impl Driver {
                         if sub.retry_at.is_some_and(|at| at <= now) {
                             sub.retry_at = None;
                             resubscribe(channel, sub, &mut connection);
+                        }
+                    }
+                    if connection.refresh_at.is_some_and(|at| at <= now) {
+                        connection.refresh_at = None;
+                        if let Some(source) = self.options.token_source.clone() {
+                            let (answer, fetch) = oneshot::channel();
+                            let timeout = self.options.timeout;
+                            tokio::spawn(async move {
+                                let token = tokio::time::timeout(timeout, source())
+                                    .await
+                                    .unwrap_or_else(|_| Err("no answer in time".into()));
+                                let _ = answer.send(token);
+                            });
+                            connection.token_fetch = Some(fetch);
                         }
                     }
                 }
@@ -453,6 +539,19 @@ impl Driver {
                 Some(Pending::Subscribe(channel, id)) => {
                     self.on_subscribed(&channel, id, reply, connection);
                 }
+                Some(Pending::Refresh) => match (reply.error, reply.body) {
+                    (None, Some(ReplyBody::Refresh(result))) => {
+                        connection.refresh_at = refresh_time(result.expires, result.ttl);
+                    }
+                    (Some(error), _) if error.temporary => {
+                        connection.refresh_at = Some(Instant::now() + RESUBSCRIBE_DELAY);
+                    }
+                    (error, _) => {
+                        // The server will close the connection when it expires; the next one
+                        // gets a new token.
+                        tracing::warn!(?error, "token refresh refused");
+                    }
+                },
                 Some(Pending::Ignore) | None => {}
             }
         }
@@ -467,6 +566,12 @@ impl Driver {
     ) -> Result<(), End> {
         let result = match (reply.error, reply.body) {
             (Some(error), _) if error.temporary => return Err(End::Reconnect),
+            (Some(error), _)
+                if error.code == TOKEN_EXPIRED && self.options.token_source.is_some() =>
+            {
+                self.need_token = true;
+                return Err(End::Reconnect);
+            }
             (Some(error), _) => {
                 return Err(End::Closed {
                     code: error.code,
@@ -485,6 +590,9 @@ impl Driver {
         } else {
             Instant::now() + Duration::from_secs(365 * 24 * 3600)
         };
+        if self.options.token_source.is_some() {
+            connection.refresh_at = refresh_time(result.expires, result.ttl);
+        }
         self.state.send_replace(State::Connected {
             client: result.client,
         });
@@ -614,6 +722,17 @@ fn unsubscribe(channel: &str, connection: &mut Connection) {
         channel: channel.to_owned(),
     });
     connection.send(&request, Pending::Ignore);
+}
+
+/// When to get a new token for a connection that expires in `ttl` seconds: with a quarter of
+/// the time left (at least a second before, where the time allows).
+fn refresh_time(expires: bool, ttl: u32) -> Option<Instant> {
+    if !expires || ttl == 0 {
+        return None;
+    }
+    let ttl = Duration::from_secs(u64::from(ttl));
+    let margin = (ttl / 4).max(Duration::from_secs(1)).min(ttl / 2);
+    Some(Instant::now() + ttl - margin)
 }
 
 /// Asks for `channel` on this connection, recovering from its last position if it has one.

@@ -32,6 +32,7 @@
 mod driver;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use plexus_protocol::client::{
@@ -44,12 +45,25 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use driver::Command;
 
+/// Gets a fresh connection token (from the application's backend, say); an error is logged
+/// and the client tries again later.
+pub type TokenSource = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// How the client connects and reconnects.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// The connection token (a JWT); empty for an anonymous connection, where the server
-    /// allows them.
+    /// allows them. With [`Options::token_source`] it is only the first one.
     pub token: String,
+    /// Where fresh tokens come from when the one in use expires: asked before the server's
+    /// deadline (the connection is refreshed in place, with the same client id), and before
+    /// reconnecting after the server refused an expired token. Without it, an expiring
+    /// connection ends when its token does.
+    pub token_source: Option<TokenSource>,
     /// The client's name, as the server sees it.
     pub name: String,
     /// Reconnect delays: the n-th attempt after a loss waits a random time from
@@ -63,10 +77,22 @@ pub struct Options {
     pub max_ping_delay: Duration,
 }
 
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("token", &"<redacted>")
+            .field("token_source", &self.token_source.is_some())
+            .field("name", &self.name)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for Options {
     fn default() -> Options {
         Options {
             token: String::new(),
+            token_source: None,
             name: "plexus-client-rust".to_owned(),
             min_reconnect_delay: Duration::from_millis(200),
             max_reconnect_delay: Duration::from_secs(20),
@@ -81,6 +107,18 @@ impl Options {
     pub fn token(token: impl Into<String>) -> Options {
         Options {
             token: token.into(),
+            ..Options::default()
+        }
+    }
+
+    /// The defaults, with tokens from `source` (asked for the first one too).
+    pub fn token_source<F, Fut>(source: F) -> Options
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<String, String>> + Send + 'static,
+    {
+        Options {
+            token_source: Some(Arc::new(move || Box::pin(source()))),
             ..Options::default()
         }
     }

@@ -13,6 +13,14 @@ const SECRET: &str = "test-token-secret";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn token(user: &str) -> String {
+    mint(user, None)
+}
+
+fn token_for(user: &str, ttl: Duration) -> String {
+    mint(user, Some(ttl))
+}
+
+fn mint(user: &str, ttl: Option<Duration>) -> String {
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -21,6 +29,7 @@ fn token(user: &str) -> String {
         SECRET,
         &plexus_auth::MintRequest {
             sub: user.into(),
+            ttl,
             now_unix,
             ..Default::default()
         },
@@ -421,4 +430,52 @@ async fn a_timed_out_subscribe_leaves_nothing_behind() {
     assert_eq!(next(&mut once).await, FIRST);
     let presence = ann.presence("chat:once").await.unwrap();
     assert_eq!(presence.presence.len(), 1, "{presence:?}");
+}
+
+/// Tokens that expire every 2 s, from a token source: the connection is refreshed in place
+/// before each expiry (the same client id throughout) and goes on delivering.
+#[tokio::test]
+async fn refreshes_expiring_tokens_from_a_source() {
+    let server = Server::bind(Config::for_tests()).await.unwrap();
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = asked.clone();
+    let options = Options::token_source(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok(token_for("ann", Duration::from_secs(2))) }
+    });
+    let ann = Client::connect(url(&server), options);
+    let id = ann.connected().await.unwrap();
+    let mut room = ann.subscribe("chat:fresh").await.unwrap();
+    assert_eq!(next(&mut room).await, FIRST);
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    assert_eq!(ann.state(), State::Connected { client: id });
+    assert!(
+        asked.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "the first token and at least two refreshes"
+    );
+    api(
+        &server,
+        "publish",
+        json!({"channel": "chat:fresh", "data": "still"}),
+    )
+    .await;
+    assert_eq!(next_data(&mut room).await, json!("still"));
+}
+
+/// Without a source, a connection ends with its token: the server closes it (3005) and the
+/// same token is refused on reconnecting (109), which ends the client.
+#[tokio::test]
+async fn an_expired_token_without_a_source_ends_the_client() {
+    let server = Server::bind(Config::for_tests()).await.unwrap();
+    let options = Options {
+        min_reconnect_delay: Duration::from_millis(100),
+        ..Options::token(token_for("ann", Duration::from_secs(1)))
+    };
+    let ann = Client::connect(url(&server), options);
+    ann.connected().await.unwrap();
+    let state = wait_for_state(&ann, |state| matches!(state, State::Closed { .. })).await;
+    assert!(
+        matches!(state, State::Closed { code: 109, .. }),
+        "{state:?}"
+    );
 }
