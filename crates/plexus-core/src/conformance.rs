@@ -375,6 +375,73 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill {signal} {pid}");
 }
 
+/// Certificates for the engines' TLS tests: a CA, a server certificate for `localhost` and
+/// 127.0.0.1 signed by it, and a client certificate signed by it, all PEM.
+pub struct TestPki {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        // Each with a name of its own: a leaf named like its issuer looks self-signed to
+        // OpenSSL (redis-server), which then refuses it.
+        let named = |names: Vec<String>, common_name: &str| {
+            let mut params = CertificateParams::new(names).unwrap();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
+            params
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = named(Vec::new(), "Plexus test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let leaf = |names: Vec<String>, common_name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let cert = named(names, common_name).signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) =
+            leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost");
+        let (client_cert, client_key) = leaf(vec!["plexus-client".into()], "plexus-client");
+        TestPki {
+            ca: ca.pem(),
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
+
+    /// Writes the server's files and the CA to `dir`: (ca, cert, key) paths.
+    pub fn write_server_files(
+        &self,
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+        let paths = (
+            dir.join("ca.pem"),
+            dir.join("server.pem"),
+            dir.join("server.key"),
+        );
+        std::fs::write(&paths.0, &self.ca).unwrap();
+        std::fs::write(&paths.1, &self.server_cert).unwrap();
+        std::fs::write(&paths.2, &self.server_key).unwrap();
+        paths
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> TestPki {
+        TestPki::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[tokio::test]

@@ -58,7 +58,7 @@ use std::time::Duration;
 
 use async_nats::rustls;
 use async_nats::rustls::pki_types::pem::PemObject;
-use async_nats::rustls::pki_types::CertificateDer;
+use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use futures_util::FutureExt;
 use plexus_core::{
@@ -94,6 +94,8 @@ pub struct NatsOptions {
     /// For TLS: the PEM certificate(s) the server's certificate must chain to, instead of
     /// the system's roots (a private CA, a self-signed server).
     pub tls_ca: Option<Vec<u8>>,
+    /// For TLS: this client's certificate and key (PEM), for a server that verifies clients.
+    pub tls_client: Option<(Vec<u8>, Vec<u8>)>,
     /// Prefix of every subject, stream and bucket (letters, digits, `-` and `_`), so several
     /// installations share one NATS.
     pub prefix: String,
@@ -113,6 +115,7 @@ impl NatsOptions {
         NatsOptions {
             url: url.into(),
             tls_ca: None,
+            tls_client: None,
             prefix: prefix.into(),
             shards: 4,
             presence_ttl: Duration::from_secs(60),
@@ -134,21 +137,43 @@ pub enum NatsEngineError {
     Client(String),
     #[error("the nats TLS certificate authority holds no usable PEM certificate")]
     TlsCa,
+    #[error("the nats TLS client certificate or key is not usable: {0}")]
+    TlsClient(String),
 }
 
-/// A TLS client configuration that trusts only the certificates in `pem`.
-fn tls_trusting(pem: &[u8]) -> Result<rustls::ClientConfig, NatsEngineError> {
+/// A TLS client configuration trusting `ca` (PEM) or else Mozilla's roots, and presenting
+/// `client` (certificate and key, PEM) if given.
+fn tls_config(
+    ca: Option<&[u8]>,
+    client: Option<&(Vec<u8>, Vec<u8>)>,
+) -> Result<rustls::ClientConfig, NatsEngineError> {
     let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_slice_iter(pem) {
-        let certificate = certificate.map_err(|_| NatsEngineError::TlsCa)?;
-        roots.add(certificate).map_err(|_| NatsEngineError::TlsCa)?;
+    match ca {
+        Some(pem) => {
+            for certificate in CertificateDer::pem_slice_iter(pem) {
+                let certificate = certificate.map_err(|_| NatsEngineError::TlsCa)?;
+                roots.add(certificate).map_err(|_| NatsEngineError::TlsCa)?;
+            }
+            if roots.is_empty() {
+                return Err(NatsEngineError::TlsCa);
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    if roots.is_empty() {
-        return Err(NatsEngineError::TlsCa);
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| NatsEngineError::TlsClient(error.to_string()))?;
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|error| NatsEngineError::TlsClient(error.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|error| NatsEngineError::TlsClient(error.to_string()))
+        }
     }
-    Ok(rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Whether `prefix` can name subjects, streams and buckets.
@@ -225,7 +250,9 @@ impl NatsEngine {
         if servers.is_empty() {
             return Err(NatsEngineError::Url);
         }
-        let tls = options.tls_ca.as_deref().map(tls_trusting).transpose()?;
+        let tls = (options.tls_ca.is_some() || options.tls_client.is_some())
+            .then(|| tls_config(options.tls_ca.as_deref(), options.tls_client.as_ref()))
+            .transpose()?;
         let (events, event_receiver) = mpsc::unbounded_channel();
         let mut connect = ConnectOptions::new();
         if let Some(tls) = tls {

@@ -102,6 +102,42 @@ async fn an_untrusted_server_is_refused() {
     assert!(matches!(not_a_certificate, Err(NatsEngineError::TlsCa)));
 }
 
+/// A server that verifies client certificates: the engine with one conforms, one without
+/// never gets ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls() {
+    let (dir, store) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = free_port();
+    let (_server, pki) = NatsServer::start_mutual_tls(port, store.path(), dir.path());
+    let url = format!("tls://localhost:{port}");
+    let with_certificate = |prefix: String| NatsOptions {
+        tls_ca: Some(pki.ca.clone().into_bytes()),
+        tls_client: Some((
+            pki.client_cert.clone().into_bytes(),
+            pki.client_key.clone().into_bytes(),
+        )),
+        ..NatsOptions::new(url.clone(), prefix)
+    };
+    let factory = |deliver| {
+        Arc::new(NatsEngine::new(with_certificate(unique_prefix()), deliver).unwrap())
+            as Arc<dyn Engine>
+    };
+    plexus_core::conformance::check_engine(&factory).await;
+    let without = NatsOptions {
+        tls_client: None,
+        timeout: Duration::from_secs(1),
+        ..with_certificate(unique_prefix())
+    };
+    let engine = NatsEngine::new(without, Arc::new(Recorder::default())).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!engine.is_ready());
+    let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
+    assert!(matches!(
+        engine.publish(publication, None).await.unwrap_err(),
+        EngineError::Unavailable { .. }
+    ));
+}
+
 #[tokio::test]
 async fn bad_options_are_refused() {
     let deliver = Arc::new(plexus_core::conformance::Recorder::default());

@@ -86,6 +86,9 @@ pub struct RedisOptions {
     /// With `rediss://`: the PEM certificate(s) the server's certificate must chain to,
     /// instead of the system's and Mozilla's roots (a private CA, a self-signed server).
     pub tls_ca: Option<Vec<u8>>,
+    /// With `rediss://`: this client's certificate and key (PEM), for a server that requires
+    /// client certificates (`tls-auth-clients yes`).
+    pub tls_client: Option<(Vec<u8>, Vec<u8>)>,
     /// Redis Sentinel: the sentinels' `redis://host:port` addresses and the monitored master's
     /// name. Each connection asks them for the current master (so a failover is followed);
     /// `url` then only gives the password and database.
@@ -109,6 +112,7 @@ impl RedisOptions {
         RedisOptions {
             url: url.into(),
             tls_ca: None,
+            tls_client: None,
             sentinel: None,
             prefix: prefix.into(),
             shards: 4,
@@ -199,17 +203,23 @@ impl RedisEngine {
         if options.prefix.is_empty() {
             return Err(RedisEngineError::EmptyPrefix);
         }
-        let source = match (&options.sentinel, &options.tls_ca) {
-            (Some((sentinels, master)), _) => Source::sentinel(sentinels, master, &options.url),
-            (None, Some(roots)) => Client::build_with_tls(
+        let tls = options.tls_ca.is_some() || options.tls_client.is_some();
+        let source = match &options.sentinel {
+            Some((sentinels, master)) => Source::sentinel(sentinels, master, &options.url),
+            None if tls => Client::build_with_tls(
                 options.url.as_str(),
                 TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(roots.clone()),
+                    client_tls: options.tls_client.as_ref().map(|(cert, key)| {
+                        redis::ClientTlsConfig {
+                            client_cert: cert.clone(),
+                            client_key: key.clone(),
+                        }
+                    }),
+                    root_cert: options.tls_ca.clone(),
                 },
             )
             .map(Source::direct),
-            (None, None) => Client::open(options.url.as_str()).map(Source::direct),
+            None => Client::open(options.url.as_str()).map(Source::direct),
         }
         .map_err(RedisEngineError::Url)?;
         let cancel = CancellationToken::new();

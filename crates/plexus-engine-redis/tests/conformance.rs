@@ -97,6 +97,42 @@ async fn an_untrusted_server_or_plain_text_is_refused() {
     }
 }
 
+/// A server that requires client certificates: the engine with one conforms, one without
+/// never gets ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (_server, pki) = RedisServer::start_mutual_tls(port, dir.path());
+    let url = format!("rediss://localhost:{port}");
+    let with_certificate = |prefix: String| RedisOptions {
+        tls_ca: Some(pki.ca.clone().into_bytes()),
+        tls_client: Some((
+            pki.client_cert.clone().into_bytes(),
+            pki.client_key.clone().into_bytes(),
+        )),
+        ..RedisOptions::new(url.clone(), prefix)
+    };
+    let factory = |deliver| {
+        Arc::new(RedisEngine::new(with_certificate(unique_prefix()), deliver).unwrap())
+            as Arc<dyn Engine>
+    };
+    plexus_core::conformance::check_engine(&factory).await;
+    let without = RedisOptions {
+        tls_client: None,
+        timeout: Duration::from_secs(1),
+        ..with_certificate(unique_prefix())
+    };
+    let engine = RedisEngine::new(without, Arc::new(Recorder::default())).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!engine.is_ready());
+    let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
+    assert!(matches!(
+        engine.publish(publication, None).await.unwrap_err(),
+        EngineError::Unavailable { .. }
+    ));
+}
+
 #[tokio::test]
 async fn bad_options_are_refused() {
     let deliver = Arc::new(plexus_core::conformance::Recorder::default());

@@ -96,6 +96,17 @@ pub struct Settings {
     /// server's certificate must chain to [default: the system's and Mozilla's roots]
     #[arg(long, env = "PLEXUS_REDIS_TLS_CA", value_name = "PEM|FILE")]
     pub redis_tls_ca: Option<String>,
+    /// With rediss://: this node's client certificate and key (PEM text or file paths), for a
+    /// Redis that requires client certificates
+    #[arg(long, env = "PLEXUS_REDIS_TLS_CERT", value_name = "PEM|FILE")]
+    pub redis_tls_cert: Option<String>,
+    #[arg(
+        long,
+        env = "PLEXUS_REDIS_TLS_KEY",
+        value_name = "PEM|FILE",
+        hide_env_values = true
+    )]
+    pub redis_tls_key: Option<String>,
     /// Redis Sentinel addresses (host:port, comma-separated): the redis engine asks them for
     /// the master of redis_sentinel_master at each (re)connection and follows failovers;
     /// redis_url then gives only the password and database
@@ -126,6 +137,17 @@ pub struct Settings {
     /// server's certificate must chain to [default: the system's roots]
     #[arg(long, env = "PLEXUS_NATS_TLS_CA", value_name = "PEM|FILE")]
     pub nats_tls_ca: Option<String>,
+    /// With tls://: this node's client certificate and key (PEM text or file paths), for a
+    /// NATS that verifies clients
+    #[arg(long, env = "PLEXUS_NATS_TLS_CERT", value_name = "PEM|FILE")]
+    pub nats_tls_cert: Option<String>,
+    #[arg(
+        long,
+        env = "PLEXUS_NATS_TLS_KEY",
+        value_name = "PEM|FILE",
+        hide_env_values = true
+    )]
+    pub nats_tls_key: Option<String>,
     /// Keep everything in memory (same as --engine memory)
     #[arg(long, env = "PLEXUS_MEMORY")]
     #[serde(skip)]
@@ -267,6 +289,8 @@ pub struct Config {
     pub redis_prefix: String,
     /// PEM text: the roots a `rediss://` server's certificate must chain to.
     pub redis_tls_ca: Option<String>,
+    /// PEM texts: this node's client certificate and key for Redis.
+    pub redis_tls_client: Option<(String, String)>,
     /// Sentinel `redis://host:port` addresses and the master's name.
     pub redis_sentinel: Option<(Vec<String>, String)>,
     /// The nats engine's server(s) (`nats://…` or `tls://…`, comma-separated).
@@ -275,6 +299,8 @@ pub struct Config {
     pub nats_prefix: String,
     /// PEM text: the roots a `tls://` NATS server's certificate must chain to.
     pub nats_tls_ca: Option<String>,
+    /// PEM texts: this node's client certificate and key for NATS.
+    pub nats_tls_client: Option<(String, String)>,
     /// `None`: generate one in `data_dir` on first start.
     pub api_key: Option<String>,
     pub token_hmac_secret: Option<String>,
@@ -512,6 +538,58 @@ fn tls_ca(
     Ok(Some(pem))
 }
 
+/// A broker client certificate and its key (PEM inline or files), both or neither, only for
+/// TLS URLs.
+fn tls_client(
+    (cert_key, cert): (&'static str, Option<String>),
+    (key_key, key): (&'static str, Option<String>),
+    urls: &str,
+    needs: &str,
+) -> Result<Option<(String, String)>, ConfigError> {
+    let (cert, key) = match (pem_or_file(cert_key, cert)?, pem_or_file(key_key, key)?) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => {
+            return Err(ConfigError::Invalid {
+                key: key_key,
+                reason: format!("is needed with {cert_key}"),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid {
+                key: cert_key,
+                reason: format!("is needed with {key_key}"),
+            })
+        }
+    };
+    if !urls
+        .split(',')
+        .all(|url| url.starts_with("rediss://") || url.starts_with("tls://"))
+    {
+        return Err(ConfigError::Invalid {
+            key: cert_key,
+            reason: format!("is for {needs} only"),
+        });
+    }
+    use rustls_pki_types::pem::PemObject;
+    if rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_or(true, |certificates| certificates.is_empty())
+    {
+        return Err(ConfigError::Invalid {
+            key: cert_key,
+            reason: "holds no PEM certificate".into(),
+        });
+    }
+    if rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).is_err() {
+        return Err(ConfigError::Invalid {
+            key: key_key,
+            reason: "holds no PEM private key".into(),
+        });
+    }
+    Ok(Some((cert, key)))
+}
+
 /// A PEM given inline, or read from the file it names.
 fn pem_or_file(key: &'static str, value: Option<String>) -> Result<Option<String>, ConfigError> {
     let Some(value) = value else {
@@ -635,11 +713,15 @@ impl Settings {
             redis_url: self.redis_url.or(lower.redis_url),
             redis_prefix: self.redis_prefix.or(lower.redis_prefix),
             redis_tls_ca: self.redis_tls_ca.or(lower.redis_tls_ca),
+            redis_tls_cert: self.redis_tls_cert.or(lower.redis_tls_cert),
+            redis_tls_key: self.redis_tls_key.or(lower.redis_tls_key),
             redis_sentinels: self.redis_sentinels.or(lower.redis_sentinels),
             redis_sentinel_master: self.redis_sentinel_master.or(lower.redis_sentinel_master),
             nats_url: self.nats_url.or(lower.nats_url),
             nats_prefix: self.nats_prefix.or(lower.nats_prefix),
             nats_tls_ca: self.nats_tls_ca.or(lower.nats_tls_ca),
+            nats_tls_cert: self.nats_tls_cert.or(lower.nats_tls_cert),
+            nats_tls_key: self.nats_tls_key.or(lower.nats_tls_key),
             memory: self.memory || lower.memory,
             api_key: self.api_key.or(lower.api_key),
             token_hmac_secret: self.token_hmac_secret.or(lower.token_hmac_secret),
@@ -748,6 +830,12 @@ impl Settings {
                 &redis_url,
                 "a rediss:// redis_url",
             )?,
+            redis_tls_client: tls_client(
+                ("redis_tls_cert", self.redis_tls_cert),
+                ("redis_tls_key", self.redis_tls_key),
+                &redis_url,
+                "a rediss:// redis_url",
+            )?,
             redis_sentinel: redis_sentinel(self.redis_sentinels, self.redis_sentinel_master)?,
             redis_url,
             redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
@@ -757,6 +845,12 @@ impl Settings {
             nats_tls_ca: tls_ca(
                 "nats_tls_ca",
                 self.nats_tls_ca,
+                &nats_url,
+                "tls:// nats_url servers",
+            )?,
+            nats_tls_client: tls_client(
+                ("nats_tls_cert", self.nats_tls_cert),
+                ("nats_tls_key", self.nats_tls_key),
                 &nats_url,
                 "tls:// nats_url servers",
             )?,
@@ -942,6 +1036,58 @@ mod tests {
             "redis_tls_ca",
             "no PEM certificate",
         );
+    }
+
+    #[test]
+    fn broker_client_certificates() {
+        let pki = plexus_core::conformance::TestPki::new();
+        let config = Settings {
+            redis_url: Some("rediss://redis.example:6380".into()),
+            redis_tls_cert: Some(pki.client_cert.clone()),
+            redis_tls_key: Some(pki.client_key.clone()),
+            nats_url: Some("tls://nats.example:4222".into()),
+            nats_tls_cert: Some(pki.client_cert.clone()),
+            nats_tls_key: Some(pki.client_key.clone()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        let pair = Some((pki.client_cert.clone(), pki.client_key.clone()));
+        assert_eq!(config.redis_tls_client, pair);
+        assert_eq!(config.nats_tls_client, pair);
+        for (settings, key, why) in [
+            (
+                Settings {
+                    redis_url: Some("rediss://x".into()),
+                    redis_tls_cert: Some(pki.client_cert.clone()),
+                    ..Settings::default()
+                },
+                "redis_tls_key",
+                "is needed",
+            ),
+            (
+                Settings {
+                    redis_tls_cert: Some(pki.client_cert.clone()),
+                    redis_tls_key: Some(pki.client_key.clone()),
+                    ..Settings::default()
+                },
+                "redis_tls_cert",
+                "rediss://",
+            ),
+            (
+                Settings {
+                    nats_url: Some("tls://n:4222".into()),
+                    nats_tls_cert: Some(pki.client_cert.clone()),
+                    nats_tls_key: Some(pki.client_cert.clone()),
+                    ..Settings::default()
+                },
+                "nats_tls_key",
+                "no PEM private key",
+            ),
+        ] {
+            let error = settings.resolve().unwrap_err().to_string();
+            assert!(error.contains(key) && error.contains(why), "{error}");
+        }
     }
 
     #[test]

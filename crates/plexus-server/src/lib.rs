@@ -412,6 +412,7 @@ fn node(config: &Config) -> Result<Node, BindError> {
         config::EngineKind::Redis => Node::try_new(namespaces, |deliver| {
             let options = plexus_engine_redis::RedisOptions {
                 tls_ca: config.redis_tls_ca.clone().map(String::into_bytes),
+                tls_client: pem_pair(&config.redis_tls_client),
                 sentinel: config.redis_sentinel.clone(),
                 ..plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix)
             };
@@ -422,12 +423,19 @@ fn node(config: &Config) -> Result<Node, BindError> {
         config::EngineKind::Nats => Node::try_new(namespaces, |deliver| {
             let options = plexus_engine_nats::NatsOptions {
                 tls_ca: config.nats_tls_ca.clone().map(String::into_bytes),
+                tls_client: pem_pair(&config.nats_tls_client),
                 ..plexus_engine_nats::NatsOptions::new(&config.nats_url, &config.nats_prefix)
             };
             let engine = plexus_engine_nats::NatsEngine::new(options, deliver)?;
             Ok(Arc::new(engine) as Arc<dyn plexus_core::Engine>)
         }),
     }
+}
+
+/// A certificate and key as the engines take them.
+fn pem_pair(pair: &Option<(String, String)>) -> Option<(Vec<u8>, Vec<u8>)> {
+    pair.as_ref()
+        .map(|(cert, key)| (cert.clone().into_bytes(), key.clone().into_bytes()))
 }
 
 /// A new client id, unique across nodes (a random UUID).

@@ -9,6 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use plexus_core::conformance::TestPki;
+
 /// A nats-server child, killed when dropped.
 pub struct NatsServer {
     child: Child,
@@ -19,22 +21,35 @@ impl NatsServer {
         NatsServer::spawn(port, store, &[])
     }
 
-    /// TLS required on `port`, with a new self-signed certificate for `localhost` and
-    /// 127.0.0.1 written to `dir`; returns the server and the certificate's PEM.
+    /// TLS required on `port`, with a new certificate for `localhost` and 127.0.0.1 from a
+    /// new CA, files in `dir`; returns the server and the CA's certificate (PEM).
     pub fn start_tls(port: u16, store: &Path, dir: &Path) -> (NatsServer, String) {
-        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let certified = rcgen::generate_simple_self_signed(names).unwrap();
-        let (cert, key) = (dir.join("nats.crt"), dir.join("nats.key"));
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-        let tls = [
-            "--tls",
+        let (server, pki) = NatsServer::tls(port, store, dir, false);
+        (server, pki.ca)
+    }
+
+    /// The same, and a certificate from that CA required of clients (`--tlsverify`).
+    pub fn start_mutual_tls(port: u16, store: &Path, dir: &Path) -> (NatsServer, TestPki) {
+        NatsServer::tls(port, store, dir, true)
+    }
+
+    fn tls(port: u16, store: &Path, dir: &Path, verify_clients: bool) -> (NatsServer, TestPki) {
+        let pki = TestPki::new();
+        let (ca, cert, key) = pki.write_server_files(dir);
+        let mut args = vec![
             "--tlscert",
             cert.to_str().unwrap(),
             "--tlskey",
             key.to_str().unwrap(),
+            "--tlscacert",
+            ca.to_str().unwrap(),
         ];
-        (NatsServer::spawn(port, store, &tls), certified.cert.pem())
+        args.push(if verify_clients {
+            "--tlsverify"
+        } else {
+            "--tls"
+        });
+        (NatsServer::spawn(port, store, &args), pki)
     }
 
     fn spawn(port: u16, store: &Path, args: &[&str]) -> NatsServer {

@@ -8,6 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use plexus_core::conformance::TestPki;
+
 /// A redis-server child, killed when dropped.
 pub struct RedisServer {
     child: Child,
@@ -18,14 +20,22 @@ impl RedisServer {
         RedisServer::spawn(port, &["--port", &port.to_string()])
     }
 
-    /// TLS only, on `port`, with a new self-signed certificate for `localhost` and
-    /// 127.0.0.1 written to `dir`; returns the server and the certificate's PEM.
+    /// TLS only, on `port`, with a new certificate for `localhost` and 127.0.0.1 from a new
+    /// CA, files in `dir`; returns the server and the CA's certificate (PEM).
     pub fn start_tls(port: u16, dir: &Path) -> (RedisServer, String) {
-        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let certified = rcgen::generate_simple_self_signed(names).unwrap();
-        let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let (server, pki) = RedisServer::tls(port, dir, false);
+        (server, pki.ca)
+    }
+
+    /// The same, and only for clients with a certificate from that CA
+    /// (`tls-auth-clients yes`).
+    pub fn start_mutual_tls(port: u16, dir: &Path) -> (RedisServer, TestPki) {
+        RedisServer::tls(port, dir, true)
+    }
+
+    fn tls(port: u16, dir: &Path, verify_clients: bool) -> (RedisServer, TestPki) {
+        let pki = TestPki::new();
+        let (ca, cert, key) = pki.write_server_files(dir);
         let server = RedisServer::spawn(
             port,
             &[
@@ -37,11 +47,13 @@ impl RedisServer {
                 cert.to_str().unwrap(),
                 "--tls-key-file",
                 key.to_str().unwrap(),
+                "--tls-ca-cert-file",
+                ca.to_str().unwrap(),
                 "--tls-auth-clients",
-                "no",
+                if verify_clients { "yes" } else { "no" },
             ],
         );
-        (server, certified.cert.pem())
+        (server, pki)
     }
 
     /// A server that replicates to its replicas at once (the default waits 5 s to start a

@@ -228,12 +228,12 @@ async fn three_nodes_share_rooms_presence_and_history() {
     remove_keys(&prefix).await;
 }
 
-/// A redis-server of the test's own that speaks only TLS, on a free port, with a new
-/// self-signed certificate for `localhost`; killed when dropped.
+/// A redis-server of the test's own that speaks only TLS and only to clients with a
+/// certificate from its CA, on a free port; killed when dropped.
 struct TlsRedis {
     child: std::process::Child,
     port: u16,
-    certificate: String,
+    pki: plexus_core::conformance::TestPki,
 }
 
 impl TlsRedis {
@@ -243,17 +243,17 @@ impl TlsRedis {
             .local_addr()
             .unwrap()
             .port();
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
-        std::fs::write(&cert, certified.cert.pem()).unwrap();
-        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let pki = plexus_core::conformance::TestPki::new();
+        let (ca, cert, key) = pki.write_server_files(dir);
         let child = std::process::Command::new("redis-server")
             .args(["--port", "0", "--tls-port", &port.to_string()])
             .arg("--tls-cert-file")
             .arg(&cert)
             .arg("--tls-key-file")
             .arg(&key)
-            .args(["--tls-auth-clients", "no", "--bind", "127.0.0.1"])
+            .arg("--tls-ca-cert-file")
+            .arg(&ca)
+            .args(["--tls-auth-clients", "yes", "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(dir)
             .stdout(std::process::Stdio::null())
@@ -264,11 +264,7 @@ impl TlsRedis {
             assert!(started.elapsed() < TIMEOUT, "redis-server listens");
             std::thread::sleep(Duration::from_millis(20));
         }
-        TlsRedis {
-            child,
-            port,
-            certificate: certified.cert.pem(),
-        }
+        TlsRedis { child, port, pki }
     }
 }
 
@@ -279,15 +275,17 @@ impl Drop for TlsRedis {
     }
 }
 
-/// The same over `rediss://`: the nodes trust the Redis's certificate through
-/// `redis_tls_ca`, and the Redis takes nothing but TLS.
+/// The same over `rediss://` with client certificates: the nodes trust the Redis's CA
+/// through `redis_tls_ca` and show their own certificate (`redis_tls_cert`, `redis_tls_key`);
+/// the Redis takes nothing but TLS from a client it can verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_on_a_tls_redis() {
     let dir = tempfile::tempdir().unwrap();
     let redis = TlsRedis::start(dir.path());
     let config = |prefix: &str| Config {
         redis_url: format!("rediss://localhost:{}", redis.port),
-        redis_tls_ca: Some(redis.certificate.clone()),
+        redis_tls_ca: Some(redis.pki.ca.clone()),
+        redis_tls_client: Some((redis.pki.client_cert.clone(), redis.pki.client_key.clone())),
         ..redis_config(prefix)
     };
     three_nodes_agree("redis", &unique_prefix(), config).await;
