@@ -69,6 +69,11 @@ async fn api(server: &ServerHandle, method: &str, body: Value) -> Value {
     reply["result"].clone()
 }
 
+/// Publishes `data` into `channel` through the server API.
+async fn publish(server: &ServerHandle, channel: &str, data: Value) {
+    api(server, "publish", json!({"channel": channel, "data": data})).await;
+}
+
 async fn next(subscription: &mut Subscription) -> SubscriptionEvent {
     tokio::time::timeout(WAIT, subscription.next())
         .await
@@ -167,23 +172,13 @@ async fn reconnects_and_recovers_what_it_missed() {
     let first_id = ann.connected().await.unwrap();
     let mut room = ann.subscribe("chat:gap").await.unwrap();
     assert_eq!(next(&mut room).await, FIRST);
-    api(
-        &server,
-        "publish",
-        json!({"channel": "chat:gap", "data": 1}),
-    )
-    .await;
+    publish(&server, "chat:gap", json!(1)).await;
     assert_eq!(next_data(&mut room).await, json!(1));
 
     let cut = json!({"user": "ann", "disconnect": {"code": 3001, "reason": "test"}});
     api(&server, "disconnect", cut).await;
     for n in 2..=4 {
-        api(
-            &server,
-            "publish",
-            json!({"channel": "chat:gap", "data": n}),
-        )
-        .await;
+        publish(&server, "chat:gap", json!(n)).await;
     }
     assert_eq!(next(&mut room).await, RECOVERED);
     for n in 2..=4 {
@@ -191,12 +186,7 @@ async fn reconnects_and_recovers_what_it_missed() {
     }
     let state = wait_for_state(&ann, |state| matches!(state, State::Connected { .. })).await;
     assert_ne!(state, State::Connected { client: first_id });
-    api(
-        &server,
-        "publish",
-        json!({"channel": "chat:gap", "data": 5}),
-    )
-    .await;
+    publish(&server, "chat:gap", json!(5)).await;
     assert_eq!(next_data(&mut room).await, json!(5));
 }
 
@@ -215,12 +205,7 @@ async fn recovers_across_a_server_restart() {
     let ann = client(&server, "ann");
     let mut room = ann.subscribe("chat:restart").await.unwrap();
     assert_eq!(next(&mut room).await, FIRST);
-    api(
-        &server,
-        "publish",
-        json!({"channel": "chat:restart", "data": "before"}),
-    )
-    .await;
+    publish(&server, "chat:restart", json!("before")).await;
     assert_eq!(next_data(&mut room).await, json!("before"));
 
     server.shutdown().await;
@@ -231,12 +216,7 @@ async fn recovers_across_a_server_restart() {
     })
     .await
     .unwrap();
-    api(
-        &server,
-        "publish",
-        json!({"channel": "chat:restart", "data": "while down"}),
-    )
-    .await;
+    publish(&server, "chat:restart", json!("while down")).await;
     assert_eq!(next(&mut room).await, RECOVERED);
     assert_eq!(next_data(&mut room).await, json!("while down"));
     server.shutdown().await;
@@ -315,12 +295,7 @@ async fn reconnects_when_the_servers_pings_stop() {
     assert_eq!(next(&mut room).await, FIRST);
     // Connections open now stop carrying anything, both ways, and stay open.
     proxy.freeze.notify_waiters();
-    api(
-        &server,
-        "publish",
-        json!({"channel": "chat:silent", "data": "unheard"}),
-    )
-    .await;
+    publish(&server, "chat:silent", json!("unheard")).await;
     // The client gives up on the silent connection and comes back through a new one.
     assert_eq!(next(&mut room).await, RECOVERED);
     assert_eq!(next_data(&mut room).await, json!("unheard"));
@@ -388,12 +363,7 @@ async fn server_unsubscribe_ends_a_subscription() {
     let mut new = ann.subscribe("chat:again").await.unwrap();
     assert_eq!(next(&mut new).await, FIRST);
     drop(old);
-    api(
-        &server,
-        "publish",
-        json!({"channel": "chat:again", "data": "kept"}),
-    )
-    .await;
+    publish(&server, "chat:again", json!("kept")).await;
     assert_eq!(next_data(&mut new).await, json!("kept"));
 }
 
@@ -453,12 +423,7 @@ async fn refreshes_expiring_tokens_from_a_source() {
         asked.load(std::sync::atomic::Ordering::SeqCst) >= 3,
         "the first token and at least two refreshes"
     );
-    api(
-        &server,
-        "publish",
-        json!({"channel": "chat:fresh", "data": "still"}),
-    )
-    .await;
+    publish(&server, "chat:fresh", json!("still")).await;
     assert_eq!(next_data(&mut room).await, json!("still"));
 }
 

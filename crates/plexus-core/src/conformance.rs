@@ -336,35 +336,98 @@ async fn commands(factory: Factory<'_>) {
     assert_eq!(recorder.commands.lock().unwrap()[0], command);
 }
 
-/// Stops process `pid` (SIGSTOP) and returns once every thread of it is stopped, so that
-/// nothing sent to it afterwards is handled: a broker frozen mid-flight, for the engines'
-/// outage tests. Linux only (it reads `/proc`).
-pub fn freeze_process(pid: u32) {
-    signal(pid, "-STOP");
-    let tasks = format!("/proc/{pid}/task");
+/// Waits until `engine` reports ready, at most 10 s.
+pub async fn until_ready(engine: &dyn Engine) {
     let started = std::time::Instant::now();
-    loop {
-        let stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
-            let stat =
-                std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
-            // The state follows the command name's closing parenthesis.
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
-        });
-        if stopped {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "process {pid} stops"
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    while !engine.ready() {
+        assert!(started.elapsed() < Duration::from_secs(10), "ready in time");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// Resumes a process stopped by [`freeze_process`] (SIGCONT).
-pub fn thaw_process(pid: u32) {
-    signal(pid, "-CONT");
+/// Checks that `engine` is cut off from its broker (a refused TLS handshake, say): not ready,
+/// and a publish fails as unavailable. `what` names it in a failure.
+pub async fn check_unavailable(engine: &dyn Engine, what: &str) {
+    assert!(!engine.ready(), "{what}: not ready");
+    let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
+    let error = engine.publish(publication, None).await.unwrap_err();
+    assert!(
+        matches!(error, crate::EngineError::Unavailable { .. }),
+        "{what}: {error:?}"
+    );
+}
+
+/// A server process of an engine test's own (a broker), listening on a port; killed when
+/// dropped.
+pub struct ServerProcess {
+    child: std::process::Child,
+}
+
+impl ServerProcess {
+    /// Starts `command` (its output discarded) and waits until something listens on `port`.
+    pub fn spawn(mut command: std::process::Command, port: u16) -> ServerProcess {
+        let what = command.get_program().to_string_lossy().into_owned();
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("{what} runs: {error}"));
+        let server = ServerProcess { child };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{what} listens on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// Stops the process (SIGSTOP) and returns once every thread of it is stopped, so that
+    /// nothing sent to it afterwards is handled: a broker frozen mid-flight. Linux only (it
+    /// reads `/proc`).
+    pub fn freeze(&self) {
+        let pid = self.child.id();
+        signal(pid, "-STOP");
+        let tasks = format!("/proc/{pid}/task");
+        let started = std::time::Instant::now();
+        loop {
+            let stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the command name's closing parenthesis.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            });
+            if stopped {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "process {pid} stops"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Resumes a frozen process (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
+    /// Kills it now (SIGKILL) and waits for it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn signal(pid: u32, signal: &str) {
@@ -373,6 +436,15 @@ fn signal(pid: u32, signal: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Certificates for the engines' TLS tests: a CA, a server certificate for `localhost` and

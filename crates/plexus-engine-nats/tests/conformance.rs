@@ -8,10 +8,10 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use plexus_core::conformance::Recorder;
-use plexus_core::{Engine, EngineError, MessageKind, Publication};
+use plexus_core::conformance::{check_unavailable, until_ready, Recorder};
+use plexus_core::Engine;
 use plexus_engine_nats::{NatsEngine, NatsEngineError, NatsOptions};
 
 use common::{free_port, NatsServer};
@@ -79,23 +79,10 @@ async fn an_untrusted_server_is_refused() {
     let recorder = Arc::new(Recorder::default());
     let trusted = NatsEngine::new(options(Some(&certificate)), recorder.clone()).unwrap();
     let refused = NatsEngine::new(options(None), recorder.clone()).unwrap();
-    let started = Instant::now();
-    while !trusted.is_ready() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "trusted: ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_ready(&trusted).await;
     // Long enough for several attempts of the other.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!refused.is_ready());
-    let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
-    let error = refused.publish(publication, None).await.unwrap_err();
-    assert!(
-        matches!(error, EngineError::Unavailable { .. }),
-        "{error:?}"
-    );
+    check_unavailable(&refused, "untrusted").await;
     trusted.destroy().await.expect("stream and bucket deleted");
 
     let not_a_certificate = NatsEngine::new(options(Some("not a certificate")), recorder);
@@ -130,12 +117,7 @@ async fn mutual_tls() {
     };
     let engine = NatsEngine::new(without, Arc::new(Recorder::default())).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!engine.is_ready());
-    let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
-    assert!(matches!(
-        engine.publish(publication, None).await.unwrap_err(),
-        EngineError::Unavailable { .. }
-    ));
+    check_unavailable(&engine, "no client certificate").await;
 }
 
 #[tokio::test]

@@ -7,10 +7,10 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use plexus_core::conformance::Recorder;
-use plexus_core::{Engine, EngineError, MessageKind, Publication};
+use plexus_core::conformance::{check_unavailable, until_ready, Recorder};
+use plexus_core::Engine;
 use plexus_engine_redis::{RedisEngine, RedisOptions};
 
 use common::{free_port, RedisServer};
@@ -75,25 +75,11 @@ async fn an_untrusted_server_or_plain_text_is_refused() {
         engine(format!("rediss://localhost:{port}"), None),
         engine(format!("redis://127.0.0.1:{port}"), None),
     ];
-    let started = Instant::now();
-    while !trusted.is_ready() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "trusted: ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_ready(&trusted).await;
     // Long enough for several attempts of the others.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for engine in refused {
-        let url = engine.options().url.clone();
-        assert!(!engine.is_ready(), "{url}");
-        let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
-        let error = engine.publish(publication, None).await.unwrap_err();
-        assert!(
-            matches!(error, EngineError::Unavailable { .. }),
-            "{url}: {error:?}"
-        );
+        check_unavailable(&engine, &engine.options().url).await;
     }
 }
 
@@ -125,12 +111,7 @@ async fn mutual_tls() {
     };
     let engine = RedisEngine::new(without, Arc::new(Recorder::default())).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!engine.is_ready());
-    let publication = Publication::new("chat:x".into(), MessageKind::Text, "x".into(), None);
-    assert!(matches!(
-        engine.publish(publication, None).await.unwrap_err(),
-        EngineError::Unavailable { .. }
-    ));
+    check_unavailable(&engine, "no client certificate").await;
 }
 
 #[tokio::test]

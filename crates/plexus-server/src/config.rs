@@ -513,15 +513,28 @@ fn tls_ca(
     let Some(pem) = pem_or_file(key, value)? else {
         return Ok(None);
     };
-    if !urls
+    tls_urls_only(key, urls, needs)?;
+    pem_certificates(key, &pem)?;
+    Ok(Some(pem))
+}
+
+/// Refuses a TLS option (`key`) for URLs that are not all TLS ones.
+fn tls_urls_only(key: &'static str, urls: &str, needs: &str) -> Result<(), ConfigError> {
+    if urls
         .split(',')
         .all(|url| url.starts_with("rediss://") || url.starts_with("tls://"))
     {
-        return Err(ConfigError::Invalid {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
             key,
             reason: format!("is for {needs} only"),
-        });
+        })
     }
+}
+
+/// Checks that `pem` holds PEM certificates, at least one.
+fn pem_certificates(key: &'static str, pem: &str) -> Result<(), ConfigError> {
     use rustls_pki_types::pem::PemObject;
     let certificates = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -535,7 +548,7 @@ fn tls_ca(
             reason: "holds no PEM certificate".into(),
         });
     }
-    Ok(Some(pem))
+    Ok(())
 }
 
 /// A broker client certificate and its key (PEM inline or files), both or neither, only for
@@ -562,25 +575,9 @@ fn tls_client(
             })
         }
     };
-    if !urls
-        .split(',')
-        .all(|url| url.starts_with("rediss://") || url.starts_with("tls://"))
-    {
-        return Err(ConfigError::Invalid {
-            key: cert_key,
-            reason: format!("is for {needs} only"),
-        });
-    }
+    tls_urls_only(cert_key, urls, needs)?;
+    pem_certificates(cert_key, &cert)?;
     use rustls_pki_types::pem::PemObject;
-    if rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_or(true, |certificates| certificates.is_empty())
-    {
-        return Err(ConfigError::Invalid {
-            key: cert_key,
-            reason: "holds no PEM certificate".into(),
-        });
-    }
     if rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).is_err() {
         return Err(ConfigError::Invalid {
             key: key_key,

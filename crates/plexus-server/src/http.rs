@@ -24,6 +24,7 @@ const INDEX_HTML: &str = include_str!("../static/index.html");
 const QUOTES_HTML: &str = include_str!("../static/quotes.html");
 const ADMIN_HTML: &str = include_str!("../static/admin.html");
 const PLEXUS_CSS: &str = include_str!("../static/plexus.css");
+const CHARTS_JS: &str = include_str!("../static/charts.js");
 const PLEXUS_JS: &str = include_str!("../static/plexus.js");
 const PLEXUS_D_TS: &str = include_str!("../static/plexus.d.ts");
 
@@ -33,6 +34,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/quotes", get(quotes))
         .route("/admin", get(admin))
         .route("/plexus.css", get(plexus_css))
+        .route("/charts.js", get(charts_js))
         .route("/plexus.js", get(plexus_js))
         .route("/plexus.d.ts", get(plexus_d_ts))
         .route("/echo", get(ws::echo))
@@ -109,6 +111,11 @@ async fn admin(headers: http::HeaderMap) -> Response {
 /// What the built-in pages share: colours (light and dark), type, the header, panels, buttons.
 async fn plexus_css(headers: http::HeaderMap) -> Response {
     asset(&headers, "text/css; charset=utf-8", PLEXUS_CSS)
+}
+
+/// The canvas charts of the quotes and admin pages (an ES module).
+async fn charts_js(headers: http::HeaderMap) -> Response {
+    asset(&headers, "text/javascript; charset=utf-8", CHARTS_JS)
 }
 
 async fn plexus_js(headers: http::HeaderMap) -> Response {

@@ -3,7 +3,7 @@
 //! set lacks (a key rotation), at most once per `token_jwks_refetch` (10 s). The keys go to the token
 //! verifier through a shared [`plexus_auth::Jwks`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,7 +14,7 @@ use plexus_auth::{
 };
 use tokio::time::Instant;
 
-use crate::proxy::{http_client, HttpClient};
+use crate::outbound::{http_client, HttpClient};
 use crate::Shared;
 
 /// How often the set is fetched again while all is well.
@@ -29,10 +29,16 @@ pub(crate) struct JwksSource {
     url: Uri,
     client: HttpClient,
     keys: Jwks,
-    /// When the last fetch started; fetches are one at a time.
-    last: tokio::sync::Mutex<Option<Instant>>,
-    /// The last fetch's failure, for the log's sake.
-    failing: Mutex<bool>,
+    /// Fetches are one at a time, under this lock.
+    fetches: tokio::sync::Mutex<Fetches>,
+}
+
+#[derive(Default)]
+struct Fetches {
+    /// When the last one started.
+    last: Option<Instant>,
+    /// Whether it failed (to log a failure once, and the recovery).
+    failing: bool,
 }
 
 impl JwksSource {
@@ -45,8 +51,7 @@ impl JwksSource {
             url,
             client: http_client(TIMEOUT),
             keys,
-            last: tokio::sync::Mutex::new(None),
-            failing: Mutex::new(false),
+            fetches: tokio::sync::Mutex::default(),
         })
     }
 
@@ -82,13 +87,13 @@ impl JwksSource {
     /// Fetches now unless a fetch started within `min_interval` (then waits for it if it is
     /// still running, so the caller sees its set). Returns whether this call fetched.
     async fn refresh(&self, min_interval: Duration) -> bool {
-        let mut last = self.last.lock().await;
-        if last.is_some_and(|at| at.elapsed() < min_interval) {
+        let mut fetches = self.fetches.lock().await;
+        if fetches.last.is_some_and(|at| at.elapsed() < min_interval) {
             return false;
         }
-        *last = Some(Instant::now());
+        fetches.last = Some(Instant::now());
         let result = self.fetch().await;
-        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        let failing = &mut fetches.failing;
         match result {
             Ok(count) => {
                 if *failing {

@@ -17,6 +17,7 @@ mod jwks;
 mod limits;
 pub mod metrics;
 mod native;
+mod outbound;
 mod peers;
 mod poll;
 mod proxy;

@@ -13,14 +13,11 @@
 
 use std::time::Duration;
 
+use crate::outbound::{http_client, HttpClient};
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use plexus_protocol::client::{Error as ProtocolError, RawJson};
 use serde::{Deserialize, Serialize};
 
@@ -78,25 +75,6 @@ struct DisconnectBody {
     code: u16,
     #[serde(default)]
     reason: String,
-}
-
-/// An HTTP client for the server's own requests (the RPC backend, the JWKS URL): `http://`
-/// and `https://` (rustls, Mozilla's roots), kept-alive connections in a pool.
-pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-pub(crate) fn http_client(connect_timeout: Duration) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
 }
 
 /// The backend, with a pool of kept-alive connections.

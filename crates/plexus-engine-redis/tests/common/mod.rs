@@ -3,37 +3,34 @@
 // Each test binary uses part of this.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use plexus_core::conformance::TestPki;
+pub use plexus_core::conformance::{free_port, ServerProcess};
 
-/// A redis-server child, killed when dropped.
-pub struct RedisServer {
-    child: Child,
-}
+/// Starts servers; each is a [`ServerProcess`], killed when dropped.
+pub struct RedisServer;
 
 impl RedisServer {
-    pub fn start(port: u16) -> RedisServer {
+    pub fn start(port: u16) -> ServerProcess {
         RedisServer::spawn(port, &["--port", &port.to_string()])
     }
 
     /// TLS only, on `port`, with a new certificate for `localhost` and 127.0.0.1 from a new
     /// CA, files in `dir`; returns the server and the CA's certificate (PEM).
-    pub fn start_tls(port: u16, dir: &Path) -> (RedisServer, String) {
+    pub fn start_tls(port: u16, dir: &Path) -> (ServerProcess, String) {
         let (server, pki) = RedisServer::tls(port, dir, false);
         (server, pki.ca)
     }
 
     /// The same, and only for clients with a certificate from that CA
     /// (`tls-auth-clients yes`).
-    pub fn start_mutual_tls(port: u16, dir: &Path) -> (RedisServer, TestPki) {
+    pub fn start_mutual_tls(port: u16, dir: &Path) -> (ServerProcess, TestPki) {
         RedisServer::tls(port, dir, true)
     }
 
-    fn tls(port: u16, dir: &Path, verify_clients: bool) -> (RedisServer, TestPki) {
+    fn tls(port: u16, dir: &Path, verify_clients: bool) -> (ServerProcess, TestPki) {
         let pki = TestPki::new();
         let (ca, cert, key) = pki.write_server_files(dir);
         let server = RedisServer::spawn(
@@ -58,7 +55,7 @@ impl RedisServer {
 
     /// A server that replicates to its replicas at once (the default waits 5 s to start a
     /// full sync, in case more replicas come).
-    pub fn start_master(port: u16) -> RedisServer {
+    pub fn start_master(port: u16) -> ServerProcess {
         RedisServer::spawn(
             port,
             &[
@@ -71,7 +68,7 @@ impl RedisServer {
     }
 
     /// A replica of the server on `master`.
-    pub fn start_replica(port: u16, master: u16) -> RedisServer {
+    pub fn start_replica(port: u16, master: u16) -> ServerProcess {
         let master = master.to_string();
         RedisServer::spawn(
             port,
@@ -87,7 +84,7 @@ impl RedisServer {
 
     /// A sentinel on `port` watching the master on `master` as `mymaster`, quick to fail
     /// over (half a second down); its config file (sentinels rewrite theirs) goes to `dir`.
-    pub fn start_sentinel(port: u16, master: u16, dir: &Path) -> RedisServer {
+    pub fn start_sentinel(port: u16, master: u16, dir: &Path) -> ServerProcess {
         let config = dir.join(format!("sentinel-{port}.conf"));
         std::fs::write(
             &config,
@@ -101,54 +98,13 @@ impl RedisServer {
         RedisServer::spawn(port, &[config.to_str().unwrap(), "--sentinel"])
     }
 
-    fn spawn(port: u16, args: &[&str]) -> RedisServer {
-        let child = Command::new("redis-server")
+    fn spawn(port: u16, args: &[&str]) -> ServerProcess {
+        let mut command = Command::new("redis-server");
+        command
             .args(args)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server listens"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        RedisServer { child }
+            .arg(std::env::temp_dir());
+        ServerProcess::spawn(command, port)
     }
-
-    /// Stops the server (SIGSTOP), every thread of it, before returning.
-    pub fn freeze(&self) {
-        plexus_core::conformance::freeze_process(self.child.id());
-    }
-
-    /// Resumes a frozen server (SIGCONT).
-    pub fn thaw(&self) {
-        plexus_core::conformance::thaw_process(self.child.id());
-    }
-
-    pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
