@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use plexus_protocol::client::{
-    encode_command, parse_replies, ConnectRequest, PushBody, RawJson, ReplyBody, Request,
+    encode_command, parse_replies, ConnectRequest, Payload, PushBody, RawJson, ReplyBody, Request,
     SubscribeRequest,
 };
 use tokio::net::{TcpSocket, TcpStream};
@@ -260,7 +260,7 @@ pub fn native_command(id: u32, request: Request) -> String {
 
 /// The native `publish` of `data` (JSON text) into `channel`.
 pub fn native_publish(id: u32, channel: &str, data: String) -> String {
-    let data = RawJson::from_string(data).expect("stamps are JSON");
+    let data = Payload::from(RawJson::from_string(data).expect("stamps are JSON"));
     native_command(
         id,
         Request::Publish(plexus_protocol::client::PublishRequest {
@@ -427,7 +427,8 @@ fn interpret_native(text: &str) -> Received {
                 if let Some(stamp) = publication
                     .data
                     .as_ref()
-                    .and_then(|data| parse_stamp(data.as_str()))
+                    .and_then(|data| std::str::from_utf8(data.as_bytes()).ok())
+                    .and_then(parse_stamp)
                 {
                     stamps.push(stamp);
                 }

@@ -268,7 +268,7 @@ impl Client {
         })?;
         let request = Request::Publish(PublishRequest {
             channel: channel.to_owned(),
-            data: Some(data),
+            data: Some(data.into()),
         });
         self.call(request).await.map(|_| ())
     }

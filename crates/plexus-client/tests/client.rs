@@ -85,7 +85,7 @@ async fn next(subscription: &mut Subscription) -> SubscriptionEvent {
 async fn next_data(subscription: &mut Subscription) -> Value {
     match next(subscription).await {
         SubscriptionEvent::Publication(publication) => {
-            serde_json::from_str(publication.data.expect("data").as_str()).unwrap()
+            publication.data.expect("data").parse().unwrap()
         }
         other => panic!("expected a publication, got {other:?}"),
     }

@@ -27,9 +27,10 @@ use plexus_core::{
     recovery_is_complete, user_may_subscribe, ClientInfo, Delivery, HistoryPage, HistoryQuery,
     Outbox, Publication, StreamPosition, Subscriber,
 };
+use plexus_protocol::client::Format;
 use serde_json::json;
 
-use crate::native::json;
+use crate::native::encode;
 use crate::native::session::now_unix;
 use crate::Shared;
 
@@ -58,7 +59,10 @@ fn answer(
     next: &StreamPosition,
     recovered: bool,
 ) -> Response {
-    let publications: Vec<_> = publications.iter().map(|p| json::publication(p)).collect();
+    let publications: Vec<_> = publications
+        .iter()
+        .map(|p| encode::publication(Format::Json, p))
+        .collect();
     Json(json!({
         "channel": channel,
         "publications": publications,

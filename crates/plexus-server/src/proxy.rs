@@ -3,8 +3,11 @@
 //! client. The server stays the only thing clients talk to; the backend stays private.
 //!
 //! Request body (JSON): `client`, `transport` (`websocket`, `sse`, `http_stream`), `protocol`
-//! and `encoding` (`json`), `user`, `method`, `data` (the client's, as sent).
-//! Answer: `{"result":{"data":...}}` (the client gets `data`), `{"error":{"code":N,
+//! (`json` or `protobuf`, what the client speaks), `user`, `method`, and the client's data: as
+//! `data` when it is JSON (`encoding` is `json`), else as `b64data`, its base64 (`encoding` is
+//! `binary`; only a Protobuf client can send that).
+//! Answer: `{"result":{"data":...}}` or `{"result":{"b64data":"..."}}` (the client gets the
+//! data; a JSON client gets binary data as a base64 string), `{"error":{"code":N,
 //! "message":"..."}}` (the client gets that error), or `{"disconnect":{"code":N,"reason":"..."}}`
 //! (the client is disconnected with it; the code must be from 3000 to 4999, the reason at most
 //! 123 bytes). A backend that does not answer within
@@ -14,12 +17,15 @@
 use std::time::Duration;
 
 use crate::outbound::{http_client, HttpClient};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use plexus_protocol::client::{Error as ProtocolError, RawJson};
+use plexus_protocol::client::{Error as ProtocolError, Payload, RawJson};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// The most a backend's answer may hold.
 const MAX_ANSWER: usize = 1 << 20;
@@ -27,7 +33,7 @@ const MAX_ANSWER: usize = 1 << 20;
 /// What the client is told.
 #[derive(Debug)]
 pub(crate) enum Answer {
-    Result(Option<RawJson>),
+    Result(Option<Payload>),
     Error(ProtocolError),
     Disconnect { code: u16, reason: String },
 }
@@ -45,17 +51,53 @@ pub(crate) enum ProxyError {
     BadAnswer(String),
 }
 
-/// One `rpc` call, as the backend gets it.
-#[derive(Debug, Serialize)]
+/// One `rpc` call.
+#[derive(Debug)]
 pub(crate) struct RpcCall<'a> {
     pub client: &'a str,
     pub transport: &'a str,
     pub protocol: &'static str,
-    pub encoding: &'static str,
     pub user: &'a str,
     pub method: &'a str,
+    pub data: Option<&'a Payload>,
+}
+
+/// An `rpc` call as the backend gets it.
+#[derive(Debug, Serialize)]
+struct CallBody<'a> {
+    client: &'a str,
+    transport: &'a str,
+    protocol: &'static str,
+    encoding: &'static str,
+    user: &'a str,
+    method: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub data: Option<&'a RawJson>,
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    b64data: Option<String>,
+}
+
+impl<'a> RpcCall<'a> {
+    fn body(&self) -> CallBody<'a> {
+        let json = self.data.map(|data| data.as_json());
+        CallBody {
+            client: self.client,
+            transport: self.transport,
+            protocol: self.protocol,
+            encoding: if matches!(json, Some(None)) {
+                "binary"
+            } else {
+                "json"
+            },
+            user: self.user,
+            method: self.method,
+            data: json.flatten(),
+            b64data: match (self.data, json) {
+                (Some(data), Some(None)) => Some(BASE64.encode(data.as_bytes())),
+                _ => None,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +110,19 @@ struct Reply {
 #[derive(Debug, Default, Deserialize)]
 struct ResultBody {
     data: Option<RawJson>,
+    b64data: Option<String>,
+}
+
+impl ResultBody {
+    fn payload(self) -> Result<Option<Payload>, ProxyError> {
+        match (self.data, self.b64data) {
+            (_, Some(b64)) => BASE64
+                .decode(b64)
+                .map(|bytes| Some(Payload::new(bytes)))
+                .map_err(|error| ProxyError::BadAnswer(format!("b64data: {error}"))),
+            (data, None) => Ok(data.map(Payload::from)),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,7 +152,7 @@ impl RpcProxy {
     }
 
     pub(crate) async fn call(&self, call: &RpcCall<'_>) -> Result<Answer, ProxyError> {
-        let body = serde_json::to_vec(call).expect("a call is JSON");
+        let body = serde_json::to_vec(&call.body()).expect("a call is JSON");
         let mut request = Request::post(self.url.clone())
             .body(Full::new(Bytes::from(body)))
             .expect("a POST to a parsed URI is a request");
@@ -149,7 +204,7 @@ impl RpcProxy {
             Reply {
                 result: Some(result),
                 ..
-            } => Ok(Answer::Result(result.data)),
+            } => Ok(Answer::Result(result.payload()?)),
             _ => Err(ProxyError::BadAnswer(
                 "neither result, error nor disconnect".into(),
             )),

@@ -1,6 +1,7 @@
 """The official centrifuge-python SDK against Plexus (memory engine)."""
 
 import asyncio
+import json
 
 from centrifuge import Client, ClientState, SubscriptionState
 
@@ -112,3 +113,50 @@ async def test_recovery_after_api_disconnect(server, clients, recorder):
         assert [p["data"]["n"] for p in replies[-1].get("publications", [])] == [3, 4, 5, 6, 7]
     finally:
         await relay.close()
+
+
+async def test_protobuf_client_beside_a_json_client(server, clients, recorder):
+    """centrifuge-python with use_protobuf=True: binary WebSocket frames, any bytes as data."""
+    channel = room("pypb")
+    pb_events = Events(recorder, "pb")
+    pb = Client(server.ws, events=pb_events, token=token("u1", info={"name": "Ann"}),
+                proxy=None, use_protobuf=True)
+    js = Client(server.ws, events=Events(recorder, "js"), token=token("u2"), proxy=None)
+    clients.extend([pb, js])
+    await pb.connect()
+    await js.connect()
+    await pb.ready(timeout=5)
+    await js.ready(timeout=5)
+
+    pb_sub_events = Events(recorder, "pb/sub")
+    pb_sub = pb.new_subscription(channel, events=pb_sub_events)
+    js_sub_events = Events(recorder, "js/sub")
+    js_sub = js.new_subscription(channel, events=js_sub_events)
+    for sub in (pb_sub, js_sub):
+        await sub.subscribe()
+        await sub.ready(timeout=5)
+    subscribed = pb_sub_events.of("subscribed")[0]
+    assert subscribed.recoverable is True and subscribed.stream_position.epoch, subscribed
+
+    binary = bytes([0, 255, 7, 128])
+    await pb_sub.publish(binary)
+    await js_sub.publish({"text": "from json"})
+    api = await server.publish(channel, {"text": "from api"})
+    await until(lambda: len(publications(pb_sub_events)) >= 3, "three publications (protobuf)")
+    await until(lambda: len(publications(js_sub_events)) >= 3, "three publications (json)")
+    pb_got = publications(pb_sub_events)
+    js_got = publications(js_sub_events)
+    assert pb_got[0].data == binary, "a Protobuf subscriber gets the bytes unchanged"
+    assert js_got[0].data == "AP8HgA==", "a JSON subscriber gets them as base64 in a string"
+    # JSON data reaches a Protobuf subscriber as the JSON text's bytes, exactly as published.
+    assert [json.loads(p.data) for p in pb_got[1:]] == [{"text": "from json"}, {"text": "from api"}]
+    assert [p.data for p in js_got[1:]] == [{"text": "from json"}, {"text": "from api"}]
+    assert [p.offset for p in pb_got] == [p.offset for p in js_got]
+    assert pb_got[2].offset == api["offset"]
+    assert pb_got[0].info.user == "u1" and pb_got[0].info.conn_info == b'{"name":"Ann"}'
+
+    history = await pb_sub.history(limit=10)
+    assert [p.data for p in history.publications][0] == binary
+    assert history.epoch == api["epoch"]
+    stats = await pb_sub.presence_stats()
+    assert (stats.num_clients, stats.num_users) == (2, 2)

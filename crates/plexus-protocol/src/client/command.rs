@@ -217,13 +217,7 @@ pub fn parse_command(line: &str) -> Result<Incoming, ParseError> {
         kind: ParseErrorKind::Malformed,
         detail: e.to_string(),
     })?;
-    let id = command.id;
-    let error = |kind, detail: String| ParseError {
-        id: (id != 0).then_some(id),
-        kind,
-        detail,
-    };
-    let request = one_of([
+    let requests = one_of([
         command.connect.map(Request::Connect),
         command.subscribe.map(Request::Subscribe),
         command.unsubscribe.map(Request::Unsubscribe),
@@ -236,8 +230,22 @@ pub fn parse_command(line: &str) -> Result<Incoming, ParseError> {
         command.rpc.map(Request::Rpc),
         command.refresh.map(Request::Refresh),
         command.sub_refresh.map(Request::SubRefresh),
-    ])
-    .map_err(|count| {
+    ]);
+    classify(command.id, requests)
+}
+
+/// What a decoded command is, in either encoding: `requests` is its one request field, or
+/// `Err(count)` when it had several.
+pub(super) fn classify(
+    id: u32,
+    requests: Result<Option<Request>, usize>,
+) -> Result<Incoming, ParseError> {
+    let error = |kind, detail: String| ParseError {
+        id: (id != 0).then_some(id),
+        kind,
+        detail,
+    };
+    let request = requests.map_err(|count| {
         error(
             ParseErrorKind::MultipleRequests,
             format!("{count} request fields in one command"),
@@ -298,7 +306,7 @@ pub const CLIENT_PONG: &[u8] = b"{}";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{Error, RawJson};
+    use crate::client::{Error, Payload};
 
     fn one(text: &str) -> Result<Incoming, ParseError> {
         let mut all = parse_frame(text);
@@ -363,7 +371,10 @@ mod tests {
         let Request::Publish(publish) = &request else {
             panic!("{request:?}")
         };
-        assert_eq!(publish.data.as_ref().unwrap().as_str(), r#"{"text":"hi"}"#);
+        assert_eq!(
+            publish.data.as_ref().unwrap().as_bytes(),
+            br#"{"text":"hi"}"#
+        );
         round_trip(text);
 
         // Whitespace and key order inside data are kept as sent.
@@ -372,7 +383,7 @@ mod tests {
         let Request::Publish(publish) = request else {
             panic!()
         };
-        assert_eq!(publish.data.unwrap().as_str(), r#"{ "b" : 1,"a":[ ]}"#);
+        assert_eq!(publish.data.unwrap().as_bytes(), br#"{ "b" : 1,"a":[ ]}"#);
     }
 
     #[test]
@@ -508,7 +519,7 @@ mod tests {
             Ok(Incoming::Command {
                 id: 0,
                 request: Request::Send(SendRequest {
-                    data: Some(RawJson::from_str(r#"{"a":1}"#).unwrap())
+                    data: Some(Payload::json(r#"{"a":1}"#).unwrap())
                 })
             })
         );

@@ -422,14 +422,14 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::client::{ClientInfo, DisconnectCode, ErrorCode, RawJson, UnsubscribeCode};
+    use crate::client::{ClientInfo, DisconnectCode, ErrorCode, Payload, UnsubscribeCode};
 
     fn text(bytes: Vec<u8>) -> String {
         String::from_utf8(bytes).unwrap()
     }
 
-    fn raw(s: &str) -> Option<RawJson> {
-        Some(RawJson::from_str(s).unwrap())
+    fn raw(s: &str) -> Option<Payload> {
+        Some(Payload::json(s).unwrap())
     }
 
     /// Encodes, checks the exact text, then checks that parsing gives the reply back.

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::raw::RawJson;
+use super::payload::Payload;
 
 /// `skip_serializing_if` for every field: leave out default values.
 pub(super) fn is_default<T: Default + PartialEq>(value: &T) -> bool {
@@ -68,16 +68,16 @@ message! {
         /// The client (connection) id.
         pub client: String,
         /// Connection info from the connection token or connect proxy.
-        pub conn_info: Option<RawJson>,
+        pub conn_info: Option<Payload>,
         /// Channel info from the subscription token or subscribe proxy.
-        pub chan_info: Option<RawJson>,
+        pub chan_info: Option<Payload>,
     }
 }
 
 message! {
     /// One message in a channel.
     pub struct Publication {
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
         /// The publisher, when the publication came from a client.
         pub info: Option<ClientInfo>,
         /// Position in the channel stream (channels with history).
@@ -118,14 +118,14 @@ message! {
         pub epoch: String,
         pub offset: u64,
         pub positioned: bool,
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
     }
 }
 
 message! {
     /// Push: an asynchronous message to this client, outside any channel.
     pub struct Message {
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
     }
 }
 
@@ -134,7 +134,7 @@ message! {
     pub struct Connect {
         pub client: String,
         pub version: String,
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
         pub subs: BTreeMap<String, SubscribeResult>,
         pub expires: bool,
         pub ttl: u32,
@@ -168,7 +168,7 @@ message! {
     /// Request: authenticate the connection. Must be the first command.
     pub struct ConnectRequest {
         pub token: String,
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
         /// Server-side subscriptions to recover, by channel.
         pub subs: BTreeMap<String, SubscribeRequest>,
         /// The SDK's name, e.g. `js`.
@@ -188,7 +188,7 @@ message! {
         pub expires: bool,
         /// Seconds until the connection expires, when `expires`.
         pub ttl: u32,
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
         /// Server-side subscriptions, by channel.
         pub subs: BTreeMap<String, SubscribeResult>,
         /// Seconds between server pings (0: no pings).
@@ -226,7 +226,7 @@ message! {
         pub recover: bool,
         pub epoch: String,
         pub offset: u64,
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
         pub positioned: bool,
         pub recoverable: bool,
         /// Ask for join/leave pushes.
@@ -248,7 +248,7 @@ message! {
         pub recovered: bool,
         pub offset: u64,
         pub positioned: bool,
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
         pub was_recovering: bool,
         pub delta: bool,
     }
@@ -286,7 +286,7 @@ message! {
     /// Request: publish into a channel.
     pub struct PublishRequest {
         pub channel: String,
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
     }
 }
 
@@ -367,7 +367,7 @@ message! {
 message! {
     /// Request: a remote procedure call.
     pub struct RpcRequest {
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
         pub method: String,
     }
 }
@@ -375,14 +375,14 @@ message! {
 message! {
     /// Result of [`RpcRequest`].
     pub struct RpcResult {
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
     }
 }
 
 message! {
     /// Request: an asynchronous message to the server; it has no reply and needs no id.
     pub struct SendRequest {
-        pub data: Option<RawJson>,
+        pub data: Option<Payload>,
     }
 }
 

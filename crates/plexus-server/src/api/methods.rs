@@ -11,11 +11,13 @@ use plexus_core::{
     BoxFuture, ChannelError, ChannelOptions, Control, EngineError, MessageKind, NodeCommand,
     Publication, StreamPosition,
 };
-use plexus_protocol::client::{self as proto, DisconnectCode, ErrorCode, RawJson, UnsubscribeCode};
+use plexus_protocol::client::{
+    self as proto, DisconnectCode, ErrorCode, Format, RawJson, UnsubscribeCode,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{required, Validate};
-use crate::native::{json, session};
+use crate::native::{encode, session};
 use crate::Shared;
 
 /// `{}`: the result of methods that only act.
@@ -371,7 +373,12 @@ pub(super) async fn presence(
     Ok(PresenceResult {
         presence: clients
             .iter()
-            .map(|client| (client.client.to_string(), json::client_info(client)))
+            .map(|client| {
+                (
+                    client.client.to_string(),
+                    encode::client_info(Format::Json, client),
+                )
+            })
             .collect(),
     })
 }
@@ -428,6 +435,7 @@ pub(super) async fn history(
     with_history(shared, &request.channel)?;
     let page = session::history(
         shared,
+        Format::Json,
         &request.channel,
         request.limit,
         request.since.as_ref(),

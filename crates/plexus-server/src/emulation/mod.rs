@@ -3,9 +3,11 @@
 //! - `GET /connection/sse?cf_connect=<connect command>`: Server-Sent Events, one reply per
 //!   event (`data: <json>\n\n`);
 //! - `POST /connection/http_stream` with the connect command as the body: a long-lived response
-//!   of newline-delimited replies;
-//! - `POST /emulation` `{"session","node","data"}`: the client's commands (and pongs) for a
-//!   stream, routed to that stream's task by its session id.
+//!   of newline-delimited JSON replies; or, with `Content-Type: application/octet-stream`, of
+//!   length-delimited Protobuf replies (SSE is JSON only, as in Centrifugo);
+//! - `POST /emulation` `{"session","node","data"}` (or the same as a Protobuf
+//!   `EmulationRequest`, with `Content-Type: application/octet-stream`): the client's commands
+//!   (and pongs) for a stream, routed to that stream's task by its session id.
 //!
 //! A stream is driven by [`stream::run`], one task per stream, with the same rules as a native
 //! WebSocket (pings, pong timeout, stale, slow, shutdown, expiry); since a stream has no close
@@ -22,6 +24,8 @@ use axum::response::{IntoResponse, Response};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use plexus_core::NodeCommand;
+use plexus_protocol::client::protobuf::EmulationRequest as ProtobufEmulationRequest;
+use plexus_protocol::client::Format;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -80,12 +84,24 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    fn content_type(self) -> &'static str {
-        match self {
-            Kind::Sse => "text/event-stream",
-            Kind::HttpStream => "application/json",
+    fn content_type(self, format: Format) -> &'static str {
+        match (self, format) {
+            (Kind::Sse, _) => "text/event-stream",
+            (Kind::HttpStream, Format::Json) => "application/json",
+            (Kind::HttpStream, Format::Protobuf) => BINARY,
         }
     }
+}
+
+/// The content type of Protobuf requests and streams.
+const BINARY: &str = "application/octet-stream";
+
+/// Whether a request's body is Protobuf (`Content-Type: application/octet-stream`).
+fn is_binary(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim().starts_with(BINARY))
 }
 
 /// `GET /connection/sse?cf_connect=...`.
@@ -95,7 +111,13 @@ pub(crate) async fn sse(
     headers: HeaderMap,
 ) -> Response {
     let connect = query.get("cf_connect").cloned().unwrap_or_default();
-    start(shared, &headers, Bytes::from(connect), Kind::Sse)
+    start(
+        shared,
+        &headers,
+        Bytes::from(connect),
+        Kind::Sse,
+        Format::Json,
+    )
 }
 
 /// `POST /connection/http_stream` with the connect command as the body.
@@ -104,7 +126,12 @@ pub(crate) async fn http_stream(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    start(shared, &headers, body, Kind::HttpStream)
+    let format = if is_binary(&headers) {
+        Format::Protobuf
+    } else {
+        Format::Json
+    };
+    start(shared, &headers, body, Kind::HttpStream, format)
 }
 
 fn bad_origin(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
@@ -119,7 +146,13 @@ fn bad_origin(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     )
 }
 
-fn start(shared: Arc<Shared>, headers: &HeaderMap, connect: Bytes, kind: Kind) -> Response {
+fn start(
+    shared: Arc<Shared>,
+    headers: &HeaderMap,
+    connect: Bytes,
+    kind: Kind,
+    format: Format,
+) -> Response {
     if let Some(refused) = bad_origin(&shared, headers) {
         return refused;
     }
@@ -145,6 +178,7 @@ fn start(shared: Arc<Shared>, headers: &HeaderMap, connect: Bytes, kind: Kind) -
     shared.tasks.spawn(stream::run(
         task_shared,
         kind,
+        format,
         session,
         connect,
         commands,
@@ -152,16 +186,27 @@ fn start(shared: Arc<Shared>, headers: &HeaderMap, connect: Bytes, kind: Kind) -
     ));
     let mut response = Response::new(Body::new(stream::ReplyBody::new(body)));
     let response_headers = response.headers_mut();
-    response_headers.insert(CONTENT_TYPE, HeaderValue::from_static(kind.content_type()));
+    response_headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(kind.content_type(format)),
+    );
     response_headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Asks reverse proxies (nginx) not to buffer the stream.
     response_headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
-/// The body of `POST /emulation`.
-#[derive(Deserialize)]
+/// A `POST /emulation` request, from JSON or Protobuf.
 struct EmulationRequest {
+    session: String,
+    node: String,
+    /// The command frame, as the client would send it over a WebSocket.
+    data: Bytes,
+}
+
+/// The JSON body of `POST /emulation`.
+#[derive(Deserialize)]
+struct JsonEmulationRequest {
     session: String,
     /// The node that owns the stream (from the connect reply).
     #[serde(default)]
@@ -186,7 +231,24 @@ pub(crate) async fn emulation(
     if body.len() > shared.config.max_message_size.saturating_add(1024) {
         return (StatusCode::PAYLOAD_TOO_LARGE, "request too large\n").into_response();
     }
-    let request: EmulationRequest = match serde_json::from_slice(&body) {
+    let request = if is_binary(&headers) {
+        ProtobufEmulationRequest::decode(&body)
+            .map(|request| EmulationRequest {
+                session: request.session,
+                node: request.node,
+                data: request.data,
+            })
+            .map_err(|error| error.to_string())
+    } else {
+        serde_json::from_slice::<JsonEmulationRequest>(&body)
+            .map(|request| EmulationRequest {
+                session: request.session,
+                node: request.node,
+                data: Bytes::from(request.data),
+            })
+            .map_err(|error| error.to_string())
+    };
+    let request = match request {
         Ok(request) => request,
         Err(error) => {
             return (
@@ -204,7 +266,7 @@ pub(crate) async fn emulation(
         let command = NodeCommand::Emulation {
             node: request.node.into(),
             session: request.session.into(),
-            data: Bytes::from(request.data),
+            data: request.data,
         };
         return match shared.node.command(command).await {
             Ok(()) => StatusCode::OK.into_response(),
@@ -218,7 +280,7 @@ pub(crate) async fn emulation(
             }
         };
     };
-    match commands.send(Bytes::from(request.data)).await {
+    match commands.send(request.data).await {
         Ok(()) => StatusCode::OK.into_response(),
         Err(_) => (StatusCode::NOT_FOUND, "unknown session\n").into_response(),
     }

@@ -17,8 +17,7 @@ use axum::body::Bytes;
 use hyper::body::Frame;
 use plexus_core::OutboxState;
 use plexus_protocol::client::{
-    codes::disconnect_code_reconnects, encode_push, Disconnect, DisconnectCode, PushBody,
-    SERVER_PING,
+    codes::disconnect_code_reconnects, Disconnect, DisconnectCode, Format, PushBody,
 };
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -63,6 +62,7 @@ impl hyper::body::Body for ReplyBody {
 pub(super) async fn run(
     shared: Arc<Shared>,
     kind: Kind,
+    format: Format,
     session_id: Arc<str>,
     connect: Bytes,
     mut commands: mpsc::Receiver<Bytes>,
@@ -76,9 +76,10 @@ pub(super) async fn run(
             Kind::HttpStream => "http_stream",
         },
     };
-    let mut session = ClientSession::new_stream(&shared, ids);
+    let mut session = ClientSession::new_stream(&shared, ids, format);
     let mut stream = Stream {
         kind,
+        format,
         shared: &shared,
         body,
         queue: VecDeque::new(),
@@ -100,6 +101,7 @@ pub(super) async fn run(
 
 struct Stream<'a> {
     kind: Kind,
+    format: Format,
     shared: &'a Shared,
     body: mpsc::Sender<Bytes>,
     /// Chunks not yet handed to hyper.
@@ -204,7 +206,7 @@ impl Stream<'_> {
                     } else if now >= next_ping {
                         // While a ping is unanswered its deadline stands; no second ping.
                         if pong_deadline.is_none() {
-                            self.reply(Bytes::from_static(SERVER_PING));
+                            self.reply(Bytes::from_static(self.format.server_ping()));
                             pong_deadline = Some(now + config.pong_timeout);
                         }
                         next_ping = now + config.ping_interval;
@@ -223,6 +225,8 @@ impl Stream<'_> {
                 continue;
             }
             match item {
+                // Protobuf replies carry their lengths: the message goes as it is.
+                Out::Message(_, data) if self.format == Format::Protobuf => self.reply(data),
                 Out::Message(_, data) => {
                     // One message may hold several replies, one per line.
                     let mut start = 0;
@@ -243,18 +247,19 @@ impl Stream<'_> {
         }
     }
 
-    /// Queues one reply in the stream's framing.
-    fn reply(&mut self, json: Bytes) {
-        match self.kind {
-            Kind::Sse => {
+    /// Queues one reply (or, in Protobuf, any number) in the stream's framing.
+    fn reply(&mut self, reply: Bytes) {
+        match (self.kind, self.format) {
+            (Kind::Sse, _) => {
                 self.push(Bytes::from_static(b"data: "));
-                self.push(json);
+                self.push(reply);
                 self.push(Bytes::from_static(b"\n\n"));
             }
-            Kind::HttpStream => {
-                self.push(json);
+            (Kind::HttpStream, Format::Json) => {
+                self.push(reply);
                 self.push(Bytes::from_static(b"\n"));
             }
+            (Kind::HttpStream, Format::Protobuf) => self.push(reply),
         }
     }
 
@@ -268,7 +273,7 @@ impl Stream<'_> {
         if self.closing {
             return;
         }
-        let push = encode_push(
+        let push = self.format.encode_push(
             "",
             &PushBody::Disconnect(Disconnect {
                 code: u32::from(code),

@@ -8,16 +8,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use plexus_auth::{check_subscription, TokenError};
 use plexus_core::{
-    user_may_subscribe, ChannelError, ClientInfo, Control, Delivery, HistoryQuery, MessageKind,
-    Outbox, Publication, StreamPosition, SubscribeError, Subscriber, Subscription,
+    user_may_subscribe, ChannelError, ClientInfo, Control, Delivery, HistoryQuery, Outbox,
+    Publication, StreamPosition, SubscribeError, Subscriber, Subscription,
 };
 use plexus_protocol::client::{
-    self as proto, encode_push, encode_reply, join_batch, parse_frame, DisconnectCode, ErrorCode,
-    Incoming, PushBody, Reply, ReplyBody, Request,
+    self as proto, DisconnectCode, ErrorCode, Format, Incoming, PushBody, Reply, ReplyBody, Request,
 };
 use tokio::time::Instant;
 
-use super::json;
+use super::encode;
 use crate::limits::MessageRate;
 use crate::ws::Out;
 use crate::Shared;
@@ -33,7 +32,8 @@ fn ttl(at: u64) -> u32 {
     at.saturating_sub(now_unix()).clamp(1, u64::from(u32::MAX)) as u32
 }
 
-/// What a command ends in.
+/// What a command ends in. Returned once and encoded at once, so a large reply is not boxed.
+#[allow(clippy::large_enum_variant)]
 enum Outcome {
     Reply(ReplyBody),
     Error(ErrorCode),
@@ -136,6 +136,13 @@ impl ChannelMap {
     }
 }
 
+/// Where a client's replies and pushes go, and the format they are written in.
+#[derive(Clone, Copy)]
+struct Peer<'a> {
+    outbox: &'a Arc<Outbox>,
+    format: Format,
+}
+
 /// The `meta` claim that marks a guest token (minted by `/app/token` for the built-in apps).
 pub(crate) const GUEST_META: &str = "plexus_guest";
 
@@ -174,20 +181,59 @@ pub(crate) struct ClientSession {
     /// (SSE, HTTP streaming): pushes are unframed JSON and the connect result carries the ids.
     /// Boxed: WebSocket sessions, the many, do without it.
     stream: Option<Box<StreamIds>>,
+    /// What the client speaks: JSON or Protobuf.
+    format: Format,
     outbox: Arc<Outbox>,
     /// `None` until a successful connect.
     connected: Option<Connected>,
     /// A client that has not connected by then is closed (3502 stale).
-    connect_deadline: Instant,
+    connect_deadline: ShortDeadline,
+}
+
+/// A moment less than 24 days ahead in 4 bytes, where an `Instant` takes 16: milliseconds on a
+/// clock that starts with the process and wraps every 49 days, compared by wrapping difference.
+#[derive(Debug, Clone, Copy)]
+struct ShortDeadline(u32);
+
+impl ShortDeadline {
+    /// Now, and now on the short clock.
+    fn clock() -> (Instant, u32) {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let start = *START.get_or_init(Instant::now);
+        let now = Instant::now();
+        // Truncated to 32 bits: the clock wraps.
+        (now, now.duration_since(start).as_millis() as u32)
+    }
+
+    fn after(timeout: Duration) -> ShortDeadline {
+        let millis = timeout.as_millis().min(i32::MAX as u128) as u32;
+        ShortDeadline(Self::clock().1.wrapping_add(millis))
+    }
+
+    /// Milliseconds left (negative once passed), and now.
+    fn left(self) -> (i32, Instant) {
+        let (now, millis) = Self::clock();
+        (self.0.wrapping_sub(millis) as i32, now)
+    }
+
+    fn passed(self) -> bool {
+        self.left().0 <= 0
+    }
+
+    fn instant(self) -> Instant {
+        let (left, now) = self.left();
+        now + Duration::from_millis(left.max(0) as u64)
+    }
 }
 
 impl ClientSession {
-    pub(crate) fn new(shared: &Shared) -> ClientSession {
+    pub(crate) fn new(shared: &Shared, format: Format) -> ClientSession {
         ClientSession {
             stream: None,
+            format,
             outbox: Arc::new(Outbox::new(shared.config.outbox_limit)),
             connected: None,
-            connect_deadline: Instant::now() + shared.config.handshake_timeout,
+            connect_deadline: ShortDeadline::after(shared.config.handshake_timeout),
         }
     }
 
@@ -202,12 +248,23 @@ impl ClientSession {
                 .is_none_or(|connected| connected.channels.values().all(|state| state.settled))
     }
 
-    /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed JSON
+    /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed
     /// (`Out::Message`), never WebSocket frames, and its connect result names `ids`.
-    pub(crate) fn new_stream(shared: &Shared, ids: StreamIds) -> ClientSession {
+    pub(crate) fn new_stream(shared: &Shared, ids: StreamIds, format: Format) -> ClientSession {
         ClientSession {
             stream: Some(Box::new(ids)),
-            ..ClientSession::new(shared)
+            ..ClientSession::new(shared, format)
+        }
+    }
+
+    pub(crate) fn format(&self) -> Format {
+        self.format
+    }
+
+    fn peer(&self) -> Peer<'_> {
+        Peer {
+            outbox: &self.outbox,
+            format: self.format,
         }
     }
 
@@ -219,7 +276,7 @@ impl ClientSession {
     /// connection's expiry.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         match &self.connected {
-            None => Some(self.connect_deadline),
+            None => Some(self.connect_deadline.instant()),
             Some(connected) => connected
                 .channels
                 .values()
@@ -238,8 +295,9 @@ impl ClientSession {
     /// an expired subscription is ended with an `unsubscribe` push (2501, the SDKs resubscribe
     /// with a fresh token).
     pub(crate) async fn on_deadline(&mut self, shared: &Shared, out: &mut Vec<Out>) {
+        let format = self.format;
         let Some(connected) = self.connected.as_mut() else {
-            if Instant::now() >= self.connect_deadline {
+            if self.connect_deadline.passed() {
                 close(out, DisconnectCode::Stale);
             }
             return;
@@ -258,19 +316,14 @@ impl ClientSession {
             connected.channels.remove(&channel);
             shared.node.unsubscribe(&channel, &connected.info).await;
             let body = PushBody::Unsubscribe(proto::UnsubscribeCode::Expired.into());
-            out.push(Out::Message(
-                MessageKind::Text,
-                encode_push(&channel, &body).into(),
-            ));
+            out.push(push_out(format, &channel, &body));
         }
     }
 
     pub(crate) async fn on_message(&mut self, shared: &Shared, data: Bytes, out: &mut Vec<Out>) {
-        let Ok(text) = std::str::from_utf8(&data) else {
-            return close(out, DisconnectCode::BadRequest);
-        };
+        let format = self.format;
         let mut replies: Vec<Vec<u8>> = Vec::new();
-        for incoming in parse_frame(text) {
+        for incoming in format.parse_frame(&data) {
             let outcome = match incoming {
                 Ok(Incoming::Pong) => continue,
                 Ok(Incoming::Command { id, request }) => {
@@ -281,27 +334,32 @@ impl ClientSession {
                 }
                 Err(error) => match error.reply() {
                     Some(reply) => {
-                        replies.push(encode_reply(&reply));
+                        replies.push(format.encode_reply(&reply));
                         continue;
                     }
                     None => continue,
                 },
             };
             match outcome {
-                (id, Outcome::Reply(body)) => replies.push(encode_reply(&Reply::result(id, body))),
-                (id, Outcome::Error(code)) => replies.push(encode_reply(&Reply::error(id, code))),
+                (id, Outcome::Reply(body)) => {
+                    replies.push(format.encode_reply(&Reply::result(id, body)))
+                }
+                (id, Outcome::Error(code)) => {
+                    replies.push(format.encode_reply(&Reply::error(id, code)))
+                }
 
                 (_, Outcome::NoReply) => {}
                 (_, Outcome::Disconnect(code)) => {
-                    flush(out, &mut replies);
+                    flush(out, format, &mut replies);
                     return close(out, code);
                 }
             }
         }
-        flush(out, &mut replies);
+        flush(out, format, &mut replies);
     }
 
     async fn command(&mut self, shared: &Shared, id: u32, request: Request) -> Outcome {
+        let format = self.format;
         if let Request::Connect(request) = request {
             if self.connected.is_some() {
                 return Outcome::Disconnect(DisconnectCode::BadRequest);
@@ -318,7 +376,11 @@ impl ClientSession {
         match request {
             Request::Connect(_) => unreachable!("handled above"),
             Request::Subscribe(request) => {
-                subscribe_command(shared, connected, &self.outbox, request).await
+                let peer = Peer {
+                    outbox: &self.outbox,
+                    format,
+                };
+                subscribe_command(shared, connected, peer, request).await
             }
             Request::Unsubscribe(request) => {
                 if connected
@@ -333,14 +395,14 @@ impl ClientSession {
                 }
                 Outcome::Reply(ReplyBody::Unsubscribe(proto::UnsubscribeResult {}))
             }
-            Request::Publish(request) => publish_command(shared, connected, request).await,
+            Request::Publish(request) => publish_command(shared, connected, format, request).await,
             Request::Presence(request) => {
-                presence_command(shared, connected, &request.channel, false).await
+                presence_command(shared, connected, format, &request.channel, false).await
             }
             Request::PresenceStats(request) => {
-                presence_command(shared, connected, &request.channel, true).await
+                presence_command(shared, connected, format, &request.channel, true).await
             }
-            Request::History(request) => history_command(shared, request).await,
+            Request::History(request) => history_command(shared, format, request).await,
             Request::Ping(_) => Outcome::Reply(ReplyBody::Ping(proto::PingResult {})),
             Request::Send(_) => Outcome::NoReply, // no message handler is configured
             Request::Rpc(request) => {
@@ -348,7 +410,11 @@ impl ClientSession {
                     .stream
                     .as_ref()
                     .map_or("websocket", |ids| ids.transport);
-                rpc_command(shared, connected, &self.outbox, transport, id, request)
+                let peer = Peer {
+                    outbox: &self.outbox,
+                    format,
+                };
+                rpc_command(shared, connected, peer, transport, id, request)
             }
             Request::Refresh(request) => refresh_command(shared, connected, &request.token).await,
             Request::SubRefresh(request) => sub_refresh_command(shared, connected, request).await,
@@ -424,7 +490,7 @@ impl ClientSession {
             match subscribe(
                 shared,
                 &mut connected,
-                &self.outbox,
+                self.peer(),
                 &channel,
                 None,
                 recover,
@@ -473,6 +539,8 @@ impl ClientSession {
             return;
         };
         let stream = self.stream.is_some();
+        let format = self.format;
+        let outbox = &self.outbox;
         for delivery in batch {
             match delivery {
                 Delivery::Publication(publication) => {
@@ -487,9 +555,12 @@ impl ClientSession {
                         state.settled = true;
                     }
                     out.push(if stream {
-                        Out::Message(MessageKind::Text, json::publication_json(&publication))
+                        Out::Message(
+                            encode::message_kind(format),
+                            encode::publication_message(&publication, format),
+                        )
                     } else {
-                        Out::Frame(json::publication_frame(&publication, deflate).clone())
+                        Out::Frame(encode::publication_frame(&publication, format, deflate).clone())
                     });
                 }
                 Delivery::Join(membership) | Delivery::Leave(membership)
@@ -498,10 +569,10 @@ impl ClientSession {
                         .get(&membership.channel)
                         .is_some_and(|state| state.join_leave) => {}
                 Delivery::Join(membership) => {
-                    out.push(membership_out(&membership, true, stream, deflate))
+                    out.push(membership_out(&membership, true, format, stream, deflate))
                 }
                 Delivery::Leave(membership) => {
-                    out.push(membership_out(&membership, false, stream, deflate))
+                    out.push(membership_out(&membership, false, format, stream, deflate))
                 }
                 Delivery::Control(Control::Disconnect { code, reason }) => {
                     out.push(Out::Close(code, reason.to_string()));
@@ -518,10 +589,7 @@ impl ClientSession {
                             code: u32::from(code),
                             reason: reason.to_string(),
                         });
-                        out.push(Out::Message(
-                            MessageKind::Text,
-                            encode_push(&channel, &body).into(),
-                        ));
+                        out.push(push_out(format, &channel, &body));
                     }
                 }
                 Delivery::Control(Control::Resync { channel }) => {
@@ -531,19 +599,16 @@ impl ClientSession {
                         shared.node.unsubscribe(&channel, &connected.info).await;
                         let body =
                             PushBody::Unsubscribe(proto::UnsubscribeCode::InsufficientState.into());
-                        out.push(Out::Message(
-                            MessageKind::Text,
-                            encode_push(&channel, &body).into(),
-                        ));
+                        out.push(push_out(format, &channel, &body));
                     }
                 }
                 Delivery::Control(Control::Subscribe { channel }) => {
                     if connected.channels.contains_key(&channel) {
                         continue;
                     }
+                    let peer = Peer { outbox, format };
                     if let Ok(result) =
-                        subscribe(shared, connected, &self.outbox, &channel, None, None, false)
-                            .await
+                        subscribe(shared, connected, peer, &channel, None, None, false).await
                     {
                         let body = PushBody::Subscribe(proto::Subscribe {
                             recoverable: result.recoverable,
@@ -552,14 +617,11 @@ impl ClientSession {
                             positioned: result.positioned,
                             data: None,
                         });
-                        out.push(Out::Message(
-                            MessageKind::Text,
-                            encode_push(&channel, &body).into(),
-                        ));
+                        out.push(push_out(format, &channel, &body));
                     }
                 }
                 Delivery::Control(Control::Reply(message)) => {
-                    out.push(Out::Message(MessageKind::Text, message));
+                    out.push(Out::Message(encode::message_kind(format), message));
                 }
                 // A finished WebSocket frame means nothing on a stream transport.
                 Delivery::Control(Control::Frame(_) | Control::Rest(_)) if stream => {}
@@ -592,25 +654,38 @@ impl ClientSession {
     }
 }
 
-/// A `join` or `leave` push: a shared WebSocket frame, or shared JSON on a stream transport.
+/// A `join` or `leave` push: a shared WebSocket frame, or a shared message on a stream
+/// transport.
 fn membership_out(
     membership: &plexus_core::Membership,
     joined: bool,
+    format: Format,
     stream: bool,
     deflate: bool,
 ) -> Out {
     if stream {
-        Out::Message(MessageKind::Text, json::membership_json(membership, joined))
+        Out::Message(
+            encode::message_kind(format),
+            encode::membership_message(membership, joined, format),
+        )
     } else {
-        Out::Frame(json::membership_frame(membership, joined, deflate).clone())
+        Out::Frame(encode::membership_frame(membership, joined, format, deflate).clone())
     }
 }
 
-fn flush(out: &mut Vec<Out>, replies: &mut Vec<Vec<u8>>) {
+/// A push of this client's own (not shared with other subscribers).
+fn push_out(format: Format, channel: &str, body: &PushBody) -> Out {
+    Out::Message(
+        encode::message_kind(format),
+        format.encode_push(channel, body).into(),
+    )
+}
+
+fn flush(out: &mut Vec<Out>, format: Format, replies: &mut Vec<Vec<u8>>) {
     if !replies.is_empty() {
         out.push(Out::Message(
-            MessageKind::Text,
-            join_batch(replies.drain(..)).into(),
+            encode::message_kind(format),
+            format.join_batch(replies.drain(..)).into(),
         ));
     }
 }
@@ -629,7 +704,7 @@ fn channel_error(error: &ChannelError) -> ErrorCode {
 async fn subscribe_command(
     shared: &Shared,
     connected: &mut Connected,
-    outbox: &Arc<Outbox>,
+    peer: Peer<'_>,
     request: proto::SubscribeRequest,
 ) -> Outcome {
     let channel = request.channel.as_str();
@@ -675,7 +750,7 @@ async fn subscribe_command(
     match subscribe(
         shared,
         connected,
-        outbox,
+        peer,
         channel,
         chan_info,
         recover,
@@ -701,7 +776,7 @@ async fn subscribe_command(
 async fn subscribe(
     shared: &Shared,
     connected: &mut Connected,
-    outbox: &Arc<Outbox>,
+    peer: Peer<'_>,
     channel: &str,
     chan_info: Option<Bytes>,
     recover: Option<StreamPosition>,
@@ -714,7 +789,7 @@ async fn subscribe(
             .is_ok_and(|options| options.force_push_join_leave);
     let subscriber = Subscriber {
         info: connected.info.clone(),
-        outbox: outbox.clone(),
+        outbox: peer.outbox.clone(),
         join_leave,
     };
     let subscription: Subscription = match shared
@@ -765,7 +840,7 @@ async fn subscribe(
         publications: subscription
             .publications
             .iter()
-            .map(|p| json::publication(p))
+            .map(|p| encode::publication(peer.format, p))
             .collect(),
         ..proto::SubscribeResult::default()
     })
@@ -780,7 +855,7 @@ const MAX_RPC_IN_FLIGHT: u32 = 32;
 fn rpc_command(
     shared: &Shared,
     connected: &mut Connected,
-    outbox: &Arc<Outbox>,
+    peer: Peer<'_>,
     transport: &'static str,
     id: u32,
     request: proto::RpcRequest,
@@ -794,14 +869,13 @@ fn rpc_command(
         return ErrorCode::TooManyRequests.into();
     }
     let (client, user) = (connected.info.client.clone(), connected.info.user.clone());
-    let outbox = outbox.clone();
+    let (outbox, format) = (peer.outbox.clone(), peer.format);
     let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
         let call = crate::proxy::RpcCall {
             client: &client,
             transport,
-            protocol: "json",
-            encoding: "json",
+            protocol: format.name(),
             user: &user,
             method: &request.method,
             data: request.data.as_ref(),
@@ -831,7 +905,7 @@ fn rpc_command(
             }
         };
         // A connection gone meanwhile refuses it: nothing to do.
-        outbox.push_control(Control::Reply(encode_reply(&reply).into()));
+        outbox.push_control(Control::Reply(format.encode_reply(&reply).into()));
     });
     Outcome::NoReply
 }
@@ -839,6 +913,7 @@ fn rpc_command(
 async fn publish_command(
     shared: &Shared,
     connected: &Connected,
+    format: Format,
     request: proto::PublishRequest,
 ) -> Outcome {
     let options = match shared.node.options(&request.channel) {
@@ -853,8 +928,8 @@ async fn publish_command(
     };
     let publication = Publication::new(
         request.channel.as_str().into(),
-        MessageKind::Text,
-        Bytes::copy_from_slice(data.as_bytes()),
+        encode::published_kind(format, data.as_bytes()),
+        data.into_bytes(),
         Some(connected.info.descriptor(None)),
     );
     let acknowledgement = match shared.node.publish(publication) {
@@ -874,6 +949,7 @@ async fn publish_command(
 async fn presence_command(
     shared: &Shared,
     connected: &Connected,
+    format: Format,
     channel: &str,
     stats: bool,
 ) -> Outcome {
@@ -901,12 +977,21 @@ async fn presence_command(
     Outcome::Reply(ReplyBody::Presence(proto::PresenceResult {
         presence: clients
             .iter()
-            .map(|client| (client.client.to_string(), json::client_info(client)))
+            .map(|client| {
+                (
+                    client.client.to_string(),
+                    encode::client_info(format, client),
+                )
+            })
             .collect(),
     }))
 }
 
-async fn history_command(shared: &Shared, request: proto::HistoryRequest) -> Outcome {
+async fn history_command(
+    shared: &Shared,
+    format: Format,
+    request: proto::HistoryRequest,
+) -> Outcome {
     let options = match shared.node.options(&request.channel) {
         Ok(options) => options,
         Err(error) => return channel_error(&error).into(),
@@ -919,6 +1004,7 @@ async fn history_command(shared: &Shared, request: proto::HistoryRequest) -> Out
     }
     match history(
         shared,
+        format,
         &request.channel,
         request.limit,
         request.since.as_ref(),
@@ -936,6 +1022,7 @@ async fn history_command(shared: &Shared, request: proto::HistoryRequest) -> Out
 /// error 112.
 pub(crate) async fn history(
     shared: &Shared,
+    format: Format,
     channel: &str,
     limit: i32,
     since: Option<&proto::StreamPosition>,
@@ -961,7 +1048,7 @@ pub(crate) async fn history(
         publications: page
             .publications
             .iter()
-            .map(|p| json::publication(p))
+            .map(|p| encode::publication(format, p))
             .collect(),
         epoch: page.top.epoch.to_string(),
         offset: page.top.offset,
@@ -1064,6 +1151,20 @@ mod tests {
         assert_eq!(channels.0.capacity(), 1);
         assert_eq!(std::mem::size_of::<(Arc<str>, ChannelState)>(), 40);
         assert!(std::mem::size_of::<ClientSession>() <= 96);
+    }
+
+    #[test]
+    fn short_deadlines() {
+        let soon = ShortDeadline::after(Duration::from_millis(200));
+        assert!(!soon.passed());
+        let left = soon.instant() - Instant::now();
+        assert!(left > Duration::from_millis(100) && left <= Duration::from_millis(200));
+        let past = ShortDeadline(ShortDeadline::clock().1.wrapping_sub(5));
+        assert!(past.passed());
+        assert!(past.instant() <= Instant::now());
+        // Across the clock's wrap: still ahead.
+        let wrapped = ShortDeadline(ShortDeadline::clock().1.wrapping_add(u32::MAX / 4));
+        assert!(!wrapped.passed());
     }
 
     #[test]

@@ -22,12 +22,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use plexus_core::{Control, Delivery, MessageKind, Outbox, OutboxState};
+use plexus_protocol::client::Format;
 use plexus_protocol::ws::{
     close, encode_close, encode_frame, Decoder, DecoderConfig, Event, OpCode,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{sleep_until, Instant, Sleep};
 
+use super::direct::Frames;
 use super::heartbeat::Beat;
 use super::raw::{data_frame, RawRoom};
 use crate::limits::MessageRate;
@@ -144,7 +146,11 @@ impl Handler {
     }
 
     fn heartbeat(&self) -> Bytes {
-        heartbeat_frame(matches!(self, Handler::Native(_))).clone()
+        let frames = match self {
+            Handler::Native(session) => Frames::Native(session.format()),
+            Handler::Echo(_) | Handler::Room(_) => Frames::Raw,
+        };
+        heartbeat_frame(frames).clone()
     }
 
     fn timeout_close(&self) -> (u16, &'static str) {
@@ -188,15 +194,18 @@ impl Handler {
 }
 
 /// The frame that asks the peer for a sign of life: a WebSocket ping, or, on the native
-/// protocol, its `{}` (which JavaScript in a browser can see and answer).
-pub(crate) fn heartbeat_frame(native: bool) -> &'static Bytes {
+/// protocol, its empty reply (`{}` in JSON; JavaScript in a browser can see and answer it).
+pub(crate) fn heartbeat_frame(frames: Frames) -> &'static Bytes {
     static PING: OnceLock<Bytes> = OnceLock::new();
-    static NATIVE: OnceLock<Bytes> = OnceLock::new();
-    if native {
-        NATIVE
-            .get_or_init(|| encode_frame(OpCode::Text, plexus_protocol::client::SERVER_PING, false))
-    } else {
-        PING.get_or_init(|| encode_frame(OpCode::Ping, b"", false))
+    static JSON: OnceLock<Bytes> = OnceLock::new();
+    static PROTOBUF: OnceLock<Bytes> = OnceLock::new();
+    match frames {
+        Frames::Raw => PING.get_or_init(|| encode_frame(OpCode::Ping, b"", false)),
+        Frames::Native(Format::Json) => {
+            JSON.get_or_init(|| encode_frame(OpCode::Text, Format::Json.server_ping(), false))
+        }
+        Frames::Native(Format::Protobuf) => PROTOBUF
+            .get_or_init(|| encode_frame(OpCode::Binary, Format::Protobuf.server_ping(), false)),
     }
 }
 

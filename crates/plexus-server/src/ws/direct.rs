@@ -26,11 +26,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use plexus_core::{Control, Delivery, DirectWriter, Outbox};
+use plexus_protocol::client::Format;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::native::encode;
 use crate::Shared;
 
 /// Most frames handed to one `writev`.
@@ -246,8 +248,9 @@ async fn flush_forever(lane: &Lane) {
 pub(crate) enum Frames {
     /// Raw rooms: each publication's data as one frame; joins and leaves are not sent.
     Raw,
-    /// The native protocol: `pub`, `join` and `leave` pushes as JSON text frames.
-    Native,
+    /// The native protocol: `pub`, `join` and `leave` pushes, as JSON text frames or Protobuf
+    /// binary ones.
+    Native(Format),
 }
 
 /// Writes a parked connection's deliveries straight to its socket (see the module docs).
@@ -290,22 +293,22 @@ impl SocketWriter {
             (_, Delivery::Control(Control::Frame(frame) | Control::Rest(frame))) => {
                 Step::Frame(frame)
             }
-            (frames, Delivery::Control(Control::Heartbeat)) => Step::Frame(
-                super::connection::heartbeat_frame(matches!(frames, Frames::Native)),
-            ),
+            (frames, Delivery::Control(Control::Heartbeat)) => {
+                Step::Frame(super::connection::heartbeat_frame(frames))
+            }
             (_, Delivery::Control(_)) => Step::Stop,
             (Frames::Raw, Delivery::Publication(publication)) => {
                 Step::Frame(super::raw::publication_frame(publication, self.deflate))
             }
             (Frames::Raw, Delivery::Join(_) | Delivery::Leave(_)) => Step::Skip,
-            (Frames::Native, Delivery::Publication(publication)) => Step::Frame(
-                crate::native::json::publication_frame(publication, self.deflate),
+            (Frames::Native(format), Delivery::Publication(publication)) => {
+                Step::Frame(encode::publication_frame(publication, format, self.deflate))
+            }
+            (Frames::Native(format), Delivery::Join(membership)) => Step::Frame(
+                encode::membership_frame(membership, true, format, self.deflate),
             ),
-            (Frames::Native, Delivery::Join(membership)) => Step::Frame(
-                crate::native::json::membership_frame(membership, true, self.deflate),
-            ),
-            (Frames::Native, Delivery::Leave(membership)) => Step::Frame(
-                crate::native::json::membership_frame(membership, false, self.deflate),
+            (Frames::Native(format), Delivery::Leave(membership)) => Step::Frame(
+                encode::membership_frame(membership, false, format, self.deflate),
             ),
         }
     }

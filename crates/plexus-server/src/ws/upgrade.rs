@@ -5,11 +5,12 @@ use axum::extract::{Path, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{
     CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY,
-    SEC_WEBSOCKET_VERSION, UPGRADE,
+    SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use http::{HeaderValue, Method, StatusCode};
 use hyper_util::rt::TokioIo;
 use plexus_protocol::channel::room_channel;
+use plexus_protocol::client::{Format, PROTOBUF_SUBPROTOCOL};
 use plexus_protocol::ws::handshake::{
     accepts_deflate, UpgradeError, UpgradeRequest, DEFLATE_RESPONSE,
 };
@@ -31,9 +32,23 @@ pub(crate) async fn echo(State(shared): State<Arc<Shared>>, request: Request) ->
     upgrade(shared, request, Endpoint::Echo)
 }
 
-/// `GET /connection/websocket`: the native (Centrifugo-compatible) protocol.
+/// `GET /connection/websocket`: the native (Centrifugo-compatible) protocol, in JSON or, asked
+/// for with the subprotocol `centrifuge-protobuf` or `?cf_protocol=protobuf`, in Protobuf.
 pub(crate) async fn native(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    upgrade(shared, request, Endpoint::Native)
+    let subprotocols = request
+        .headers()
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok());
+    let (format, subprotocol) = Format::requested(subprotocols, request.uri().query());
+    let mut response = upgrade(shared, request, Endpoint::Native(format));
+    if subprotocol && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        response.headers_mut().insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(PROTOBUF_SUBPROTOCOL),
+        );
+    }
+    response
 }
 
 /// `GET /chat/{room}`: every message goes to everyone in channel `chat:{room}`, sender included.
@@ -65,7 +80,7 @@ fn refuse(error: UpgradeError) -> Response {
 /// What an upgraded connection will speak.
 enum Endpoint {
     Echo,
-    Native,
+    Native(Format),
     /// A raw room in this channel.
     Room(String),
 }
@@ -198,9 +213,9 @@ where
             }
             Handler::Echo(outbox)
         }
-        Endpoint::Native => {
-            let session = crate::native::session::ClientSession::new(&shared);
-            if let Some(writer) = writer(Frames::Native) {
+        Endpoint::Native(format) => {
+            let session = crate::native::session::ClientSession::new(&shared, format);
+            if let Some(writer) = writer(Frames::Native(format)) {
                 session.outbox().set_writer(writer);
             }
             Handler::Native(session)

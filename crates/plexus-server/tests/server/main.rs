@@ -8,6 +8,7 @@ mod jwks;
 mod native;
 mod operations;
 mod poll;
+mod protobuf;
 mod rooms;
 mod rpc;
 mod tcp;

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::util::*;
 
 /// A backend answering by method, keeping every call it got.
-async fn backend() -> (String, Arc<Mutex<Vec<Value>>>) {
+pub(crate) async fn backend() -> (String, Arc<Mutex<Vec<Value>>>) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let seen = calls.clone();
     let app = Router::new().route(
@@ -23,6 +23,14 @@ async fn backend() -> (String, Arc<Mutex<Vec<Value>>>) {
                 seen.lock().unwrap().push(call.clone());
                 let answer = match call["method"].as_str() {
                     Some("echo") => json!({"result": {"data": {"echoed": call["data"]}}}),
+                    // Binary data back as binary, reversed.
+                    Some("reverse") => {
+                        use base64::Engine as _;
+                        let b64 = base64::engine::general_purpose::STANDARD;
+                        let mut bytes = b64.decode(call["b64data"].as_str().unwrap_or("")).unwrap();
+                        bytes.reverse();
+                        json!({"result": {"b64data": b64.encode(bytes)}})
+                    }
                     Some("fail") => json!({"error": {"code": 1000, "message": "no such thing"}}),
                     Some("kick") => json!({"disconnect": {"code": 4501, "reason": "kicked"}}),
                     Some("badkick") => json!({"disconnect": {"code": 1006, "reason": "no"}}),

@@ -1,0 +1,183 @@
+//! Core values as protocol messages in a client's format, and pushes encoded once per format
+//! for all subscribers.
+//!
+//! Data rules (also in docs/protocol.md):
+//! - a JSON client publishes JSON; the publication keeps those bytes as a text message, so raw
+//!   `/chat/{room}` clients receive the JSON text as is;
+//! - a Protobuf client publishes any bytes: valid UTF-8 is kept as a text message, anything else
+//!   as a binary one;
+//! - Protobuf clients receive every publication's bytes exactly as published;
+//! - JSON clients receive text that is valid JSON as that JSON value, other text as a JSON
+//!   string, and binary data as a JSON string holding its standard base64.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use bytes::Bytes;
+use plexus_core::{ClientDescriptor, Encoding, Membership, MessageKind, Publication};
+use plexus_protocol::client::{self as proto, Format, Payload, PushBody};
+
+use crate::ws::data_frame;
+
+fn is_json(data: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+}
+
+/// Publication data as a protocol payload for a client of `format`.
+pub(crate) fn data(format: Format, kind: MessageKind, data: &Bytes) -> Payload {
+    let as_string = |text: &str| Payload::new(serde_json::to_vec(text).expect("a string is JSON"));
+    match (format, kind, std::str::from_utf8(data)) {
+        (Format::Protobuf, _, _) => Payload::new(data.clone()),
+        (Format::Json, MessageKind::Text, Ok(_)) if is_json(data) => Payload::new(data.clone()),
+        (Format::Json, MessageKind::Text, Ok(text)) => as_string(text),
+        (Format::Json, MessageKind::Text, Err(_)) | (Format::Json, MessageKind::Binary, _) => {
+            as_string(&BASE64.encode(data))
+        }
+    }
+}
+
+/// The message kind a protocol client's published data is kept as (see the module docs).
+pub(crate) fn published_kind(format: Format, data: &[u8]) -> MessageKind {
+    match format {
+        Format::Protobuf if std::str::from_utf8(data).is_err() => MessageKind::Binary,
+        _ => MessageKind::Text,
+    }
+}
+
+/// Info bytes (from a token): for JSON, JSON as is and anything else as data.
+fn info(format: Format, bytes: &Option<Bytes>) -> Option<Payload> {
+    bytes
+        .as_ref()
+        .map(|bytes| data(format, MessageKind::Text, bytes))
+}
+
+pub(crate) fn client_info(format: Format, descriptor: &ClientDescriptor) -> proto::ClientInfo {
+    proto::ClientInfo {
+        user: descriptor.user.to_string(),
+        client: descriptor.client.to_string(),
+        conn_info: info(format, &descriptor.conn_info),
+        chan_info: info(format, &descriptor.chan_info),
+    }
+}
+
+pub(crate) fn publication(format: Format, publication: &Publication) -> proto::Publication {
+    proto::Publication {
+        data: Some(data(format, publication.kind, &publication.data)),
+        info: publication
+            .info
+            .as_deref()
+            .map(|info| client_info(format, info)),
+        offset: publication.offset,
+        ..proto::Publication::default()
+    }
+}
+
+/// Where a push in `format` is cached: a WebSocket frame (compressed or not), or unframed for
+/// the stream transports.
+fn encoding(format: Format, framed: bool, deflate: bool) -> Encoding {
+    match (format, framed, deflate) {
+        (Format::Json, true, false) => Encoding::WebSocketJson,
+        (Format::Json, true, true) => Encoding::WebSocketJsonDeflated,
+        (Format::Json, false, _) => Encoding::Json,
+        (Format::Protobuf, true, false) => Encoding::WebSocketProtobuf,
+        (Format::Protobuf, true, true) => Encoding::WebSocketProtobufDeflated,
+        (Format::Protobuf, false, _) => Encoding::Protobuf,
+    }
+}
+
+/// The WebSocket message kind a format's messages go in.
+pub(crate) fn message_kind(format: Format) -> MessageKind {
+    if format.is_binary() {
+        MessageKind::Binary
+    } else {
+        MessageKind::Text
+    }
+}
+
+fn frame(format: Format, push: &[u8], deflate: bool) -> Bytes {
+    data_frame(message_kind(format), push, deflate)
+}
+
+fn publication_push(format: Format, p: &Publication) -> Vec<u8> {
+    format.encode_push(&p.channel, &PushBody::Publication(publication(format, p)))
+}
+
+/// The `pub` push of a publication in a WebSocket frame, encoded once for all subscribers of
+/// the format.
+pub(crate) fn publication_frame(p: &Publication, format: Format, deflate: bool) -> &Bytes {
+    p.encoded(encoding(format, true, deflate), |p| {
+        frame(format, &publication_push(format, p), deflate)
+    })
+}
+
+/// The `pub` push of a publication unframed (stream transports: SSE, HTTP streaming), encoded
+/// once for all subscribers of the format.
+pub(crate) fn publication_message(p: &Publication, format: Format) -> Bytes {
+    p.encoded(encoding(format, false, false), |p| {
+        publication_push(format, p).into()
+    })
+    .clone()
+}
+
+/// The `join` or `leave` push in a WebSocket frame, encoded once for all subscribers.
+pub(crate) fn membership_frame(
+    membership: &Membership,
+    joined: bool,
+    format: Format,
+    deflate: bool,
+) -> &Bytes {
+    membership.encoded(encoding(format, true, deflate), |m| {
+        frame(format, &membership_push(m, joined, format), deflate)
+    })
+}
+
+/// The `join` or `leave` push unframed, encoded once for all subscribers.
+pub(crate) fn membership_message(membership: &Membership, joined: bool, format: Format) -> Bytes {
+    membership
+        .encoded(encoding(format, false, false), |m| {
+            membership_push(m, joined, format).into()
+        })
+        .clone()
+}
+
+fn membership_push(m: &Membership, joined: bool, format: Format) -> Vec<u8> {
+    let info = client_info(format, &m.client);
+    let body = if joined {
+        PushBody::Join(proto::Join { info })
+    } else {
+        PushBody::Leave(proto::Leave { info })
+    };
+    format.encode_push(&m.channel, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_conversions() {
+        let check = |format, kind, bytes: &[u8], expected: &[u8]| {
+            let bytes = Bytes::copy_from_slice(bytes);
+            assert_eq!(data(format, kind, &bytes).as_bytes(), expected);
+        };
+        use Format::{Json, Protobuf};
+        use MessageKind::{Binary, Text};
+        check(Json, Text, br#"{"text":"hi"}"#, br#"{"text":"hi"}"#);
+        check(Json, Text, b"hello", br#""hello""#);
+        check(Json, Text, b"42", b"42");
+        check(Json, Text, b"{", br#""{""#);
+        check(Json, Binary, &[0, 1, 2], br#""AAEC""#);
+        check(Protobuf, Binary, &[0, 1, 2], &[0, 1, 2]);
+        check(Protobuf, Text, b"hello", b"hello");
+        check(Protobuf, Text, br#"{"a":1}"#, br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn published_kinds() {
+        assert_eq!(published_kind(Format::Json, b"{}"), MessageKind::Text);
+        assert_eq!(published_kind(Format::Protobuf, b"hi"), MessageKind::Text);
+        assert_eq!(
+            published_kind(Format::Protobuf, &[0xff, 0]),
+            MessageKind::Binary
+        );
+    }
+}
