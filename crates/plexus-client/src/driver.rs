@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use plexus_protocol::client::{
-    encode_command, parse_replies, ConnectRequest, Push, PushBody, RefreshRequest, Reply,
-    ReplyBody, Request, SubscribeRequest, UnsubscribeRequest, CLIENT_PONG,
+    ConnectRequest, Format, Push, PushBody, RefreshRequest, Reply, ReplyBody, Request,
+    SubscribeRequest, UnsubscribeRequest, PROTOBUF_SUBPROTOCOL,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -112,8 +113,9 @@ struct Connection {
     watchdog: Instant,
     /// The server's ping interval (0: it does not ping).
     ping: Duration,
-    /// Frames to write.
-    out: Vec<String>,
+    /// Messages to write, in the format of the connection.
+    out: Vec<Vec<u8>>,
+    format: Format,
     /// When to ask the token source for a new token (the connection expires).
     refresh_at: Option<Instant>,
     /// The token source's answer, while it is being asked.
@@ -125,8 +127,7 @@ impl Connection {
         let id = self.next_id;
         self.next_id += 1;
         self.pending.insert(id, pending);
-        self.out
-            .push(String::from_utf8(encode_command(id, request)).expect("commands are JSON"));
+        self.out.push(self.format.encode_command(id, request));
     }
 }
 
@@ -144,6 +145,19 @@ struct Driver {
     need_token: bool,
 }
 
+/// Opens the WebSocket, asking for Protobuf with its subprotocol when that is the format.
+async fn open(url: &str, format: Format) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let mut request = url.into_client_request()?;
+    if format == Format::Protobuf {
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_static(PROTOBUF_SUBPROTOCOL),
+        );
+    }
+    let (socket, _) = tokio_tungstenite::connect_async(request).await?;
+    Ok(socket)
+}
+
 impl Driver {
     async fn run(mut self) {
         let mut attempt = 0u32;
@@ -151,9 +165,9 @@ impl Driver {
             let end = if self.need_token && !self.fresh_token().await {
                 End::Reconnect
             } else {
-                let connect = tokio_tungstenite::connect_async(self.url.as_str());
+                let connect = open(&self.url, self.options.format);
                 match tokio::time::timeout(self.options.timeout, connect).await {
-                    Ok(Ok((socket, _))) => self.session(socket, &mut attempt).await,
+                    Ok(Ok(socket)) => self.session(socket, &mut attempt).await,
                     Ok(Err(error)) => {
                         tracing::debug!(%error, url = %self.url, "cannot connect");
                         End::Reconnect
@@ -327,6 +341,7 @@ impl Driver {
             watchdog: Instant::now() + self.options.timeout,
             ping: Duration::ZERO,
             out: Vec::new(),
+            format: self.options.format,
             refresh_at: None,
             token_fetch: None,
         };
@@ -342,7 +357,13 @@ impl Driver {
             for frame in connection.out.drain(..) {
                 // A peer that stopped reading must not hold the driver past the watchdog (or
                 // the call timeout, when the server does not ping).
-                let send = sink.send(Message::Text(frame.into()));
+                let message = match connection.format {
+                    Format::Json => {
+                        Message::Text(String::from_utf8(frame).expect("JSON is text").into())
+                    }
+                    Format::Protobuf => Message::Binary(frame.into()),
+                };
+                let send = sink.send(message);
                 let limit = connection
                     .watchdog
                     .min(Instant::now() + self.options.timeout);
@@ -389,12 +410,13 @@ impl Driver {
                 }
                 message = stream.next() => match message {
                     None | Some(Err(_)) => break End::Reconnect,
-                    Some(Ok(Message::Text(text))) => {
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
                         if connection.connected && !connection.ping.is_zero() {
                             connection.watchdog =
                                 Instant::now() + connection.ping + self.options.max_ping_delay;
                         }
-                        if let Err(end) = self.on_text(&text, &mut connection, attempt) {
+                        let data = message.into_data();
+                        if let Err(end) = self.on_message(&data, &mut connection, attempt) {
                             break end;
                         }
                     }
@@ -495,13 +517,13 @@ impl Driver {
     }
 
     /// One WebSocket message from the server: replies, pushes, pings.
-    fn on_text(
+    fn on_message(
         &mut self,
-        text: &str,
+        data: &[u8],
         connection: &mut Connection,
         attempt: &mut u32,
     ) -> Result<(), End> {
-        for reply in parse_replies(text) {
+        for reply in connection.format.parse_replies(data) {
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(error) => {
@@ -511,9 +533,8 @@ impl Driver {
             };
             if reply.is_server_ping() {
                 if connection.pong {
-                    connection
-                        .out
-                        .push(String::from_utf8(CLIENT_PONG.to_vec()).expect("the pong is text"));
+                    let pong = connection.format.client_pong().to_vec();
+                    connection.out.push(pong);
                 }
                 continue;
             }

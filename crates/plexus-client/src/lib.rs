@@ -1,6 +1,6 @@
-//! A Rust client of the Plexus native protocol (the Centrifugo client protocol v2, JSON over
-//! WebSocket), for services and tests: connect with a token, subscribe, publish, read history
-//! and presence.
+//! A Rust client of the Plexus native protocol (the Centrifugo client protocol v2 over
+//! WebSocket, in JSON or Protobuf: [`Options::format`]), for services and tests: connect with a
+//! token, subscribe, publish, read history and presence.
 //!
 //! What it does by itself, as the official SDKs do:
 //! - reconnects after a lost connection, with full-jitter exponential backoff, unless the
@@ -36,7 +36,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use plexus_protocol::client::{
-    ClientInfo, HistoryResult, PresenceResult, PresenceStatsResult, Publication, RawJson,
+    ClientInfo, Format, HistoryResult, Payload, PresenceResult, PresenceStatsResult, Publication,
+    RawJson,
 };
 use plexus_protocol::client::{
     HistoryRequest, PresenceRequest, PresenceStatsRequest, PublishRequest, ReplyBody, Request,
@@ -75,6 +76,9 @@ pub struct Options {
     pub timeout: Duration,
     /// How long after the expected server ping the connection counts as dead.
     pub max_ping_delay: Duration,
+    /// The protocol's encoding: JSON (the default), or Protobuf, whose payloads may be any
+    /// bytes ([`Client::publish_payload`]).
+    pub format: Format,
 }
 
 impl std::fmt::Debug for Options {
@@ -84,6 +88,7 @@ impl std::fmt::Debug for Options {
             .field("token_source", &self.token_source.is_some())
             .field("name", &self.name)
             .field("timeout", &self.timeout)
+            .field("format", &self.format)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +103,7 @@ impl Default for Options {
             max_reconnect_delay: Duration::from_secs(20),
             timeout: Duration::from_secs(10),
             max_ping_delay: Duration::from_secs(10),
+            format: Format::Json,
         }
     }
 }
@@ -187,18 +193,20 @@ pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<State>,
     timeout: Duration,
+    format: Format,
 }
 
 impl Client {
     /// Starts connecting to `url` (`ws://…/connection/websocket` or `wss://…`) in the
     /// background; calls made meanwhile wait for the connection. Needs a Tokio runtime.
     pub fn connect(url: impl Into<String>, options: Options) -> Client {
-        let timeout = options.timeout;
+        let (timeout, format) = (options.timeout, options.format);
         let (commands, state) = driver::start(url.into(), options);
         Client {
             commands,
             state,
             timeout,
+            format,
         }
     }
 
@@ -266,9 +274,22 @@ impl Client {
             message: format!("data is not JSON: {error}"),
             temporary: false,
         })?;
+        self.publish_payload(channel, data.into()).await
+    }
+
+    /// Publishes `data` as it is: any bytes with [`Format::Protobuf`], one JSON value's text
+    /// with JSON (anything else is refused here with error 107).
+    pub async fn publish_payload(&self, channel: &str, data: Payload) -> Result<(), Error> {
+        if self.format == Format::Json && data.as_json().is_none() {
+            return Err(Error::Server {
+                code: 107,
+                message: "a JSON connection publishes JSON only".to_owned(),
+                temporary: false,
+            });
+        }
         let request = Request::Publish(PublishRequest {
             channel: channel.to_owned(),
-            data: Some(data.into()),
+            data: Some(data),
         });
         self.call(request).await.map(|_| ())
     }

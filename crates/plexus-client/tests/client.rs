@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use plexus_client::{Client, Error, Options, State, Subscription, SubscriptionEvent};
+use plexus_client::{
+    Client, Error, Format, Options, Payload, State, Subscription, SubscriptionEvent,
+};
 use plexus_server::config::EngineKind;
 use plexus_server::{Config, Server, ServerHandle};
 use serde_json::{json, Value};
@@ -443,4 +445,68 @@ async fn an_expired_token_without_a_source_ends_the_client() {
         matches!(state, State::Closed { code: 109, .. }),
         "{state:?}"
     );
+}
+
+/// With `Format::Protobuf` the client speaks binary frames: any bytes pass unchanged between
+/// Protobuf clients, a JSON client in the same channel gets them as base64, pings are answered,
+/// and recovery works as in JSON.
+#[tokio::test]
+async fn speaks_protobuf_beside_json_clients() {
+    let server = Server::bind(Config {
+        ping_interval: Duration::from_secs(1),
+        pong_timeout: Duration::from_secs(1),
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap();
+    let protobuf = |user: &str| {
+        let options = Options {
+            format: Format::Protobuf,
+            min_reconnect_delay: Duration::from_millis(300),
+            max_reconnect_delay: Duration::from_secs(1),
+            ..Options::token(token(user))
+        };
+        Client::connect(url(&server), options)
+    };
+    let ann = protobuf("ann");
+    let bob = protobuf("bob");
+    let jay = client(&server, "jay");
+    let ann_id = ann.connected().await.unwrap();
+    let mut ann_room = ann.subscribe("chat:pb").await.unwrap();
+    let mut jay_room = jay.subscribe("chat:pb").await.unwrap();
+    assert_eq!(next(&mut ann_room).await, FIRST);
+    assert_eq!(next(&mut jay_room).await, FIRST);
+
+    let bytes = Payload::new(vec![0u8, 1, 254, 255]);
+    bob.publish_payload("chat:pb", bytes.clone()).await.unwrap();
+    match next(&mut ann_room).await {
+        SubscriptionEvent::Publication(publication) => {
+            assert_eq!(publication.data, Some(bytes.clone()));
+            assert_eq!(publication.info.unwrap().user, "bob");
+        }
+        other => panic!("expected a publication, got {other:?}"),
+    }
+    assert_eq!(next_data(&mut jay_room).await, json!("AAH+/w=="));
+    // A JSON connection refuses bytes that are not JSON before sending them.
+    assert!(matches!(
+        jay.publish_payload("chat:pb", bytes).await.unwrap_err(),
+        Error::Server { code: 107, .. }
+    ));
+    // JSON through a Protobuf client, and its history.
+    bob.publish("chat:pb", &json!({"n": 2})).await.unwrap();
+    assert_eq!(next_data(&mut ann_room).await, json!({"n": 2}));
+    assert_eq!(next_data(&mut jay_room).await, json!({"n": 2}));
+    let history = ann.history("chat:pb", -1).await.unwrap();
+    assert_eq!(history.publications.len(), 2);
+
+    // Pings every second, answered: the same connection well past the pong timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(ann.state(), State::Connected { client: ann_id });
+
+    // Cut by the server: back by itself, recovering what it missed.
+    let cut = json!({"user": "ann", "disconnect": {"code": 3001, "reason": "test"}});
+    api(&server, "disconnect", cut).await;
+    publish(&server, "chat:pb", json!(3)).await;
+    assert_eq!(next(&mut ann_room).await, RECOVERED);
+    assert_eq!(next_data(&mut ann_room).await, json!(3));
 }
