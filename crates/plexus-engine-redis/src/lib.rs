@@ -38,6 +38,9 @@
 //! engine refreshes the presence it added every [`RedisOptions::presence_refresh`] and right
 //! after reconnecting, so a node that dies leaves no presence behind for long.
 //!
+//! With Sentinel, `rediss://` sentinel addresses and a `rediss://` URL (for the master) each
+//! turn on TLS, with the same CA and client certificate.
+//!
 //! Redis Cluster is not supported (the scripts touch several keys of one channel, and the
 //! pub/sub is not sharded).
 
@@ -203,23 +206,25 @@ impl RedisEngine {
         if options.prefix.is_empty() {
             return Err(RedisEngineError::EmptyPrefix);
         }
-        let tls = options.tls_ca.is_some() || options.tls_client.is_some();
-        let source = match &options.sentinel {
-            Some((sentinels, master)) => Source::sentinel(sentinels, master, &options.url),
-            None if tls => Client::build_with_tls(
-                options.url.as_str(),
-                TlsCertificates {
-                    client_tls: options.tls_client.as_ref().map(|(cert, key)| {
-                        redis::ClientTlsConfig {
-                            client_cert: cert.clone(),
-                            client_key: key.clone(),
-                        }
+        let tls =
+            (options.tls_ca.is_some() || options.tls_client.is_some()).then(|| TlsCertificates {
+                client_tls: options
+                    .tls_client
+                    .as_ref()
+                    .map(|(cert, key)| redis::ClientTlsConfig {
+                        client_cert: cert.clone(),
+                        client_key: key.clone(),
                     }),
-                    root_cert: options.tls_ca.clone(),
-                },
-            )
-            .map(Source::direct),
-            None => Client::open(options.url.as_str()).map(Source::direct),
+                root_cert: options.tls_ca.clone(),
+            });
+        let source = match (&options.sentinel, tls) {
+            (Some((sentinels, master)), tls) => {
+                Source::sentinel(sentinels, master, &options.url, tls)
+            }
+            (None, Some(tls)) => {
+                Client::build_with_tls(options.url.as_str(), tls).map(Source::direct)
+            }
+            (None, None) => Client::open(options.url.as_str()).map(Source::direct),
         }
         .map_err(RedisEngineError::Url)?;
         let cancel = CancellationToken::new();

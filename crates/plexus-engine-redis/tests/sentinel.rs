@@ -42,11 +42,53 @@ async fn follows_a_failover() {
         timeout: Duration::from_secs(2),
         ..RedisOptions::new("redis://mymaster", "plexus-sentinel")
     };
-    let engine = RedisEngine::new(options, Arc::new(Recorder::default())).unwrap();
-    let first = engine
-        .publish(publication("before"), Some(RETENTION))
+    check_failover(options, master).await;
+}
+
+/// The same over TLS: the sentinel, the master and its replica speak TLS only; the engine
+/// reaches the sentinel with `rediss://`, the master with a `rediss://` URL, and trusts their
+/// CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_failover_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = (free_port(), free_port(), free_port());
+    let (master, _replica, _sentinel, ca) = RedisServer::start_tls_sentinel_set(ports, dir.path());
+    let sentinel = vec![format!("rediss://127.0.0.1:{}", ports.2)];
+    let options = |tls_ca: Option<String>| RedisOptions {
+        sentinel: Some((sentinel.clone(), "mymaster".to_owned())),
+        timeout: Duration::from_secs(2),
+        tls_ca: tls_ca.map(String::into_bytes),
+        ..RedisOptions::new("rediss://mymaster", "plexus-sentinel-tls")
+    };
+    // Without the CA neither the sentinel nor the master is trusted: never ready.
+    let untrusted = RedisEngine::new(options(None), Arc::new(Recorder::default())).unwrap();
+    assert!(untrusted
+        .publish(publication("x"), Some(RETENTION))
         .await
-        .expect("publishes through the master the sentinel names");
+        .is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!untrusted.is_ready());
+    check_failover(options(Some(ca)), master).await;
+}
+
+/// Publishes through the master the sentinel names, kills it, and expects the engine to go on
+/// with the promoted replica, offsets and history continuing.
+async fn check_failover(options: RedisOptions, master: common::ServerProcess) {
+    let engine = RedisEngine::new(options, Arc::new(Recorder::default())).unwrap();
+    let started = Instant::now();
+    let first = loop {
+        // The sentinel may not have seen the master's replica yet.
+        match engine.publish(publication("before"), Some(RETENTION)).await {
+            Ok(position) => break position,
+            Err(error) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "no master through the sentinel: {error:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     assert_eq!(first.unwrap().offset, 1);
     // Let the replica and the sentinel catch up with the master before it dies.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -107,9 +107,10 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub redis_tls_key: Option<String>,
-    /// Redis Sentinel addresses (host:port, comma-separated): the redis engine asks them for
-    /// the master of redis_sentinel_master at each (re)connection and follows failovers;
-    /// redis_url then gives only the password and database
+    /// Redis Sentinel addresses (host:port, comma-separated; rediss://host:port for TLS): the
+    /// redis engine asks them for the master of redis_sentinel_master at each (re)connection and
+    /// follows failovers; redis_url then gives only the password, the database and, with
+    /// rediss://, TLS to the master
     #[arg(
         long,
         env = "PLEXUS_REDIS_SENTINELS",
@@ -441,7 +442,25 @@ fn fetch_url(key: &'static str, value: Option<String>) -> Result<Option<String>,
     }
 }
 
-/// Sentinel addresses and the master's name, both or neither.
+/// What the redis TLS options need.
+const REDIS_TLS: &str = "a rediss:// redis_url or rediss:// redis_sentinels";
+
+/// The redis URLs the TLS options (CA, client certificate) apply to: `redis_url`, or, with
+/// Sentinel, the sentinels' when they are TLS and the master's is not.
+fn redis_tls_urls(url: &str, sentinel: Option<&(Vec<String>, String)>) -> String {
+    match sentinel {
+        Some((sentinels, _))
+            if !url.starts_with("rediss://")
+                && sentinels.iter().any(|s| s.starts_with("rediss://")) =>
+        {
+            sentinels.join(",")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Sentinel addresses (`host:port`, `redis://` or `rediss://`; all TLS or none) and the
+/// master's name, both or neither.
 fn redis_sentinel(
     sentinels: Option<Vec<String>>,
     master: Option<String>,
@@ -452,10 +471,13 @@ fn redis_sentinel(
         .map(|address| address.trim())
         .filter(|address| !address.is_empty())
         .map(|address| {
-            let address = address.strip_prefix("redis://").unwrap_or(address);
+            let (scheme, address) = match address.strip_prefix("rediss://") {
+                Some(address) => ("rediss", address),
+                None => ("redis", address.strip_prefix("redis://").unwrap_or(address)),
+            };
             match address.rsplit_once(':') {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                    Ok(format!("redis://{address}"))
+                    Ok(format!("{scheme}://{address}"))
                 }
                 _ => Err(ConfigError::Invalid {
                     key: "redis_sentinels",
@@ -464,6 +486,16 @@ fn redis_sentinel(
             }
         })
         .collect::<Result<_, _>>()?;
+    let tls = sentinels
+        .iter()
+        .filter(|s| s.starts_with("rediss://"))
+        .count();
+    if tls != 0 && tls != sentinels.len() {
+        return Err(ConfigError::Invalid {
+            key: "redis_sentinels",
+            reason: "must all be rediss:// (TLS) or none".into(),
+        });
+    }
     let master = master
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty());
@@ -741,6 +773,8 @@ impl Settings {
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let redis_url = redis_url(self.redis_url)?;
         let nats_url = nats_url(self.nats_url)?;
+        let redis_sentinel = redis_sentinel(self.redis_sentinels, self.redis_sentinel_master)?;
+        let redis_tls_urls = redis_tls_urls(&redis_url, redis_sentinel.as_ref());
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -824,16 +858,16 @@ impl Settings {
             redis_tls_ca: tls_ca(
                 "redis_tls_ca",
                 self.redis_tls_ca,
-                &redis_url,
-                "a rediss:// redis_url",
+                &redis_tls_urls,
+                REDIS_TLS,
             )?,
             redis_tls_client: tls_client(
                 ("redis_tls_cert", self.redis_tls_cert),
                 ("redis_tls_key", self.redis_tls_key),
-                &redis_url,
-                "a rediss:// redis_url",
+                &redis_tls_urls,
+                REDIS_TLS,
             )?,
-            redis_sentinel: redis_sentinel(self.redis_sentinels, self.redis_sentinel_master)?,
+            redis_sentinel,
             redis_url,
             redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
                 Some(prefix) => prefix.trim().to_owned(),
@@ -1161,6 +1195,23 @@ mod tests {
             ))
         );
         assert_eq!(Config::default().redis_sentinel, None);
+        // TLS sentinels: the CA applies to them even with a plain master URL; with neither
+        // TLS, a CA is refused.
+        const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let tls = |sentinel: &str| Settings {
+            redis_sentinels: Some(vec![sentinel.to_owned()]),
+            redis_sentinel_master: Some("m".to_owned()),
+            redis_tls_ca: Some(PEM.to_owned()),
+            ..Settings::default()
+        };
+        let config = tls("rediss://10.0.0.1:26379").resolve().unwrap();
+        assert_eq!(
+            config.redis_sentinel.unwrap().0,
+            ["rediss://10.0.0.1:26379"]
+        );
+        assert_eq!(config.redis_tls_ca.as_deref(), Some(PEM));
+        let error = tls("10.0.0.1:26379").resolve().unwrap_err().to_string();
+        assert!(error.contains("redis_tls_ca"), "{error}");
         for (sentinels, master, key) in [
             (
                 Some(vec!["10.0.0.1:26379".to_owned()]),
@@ -1170,6 +1221,14 @@ mod tests {
             (None, Some("mymaster".to_owned()), "redis_sentinels"),
             (
                 Some(vec!["10.0.0.1".to_owned()]),
+                Some("m".to_owned()),
+                "redis_sentinels",
+            ),
+            (
+                Some(vec![
+                    "rediss://10.0.0.1:1".to_owned(),
+                    "10.0.0.2:1".to_owned(),
+                ]),
                 Some("m".to_owned()),
                 "redis_sentinels",
             ),

@@ -98,6 +98,63 @@ impl RedisServer {
         RedisServer::spawn(port, &[config.to_str().unwrap(), "--sentinel"])
     }
 
+    /// A master, a replica of it and a sentinel watching it (as `mymaster`), all on TLS only
+    /// with certificates from one new CA (files in `dir`; clients need no certificate);
+    /// replication and the sentinel's own links use TLS too. Returns the master, the replica,
+    /// the sentinel and the CA's certificate (PEM).
+    pub fn start_tls_sentinel_set(
+        (master, replica, sentinel): (u16, u16, u16),
+        dir: &Path,
+    ) -> (ServerProcess, ServerProcess, ServerProcess, String) {
+        let pki = TestPki::new();
+        let (ca, cert, key) = pki.write_server_files(dir);
+        let files = [
+            ("tls-cert-file", cert.to_str().unwrap()),
+            ("tls-key-file", key.to_str().unwrap()),
+            ("tls-ca-cert-file", ca.to_str().unwrap()),
+            ("tls-auth-clients", "no"),
+            ("tls-replication", "yes"),
+        ];
+        let tls_args = |port: u16| {
+            let mut args = vec![
+                "--port".to_owned(),
+                "0".to_owned(),
+                "--tls-port".to_owned(),
+                port.to_string(),
+                "--repl-diskless-sync-delay".to_owned(),
+                "0".to_owned(),
+            ];
+            for (name, value) in files {
+                args.push(format!("--{name}"));
+                args.push(value.to_owned());
+            }
+            args
+        };
+        let spawn = |port: u16, args: Vec<String>| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            RedisServer::spawn(port, &args)
+        };
+        let master_process = spawn(master, tls_args(master));
+        let mut replica_args = tls_args(replica);
+        replica_args.extend(["--replicaof", "127.0.0.1"].map(str::to_owned));
+        replica_args.push(master.to_string());
+        let replica_process = spawn(replica, replica_args);
+        let config = dir.join(format!("sentinel-{sentinel}.conf"));
+        let mut text = format!("port 0\ntls-port {sentinel}\nbind 127.0.0.1\n");
+        for (name, value) in files {
+            text.push_str(&format!("{name} {value}\n"));
+        }
+        text.push_str(&format!(
+            "sentinel monitor mymaster 127.0.0.1 {master} 1\n\
+             sentinel down-after-milliseconds mymaster 500\n\
+             sentinel failover-timeout mymaster 2000\n"
+        ));
+        std::fs::write(&config, text).unwrap();
+        let sentinel_process =
+            RedisServer::spawn(sentinel, &[config.to_str().unwrap(), "--sentinel"]);
+        (master_process, replica_process, sentinel_process, pki.ca)
+    }
+
     fn spawn(port: u16, args: &[&str]) -> ServerProcess {
         let mut command = Command::new("redis-server");
         command
