@@ -1,3 +1,4 @@
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -45,31 +46,67 @@ const N_ENCODINGS: usize = 9;
 /// Encodings a delivery keeps in place; most are sent in one or two.
 const INLINE: usize = 4;
 
+/// A slot's tag while no encoding has claimed it.
+const FREE: u8 = u8::MAX;
+
+/// One in-place slot: the encoding that claimed it, and its bytes once made.
+#[derive(Debug)]
+struct Slot {
+    encoding: AtomicU8,
+    bytes: OnceLock<Bytes>,
+}
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            encoding: AtomicU8::new(FREE),
+            bytes: OnceLock::new(),
+        }
+    }
+}
+
+impl Clone for Slot {
+    fn clone(&self) -> Slot {
+        Slot {
+            encoding: AtomicU8::new(self.encoding.load(Ordering::Acquire)),
+            bytes: self.bytes.clone(),
+        }
+    }
+}
+
 /// Cached encodings of one delivery: 208 bytes, where one slot for each of the nine encodings
 /// would take 360 (and a publication in history keeps its cache).
+///
+/// An encoding first claims a slot (an atomic tag), then makes its bytes in it: so threads
+/// wanting the same encoding wait for one maker, while one wanting another encoding never
+/// waits for it, and an encoder may ask the same cache for another encoding.
 #[derive(Debug, Default, Clone)]
 pub struct EncodingCache {
-    /// Taken in order, each by the first encoding asked for that no earlier slot holds; so an
-    /// encoding is in one slot at most, and threads asking at once agree on it.
-    slots: [OnceLock<(Encoding, Bytes)>; INLINE],
+    /// Claimed in order, each by the first encoding asked for that no earlier slot holds; so an
+    /// encoding is in one slot at most.
+    slots: [Slot; INLINE],
     /// Every encoding in its own place, once more than `INLINE` were asked for.
     more: OnceLock<Box<[OnceLock<Bytes>; N_ENCODINGS]>>,
 }
 
 impl EncodingCache {
     pub fn get_or_init(&self, encoding: Encoding, encode: impl FnOnce() -> Bytes) -> &Bytes {
-        let mut encode = Some(encode);
+        let tag = encoding as u8;
         for slot in &self.slots {
-            let (held, bytes) = slot.get_or_init(|| {
-                let encode = encode.take().expect("encodes at most once");
-                (encoding, encode())
-            });
-            if *held == encoding {
-                return bytes;
+            let held =
+                match slot
+                    .encoding
+                    .compare_exchange(FREE, tag, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => tag,
+                    Err(held) => held,
+                };
+            if held == tag {
+                return slot.bytes.get_or_init(encode);
             }
         }
         let more = self.more.get_or_init(Default::default);
-        more[encoding as usize].get_or_init(|| encode.take().expect("encodes at most once")())
+        more[encoding as usize].get_or_init(encode)
     }
 }
 
@@ -309,6 +346,20 @@ mod tests {
         });
         assert_eq!(calls.load(Ordering::Relaxed), all.len());
         assert!(std::mem::size_of::<EncodingCache>() <= 208);
+    }
+
+    #[test]
+    fn an_encoder_may_ask_for_another_encoding() {
+        let cache = EncodingCache::default();
+        let framed = cache.get_or_init(Encoding::WebSocketJson, || {
+            let message = cache.get_or_init(Encoding::Json, || Bytes::from_static(b"{}"));
+            Bytes::from([b"\x81\x02", &message[..]].concat())
+        });
+        assert_eq!(&framed[..], b"\x81\x02{}");
+        assert_eq!(
+            cache.get_or_init(Encoding::Json, || unreachable!()),
+            &b"{}"[..]
+        );
     }
 
     #[test]

@@ -69,6 +69,15 @@ impl From<RawJson> for Payload {
 impl Serialize for Payload {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self.as_json() {
+            // A JSON message is one line (replies are joined by `\n`), so line breaks inside
+            // the value, which in valid JSON can only be whitespace between tokens, become
+            // spaces.
+            Some(raw) if raw.get().contains(['\n', '\r']) => {
+                let flat = raw.get().replace(['\n', '\r'], " ");
+                RawValue::from_string(flat)
+                    .map_err(serde::ser::Error::custom)?
+                    .serialize(serializer)
+            }
             Some(raw) => raw.serialize(serializer),
             None => serializer.serialize_str(&BASE64.encode(&self.0)),
         }
@@ -103,6 +112,15 @@ mod tests {
         let text = Payload::new("not json");
         assert_eq!(serde_json::to_string(&text).unwrap(), r#""bm90IGpzb24=""#);
         assert!(Payload::json("{").is_err());
+    }
+
+    #[test]
+    fn line_breaks_in_json_become_spaces() {
+        let pretty = Payload::new("{\n  \"a\": \"x\\ny\"\r\n}");
+        let written = serde_json::to_string(&pretty).unwrap();
+        assert_eq!(written, "{   \"a\": \"x\\ny\"  }");
+        let back: serde_json::Value = serde_json::from_str(&written).unwrap();
+        assert_eq!(back, serde_json::json!({"a": "x\ny"}));
     }
 
     #[test]

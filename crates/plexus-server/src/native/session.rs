@@ -196,33 +196,34 @@ pub(crate) struct ClientSession {
 struct ShortDeadline(u32);
 
 impl ShortDeadline {
-    /// Now, and now on the short clock.
-    fn clock() -> (Instant, u32) {
+    /// The clock's start, and whole milliseconds since.
+    fn clock() -> (Instant, u64) {
         static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
         let start = *START.get_or_init(Instant::now);
-        let now = Instant::now();
-        // Truncated to 32 bits: the clock wraps.
-        (now, now.duration_since(start).as_millis() as u32)
+        (start, start.elapsed().as_millis() as u64)
     }
 
     fn after(timeout: Duration) -> ShortDeadline {
         let millis = timeout.as_millis().min(i32::MAX as u128) as u32;
-        ShortDeadline(Self::clock().1.wrapping_add(millis))
+        // Truncated to 32 bits: the clock wraps.
+        ShortDeadline((Self::clock().1 as u32).wrapping_add(millis))
     }
 
-    /// Milliseconds left (negative once passed), and now.
-    fn left(self) -> (i32, Instant) {
-        let (now, millis) = Self::clock();
-        (self.0.wrapping_sub(millis) as i32, now)
+    /// Milliseconds left (negative once passed), with the clock's reading.
+    fn left(self) -> (i64, (Instant, u64)) {
+        let clock = Self::clock();
+        (i64::from(self.0.wrapping_sub(clock.1 as u32) as i32), clock)
     }
 
     fn passed(self) -> bool {
         self.left().0 <= 0
     }
 
+    /// The deadline as an instant: the same one at every call (a timer set to it is not reset
+    /// for nothing), or, once passed, the current millisecond.
     fn instant(self) -> Instant {
-        let (left, now) = self.left();
-        now + Duration::from_millis(left.max(0) as u64)
+        let (left, (start, now)) = self.left();
+        start + Duration::from_millis(now.saturating_add_signed(left.max(0)))
     }
 }
 
@@ -1159,11 +1160,14 @@ mod tests {
         assert!(!soon.passed());
         let left = soon.instant() - Instant::now();
         assert!(left > Duration::from_millis(100) && left <= Duration::from_millis(200));
-        let past = ShortDeadline(ShortDeadline::clock().1.wrapping_sub(5));
+        let at = soon.instant();
+        std::thread::sleep(Duration::from_millis(3));
+        assert_eq!(soon.instant(), at, "the same instant at every call");
+        let past = ShortDeadline((ShortDeadline::clock().1 as u32).wrapping_sub(5));
         assert!(past.passed());
         assert!(past.instant() <= Instant::now());
         // Across the clock's wrap: still ahead.
-        let wrapped = ShortDeadline(ShortDeadline::clock().1.wrapping_add(u32::MAX / 4));
+        let wrapped = ShortDeadline((ShortDeadline::clock().1 as u32).wrapping_add(u32::MAX / 4));
         assert!(!wrapped.passed());
     }
 

@@ -119,6 +119,13 @@ impl Handler {
         match self {
             Handler::Echo(_) => out.push(Out::Message(kind, data)),
             Handler::Room(room) => room.on_message(shared, kind, data),
+            // Protobuf comes in binary messages only: a text one is not a command.
+            Handler::Native(session)
+                if session.format() == Format::Protobuf && kind == MessageKind::Text =>
+            {
+                let code = plexus_protocol::client::DisconnectCode::BadRequest;
+                out.push(Out::Close(code.close_code(), code.reason().to_owned()));
+            }
             Handler::Native(session) => {
                 return Some(Box::pin(session.on_message(shared, data, out)))
             }
