@@ -93,14 +93,19 @@ impl EncodingCache {
     pub fn get_or_init(&self, encoding: Encoding, encode: impl FnOnce() -> Bytes) -> &Bytes {
         let tag = encoding as u8;
         for slot in &self.slots {
-            let held =
-                match slot
-                    .encoding
-                    .compare_exchange(FREE, tag, Ordering::AcqRel, Ordering::Acquire)
-                {
+            // A plain load first: the hot path (every delivery of a publication) only reads.
+            let mut held = slot.encoding.load(Ordering::Acquire);
+            if held == FREE {
+                held = match slot.encoding.compare_exchange(
+                    FREE,
+                    tag,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
                     Ok(_) => tag,
                     Err(held) => held,
                 };
+            }
             if held == tag {
                 return slot.bytes.get_or_init(encode);
             }
