@@ -32,6 +32,12 @@ pub struct ChannelOptions {
     pub private: bool,
     /// Most subscribers per channel on this node; 0 means no limit.
     pub max_subscribers: usize,
+    /// A client's subscribe without a token is decided by the application's backend (the
+    /// server's subscribe proxy), which grants it regardless of the permissions above.
+    pub proxy_subscribe: bool,
+    /// A client's publish is decided, and its data may be replaced, by the application's
+    /// backend (the server's publish proxy), regardless of `allow_publish_for_client`.
+    pub proxy_publish: bool,
 }
 
 impl ChannelOptions {
@@ -49,6 +55,8 @@ impl ChannelOptions {
             allow_history_for_client: false,
             private: false,
             max_subscribers: 0,
+            proxy_subscribe: false,
+            proxy_publish: false,
         }
     }
 
@@ -67,6 +75,8 @@ impl ChannelOptions {
             allow_history_for_client: true,
             private: false,
             max_subscribers: 0,
+            proxy_subscribe: false,
+            proxy_publish: false,
         }
     }
 

@@ -203,6 +203,31 @@ pub struct Settings {
     /// How long the RPC backend may take to answer [default: 1s]
     #[arg(long, env = "PLEXUS_RPC_PROXY_TIMEOUT", value_name = "DURATION")]
     pub rpc_proxy_timeout: Option<String>,
+    /// Backend that authenticates protocol clients connecting without a token (an http:// or
+    /// https:// URL, POSTed JSON as Centrifugo's connect proxy; it sees the headers listed in
+    /// proxy_http_headers, cookies say)
+    #[arg(long, env = "PLEXUS_CONNECT_PROXY_URL", value_name = "URL")]
+    pub connect_proxy_url: Option<String>,
+    /// Backend that decides subscribes without a token in namespaces with proxy_subscribe
+    #[arg(long, env = "PLEXUS_SUBSCRIBE_PROXY_URL", value_name = "URL")]
+    pub subscribe_proxy_url: Option<String>,
+    /// Backend that decides (and may rewrite) client publishes in namespaces with
+    /// proxy_publish
+    #[arg(long, env = "PLEXUS_PUBLISH_PROXY_URL", value_name = "URL")]
+    pub publish_proxy_url: Option<String>,
+    /// How long the connect, subscribe and publish backends may take [default: 1s]
+    #[arg(long, env = "PLEXUS_PROXY_TIMEOUT", value_name = "DURATION")]
+    pub proxy_timeout: Option<String>,
+    /// Headers of a client's HTTP request (the WebSocket upgrade, the SSE or HTTP-streaming
+    /// request) passed on to the connect, subscribe, publish and RPC backends, e.g.
+    /// Cookie,Authorization [default: none]
+    #[arg(
+        long,
+        env = "PLEXUS_PROXY_HTTP_HEADERS",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
+    pub proxy_http_headers: Option<Vec<String>>,
     /// Channel namespaces (TOML `[[namespaces]]` only)
     #[arg(skip)]
     pub namespaces: Option<Vec<NamespaceSettings>>,
@@ -231,6 +256,8 @@ pub struct NamespaceSettings {
     pub allow_history_for_client: Option<bool>,
     pub private: Option<bool>,
     pub max_subscribers: Option<usize>,
+    pub proxy_subscribe: Option<bool>,
+    pub proxy_publish: Option<bool>,
 }
 
 /// A configuration that could not be loaded.
@@ -318,6 +345,13 @@ pub struct Config {
     /// The RPC backend (`http://…` or `https://…`).
     pub rpc_proxy_url: Option<String>,
     pub rpc_proxy_timeout: Duration,
+    /// The connect, subscribe and publish proxies' backends.
+    pub connect_proxy_url: Option<String>,
+    pub subscribe_proxy_url: Option<String>,
+    pub publish_proxy_url: Option<String>,
+    pub proxy_timeout: Duration,
+    /// Names of the client request's headers passed to the backends.
+    pub proxy_http_headers: Vec<http::HeaderName>,
     pub namespaces: Namespaces,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -440,6 +474,24 @@ fn fetch_url(key: &'static str, value: Option<String>) -> Result<Option<String>,
             reason: "is not an http:// or https:// URL with a host".into(),
         }),
     }
+}
+
+/// Header names, checked and lowercased.
+fn header_names(names: Option<Vec<String>>) -> Result<Vec<http::HeaderName>, ConfigError> {
+    names
+        .unwrap_or_default()
+        .iter()
+        .map(|name| name.trim())
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            http::HeaderName::try_from(name.to_ascii_lowercase()).map_err(|_| {
+                ConfigError::Invalid {
+                    key: "proxy_http_headers",
+                    reason: format!("{name:?} is not a header name"),
+                }
+            })
+        })
+        .collect()
 }
 
 /// What the redis TLS options need.
@@ -690,6 +742,8 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
                 .unwrap_or(base.allow_history_for_client),
             private: entry.private.unwrap_or(base.private),
             max_subscribers: entry.max_subscribers.unwrap_or(base.max_subscribers),
+            proxy_subscribe: entry.proxy_subscribe.unwrap_or(base.proxy_subscribe),
+            proxy_publish: entry.proxy_publish.unwrap_or(base.proxy_publish),
         };
         if options.recover && !options.has_history() {
             return Err(ConfigError::Invalid {
@@ -763,6 +817,11 @@ impl Settings {
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             rpc_proxy_url: self.rpc_proxy_url.or(lower.rpc_proxy_url),
             rpc_proxy_timeout: self.rpc_proxy_timeout.or(lower.rpc_proxy_timeout),
+            connect_proxy_url: self.connect_proxy_url.or(lower.connect_proxy_url),
+            subscribe_proxy_url: self.subscribe_proxy_url.or(lower.subscribe_proxy_url),
+            publish_proxy_url: self.publish_proxy_url.or(lower.publish_proxy_url),
+            proxy_timeout: self.proxy_timeout.or(lower.proxy_timeout),
+            proxy_http_headers: self.proxy_http_headers.or(lower.proxy_http_headers),
             namespaces: self.namespaces.or(lower.namespaces),
             log_format: self.log_format.or(lower.log_format),
             log_level: self.log_level.or(lower.log_level),
@@ -774,6 +833,27 @@ impl Settings {
         let redis_url = redis_url(self.redis_url)?;
         let nats_url = nats_url(self.nats_url)?;
         let redis_sentinel = redis_sentinel(self.redis_sentinels, self.redis_sentinel_master)?;
+        let subscribe_proxy_url = fetch_url("subscribe_proxy_url", self.subscribe_proxy_url)?;
+        let publish_proxy_url = fetch_url("publish_proxy_url", self.publish_proxy_url)?;
+        let entries = self.namespaces.unwrap_or_default();
+        for entry in &entries {
+            for (asks, url, key) in [
+                (
+                    entry.proxy_subscribe,
+                    &subscribe_proxy_url,
+                    "subscribe_proxy_url",
+                ),
+                (entry.proxy_publish, &publish_proxy_url, "publish_proxy_url"),
+            ] {
+                if asks == Some(true) && url.is_none() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        reason: format!("is needed by namespace {:?}", entry.name),
+                    });
+                }
+            }
+        }
+        let namespaces = namespaces(entries)?;
         let redis_tls_urls = redis_tls_urls(&redis_url, redis_sentinel.as_ref());
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -913,7 +993,12 @@ impl Settings {
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             rpc_proxy_url: fetch_url("rpc_proxy_url", self.rpc_proxy_url)?,
             rpc_proxy_timeout: duration("rpc_proxy_timeout", self.rpc_proxy_timeout, "1s")?,
-            namespaces: namespaces(self.namespaces.unwrap_or_default())?,
+            connect_proxy_url: fetch_url("connect_proxy_url", self.connect_proxy_url)?,
+            subscribe_proxy_url,
+            publish_proxy_url,
+            proxy_timeout: duration("proxy_timeout", self.proxy_timeout, "1s")?,
+            proxy_http_headers: header_names(self.proxy_http_headers)?,
+            namespaces,
             log_format,
             log_level: self.log_level.unwrap_or_else(|| "info".into()),
         })
@@ -1175,6 +1260,43 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn proxy_namespaces_need_their_backend() {
+        let settings = |name: &str, subscribe: bool| Settings {
+            namespaces: Some(vec![NamespaceSettings {
+                name: name.into(),
+                proxy_subscribe: Some(subscribe),
+                proxy_publish: Some(!subscribe),
+                ..NamespaceSettings::default()
+            }]),
+            proxy_http_headers: Some(vec!["Cookie".into(), " X-Real-IP ".into()]),
+            ..Settings::default()
+        };
+        let error = settings("team", true).resolve().unwrap_err().to_string();
+        assert!(
+            error.contains("subscribe_proxy_url") && error.contains("team"),
+            "{error}"
+        );
+        let error = settings("team", false).resolve().unwrap_err().to_string();
+        assert!(error.contains("publish_proxy_url"), "{error}");
+        let config = Settings {
+            subscribe_proxy_url: Some("http://backend:8080/subscribe".into()),
+            ..settings("team", true)
+        }
+        .resolve()
+        .unwrap();
+        assert!(config.namespaces.resolve("team:x").unwrap().proxy_subscribe);
+        assert_eq!(config.proxy_http_headers, ["cookie", "x-real-ip"]);
+        let error = Settings {
+            proxy_http_headers: Some(vec!["bad header".into()]),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("proxy_http_headers"), "{error}");
     }
 
     #[test]

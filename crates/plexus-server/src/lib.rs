@@ -69,14 +69,47 @@ pub(crate) struct Shared {
     /// The nodes heard from, for `info`.
     peers: Arc<peers::Peers>,
     surveys: Arc<survey::Surveys>,
-    /// The backend of `rpc` commands, if configured.
-    rpc_proxy: Option<Arc<proxy::RpcProxy>>,
+    /// The application's backends, where configured.
+    proxies: Proxies,
     /// The identity provider's key set, if configured.
     jwks: Option<Arc<jwks::JwksSource>>,
     /// Flushers that write to parked WebSocket connections (see `ws::direct`).
     direct: ws::direct::Lanes,
     /// The WebSocket heartbeat sweep.
     heartbeats: ws::heartbeat::Heartbeats,
+}
+
+/// The application's backends (see [`proxy`]).
+#[derive(Default)]
+struct Proxies {
+    rpc: Option<Arc<proxy::Backend>>,
+    connect: Option<proxy::Backend>,
+    subscribe: Option<proxy::Backend>,
+    publish: Option<proxy::Backend>,
+}
+
+impl Proxies {
+    fn new(config: &Config) -> Proxies {
+        let backend = |url: &Option<String>, timeout| {
+            url.as_deref().map(|url| {
+                proxy::Backend::new(url, timeout).expect("the configuration checked the URL")
+            })
+        };
+        Proxies {
+            rpc: backend(&config.rpc_proxy_url, config.rpc_proxy_timeout).map(Arc::new),
+            connect: backend(&config.connect_proxy_url, config.proxy_timeout),
+            subscribe: backend(&config.subscribe_proxy_url, config.proxy_timeout),
+            publish: backend(&config.publish_proxy_url, config.proxy_timeout),
+        }
+    }
+
+    /// Whether any backend sees the client's request headers.
+    fn any(&self) -> bool {
+        self.rpc.is_some()
+            || self.connect.is_some()
+            || self.subscribe.is_some()
+            || self.publish.is_some()
+    }
 }
 
 /// A listener that could not be started.
@@ -170,12 +203,7 @@ impl Server {
 
         let heartbeats = ws::heartbeat::Heartbeats::new(config.ping_interval, config.pong_timeout);
         let node = node(&config)?;
-        let rpc_proxy = config.rpc_proxy_url.as_deref().map(|url| {
-            Arc::new(
-                proxy::RpcProxy::new(url, config.rpc_proxy_timeout)
-                    .expect("the configuration checked the URL"),
-            )
-        });
+        let proxies = Proxies::new(&config);
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
             metrics: Metrics::new(node.engine().clone()),
@@ -189,7 +217,7 @@ impl Server {
             emulation: emulation::Sessions::new(new_client_id()),
             peers: Arc::new(peers::Peers::new()),
             surveys: Arc::default(),
-            rpc_proxy,
+            proxies,
             jwks,
             heartbeats,
             direct: ws::direct::Lanes::new(

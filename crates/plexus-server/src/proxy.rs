@@ -1,18 +1,31 @@
-//! The RPC proxy: a protocol client's `rpc` command is POSTed to the application's backend at
-//! `rpc_proxy_url`, as Centrifugo's RPC proxy does, and the backend's answer goes back to the
-//! client. The server stays the only thing clients talk to; the backend stays private.
+//! The proxies: the application's backend takes part in what protocol clients do, as with
+//! Centrifugo's HTTP proxies, so the server stays the only thing clients talk to and the
+//! backend stays private.
 //!
-//! Request body (JSON): `client`, `transport` (`websocket`, `sse`, `http_stream`), `protocol`
-//! (`json` or `protobuf`, what the client speaks), `user`, `method`, and the client's data: as
-//! `data` when it is JSON (`encoding` is `json`), else as `b64data`, its base64 (`encoding` is
-//! `binary`; only a Protobuf client can send that).
-//! Answer: `{"result":{"data":...}}` or `{"result":{"b64data":"..."}}` (the client gets the
-//! data; a JSON client gets binary data as a base64 string), `{"error":{"code":N,
-//! "message":"..."}}` (the client gets that error), or `{"disconnect":{"code":N,"reason":"..."}}`
-//! (the client is disconnected with it; the code must be from 3000 to 4999, the reason at most
-//! 123 bytes). A backend that does not answer within
-//! `rpc_proxy_timeout`, answers with another HTTP status, or with something else, gives the
-//! client error 100 (internal) and a warning in the log.
+//! - **connect** (`connect_proxy_url`): a client that connects without a token is
+//!   authenticated by the backend, from the headers of its request (`proxy_http_headers`:
+//!   cookies, say) and its connect data; the backend names the user, and may give connection
+//!   info, data for the client, an expiry and server-side channels.
+//! - **subscribe** (`subscribe_proxy_url`, namespaces with `proxy_subscribe`): a subscribe
+//!   without a token is allowed or refused by the backend, which may give channel info, data
+//!   for the client and an expiry.
+//! - **publish** (`publish_proxy_url`, namespaces with `proxy_publish`): a client's publish is
+//!   allowed or refused by the backend, which may replace its data and skip history.
+//! - **rpc** (`rpc_proxy_url`): a client's `rpc` is answered by the backend.
+//!
+//! Each is one JSON POST. The body has `client`, `transport` (`websocket`, `sse`,
+//! `http_stream`), `protocol` (`json` or `protobuf`, what the client speaks), the call's own
+//! fields, and the client's data: as `data` when it is JSON (`encoding` is `json`), else as
+//! `b64data`, its base64 (`encoding` is `binary`; only a Protobuf client can send that). The
+//! headers of the client's HTTP request named in `proxy_http_headers` come along as headers.
+//!
+//! The answer is `{"result":{...}}`, `{"error":{"code":N,"message":"..."}}` (the client gets
+//! that error), or `{"disconnect":{"code":N,"reason":"..."}}` (the client is disconnected with
+//! it; the code must be from 3000 to 4999, the reason at most 123 bytes). Data in a result is
+//! `data` (JSON) or `b64data` (any bytes; a JSON client gets them as a base64 string), info
+//! `info` or `b64info`. A backend that does not answer within its timeout, answers with
+//! another HTTP status, or with something else, gives the client error 100 (internal) and a
+//! warning in the log.
 
 use std::time::Duration;
 
@@ -21,19 +34,36 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Request, StatusCode, Uri};
+use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use plexus_protocol::client::{Error as ProtocolError, Payload, RawJson};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 /// The most a backend's answer may hold.
 const MAX_ANSWER: usize = 1 << 20;
 
-/// What the client is told.
+/// Headers of a client's HTTP request that go to the backends with each of its calls.
+pub(crate) type ForwardedHeaders = Vec<(HeaderName, HeaderValue)>;
+
+/// The `proxy_http_headers` of `headers`, in the order configured.
+pub(crate) fn forwarded(names: &[HeaderName], headers: &http::HeaderMap) -> ForwardedHeaders {
+    names
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(move |value| (name.clone(), value.clone()))
+        })
+        .collect()
+}
+
+/// What the backend decided.
 #[derive(Debug)]
-pub(crate) enum Answer {
-    Result(Option<Payload>),
+pub(crate) enum Answer<R> {
+    Result(R),
     Error(ProtocolError),
     Disconnect { code: u16, reason: String },
 }
@@ -51,78 +81,70 @@ pub(crate) enum ProxyError {
     BadAnswer(String),
 }
 
-/// One `rpc` call.
-#[derive(Debug)]
-pub(crate) struct RpcCall<'a> {
+/// The fields every call has.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Caller<'a> {
     pub client: &'a str,
     pub transport: &'a str,
     pub protocol: &'static str,
-    pub user: &'a str,
-    pub method: &'a str,
-    pub data: Option<&'a Payload>,
 }
 
-/// An `rpc` call as the backend gets it.
+/// A client's data as a backend gets it: `data` when JSON, else `b64data`.
 #[derive(Debug, Serialize)]
-struct CallBody<'a> {
-    client: &'a str,
-    transport: &'a str,
-    protocol: &'static str,
+struct DataFields<'a> {
     encoding: &'static str,
-    user: &'a str,
-    method: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     b64data: Option<String>,
 }
 
-impl<'a> RpcCall<'a> {
-    fn body(&self) -> CallBody<'a> {
-        let json = self.data.map(|data| data.as_json());
-        CallBody {
-            client: self.client,
-            transport: self.transport,
-            protocol: self.protocol,
-            encoding: if matches!(json, Some(None)) {
-                "binary"
-            } else {
-                "json"
-            },
-            user: self.user,
-            method: self.method,
+impl<'a> DataFields<'a> {
+    fn new(data: Option<&'a Payload>) -> DataFields<'a> {
+        let json = data.map(|data| data.as_json());
+        let binary = matches!(json, Some(None));
+        DataFields {
+            encoding: if binary { "binary" } else { "json" },
             data: json.flatten(),
-            b64data: match (self.data, json) {
-                (Some(data), Some(None)) => Some(BASE64.encode(data.as_bytes())),
+            b64data: match data {
+                Some(data) if binary => Some(BASE64.encode(data.as_bytes())),
                 _ => None,
             },
         }
     }
 }
 
+/// The body of a call about a channel (subscribe, publish).
+#[derive(Serialize)]
+struct ChannelBody<'a> {
+    #[serde(flatten)]
+    caller: Caller<'a>,
+    user: &'a str,
+    channel: &'a str,
+    #[serde(flatten)]
+    data: DataFields<'a>,
+}
+
+/// JSON or base64 from an answer (`data`/`b64data`, `info`/`b64info`) as a payload.
+fn payload(
+    json: Option<RawJson>,
+    b64: Option<String>,
+    what: &str,
+) -> Result<Option<Payload>, ProxyError> {
+    match (json, b64) {
+        (_, Some(b64)) => BASE64
+            .decode(b64)
+            .map(|bytes| Some(Payload::new(bytes)))
+            .map_err(|error| ProxyError::BadAnswer(format!("b64{what}: {error}"))),
+        (json, None) => Ok(json.map(Payload::from)),
+    }
+}
+
 #[derive(Debug, Deserialize)]
-struct Reply {
-    result: Option<ResultBody>,
+struct Reply<R> {
+    result: Option<R>,
     error: Option<ProtocolError>,
     disconnect: Option<DisconnectBody>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ResultBody {
-    data: Option<RawJson>,
-    b64data: Option<String>,
-}
-
-impl ResultBody {
-    fn payload(self) -> Result<Option<Payload>, ProxyError> {
-        match (self.data, self.b64data) {
-            (_, Some(b64)) => BASE64
-                .decode(b64)
-                .map(|bytes| Some(Payload::new(bytes)))
-                .map_err(|error| ProxyError::BadAnswer(format!("b64data: {error}"))),
-            (data, None) => Ok(data.map(Payload::from)),
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,33 +154,39 @@ struct DisconnectBody {
     reason: String,
 }
 
-/// The backend, with a pool of kept-alive connections.
-pub(crate) struct RpcProxy {
+/// One backend, with a pool of kept-alive connections.
+pub(crate) struct Backend {
     client: HttpClient,
     url: Uri,
     timeout: Duration,
 }
 
-impl RpcProxy {
+impl Backend {
     /// `url` is an `http://` or `https://` URL (checked by the configuration).
-    pub(crate) fn new(url: &str, timeout: Duration) -> Result<RpcProxy, http::uri::InvalidUri> {
+    pub(crate) fn new(url: &str, timeout: Duration) -> Result<Backend, http::uri::InvalidUri> {
         let url: Uri = url.parse()?;
         let client = http_client(timeout);
-        Ok(RpcProxy {
+        Ok(Backend {
             client,
             url,
             timeout,
         })
     }
 
-    pub(crate) async fn call(&self, call: &RpcCall<'_>) -> Result<Answer, ProxyError> {
-        let body = serde_json::to_vec(&call.body()).expect("a call is JSON");
+    async fn post<R: DeserializeOwned>(
+        &self,
+        body: &impl Serialize,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Answer<R>, ProxyError> {
+        let body = serde_json::to_vec(body).expect("a call is JSON");
         let mut request = Request::post(self.url.clone())
             .body(Full::new(Bytes::from(body)))
             .expect("a POST to a parsed URI is a request");
-        request
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let request_headers = request.headers_mut();
+        for (name, value) in headers {
+            request_headers.append(name, value.clone());
+        }
+        request_headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let exchange = async {
             let response = self
                 .client
@@ -177,7 +205,7 @@ impl RpcProxy {
         let body = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| ProxyError::Timeout(self.timeout))??;
-        let reply: Reply = serde_json::from_slice(&body)
+        let reply: Reply<R> = serde_json::from_slice(&body)
             .map_err(|error| ProxyError::BadAnswer(error.to_string()))?;
         match reply {
             // Only the application range of close codes: others mean something to WebSocket
@@ -204,10 +232,206 @@ impl RpcProxy {
             Reply {
                 result: Some(result),
                 ..
-            } => Ok(Answer::Result(result.payload()?)),
+            } => Ok(Answer::Result(result)),
             _ => Err(ProxyError::BadAnswer(
                 "neither result, error nor disconnect".into(),
             )),
         }
     }
+
+    /// Decodes the data fields of a result (after `post`), keeping the answer's shape.
+    fn decode<R, T>(
+        answer: Answer<R>,
+        decode: impl FnOnce(R) -> Result<T, ProxyError>,
+    ) -> Result<Answer<T>, ProxyError> {
+        Ok(match answer {
+            Answer::Result(result) => Answer::Result(decode(result)?),
+            Answer::Error(error) => Answer::Error(error),
+            Answer::Disconnect { code, reason } => Answer::Disconnect { code, reason },
+        })
+    }
+
+    /// A client's `rpc`: the result's data.
+    pub(crate) async fn rpc(
+        &self,
+        caller: Caller<'_>,
+        user: &str,
+        method: &str,
+        data: Option<&Payload>,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Answer<Option<Payload>>, ProxyError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            #[serde(flatten)]
+            caller: Caller<'a>,
+            user: &'a str,
+            method: &'a str,
+            #[serde(flatten)]
+            data: DataFields<'a>,
+        }
+        #[derive(Deserialize)]
+        struct Result {
+            data: Option<RawJson>,
+            b64data: Option<String>,
+        }
+        let body = Body {
+            caller,
+            user,
+            method,
+            data: DataFields::new(data),
+        };
+        let answer = self.post::<Result>(&body, headers).await?;
+        Backend::decode(answer, |result| {
+            payload(result.data, result.b64data, "data")
+        })
+    }
+
+    /// A client connecting without a token.
+    pub(crate) async fn connect(
+        &self,
+        caller: Caller<'_>,
+        name: &str,
+        version: &str,
+        data: Option<&Payload>,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Answer<Connected>, ProxyError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            #[serde(flatten)]
+            caller: Caller<'a>,
+            name: &'a str,
+            version: &'a str,
+            #[serde(flatten)]
+            data: DataFields<'a>,
+        }
+        #[derive(Deserialize)]
+        struct Result {
+            #[serde(default)]
+            user: String,
+            #[serde(default)]
+            expire_at: u64,
+            info: Option<RawJson>,
+            b64info: Option<String>,
+            data: Option<RawJson>,
+            b64data: Option<String>,
+            #[serde(default)]
+            channels: Vec<String>,
+        }
+        let body = Body {
+            caller,
+            name,
+            version,
+            data: DataFields::new(data),
+        };
+        let answer = self.post::<Result>(&body, headers).await?;
+        Backend::decode(answer, |result| {
+            Ok(Connected {
+                user: result.user,
+                expires_at: (result.expire_at > 0).then_some(result.expire_at),
+                info: payload(result.info, result.b64info, "info")?.map(Payload::into_bytes),
+                data: payload(result.data, result.b64data, "data")?,
+                channels: result.channels,
+            })
+        })
+    }
+
+    /// A subscribe without a token in a namespace with `proxy_subscribe`.
+    pub(crate) async fn subscribe(
+        &self,
+        caller: Caller<'_>,
+        user: &str,
+        channel: &str,
+        data: Option<&Payload>,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Answer<Subscribed>, ProxyError> {
+        #[derive(Deserialize)]
+        struct Result {
+            info: Option<RawJson>,
+            b64info: Option<String>,
+            data: Option<RawJson>,
+            b64data: Option<String>,
+            #[serde(default)]
+            expire_at: u64,
+        }
+        let body = ChannelBody {
+            caller,
+            user,
+            channel,
+            data: DataFields::new(data),
+        };
+        let answer = self.post::<Result>(&body, headers).await?;
+        Backend::decode(answer, |result| {
+            Ok(Subscribed {
+                info: payload(result.info, result.b64info, "info")?.map(Payload::into_bytes),
+                data: payload(result.data, result.b64data, "data")?,
+                expires_at: (result.expire_at > 0).then_some(result.expire_at),
+            })
+        })
+    }
+
+    /// A client's publish in a namespace with `proxy_publish`.
+    pub(crate) async fn publish(
+        &self,
+        caller: Caller<'_>,
+        user: &str,
+        channel: &str,
+        data: &Payload,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Answer<Published>, ProxyError> {
+        #[derive(Deserialize)]
+        struct Result {
+            data: Option<RawJson>,
+            b64data: Option<String>,
+            #[serde(default)]
+            skip_history: bool,
+        }
+        let body = ChannelBody {
+            caller,
+            user,
+            channel,
+            data: DataFields::new(Some(data)),
+        };
+        let answer = self.post::<Result>(&body, headers).await?;
+        Backend::decode(answer, |result| {
+            Ok(Published {
+                data: payload(result.data, result.b64data, "data")?,
+                skip_history: result.skip_history,
+            })
+        })
+    }
+}
+
+/// The connect proxy's result.
+#[derive(Debug)]
+pub(crate) struct Connected {
+    /// The user; empty for an anonymous one.
+    pub user: String,
+    /// When the connection expires (Unix seconds), if it does.
+    pub expires_at: Option<u64>,
+    /// Connection info, seen by others in presence and publications.
+    pub info: Option<Bytes>,
+    /// Data for the client, in its connect result.
+    pub data: Option<Payload>,
+    /// Channels to subscribe the client to (server-side subscriptions).
+    pub channels: Vec<String>,
+}
+
+/// The subscribe proxy's result.
+#[derive(Debug)]
+pub(crate) struct Subscribed {
+    /// Channel info, seen by others.
+    pub info: Option<Bytes>,
+    /// Data for the client, in its subscribe result.
+    pub data: Option<Payload>,
+    /// When the subscription expires (Unix seconds), if it does.
+    pub expires_at: Option<u64>,
+}
+
+/// The publish proxy's result.
+#[derive(Debug)]
+pub(crate) struct Published {
+    /// Data to publish instead of the client's.
+    pub data: Option<Payload>,
+    /// Publish without keeping it in history.
+    pub skip_history: bool,
 }

@@ -87,6 +87,12 @@ fn summary(config: &Config) -> String {
             if options.allow_publish_for_client {
                 traits.push("clients publish".to_owned());
             }
+            if options.proxy_subscribe {
+                traits.push("subscribe proxy".to_owned());
+            }
+            if options.proxy_publish {
+                traits.push("publish proxy".to_owned());
+            }
             format!("{name} ({})", traits.join(", "))
         })
         .collect();
@@ -96,7 +102,7 @@ fn summary(config: &Config) -> String {
         config.allowed_origins.join(", ")
     };
     let mut out = String::new();
-    let mut line = |key: &str, value: String| out.push_str(&format!("  {key:<18}{value}\n"));
+    let mut line = |key: &str, value: String| out.push_str(&format!("  {key:<21}{value}\n"));
     line("listen", format!("{} ({scheme})", config.listen));
     line("tcp_echo", off(config.tcp_echo));
     line("tcp_chat", off(config.tcp_chat));
@@ -147,6 +153,22 @@ fn summary(config: &Config) -> String {
         None => "none".to_owned(),
     };
     line("rpc_proxy_url", fetch(&config.rpc_proxy_url));
+    line("connect_proxy_url", fetch(&config.connect_proxy_url));
+    line("subscribe_proxy_url", fetch(&config.subscribe_proxy_url));
+    line("publish_proxy_url", fetch(&config.publish_proxy_url));
+    let headers: Vec<&str> = config
+        .proxy_http_headers
+        .iter()
+        .map(|name| name.as_str())
+        .collect();
+    line(
+        "proxy_http_headers",
+        if headers.is_empty() {
+            "none".to_owned()
+        } else {
+            headers.join(", ")
+        },
+    );
     line("token_jwks_url", fetch(&config.token_jwks_url));
     line(
         "logs",

@@ -319,11 +319,13 @@ fn config_check_prints_the_resolved_configuration_or_the_offending_key() {
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.starts_with("configuration ok"), "{stdout}");
     for expected in [
-        "listen            0.0.0.0:9000 (http, ws)",
-        "tcp_chat          off",
-        "engine            memory",
+        "listen               0.0.0.0:9000 (http, ws)",
+        "tcp_chat             off",
+        "engine               memory",
         "news (history 10 for 1h)",
-        "api_key           set",
+        "api_key              set",
+        "connect_proxy_url    none",
+        "proxy_http_headers   none",
     ] {
         assert!(stdout.contains(expected), "{expected:?} in\n{stdout}");
     }

@@ -30,6 +30,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::metrics::Refusal;
+use crate::native::session::{ClientSession, StreamIds};
 use crate::Shared;
 
 /// Commands waiting for a stream's task, per stream.
@@ -170,15 +171,29 @@ fn start(
     if connect.len() > shared.config.max_message_size {
         return (StatusCode::PAYLOAD_TOO_LARGE, "connect command too large\n").into_response();
     }
-    let session = crate::new_client_id();
+    let session_id = crate::new_client_id();
+    let ids = StreamIds {
+        session: session_id.to_string(),
+        node: shared.emulation.node.to_string(),
+        transport: match kind {
+            Kind::Sse => "sse",
+            Kind::HttpStream => "http_stream",
+        },
+    };
+    let forwarded = if shared.proxies.any() {
+        crate::proxy::forwarded(&shared.config.proxy_http_headers, headers)
+    } else {
+        Vec::new()
+    };
+    let session = ClientSession::new_stream(&shared, ids, format, forwarded);
     let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (body_tx, body) = mpsc::channel(BODY_QUEUE);
-    shared.emulation.insert(session.clone(), commands_tx);
+    shared.emulation.insert(session_id.clone(), commands_tx);
     let task_shared = shared.clone();
     shared.tasks.spawn(stream::run(
         task_shared,
         kind,
-        format,
+        session_id,
         session,
         connect,
         commands,

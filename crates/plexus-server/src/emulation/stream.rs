@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use super::Kind;
-use crate::native::session::{ClientSession, StreamIds};
+use crate::native::session::ClientSession;
 use crate::ws::Out;
 use crate::Shared;
 
@@ -62,21 +62,13 @@ impl hyper::body::Body for ReplyBody {
 pub(super) async fn run(
     shared: Arc<Shared>,
     kind: Kind,
-    format: Format,
     session_id: Arc<str>,
+    mut session: ClientSession,
     connect: Bytes,
     mut commands: mpsc::Receiver<Bytes>,
     body: mpsc::Sender<Bytes>,
 ) {
-    let ids = StreamIds {
-        session: session_id.to_string(),
-        node: shared.emulation.node.to_string(),
-        transport: match kind {
-            Kind::Sse => "sse",
-            Kind::HttpStream => "http_stream",
-        },
-    };
-    let mut session = ClientSession::new_stream(&shared, ids, format);
+    let format = session.format();
     let mut stream = Stream {
         kind,
         format,

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use super::encode;
 use crate::limits::MessageRate;
+use crate::proxy::{Answer, Caller, ForwardedHeaders};
 use crate::ws::Out;
 use crate::Shared;
 
@@ -37,6 +38,10 @@ fn ttl(at: u64) -> u32 {
 enum Outcome {
     Reply(ReplyBody),
     Error(ErrorCode),
+    /// An error of the application's backend, as it gave it.
+    Failed(proto::Error),
+    /// A disconnect of the application's backend (a code from 3000 to 4999).
+    Close(u16, String),
     NoReply,
     Disconnect(DisconnectCode),
 }
@@ -136,11 +141,28 @@ impl ChannelMap {
     }
 }
 
-/// Where a client's replies and pushes go, and the format they are written in.
+/// Where a client's replies and pushes go, the format they are written in, and what the
+/// backends are told of it.
 #[derive(Clone, Copy)]
 struct Peer<'a> {
     outbox: &'a Arc<Outbox>,
     format: Format,
+    extra: Option<&'a Extra>,
+}
+
+impl Peer<'_> {
+    /// The client as a backend sees it.
+    fn caller<'c>(&self, client: &'c str) -> Caller<'c> {
+        Caller {
+            client,
+            transport: Extra::transport(self.extra),
+            protocol: self.format.name(),
+        }
+    }
+
+    fn headers(&self) -> &[(http::HeaderName, http::HeaderValue)] {
+        Extra::headers(self.extra)
+    }
 }
 
 /// The `meta` claim that marks a guest token (minted by `/app/token` for the built-in apps).
@@ -176,11 +198,31 @@ pub(crate) struct StreamIds {
     pub(crate) transport: &'static str,
 }
 
+/// What few sessions have; boxed, so the many WebSocket sessions without it do not pay for it.
+#[derive(Default)]
+pub(crate) struct Extra {
+    /// On a stream transport (SSE, HTTP streaming), its ids: pushes are unframed and the
+    /// connect result carries the ids. `None` on a WebSocket, whose pushes are finished frames.
+    pub(crate) stream: Option<StreamIds>,
+    /// The client request's headers for the backends (`proxy_http_headers`).
+    pub(crate) headers: ForwardedHeaders,
+}
+
+impl Extra {
+    fn transport(extra: Option<&Extra>) -> &'static str {
+        extra
+            .and_then(|extra| extra.stream.as_ref())
+            .map_or("websocket", |ids| ids.transport)
+    }
+
+    fn headers(extra: Option<&Extra>) -> &[(http::HeaderName, http::HeaderValue)] {
+        extra.map_or(&[], |extra| &extra.headers)
+    }
+}
+
 pub(crate) struct ClientSession {
-    /// `None` on a WebSocket, whose pushes are finished frames. `Some` on a stream transport
-    /// (SSE, HTTP streaming): pushes are unframed JSON and the connect result carries the ids.
-    /// Boxed: WebSocket sessions, the many, do without it.
-    stream: Option<Box<StreamIds>>,
+    /// Stream ids and forwarded headers, for the sessions that have them.
+    extra: Option<Box<Extra>>,
     /// What the client speaks: JSON or Protobuf.
     format: Format,
     outbox: Arc<Outbox>,
@@ -228,9 +270,15 @@ impl ShortDeadline {
 }
 
 impl ClientSession {
-    pub(crate) fn new(shared: &Shared, format: Format) -> ClientSession {
+    /// A WebSocket session; `headers` are the upgrade request's for the backends.
+    pub(crate) fn new(shared: &Shared, format: Format, headers: ForwardedHeaders) -> ClientSession {
         ClientSession {
-            stream: None,
+            extra: (!headers.is_empty()).then(|| {
+                Box::new(Extra {
+                    stream: None,
+                    headers,
+                })
+            }),
             format,
             outbox: Arc::new(Outbox::new(shared.config.outbox_limit)),
             connected: None,
@@ -242,7 +290,7 @@ impl ClientSession {
     /// `ws::direct`): not while a new subscription may still receive a publication its
     /// subscribe reply already carried (only the session can drop it).
     pub(crate) fn may_park(&self) -> bool {
-        self.stream.is_none()
+        self.stream().is_none()
             && self
                 .connected
                 .as_ref()
@@ -251,11 +299,23 @@ impl ClientSession {
 
     /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed
     /// (`Out::Message`), never WebSocket frames, and its connect result names `ids`.
-    pub(crate) fn new_stream(shared: &Shared, ids: StreamIds, format: Format) -> ClientSession {
+    pub(crate) fn new_stream(
+        shared: &Shared,
+        ids: StreamIds,
+        format: Format,
+        headers: ForwardedHeaders,
+    ) -> ClientSession {
         ClientSession {
-            stream: Some(Box::new(ids)),
-            ..ClientSession::new(shared, format)
+            extra: Some(Box::new(Extra {
+                stream: Some(ids),
+                headers,
+            })),
+            ..ClientSession::new(shared, format, Vec::new())
         }
+    }
+
+    fn stream(&self) -> Option<&StreamIds> {
+        self.extra.as_ref().and_then(|extra| extra.stream.as_ref())
     }
 
     pub(crate) fn format(&self) -> Format {
@@ -266,6 +326,7 @@ impl ClientSession {
         Peer {
             outbox: &self.outbox,
             format: self.format,
+            extra: self.extra.as_deref(),
         }
     }
 
@@ -348,11 +409,18 @@ impl ClientSession {
                 (id, Outcome::Error(code)) => {
                     replies.push(format.encode_reply(&Reply::error(id, code)))
                 }
-
+                (id, Outcome::Failed(error)) => {
+                    replies.push(format.encode_reply(&Reply::error(id, error)))
+                }
                 (_, Outcome::NoReply) => {}
                 (_, Outcome::Disconnect(code)) => {
                     flush(out, format, &mut replies);
                     return close(out, code);
+                }
+                (_, Outcome::Close(code, reason)) => {
+                    flush(out, format, &mut replies);
+                    out.push(Out::Close(code, reason));
+                    return;
                 }
             }
         }
@@ -374,13 +442,14 @@ impl ClientSession {
             shared.metrics.rate_limited.inc();
             return ErrorCode::TooManyRequests.into();
         }
+        let peer = Peer {
+            outbox: &self.outbox,
+            format,
+            extra: self.extra.as_deref(),
+        };
         match request {
             Request::Connect(_) => unreachable!("handled above"),
             Request::Subscribe(request) => {
-                let peer = Peer {
-                    outbox: &self.outbox,
-                    format,
-                };
                 subscribe_command(shared, connected, peer, request).await
             }
             Request::Unsubscribe(request) => {
@@ -396,7 +465,7 @@ impl ClientSession {
                 }
                 Outcome::Reply(ReplyBody::Unsubscribe(proto::UnsubscribeResult {}))
             }
-            Request::Publish(request) => publish_command(shared, connected, format, request).await,
+            Request::Publish(request) => publish_command(shared, connected, peer, request).await,
             Request::Presence(request) => {
                 presence_command(shared, connected, format, &request.channel, false).await
             }
@@ -406,24 +475,45 @@ impl ClientSession {
             Request::History(request) => history_command(shared, format, request).await,
             Request::Ping(_) => Outcome::Reply(ReplyBody::Ping(proto::PingResult {})),
             Request::Send(_) => Outcome::NoReply, // no message handler is configured
-            Request::Rpc(request) => {
-                let transport = self
-                    .stream
-                    .as_ref()
-                    .map_or("websocket", |ids| ids.transport);
-                let peer = Peer {
-                    outbox: &self.outbox,
-                    format,
-                };
-                rpc_command(shared, connected, peer, transport, id, request)
-            }
+            Request::Rpc(request) => rpc_command(shared, connected, peer, id, request),
             Request::Refresh(request) => refresh_command(shared, connected, &request.token).await,
             Request::SubRefresh(request) => sub_refresh_command(shared, connected, request).await,
         }
     }
 
     async fn connect(&mut self, shared: &Shared, request: proto::ConnectRequest) -> Outcome {
-        let (user, conn_info, expires_at, channels, guest) = if request.token.is_empty() {
+        let client_id = crate::new_client_id();
+        let mut connect_data = None;
+        let (user, conn_info, expires_at, channels, guest) = if let Some(proxy) = shared
+            .proxies
+            .connect
+            .as_ref()
+            .filter(|_| request.token.is_empty())
+        {
+            // No token: the application's backend says who this is.
+            let answer = proxy
+                .connect(
+                    self.peer().caller(&client_id),
+                    &request.name,
+                    &request.version,
+                    request.data.as_ref(),
+                    Extra::headers(self.extra.as_deref()),
+                )
+                .await;
+            match refused(answer, "connect") {
+                Ok(connected) => {
+                    connect_data = connected.data;
+                    (
+                        connected.user,
+                        connected.info,
+                        connected.expires_at,
+                        connected.channels,
+                        false,
+                    )
+                }
+                Err(refusal) => return refusal.into(),
+            }
+        } else if request.token.is_empty() {
             if !shared.config.allow_anonymous_connect_without_token {
                 return Outcome::Disconnect(DisconnectCode::InvalidToken);
             }
@@ -456,13 +546,7 @@ impl ClientSession {
         } else {
             &request.name
         };
-        let info = Arc::new(ClientInfo::new(
-            id,
-            crate::new_client_id(),
-            user.into(),
-            conn_info,
-            name,
-        ));
+        let info = Arc::new(ClientInfo::new(id, client_id, user.into(), conn_info, name));
         let subscriber = Subscriber {
             info: info.clone(),
             outbox: self.outbox.clone(),
@@ -516,15 +600,13 @@ impl ClientSession {
             subs,
             ping: shared.config.ping_interval.as_secs().max(1) as u32,
             pong: true,
+            data: connect_data,
             session: self
-                .stream
-                .as_ref()
+                .stream()
                 .map_or_else(String::new, |ids| ids.session.clone()),
             node: self
-                .stream
-                .as_ref()
+                .stream()
                 .map_or_else(String::new, |ids| ids.node.clone()),
-            ..proto::ConnectResult::default()
         }))
     }
 
@@ -539,7 +621,8 @@ impl ClientSession {
         let Some(connected) = self.connected.as_mut() else {
             return;
         };
-        let stream = self.stream.is_some();
+        let extra = self.extra.as_deref();
+        let stream = extra.is_some_and(|extra| extra.stream.is_some());
         let format = self.format;
         let outbox = &self.outbox;
         for delivery in batch {
@@ -607,7 +690,11 @@ impl ClientSession {
                     if connected.channels.contains_key(&channel) {
                         continue;
                     }
-                    let peer = Peer { outbox, format };
+                    let peer = Peer {
+                        outbox,
+                        format,
+                        extra,
+                    };
                     if let Ok(result) =
                         subscribe(shared, connected, peer, &channel, None, None, false).await
                     {
@@ -724,7 +811,33 @@ async fn subscribe_command(
     }
     let mut chan_info = None;
     let mut expires_at = None;
-    if !request.token.is_empty() {
+    let mut subscribe_data = None;
+    let proxy = shared
+        .proxies
+        .subscribe
+        .as_ref()
+        .filter(|_| options.proxy_subscribe && request.token.is_empty());
+    if let Some(proxy) = proxy {
+        // No token: the application's backend decides.
+        let info = &connected.info;
+        let answer = proxy
+            .subscribe(
+                peer.caller(&info.client),
+                &info.user,
+                channel,
+                request.data.as_ref(),
+                peer.headers(),
+            )
+            .await;
+        match refused(answer, "subscribe") {
+            Ok(subscribed) => {
+                chan_info = subscribed.info;
+                expires_at = subscribed.expires_at;
+                subscribe_data = subscribed.data;
+            }
+            Err(refusal) => return refusal.into(),
+        }
+    } else if !request.token.is_empty() {
         let Some(verifier) = &shared.verifier else {
             return ErrorCode::PermissionDenied.into();
         };
@@ -760,6 +873,7 @@ async fn subscribe_command(
     .await
     {
         Ok(mut result) => {
+            result.data = subscribe_data;
             if let Some(at) = expires_at {
                 if let Some(state) = connected.channels.get_mut(channel) {
                     state.expires_at = ExpiresAt::new(Some(at));
@@ -857,11 +971,10 @@ fn rpc_command(
     shared: &Shared,
     connected: &mut Connected,
     peer: Peer<'_>,
-    transport: &'static str,
     id: u32,
     request: proto::RpcRequest,
 ) -> Outcome {
-    let Some(proxy) = shared.rpc_proxy.clone() else {
+    let Some(proxy) = shared.proxies.rpc.clone() else {
         return ErrorCode::NotAvailable.into();
     };
     let calls = connected.rpc.get_or_insert_with(Default::default).clone();
@@ -871,29 +984,35 @@ fn rpc_command(
     }
     let (client, user) = (connected.info.client.clone(), connected.info.user.clone());
     let (outbox, format) = (peer.outbox.clone(), peer.format);
+    let transport = Extra::transport(peer.extra);
+    let headers = peer.headers().to_vec();
     let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
-        let call = crate::proxy::RpcCall {
+        let caller = Caller {
             client: &client,
             transport,
             protocol: format.name(),
-            user: &user,
-            method: &request.method,
-            data: request.data.as_ref(),
         };
+        let call = proxy.rpc(
+            caller,
+            &user,
+            &request.method,
+            request.data.as_ref(),
+            &headers,
+        );
         let answer = tokio::select! {
-            answer = proxy.call(&call) => Some(answer),
+            answer = call => Some(answer),
             () = calls.gone.cancelled() => None,
             () = shutdown.cancelled() => None,
         };
         calls.in_flight.fetch_sub(1, Ordering::Relaxed);
         let reply = match answer {
             None => return,
-            Some(Ok(crate::proxy::Answer::Result(data))) => {
+            Some(Ok(Answer::Result(data))) => {
                 Reply::result(id, ReplyBody::Rpc(proto::RpcResult { data }))
             }
-            Some(Ok(crate::proxy::Answer::Error(error))) => Reply::error(id, error),
-            Some(Ok(crate::proxy::Answer::Disconnect { code, reason })) => {
+            Some(Ok(Answer::Error(error))) => Reply::error(id, error),
+            Some(Ok(Answer::Disconnect { code, reason })) => {
                 outbox.push_control(Control::Disconnect {
                     code,
                     reason: reason.into(),
@@ -911,31 +1030,94 @@ fn rpc_command(
     Outcome::NoReply
 }
 
+/// A backend's "no": its error, or a disconnect; a backend that failed is an internal error.
+enum Refusal {
+    Failed(proto::Error),
+    Close(u16, String),
+    Internal,
+}
+
+impl From<Refusal> for Outcome {
+    fn from(refusal: Refusal) -> Outcome {
+        match refusal {
+            Refusal::Failed(error) => Outcome::Failed(error),
+            Refusal::Close(code, reason) => Outcome::Close(code, reason),
+            Refusal::Internal => ErrorCode::Internal.into(),
+        }
+    }
+}
+
+/// The backend's result, or its refusal.
+fn refused<T>(
+    answer: Result<Answer<T>, crate::proxy::ProxyError>,
+    what: &str,
+) -> Result<T, Refusal> {
+    match answer {
+        Ok(Answer::Result(result)) => Ok(result),
+        Ok(Answer::Error(error)) => Err(Refusal::Failed(error)),
+        Ok(Answer::Disconnect { code, reason }) => Err(Refusal::Close(code, reason)),
+        Err(error) => {
+            tracing::warn!(%error, "{what} proxy");
+            Err(Refusal::Internal)
+        }
+    }
+}
+
 async fn publish_command(
     shared: &Shared,
     connected: &Connected,
-    format: Format,
+    peer: Peer<'_>,
     request: proto::PublishRequest,
 ) -> Outcome {
     let options = match shared.node.options(&request.channel) {
         Ok(options) => options,
         Err(error) => return channel_error(&error).into(),
     };
-    if !options.allow_publish_for_client {
+    let proxy = shared
+        .proxies
+        .publish
+        .as_ref()
+        .filter(|_| options.proxy_publish);
+    if proxy.is_none() && !options.allow_publish_for_client {
         return ErrorCode::PermissionDenied.into();
     }
-    let Some(data) = request.data else {
+    let Some(mut data) = request.data else {
         return ErrorCode::BadRequest.into();
     };
+    let mut skip_history = false;
+    if let Some(proxy) = proxy {
+        let info = &connected.info;
+        let answer = proxy
+            .publish(
+                peer.caller(&info.client),
+                &info.user,
+                &request.channel,
+                &data,
+                peer.headers(),
+            )
+            .await;
+        match refused(answer, "publish") {
+            Ok(published) => {
+                data = published.data.unwrap_or(data);
+                skip_history = published.skip_history;
+            }
+            Err(refusal) => return refusal.into(),
+        }
+    }
     let publication = Publication::new(
         request.channel.as_str().into(),
-        encode::published_kind(format, data.as_bytes()),
+        encode::published_kind(peer.format, data.as_bytes()),
         data.into_bytes(),
         Some(connected.info.descriptor(None)),
     );
-    let acknowledgement = match shared.node.publish(publication) {
-        Ok(acknowledgement) => acknowledgement,
-        Err(error) => return channel_error(&error).into(),
+    let acknowledgement = if skip_history && options.has_history() {
+        // What `Node::publish` does, without the retention (as the API's `skip_history`).
+        shared.node.engine().publish(publication, None)
+    } else {
+        match shared.node.publish(publication) {
+            Ok(acknowledgement) => acknowledgement,
+            Err(error) => return channel_error(&error).into(),
+        }
     };
     shared.metrics.publications.inc();
     match acknowledgement.await {

@@ -41,7 +41,12 @@ pub(crate) async fn native(State(shared): State<Arc<Shared>>, request: Request) 
         .iter()
         .filter_map(|value| value.to_str().ok());
     let (format, subprotocol) = Format::requested(subprotocols, request.uri().query());
-    let mut response = upgrade(shared, request, Endpoint::Native(format));
+    let headers = if shared.proxies.any() {
+        crate::proxy::forwarded(&shared.config.proxy_http_headers, request.headers())
+    } else {
+        Vec::new()
+    };
+    let mut response = upgrade(shared, request, Endpoint::Native(format, headers));
     if subprotocol && response.status() == StatusCode::SWITCHING_PROTOCOLS {
         response.headers_mut().insert(
             SEC_WEBSOCKET_PROTOCOL,
@@ -80,7 +85,8 @@ fn refuse(error: UpgradeError) -> Response {
 /// What an upgraded connection will speak.
 enum Endpoint {
     Echo,
-    Native(Format),
+    /// The native protocol, in this format, with these request headers for the backends.
+    Native(Format, crate::proxy::ForwardedHeaders),
     /// A raw room in this channel.
     Room(String),
 }
@@ -213,8 +219,8 @@ where
             }
             Handler::Echo(outbox)
         }
-        Endpoint::Native(format) => {
-            let session = crate::native::session::ClientSession::new(&shared, format);
+        Endpoint::Native(format, headers) => {
+            let session = crate::native::session::ClientSession::new(&shared, format, headers);
             if let Some(writer) = writer(Frames::Native(format)) {
                 session.outbox().set_writer(writer);
             }

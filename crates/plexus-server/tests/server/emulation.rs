@@ -405,3 +405,29 @@ async fn a_stream_that_does_not_keep_up_is_cut_with_3008() {
     assert!(received < n, "some publications were dropped ({received})");
     assert_eq!(client.next().await, None);
 }
+
+/// The connect proxy over the fallbacks: the backend sees the stream request's cookie, and
+/// names the user of a client that sent no token.
+#[tokio::test]
+async fn the_connect_proxy_sees_the_stream_requests_cookie() {
+    let (url, calls) = crate::proxies::backend().await;
+    let server = start(crate::proxies::config(&url)).await;
+    for kind in [Kind::Sse, Kind::HttpStream] {
+        let connect = json!({"id": 1, "connect": {"name": "stream"}}).to_string();
+        let mut client =
+            StreamClient::open_with(&server, kind, &connect, "Cookie: session=ann\r\n").await;
+        let reply = client.reply().await;
+        assert_eq!(
+            reply["connect"]["data"],
+            json!({"welcome": true}),
+            "{reply}"
+        );
+        let (_, body, cookie, _) = calls.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(cookie.as_deref(), Some("session=ann"));
+        let transport = match kind {
+            Kind::Sse => "sse",
+            Kind::HttpStream => "http_stream",
+        };
+        assert_eq!(body["transport"], transport);
+    }
+}

@@ -9,6 +9,7 @@ mod native;
 mod operations;
 mod poll;
 mod protobuf;
+mod proxies;
 mod rooms;
 mod rpc;
 mod tcp;

@@ -149,11 +149,12 @@ export class Server {
    * (removed by `cleanup()`), `port` to a free one. With `engine: 'redis'`, `redisUrl` and
    * `redisPrefix` become `--redis-url` and `--redis-prefix` (left to the server's defaults when
    * omitted); likewise, with `engine: 'nats'`, `natsUrl` and `natsPrefix` become `--nats-url`
-   * and `--nats-prefix`; `args` are appended to the command line as given.
+   * and `--nats-prefix`; `args` are appended to the command line as given; `config` (TOML text) goes to a file
+   * in the data folder passed with `--config`.
    */
   static async start(recorder, {
     engine = 'memory', dataDir, port, label = 'server', tcpChatPort, redisUrl, redisPrefix, natsUrl, natsPrefix,
-    args: extraArgs = [],
+    args: extraArgs = [], config,
   } = {}) {
     if (!existsSync(PLEXUS_BIN)) {
       throw new Error(`no server binary at ${PLEXUS_BIN}; run \`cargo build -p plexus\` or set PLEXUS_BIN`);
@@ -175,6 +176,11 @@ export class Server {
     if (redisPrefix !== undefined) args.push('--redis-prefix', redisPrefix);
     if (natsUrl !== undefined) args.push('--nats-url', natsUrl);
     if (natsPrefix !== undefined) args.push('--nats-prefix', natsPrefix);
+    if (config !== undefined) {
+      const file = path.join(dataDir, 'plexus.toml');
+      writeFileSync(file, config);
+      args.push('--config', file);
+    }
     args.push(...extraArgs);
     recorder.add(label, `$ ${PLEXUS_BIN} ${args.join(' ')}`);
     const child = spawn(PLEXUS_BIN, args, {

@@ -1,0 +1,285 @@
+//! The connect, subscribe and publish proxies: a real HTTP backend (an axum server of the
+//! test's own) authenticates clients from their cookies, decides subscribes, and checks and
+//! rewrites publishes.
+
+use std::sync::{Arc, Mutex};
+
+use axum::extract::Path;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::{Json, Router};
+use futures_util::SinkExt;
+use plexus_core::{ChannelOptions, Namespaces};
+use plexus_server::Config;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::util::*;
+
+/// What the backend got: the path, the body, and the `cookie` and `x-other` headers.
+pub(crate) type Calls = Arc<Mutex<Vec<(String, Value, Option<String>, Option<String>)>>>;
+
+/// The application's backend: `/connect`, `/subscribe` and `/publish`.
+pub(crate) async fn backend() -> (String, Calls) {
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    let app = Router::new().route(
+        "/{kind}",
+        post(
+            move |Path(kind): Path<String>, headers: HeaderMap, Json(call): Json<Value>| {
+                let seen = seen.clone();
+                async move {
+                    let header = |name: &str| {
+                        headers
+                            .get(name)
+                            .map(|value| value.to_str().unwrap().to_owned())
+                    };
+                    let cookie = header("cookie");
+                    seen.lock().unwrap().push((
+                        kind.clone(),
+                        call.clone(),
+                        cookie.clone(),
+                        header("x-other"),
+                    ));
+                    let answer = match (kind.as_str(), cookie.as_deref()) {
+                        ("connect", Some("session=ann")) => json!({"result": {
+                            "user": "ann",
+                            "info": {"name": "Ann"},
+                            "data": {"welcome": true},
+                            "channels": ["news:ann"],
+                        }}),
+                        ("connect", Some("session=banned")) => {
+                            json!({"disconnect": {"code": 4501, "reason": "banned"}})
+                        }
+                        ("connect", _) => json!({"error": {"code": 101, "message": "who?"}}),
+                        ("subscribe", _) if call["channel"] == "room:open" => json!({"result": {
+                            "info": {"role": "member"},
+                            "data": {"motd": "hello"},
+                        }}),
+                        ("subscribe", _) => {
+                            json!({"error": {"code": 103, "message": "members only"}})
+                        }
+                        ("publish", _) if call["data"]["text"] == "bad" => {
+                            json!({"error": {"code": 1001, "message": "not here"}})
+                        }
+                        ("publish", _) => json!({"result": {
+                            "data": {"text": call["data"]["text"], "checked": true},
+                            "skip_history": call["data"]["ephemeral"] == true,
+                        }}),
+                        _ => return (http::StatusCode::NOT_FOUND, Json(json!({}))),
+                    };
+                    (http::StatusCode::OK, Json(answer))
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
+pub(crate) fn config(url: &str) -> Config {
+    let mut namespaces = Namespaces::default();
+    namespaces.insert(
+        "room",
+        ChannelOptions {
+            proxy_subscribe: true,
+            proxy_publish: true,
+            // Neither anonymous subscribers nor client publishes without the backend.
+            allow_subscribe_for_anonymous: false,
+            allow_publish_for_client: false,
+            ..ChannelOptions::chat()
+        },
+    );
+    namespaces.insert("news", ChannelOptions::chat());
+    Config {
+        connect_proxy_url: Some(format!("{url}/connect")),
+        subscribe_proxy_url: Some(format!("{url}/subscribe")),
+        publish_proxy_url: Some(format!("{url}/publish")),
+        proxy_http_headers: vec![http::header::COOKIE],
+        namespaces,
+        ..Config::for_tests()
+    }
+}
+
+/// A native client that sends `cookie` with its upgrade (and a header the backend must not
+/// see), and its connect without a token.
+async fn open_with_cookie(server: &plexus_server::ServerHandle, cookie: &str) -> Ws {
+    let url = format!("ws://{}/connection/websocket", server.http_addr());
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().unwrap());
+    request
+        .headers_mut()
+        .insert("x-other", "private".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let connect = json!({"id": 1, "connect": {"name": "test", "data": {"hello": 1}}});
+    socket
+        .send(Message::Text(connect.to_string().into()))
+        .await
+        .unwrap();
+    socket
+}
+
+/// The same, and the connect reply.
+async fn connect_with_cookie(server: &plexus_server::ServerHandle, cookie: &str) -> (Ws, Value) {
+    let mut socket = open_with_cookie(server, cookie).await;
+    let reply = next_json(&mut socket).await;
+    (socket, reply)
+}
+
+#[tokio::test]
+async fn the_backend_authenticates_clients_from_their_cookies() {
+    let (url, calls) = backend().await;
+    let server = start(config(&url)).await;
+
+    let (mut ann, reply) = connect_with_cookie(&server, "session=ann").await;
+    let result = &reply["connect"];
+    assert_eq!(result["data"], json!({"welcome": true}), "{reply}");
+    assert!(
+        result["subs"]["news:ann"].is_object(),
+        "subscribed to the backend's channels: {reply}"
+    );
+    let client = result["client"].as_str().unwrap().to_owned();
+    let (path, body, cookie, other) = calls.lock().unwrap()[0].clone();
+    assert_eq!(path, "connect");
+    assert_eq!(
+        body,
+        json!({"client": client, "transport": "websocket", "protocol": "json",
+               "encoding": "json", "name": "test", "version": "", "data": {"hello": 1}})
+    );
+    assert_eq!(cookie.as_deref(), Some("session=ann"));
+    assert_eq!(other, None, "only proxy_http_headers go to the backend");
+    // The user and info the backend gave are who the client is.
+    let presence = command(&mut ann, 2, json!({"presence": {"channel": "news:ann"}})).await;
+    let me = &presence["presence"]["presence"][&client];
+    assert_eq!(me["user"], "ann", "{presence}");
+    assert_eq!(me["conn_info"], json!({"name": "Ann"}));
+
+    // The backend's error goes to the client as the connect's error; its disconnect closes.
+    let (_, reply) = connect_with_cookie(&server, "session=nobody").await;
+    assert_eq!(reply["error"], json!({"code": 101, "message": "who?"}));
+    let mut banned = open_with_cookie(&server, "session=banned").await;
+    assert_eq!(expect_close(&mut banned).await, (4501, "banned".to_owned()));
+
+    // A client with a token is not asked about.
+    let before = calls.lock().unwrap().len();
+    let (_with_token, _) = native(&server, "bob").await;
+    assert_eq!(calls.lock().unwrap().len(), before);
+}
+
+#[tokio::test]
+async fn the_backend_decides_subscribes_and_checks_publishes() {
+    let (url, calls) = backend().await;
+    let server = start(config(&url)).await;
+    let (mut ann, _) = connect_with_cookie(&server, "session=ann").await;
+
+    // Allowed with the backend's data and channel info; refused with its error.
+    let reply = command(
+        &mut ann,
+        2,
+        json!({"subscribe": {"channel": "room:open", "data": {"want": "in"}}}),
+    )
+    .await;
+    assert_eq!(
+        reply["subscribe"]["data"],
+        json!({"motd": "hello"}),
+        "{reply}"
+    );
+    let refused = command(&mut ann, 3, json!({"subscribe": {"channel": "room:vip"}})).await;
+    assert_eq!(
+        refused["error"],
+        json!({"code": 103, "message": "members only"})
+    );
+    let presence = command(&mut ann, 4, json!({"presence": {"channel": "room:open"}})).await;
+    let entries: Vec<&Value> = presence["presence"]["presence"]
+        .as_object()
+        .unwrap()
+        .values()
+        .collect();
+    assert_eq!(entries[0]["chan_info"], json!({"role": "member"}));
+    let subscribe_call = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(path, ..)| path == "subscribe")
+        .cloned()
+        .unwrap();
+    assert_eq!(subscribe_call.1["user"], "ann");
+    assert_eq!(subscribe_call.1["channel"], "room:open");
+    assert_eq!(subscribe_call.1["data"], json!({"want": "in"}));
+    assert_eq!(subscribe_call.2.as_deref(), Some("session=ann"));
+
+    // Publishes: the backend's data is what subscribers get; its error refuses; with
+    // skip_history the publication is delivered but not kept.
+    let reply = command(
+        &mut ann,
+        5,
+        json!({"publish": {"channel": "room:open", "data": {"text": "hi"}}}),
+    )
+    .await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    let pushed = next_json(&mut ann).await;
+    assert_eq!(
+        pushed["push"]["pub"]["data"],
+        json!({"text": "hi", "checked": true}),
+        "{pushed}"
+    );
+    let refused = command(
+        &mut ann,
+        6,
+        json!({"publish": {"channel": "room:open", "data": {"text": "bad"}}}),
+    )
+    .await;
+    assert_eq!(
+        refused["error"],
+        json!({"code": 1001, "message": "not here"})
+    );
+    command(
+        &mut ann,
+        7,
+        json!({"publish": {"channel": "room:open", "data": {"text": "psst", "ephemeral": true}}}),
+    )
+    .await;
+    let pushed = next_json(&mut ann).await;
+    assert_eq!(pushed["push"]["pub"]["data"]["text"], "psst");
+    let history = command(
+        &mut ann,
+        8,
+        json!({"history": {"channel": "room:open", "limit": -1}}),
+    )
+    .await;
+    let texts: Vec<&Value> = history["history"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["data"]["text"])
+        .collect();
+    assert_eq!(texts, [&json!("hi")], "{history}");
+
+    // A namespace without the proxies keeps its own rules and never asks the backend.
+    let before = calls.lock().unwrap().len();
+    let reply = command(
+        &mut ann,
+        9,
+        json!({"publish": {"channel": "news:x", "data": {"text": "plain"}}}),
+    )
+    .await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    assert_eq!(calls.lock().unwrap().len(), before);
+}
+
+/// A backend that is down: connecting without a token gets error 100 (internal), and the
+/// server goes on.
+#[tokio::test]
+async fn a_backend_that_is_down_is_an_internal_error() {
+    let port = plexus_core::conformance::free_port();
+    let server = start(config(&format!("http://127.0.0.1:{port}"))).await;
+    let (_, reply) = connect_with_cookie(&server, "session=ann").await;
+    assert_eq!(reply["error"]["code"], 100, "{reply}");
+    let (_, client) = native(&server, "bob").await;
+    assert!(!client.is_empty());
+}
