@@ -93,6 +93,13 @@ impl ChannelOptions {
         }
     }
 
+    /// Whether clients without the native protocol (raw WebSocket rooms, TCP chat), which
+    /// have no tokens to show and no backend to ask, may join: not where subscribing needs a
+    /// subscription token or the backend, nor where publishing needs the backend.
+    pub fn open_to_raw_clients(&self) -> bool {
+        !self.private && !self.proxy_subscribe && !self.proxy_publish
+    }
+
     pub fn has_history(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
     }

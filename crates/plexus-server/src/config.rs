@@ -476,7 +476,23 @@ fn fetch_url(key: &'static str, value: Option<String>) -> Result<Option<String>,
     }
 }
 
-/// Header names, checked and lowercased.
+/// Headers that say how the request to a backend is framed or routed: a client must not
+/// choose them.
+const UNFORWARDABLE: [&str; 11] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+];
+
+/// Header names to pass to the backends, checked and lowercased.
 fn header_names(names: Option<Vec<String>>) -> Result<Vec<http::HeaderName>, ConfigError> {
     names
         .unwrap_or_default()
@@ -484,12 +500,18 @@ fn header_names(names: Option<Vec<String>>) -> Result<Vec<http::HeaderName>, Con
         .map(|name| name.trim())
         .filter(|name| !name.is_empty())
         .map(|name| {
-            http::HeaderName::try_from(name.to_ascii_lowercase()).map_err(|_| {
-                ConfigError::Invalid {
-                    key: "proxy_http_headers",
-                    reason: format!("{name:?} is not a header name"),
-                }
-            })
+            let invalid = |reason: String| ConfigError::Invalid {
+                key: "proxy_http_headers",
+                reason,
+            };
+            let name = http::HeaderName::try_from(name.to_ascii_lowercase())
+                .map_err(|_| invalid(format!("{name:?} is not a header name")))?;
+            if UNFORWARDABLE.contains(&name.as_str()) {
+                return Err(invalid(format!(
+                    "{name} frames or routes the request to the backend; it cannot come from a client"
+                )));
+            }
+            Ok(name)
         })
         .collect()
 }
@@ -1289,14 +1311,16 @@ mod tests {
         .unwrap();
         assert!(config.namespaces.resolve("team:x").unwrap().proxy_subscribe);
         assert_eq!(config.proxy_http_headers, ["cookie", "x-real-ip"]);
-        let error = Settings {
-            proxy_http_headers: Some(vec!["bad header".into()]),
-            ..Settings::default()
+        for bad in ["bad header", "Host", "Content-Length"] {
+            let error = Settings {
+                proxy_http_headers: Some(vec![bad.into()]),
+                ..Settings::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(error.contains("proxy_http_headers"), "{bad}: {error}");
         }
-        .resolve()
-        .unwrap_err()
-        .to_string();
-        assert!(error.contains("proxy_http_headers"), "{error}");
     }
 
     #[test]

@@ -107,6 +107,9 @@ async fn authorize(
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::to_owned);
     let token = bearer.or_else(|| query.get("token").cloned());
+    // Polling cannot ask the subscribe proxy: such a namespace needs a subscription token here,
+    // as a private one does.
+    let needs_sub_token = options.private || options.proxy_subscribe;
     let user = match token {
         Some(token) => {
             let verifier = shared
@@ -116,7 +119,7 @@ async fn authorize(
             match crate::jwks::verify_connection(shared, verifier, &token, now_unix()).await {
                 // A guest of the built-in apps has exactly an anonymous user's rights.
                 Ok(claims) if is_guest(&claims) => {
-                    if !options.allow_subscribe_for_anonymous || options.private {
+                    if !options.allow_subscribe_for_anonymous || needs_sub_token {
                         return Err(refuse(StatusCode::FORBIDDEN, "permission denied"));
                     }
                     String::new()
@@ -128,7 +131,7 @@ async fn authorize(
                 Err(_) => return Err(refuse(StatusCode::UNAUTHORIZED, "invalid token")),
             }
         }
-        None if options.allow_subscribe_for_anonymous && !options.private => String::new(),
+        None if options.allow_subscribe_for_anonymous && !needs_sub_token => String::new(),
         None => {
             return Err(refuse(
                 StatusCode::UNAUTHORIZED,
@@ -139,7 +142,7 @@ async fn authorize(
     if !user_may_subscribe(channel, &user) {
         return Err(refuse(StatusCode::FORBIDDEN, "permission denied"));
     }
-    if options.private {
+    if needs_sub_token {
         let granted = match (query.get("sub_token"), shared.verifier.as_ref()) {
             (Some(token), Some(verifier)) => {
                 crate::jwks::verify_subscription(shared, verifier, token, now_unix())

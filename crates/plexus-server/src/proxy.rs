@@ -55,7 +55,12 @@ pub(crate) fn forwarded(names: &[HeaderName], headers: &http::HeaderMap) -> Forw
             headers
                 .get_all(name)
                 .iter()
-                .map(move |value| (name.clone(), value.clone()))
+                // A copy: the request's values are slices of its whole read buffer.
+                .filter_map(move |value| {
+                    HeaderValue::from_bytes(value.as_bytes())
+                        .ok()
+                        .map(|value| (name.clone(), value))
+                })
         })
         .collect()
 }
@@ -123,6 +128,16 @@ struct ChannelBody<'a> {
     channel: &'a str,
     #[serde(flatten)]
     data: DataFields<'a>,
+}
+
+/// `null` in an answer reads as the default, as a missing field does (Centrifugo's backends
+/// may send either).
+fn null_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// JSON or base64 from an answer (`data`/`b64data`, `info`/`b64info`) as a payload.
@@ -208,8 +223,8 @@ impl Backend {
         let reply: Reply<R> = serde_json::from_slice(&body)
             .map_err(|error| ProxyError::BadAnswer(error.to_string()))?;
         match reply {
-            // Only the application range of close codes: others mean something to WebSocket
-            // itself, or are Plexus's own.
+            // Only the range of close codes a WebSocket application may send: others mean
+            // something to WebSocket itself.
             Reply {
                 disconnect: Some(disconnect),
                 ..
@@ -306,15 +321,15 @@ impl Backend {
         }
         #[derive(Deserialize)]
         struct Result {
-            #[serde(default)]
+            #[serde(default, deserialize_with = "null_default")]
             user: String,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "null_default")]
             expire_at: u64,
             info: Option<RawJson>,
             b64info: Option<String>,
             data: Option<RawJson>,
             b64data: Option<String>,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "null_default")]
             channels: Vec<String>,
         }
         let body = Body {
@@ -350,7 +365,7 @@ impl Backend {
             b64info: Option<String>,
             data: Option<RawJson>,
             b64data: Option<String>,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "null_default")]
             expire_at: u64,
         }
         let body = ChannelBody {
@@ -382,7 +397,7 @@ impl Backend {
         struct Result {
             data: Option<RawJson>,
             b64data: Option<String>,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "null_default")]
             skip_history: bool,
         }
         let body = ChannelBody {

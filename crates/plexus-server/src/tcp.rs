@@ -279,6 +279,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
             join_leave: false,
         };
         let node = &self.shared.node;
+        if node
+            .options(&channel)
+            .is_ok_and(|options| !options.open_to_raw_clients())
+        {
+            self.say(&format!(
+                "ERR cannot join {room}: {}\n",
+                crate::ws::NATIVE_ONLY
+            ));
+            return;
+        }
         let channel = match node.subscribe(&channel, subscriber, None, None).await {
             Ok(subscription) => subscription.channel,
             Err(error) => {

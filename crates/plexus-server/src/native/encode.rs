@@ -4,8 +4,8 @@
 //! Data rules (also in docs/protocol.md):
 //! - a JSON client publishes JSON; the publication keeps those bytes as a text message, so raw
 //!   `/chat/{room}` clients receive the JSON text as is;
-//! - a Protobuf client publishes any bytes: valid UTF-8 is kept as a text message, anything else
-//!   as a binary one;
+//! - a Protobuf client publishes any bytes, and the publish proxy may give any bytes instead:
+//!   valid UTF-8 is kept as a text message, anything else as a binary one;
 //! - Protobuf clients receive every publication's bytes exactly as published;
 //! - JSON clients receive text that is valid JSON as that JSON value, other text as a JSON
 //!   string, and binary data as a JSON string holding its standard base64.
@@ -35,11 +35,13 @@ pub(crate) fn data(format: Format, kind: MessageKind, data: &Bytes) -> Payload {
     }
 }
 
-/// The message kind a protocol client's published data is kept as (see the module docs).
-pub(crate) fn published_kind(format: Format, data: &[u8]) -> MessageKind {
-    match format {
-        Format::Protobuf if std::str::from_utf8(data).is_err() => MessageKind::Binary,
-        _ => MessageKind::Text,
+/// The message kind a protocol client's published data is kept as (see the module docs):
+/// text when it is UTF-8 (always so for a JSON client's own data; not always for data the
+/// publish proxy gave instead).
+pub(crate) fn published_kind(data: &[u8]) -> MessageKind {
+    match std::str::from_utf8(data) {
+        Ok(_) => MessageKind::Text,
+        Err(_) => MessageKind::Binary,
     }
 }
 
@@ -173,11 +175,8 @@ mod tests {
 
     #[test]
     fn published_kinds() {
-        assert_eq!(published_kind(Format::Json, b"{}"), MessageKind::Text);
-        assert_eq!(published_kind(Format::Protobuf, b"hi"), MessageKind::Text);
-        assert_eq!(
-            published_kind(Format::Protobuf, &[0xff, 0]),
-            MessageKind::Binary
-        );
+        assert_eq!(published_kind(b"{}"), MessageKind::Text);
+        assert_eq!(published_kind(b"hi"), MessageKind::Text);
+        assert_eq!(published_kind(&[0xff, 0]), MessageKind::Binary);
     }
 }

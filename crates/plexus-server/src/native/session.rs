@@ -230,6 +230,8 @@ pub(crate) struct ClientSession {
     connected: Option<Connected>,
     /// A client that has not connected by then is closed (3502 stale).
     connect_deadline: ShortDeadline,
+    /// The connect proxy refused this connection: another connect closes it.
+    connect_refused: bool,
 }
 
 /// A moment less than 24 days ahead in 4 bytes, where an `Instant` takes 16: milliseconds on a
@@ -283,6 +285,7 @@ impl ClientSession {
             outbox: Arc::new(Outbox::new(shared.config.outbox_limit)),
             connected: None,
             connect_deadline: ShortDeadline::after(shared.config.handshake_timeout),
+            connect_refused: false,
         }
     }
 
@@ -482,8 +485,16 @@ impl ClientSession {
     }
 
     async fn connect(&mut self, shared: &Shared, request: proto::ConnectRequest) -> Outcome {
+        if self.connect_refused {
+            // The backend said no on this connection already: no guessing in a loop.
+            return Outcome::Disconnect(DisconnectCode::BadRequest);
+        }
         let client_id = crate::new_client_id();
         let mut connect_data = None;
+        // An expiry from the backend is the server's to enforce (3005, and the client connects
+        // again through the backend); the client is told of expiries only for tokens it can
+        // refresh.
+        let mut told_expiry = true;
         let (user, conn_info, expires_at, channels, guest) = if let Some(proxy) = shared
             .proxies
             .connect
@@ -501,8 +512,12 @@ impl ClientSession {
                 )
                 .await;
             match refused(answer, "connect") {
+                Ok(connected) if connected.expires_at.is_some_and(|at| at <= now_unix()) => {
+                    return ErrorCode::Expired.into();
+                }
                 Ok(connected) => {
                     connect_data = connected.data;
+                    told_expiry = false;
                     (
                         connected.user,
                         connected.info,
@@ -511,7 +526,10 @@ impl ClientSession {
                         false,
                     )
                 }
-                Err(refusal) => return refusal.into(),
+                Err(refusal) => {
+                    self.connect_refused = true;
+                    return refusal.into();
+                }
             }
         } else if request.token.is_empty() {
             if !shared.config.allow_anonymous_connect_without_token {
@@ -595,8 +613,8 @@ impl ClientSession {
         Outcome::Reply(ReplyBody::Connect(proto::ConnectResult {
             client: info.client.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            expires: expires_at.is_some(),
-            ttl: expires_at.map_or(0, ttl),
+            expires: told_expiry && expires_at.is_some(),
+            ttl: expires_at.filter(|_| told_expiry).map_or(0, ttl),
             subs,
             ping: shared.config.ping_interval.as_secs().max(1) as u32,
             pong: true,
@@ -812,6 +830,9 @@ async fn subscribe_command(
     let mut chan_info = None;
     let mut expires_at = None;
     let mut subscribe_data = None;
+    // As for connections: an expiry from the backend is the server's to enforce (2501, and the
+    // SDK subscribes again through the backend).
+    let mut told_expiry = true;
     let proxy = shared
         .proxies
         .subscribe
@@ -823,14 +844,18 @@ async fn subscribe_command(
         let answer = proxy
             .subscribe(
                 peer.caller(&info.client),
-                &info.user,
+                backend_user(connected),
                 channel,
                 request.data.as_ref(),
                 peer.headers(),
             )
             .await;
         match refused(answer, "subscribe") {
+            Ok(subscribed) if subscribed.expires_at.is_some_and(|at| at <= now_unix()) => {
+                return ErrorCode::Expired.into();
+            }
             Ok(subscribed) => {
+                told_expiry = false;
                 chan_info = subscribed.info;
                 expires_at = subscribed.expires_at;
                 subscribe_data = subscribed.data;
@@ -878,8 +903,10 @@ async fn subscribe_command(
                 if let Some(state) = connected.channels.get_mut(channel) {
                     state.expires_at = ExpiresAt::new(Some(at));
                 }
-                result.expires = true;
-                result.ttl = ttl(at);
+                if told_expiry {
+                    result.expires = true;
+                    result.ttl = ttl(at);
+                }
             }
             Outcome::Reply(ReplyBody::Subscribe(result))
         }
@@ -982,7 +1009,10 @@ fn rpc_command(
         calls.in_flight.fetch_sub(1, Ordering::Relaxed);
         return ErrorCode::TooManyRequests.into();
     }
-    let (client, user) = (connected.info.client.clone(), connected.info.user.clone());
+    let (client, user) = (
+        connected.info.client.clone(),
+        Arc::<str>::from(backend_user(connected)),
+    );
     let (outbox, format) = (peer.outbox.clone(), peer.format);
     let transport = Extra::transport(peer.extra);
     let headers = peer.headers().to_vec();
@@ -1028,6 +1058,16 @@ fn rpc_command(
         outbox.push_control(Control::Reply(format.encode_reply(&reply).into()));
     });
     Outcome::NoReply
+}
+
+/// The user a backend is told of: none for a guest of the built-in pages (a name without an
+/// account, with an anonymous connection's rights).
+fn backend_user(connected: &Connected) -> &str {
+    if connected.guest {
+        ""
+    } else {
+        &connected.info.user
+    }
 }
 
 /// A backend's "no": its error, or a disconnect; a backend that failed is an internal error.
@@ -1090,7 +1130,7 @@ async fn publish_command(
         let answer = proxy
             .publish(
                 peer.caller(&info.client),
-                &info.user,
+                backend_user(connected),
                 &request.channel,
                 &data,
                 peer.headers(),
@@ -1106,7 +1146,7 @@ async fn publish_command(
     }
     let publication = Publication::new(
         request.channel.as_str().into(),
-        encode::published_kind(peer.format, data.as_bytes()),
+        encode::published_kind(data.as_bytes()),
         data.into_bytes(),
         Some(connected.info.descriptor(None)),
     );

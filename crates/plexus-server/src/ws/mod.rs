@@ -11,7 +11,7 @@ mod raw;
 mod upgrade;
 
 pub(crate) use connection::Out;
-pub(crate) use raw::data_frame;
+pub(crate) use raw::{data_frame, NATIVE_ONLY};
 pub(crate) use upgrade::{chat, check_origin, echo, native};
 
 /// Locks a mutex whose data stays consistent even if a holder panicked (every update under these

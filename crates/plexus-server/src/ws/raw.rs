@@ -42,6 +42,9 @@ pub(crate) fn publication_frame(publication: &Publication, deflate: bool) -> &By
     publication.encoded(encoding, |p| data_frame(p.kind, &p.data, deflate))
 }
 
+/// Why a raw client may not join a room whose namespace needs tokens or the backend.
+pub(crate) const NATIVE_ONLY: &str = "this room needs the native protocol";
+
 pub(crate) struct RawRoom {
     channel: Arc<str>,
     info: Arc<ClientInfo>,
@@ -60,6 +63,13 @@ impl RawRoom {
         channel: &str,
         writer: Option<Arc<dyn DirectWriter>>,
     ) -> Result<RawRoom, (u16, String)> {
+        if shared
+            .node
+            .options(channel)
+            .is_ok_and(|options| !options.open_to_raw_clients())
+        {
+            return Err((close::POLICY, NATIVE_ONLY.to_owned()));
+        }
         let id = shared.node.hub().next_connection_id();
         let info = Arc::new(ClientInfo::new(
             id,

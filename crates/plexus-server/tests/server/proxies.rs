@@ -49,6 +49,16 @@ pub(crate) async fn backend() -> (String, Calls) {
                             "data": {"welcome": true},
                             "channels": ["news:ann"],
                         }}),
+                        ("connect", Some("session=brief")) => json!({"result": {
+                            "user": "brief", "expire_at": now_unix() + 1,
+                        }}),
+                        ("connect", Some("session=stale")) => json!({"result": {
+                            "user": "stale", "expire_at": 1,
+                        }}),
+                        ("connect", Some("session=nulls")) => json!({"result": {
+                            "user": "nulls", "expire_at": null, "channels": null,
+                            "info": null, "data": null,
+                        }}),
                         ("connect", Some("session=banned")) => {
                             json!({"disconnect": {"code": 4501, "reason": "banned"}})
                         }
@@ -78,6 +88,13 @@ pub(crate) async fn backend() -> (String, Calls) {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (url, calls)
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 pub(crate) fn config(url: &str) -> Config {
@@ -282,4 +299,112 @@ async fn a_backend_that_is_down_is_an_internal_error() {
     assert_eq!(reply["error"]["code"], 100, "{reply}");
     let (_, client) = native(&server, "bob").await;
     assert!(!client.is_empty());
+}
+
+/// An expiry the backend gives is the server's to enforce: the client is not asked to refresh
+/// (it has no token to refresh with) but is closed with 3005 when it comes, and connects again
+/// through the backend; an expiry already past is error 110. Nulls in an answer are defaults.
+/// A connection the backend refused may not try again.
+#[tokio::test]
+async fn backend_expiries_nulls_and_refusals() {
+    let (url, _) = backend().await;
+    let server = start(config(&url)).await;
+    let (mut brief, reply) = connect_with_cookie(&server, "session=brief").await;
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    assert_eq!(reply["connect"].get("expires"), None, "{reply}");
+    assert_eq!(reply["connect"].get("ttl"), None, "{reply}");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        expect_close(&mut brief).await,
+        (3005, "connection expired".to_owned())
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+
+    let (_, reply) = connect_with_cookie(&server, "session=stale").await;
+    assert_eq!(reply["error"]["code"], 110, "{reply}");
+    let (_, reply) = connect_with_cookie(&server, "session=nulls").await;
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+
+    let (mut nobody, reply) = connect_with_cookie(&server, "session=nobody").await;
+    assert_eq!(reply["error"]["code"], 101, "{reply}");
+    nobody
+        .send(Message::Text(
+            json!({"id": 2, "connect": {}}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        expect_close(&mut nobody).await,
+        (3501, "bad request".to_owned())
+    );
+}
+
+/// A guest of the built-in pages (a token from /app/token, a name without an account) is no
+/// user to the backends.
+#[tokio::test]
+async fn guests_are_anonymous_to_the_backends() {
+    let (url, calls) = backend().await;
+    let server = start(config(&url)).await;
+    let (status, body) = http_request(&server, "GET", "/app/token?name=Gus", "", "").await;
+    assert_eq!(status, 200, "{body}");
+    let guest_token = serde_json::from_str::<Value>(&body).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut guest = ws(&server, "/connection/websocket").await;
+    let connect = json!({"id": 1, "connect": {"token": guest_token}});
+    guest
+        .send(Message::Text(connect.to_string().into()))
+        .await
+        .unwrap();
+    let reply = next_json(&mut guest).await;
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    command(
+        &mut guest,
+        2,
+        json!({"subscribe": {"channel": "room:open"}}),
+    )
+    .await;
+    let (_, body, ..) = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(path, ..)| path == "subscribe")
+        .cloned()
+        .unwrap();
+    assert_eq!(body["user"], "", "{body}");
+}
+
+/// Where subscribing or publishing needs the backend, clients that cannot show a token or be
+/// asked about are kept out: raw rooms, TCP chat, and long polling without a subscription
+/// token.
+#[tokio::test]
+async fn raw_rooms_tcp_chat_and_polling_cannot_go_around_the_backend() {
+    let (url, _) = backend().await;
+    let mut config = config(&url);
+    config.namespaces.insert(
+        "chat",
+        plexus_core::ChannelOptions {
+            proxy_subscribe: true,
+            ..plexus_core::ChannelOptions::chat()
+        },
+    );
+    let server = start(config).await;
+    let mut raw = ws(&server, "/chat/lobby").await;
+    assert_eq!(
+        expect_close(&mut raw).await,
+        (1008, "this room needs the native protocol".to_owned())
+    );
+    let mut chat = LineClient::connect(server.tcp_chat_addr().unwrap()).await;
+    let refused = chat.line_where(|line| line.starts_with("ERR")).await;
+    assert!(refused.contains("native protocol"), "{refused}");
+    let (status, body) = http_request(
+        &server,
+        "GET",
+        &format!("/poll/room:open?token={}", token("ann")),
+        "",
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
 }
