@@ -90,6 +90,17 @@ pub(crate) async fn backend() -> (String, Calls) {
     (url, calls)
 }
 
+/// The first call the backend got at `path`.
+fn first_call(calls: &Calls, path: &str) -> (String, Value, Option<String>, Option<String>) {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(at, ..)| at == path)
+        .cloned()
+        .unwrap_or_else(|| panic!("no call to {path}"))
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -218,13 +229,7 @@ async fn the_backend_decides_subscribes_and_checks_publishes() {
         .values()
         .collect();
     assert_eq!(entries[0]["chan_info"], json!({"role": "member"}));
-    let subscribe_call = calls
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(path, ..)| path == "subscribe")
-        .cloned()
-        .unwrap();
+    let subscribe_call = first_call(&calls, "subscribe");
     assert_eq!(subscribe_call.1["user"], "ann");
     assert_eq!(subscribe_call.1["channel"], "room:open");
     assert_eq!(subscribe_call.1["data"], json!({"want": "in"}));
@@ -365,13 +370,7 @@ async fn guests_are_anonymous_to_the_backends() {
         json!({"subscribe": {"channel": "room:open"}}),
     )
     .await;
-    let (_, body, ..) = calls
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|(path, ..)| path == "subscribe")
-        .cloned()
-        .unwrap();
+    let (_, body, ..) = first_call(&calls, "subscribe");
     assert_eq!(body["user"], "", "{body}");
 }
 
