@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use bytes::Bytes;
 use plexus_core::{
     BoxFuture, ChannelError, ChannelOptions, Control, EngineError, MessageKind, NodeCommand,
@@ -42,11 +44,44 @@ fn engine_error(error: &EngineError, what: &str) -> ErrorCode {
 
 // ---- publish, broadcast ----
 
+/// What an API publish carries: `data`, any JSON value, published as its text (raw subscribers
+/// receive exactly this text); or `b64data`, any bytes in standard base64 (Protobuf clients get
+/// them as they are, JSON clients as that base64 in a string unless they are JSON text).
+/// (Fields of the request itself: serde cannot flatten a raw JSON value.)
+struct Data<'a> {
+    data: &'a Option<RawJson>,
+    b64data: &'a Option<String>,
+}
+
+impl Data<'_> {
+    fn check(&self) -> Result<(), String> {
+        match (self.data, self.b64data) {
+            (Some(_), Some(_)) => Err("data and b64data: one of them, not both".into()),
+            (None, None) => Err("data or b64data required".into()),
+            (None, Some(b64)) => BASE64
+                .decode(b64)
+                .map(|_| ())
+                .map_err(|error| format!("b64data is not base64: {error}")),
+            (Some(_), None) => Ok(()),
+        }
+    }
+
+    /// The bytes to publish and how raw clients get them: text when UTF-8, else binary.
+    fn bytes(&self) -> (MessageKind, Bytes) {
+        let bytes = match (self.data, self.b64data) {
+            (Some(data), _) => Bytes::copy_from_slice(data.as_bytes()),
+            (None, Some(b64)) => Bytes::from(BASE64.decode(b64).unwrap_or_default()),
+            (None, None) => Bytes::new(),
+        };
+        (encode::published_kind(&bytes), bytes)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct PublishRequest {
     channel: String,
-    /// Any JSON value, published as its text (raw subscribers receive exactly this text).
-    data: RawJson,
+    data: Option<RawJson>,
+    b64data: Option<String>,
     /// Deliver without keeping it in history (no offset).
     #[serde(default)]
     skip_history: bool,
@@ -54,7 +89,17 @@ pub(super) struct PublishRequest {
 
 impl Validate for PublishRequest {
     fn validate(&self) -> Result<(), String> {
-        required("channel", &self.channel)
+        required("channel", &self.channel)?;
+        self.data().check()
+    }
+}
+
+impl PublishRequest {
+    fn data(&self) -> Data<'_> {
+        Data {
+            data: &self.data,
+            b64data: &self.b64data,
+        }
     }
 }
 
@@ -73,11 +118,11 @@ type Acknowledgement = BoxFuture<Result<Option<StreamPosition>, EngineError>>;
 fn start_publish(
     shared: &Shared,
     channel: &str,
-    data: &Bytes,
+    (kind, data): &(MessageKind, Bytes),
     skip_history: bool,
 ) -> Result<Acknowledgement, ErrorCode> {
     let options = options(shared, channel)?;
-    let publication = Publication::new(channel.into(), MessageKind::Text, data.clone(), None);
+    let publication = Publication::new(channel.into(), *kind, data.clone(), None);
     let acknowledgement = if skip_history && options.has_history() {
         // What `Node::publish` does, without the retention.
         shared.node.engine().publish(publication, None)
@@ -103,7 +148,7 @@ pub(super) async fn publish(
     shared: &Shared,
     request: PublishRequest,
 ) -> Result<PublishResult, ErrorCode> {
-    let data = Bytes::copy_from_slice(request.data.as_bytes());
+    let data = request.data().bytes();
     let acknowledgement = start_publish(shared, &request.channel, &data, request.skip_history)?;
     finish_publish(acknowledgement).await
 }
@@ -111,7 +156,8 @@ pub(super) async fn publish(
 #[derive(Debug, Deserialize)]
 pub(super) struct BroadcastRequest {
     channels: Vec<String>,
-    data: RawJson,
+    data: Option<RawJson>,
+    b64data: Option<String>,
     #[serde(default)]
     skip_history: bool,
 }
@@ -123,7 +169,12 @@ impl Validate for BroadcastRequest {
         }
         self.channels
             .iter()
-            .try_for_each(|channel| required("channel", channel))
+            .try_for_each(|channel| required("channel", channel))?;
+        Data {
+            data: &self.data,
+            b64data: &self.b64data,
+        }
+        .check()
     }
 }
 
@@ -137,7 +188,11 @@ pub(super) async fn broadcast(
     shared: &Shared,
     request: BroadcastRequest,
 ) -> Result<BroadcastResult, ErrorCode> {
-    let data = Bytes::copy_from_slice(request.data.as_bytes());
+    let data = Data {
+        data: &request.data,
+        b64data: &request.b64data,
+    }
+    .bytes();
     let started: Vec<_> = request
         .channels
         .iter()

@@ -355,7 +355,7 @@ async fn batch_runs_commands_in_order() {
             replies[2]["error"]["message"]
                 .as_str()
                 .unwrap()
-                .contains("missing field `data`"),
+                .contains("data or b64data required"),
             "{reply}"
         );
         assert_eq!(

@@ -233,3 +233,47 @@ async fn rpc_from_a_protobuf_client_carries_bytes() {
     assert_eq!(calls.lock().unwrap()[1]["encoding"], "json");
     assert_eq!(calls.lock().unwrap()[1]["data"], json!({"n": 1}));
 }
+
+/// The server API publishes binary data with `b64data`: Protobuf subscribers get the bytes,
+/// JSON subscribers their base64, raw room clients a binary message; `data` and `b64data`
+/// together, or bad base64, are refused.
+#[tokio::test]
+async fn the_api_publishes_bytes_with_b64data() {
+    let server = start_default().await;
+    let (mut pb, _) = protobuf_client(&server, "ann", Ask::Subprotocol).await;
+    call(&mut pb, 2, subscribe("chat:bytes")).await;
+    let (mut jay, _) = native(&server, "jay").await;
+    command(&mut jay, 2, json!({"subscribe": {"channel": "chat:bytes"}})).await;
+    let mut raw = ws(&server, "/chat/bytes").await;
+
+    let result = api_result(
+        &server,
+        "publish",
+        json!({"channel": "chat:bytes", "b64data": "AP8B"}),
+    )
+    .await;
+    assert_eq!(result["offset"], 1, "{result}");
+    assert_eq!(
+        next_publication(&mut pb).await.data.unwrap().as_bytes(),
+        [0, 255, 1]
+    );
+    assert_eq!(next_json(&mut jay).await["push"]["pub"]["data"], "AP8B");
+    match next(&mut raw).await {
+        Message::Binary(bytes) => assert_eq!(&bytes[..], [0, 255, 1]),
+        other => panic!("expected a binary message, got {other:?}"),
+    }
+    for bad in [
+        json!({"channel": "chat:bytes", "b64data": "%%%"}),
+        json!({"channel": "chat:bytes", "data": 1, "b64data": "AA=="}),
+        json!({"channel": "chat:bytes"}),
+    ] {
+        let headers = format!("X-API-Key: {API_KEY}\r\n");
+        let (status, reply) =
+            http_json(&server, "POST", "/api/publish", &headers, &bad.to_string()).await;
+        assert_eq!(
+            (status, &reply["error"]["code"]),
+            (400, &json!(107)),
+            "{bad}: {reply}"
+        );
+    }
+}
