@@ -208,6 +208,9 @@ pub struct Settings {
     /// proxy_http_headers, cookies say)
     #[arg(long, env = "PLEXUS_CONNECT_PROXY_URL", value_name = "URL")]
     pub connect_proxy_url: Option<String>,
+    /// Backend that extends (or ends) connections the connect proxy made when they expire
+    #[arg(long, env = "PLEXUS_REFRESH_PROXY_URL", value_name = "URL")]
+    pub refresh_proxy_url: Option<String>,
     /// Backend that decides subscribes without a token in namespaces with proxy_subscribe
     #[arg(long, env = "PLEXUS_SUBSCRIBE_PROXY_URL", value_name = "URL")]
     pub subscribe_proxy_url: Option<String>,
@@ -345,8 +348,9 @@ pub struct Config {
     /// The RPC backend (`http://…` or `https://…`).
     pub rpc_proxy_url: Option<String>,
     pub rpc_proxy_timeout: Duration,
-    /// The connect, subscribe and publish proxies' backends.
+    /// The connect, refresh, subscribe and publish proxies' backends.
     pub connect_proxy_url: Option<String>,
+    pub refresh_proxy_url: Option<String>,
     pub subscribe_proxy_url: Option<String>,
     pub publish_proxy_url: Option<String>,
     pub proxy_timeout: Duration,
@@ -840,6 +844,7 @@ impl Settings {
             rpc_proxy_url: self.rpc_proxy_url.or(lower.rpc_proxy_url),
             rpc_proxy_timeout: self.rpc_proxy_timeout.or(lower.rpc_proxy_timeout),
             connect_proxy_url: self.connect_proxy_url.or(lower.connect_proxy_url),
+            refresh_proxy_url: self.refresh_proxy_url.or(lower.refresh_proxy_url),
             subscribe_proxy_url: self.subscribe_proxy_url.or(lower.subscribe_proxy_url),
             publish_proxy_url: self.publish_proxy_url.or(lower.publish_proxy_url),
             proxy_timeout: self.proxy_timeout.or(lower.proxy_timeout),
@@ -1016,6 +1021,7 @@ impl Settings {
             rpc_proxy_url: fetch_url("rpc_proxy_url", self.rpc_proxy_url)?,
             rpc_proxy_timeout: duration("rpc_proxy_timeout", self.rpc_proxy_timeout, "1s")?,
             connect_proxy_url: fetch_url("connect_proxy_url", self.connect_proxy_url)?,
+            refresh_proxy_url: fetch_url("refresh_proxy_url", self.refresh_proxy_url)?,
             subscribe_proxy_url,
             publish_proxy_url,
             proxy_timeout: duration("proxy_timeout", self.proxy_timeout, "1s")?,

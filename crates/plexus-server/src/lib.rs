@@ -84,6 +84,7 @@ pub(crate) struct Shared {
 struct Proxies {
     rpc: Option<Arc<proxy::Backend>>,
     connect: Option<proxy::Backend>,
+    refresh: Option<proxy::Backend>,
     subscribe: Option<proxy::Backend>,
     publish: Option<proxy::Backend>,
 }
@@ -98,6 +99,7 @@ impl Proxies {
         Proxies {
             rpc: backend(&config.rpc_proxy_url, config.rpc_proxy_timeout).map(Arc::new),
             connect: backend(&config.connect_proxy_url, config.proxy_timeout),
+            refresh: backend(&config.refresh_proxy_url, config.proxy_timeout),
             subscribe: backend(&config.subscribe_proxy_url, config.proxy_timeout),
             publish: backend(&config.publish_proxy_url, config.proxy_timeout),
         }
@@ -107,6 +109,7 @@ impl Proxies {
     fn any(&self) -> bool {
         self.rpc.is_some()
             || self.connect.is_some()
+            || self.refresh.is_some()
             || self.subscribe.is_some()
             || self.publish.is_some()
     }

@@ -9,6 +9,8 @@
 //! - **subscribe** (`subscribe_proxy_url`, namespaces with `proxy_subscribe`): a subscribe
 //!   without a token is allowed or refused by the backend, which may give channel info, data
 //!   for the client and an expiry.
+//! - **refresh** (`refresh_proxy_url`): a connection whose expiry came from the connect proxy is
+//!   extended by the backend when it comes (`expire_at`), or ended (`expired: true`, 3005).
 //! - **publish** (`publish_proxy_url`, namespaces with `proxy_publish`): a client's publish is
 //!   allowed or refused by the backend, which may replace its data and skip history.
 //! - **rpc** (`rpc_proxy_url`): a client's `rpc` is answered by the backend.
@@ -350,6 +352,45 @@ impl Backend {
         })
     }
 
+    /// A connection the connect proxy made is expiring: may it go on?
+    pub(crate) async fn refresh(
+        &self,
+        caller: Caller<'_>,
+        user: &str,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Answer<Refreshed>, ProxyError> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            #[serde(flatten)]
+            caller: Caller<'a>,
+            // No data to carry, but the field every call has.
+            encoding: &'static str,
+            user: &'a str,
+        }
+        #[derive(Deserialize)]
+        struct Result {
+            #[serde(default, deserialize_with = "null_default")]
+            expired: bool,
+            #[serde(default, deserialize_with = "null_default")]
+            expire_at: u64,
+        }
+        let body = Body {
+            caller,
+            encoding: "json",
+            user,
+        };
+        let answer = self.post::<Result>(&body, headers).await?;
+        Backend::decode(answer, |result| {
+            Ok(Refreshed {
+                expires_at: if result.expired {
+                    None
+                } else {
+                    Some(result.expire_at)
+                },
+            })
+        })
+    }
+
     /// A subscribe without a token in a namespace with `proxy_subscribe`.
     pub(crate) async fn subscribe(
         &self,
@@ -429,6 +470,14 @@ pub(crate) struct Connected {
     pub data: Option<Payload>,
     /// Channels to subscribe the client to (server-side subscriptions).
     pub channels: Vec<String>,
+}
+
+/// The refresh proxy's result.
+#[derive(Debug)]
+pub(crate) struct Refreshed {
+    /// `None`: expired, the connection ends. `Some(0)`: it no longer expires; `Some(at)`: the
+    /// new expiry (Unix seconds).
+    pub expires_at: Option<u64>,
 }
 
 /// The subscribe proxy's result.

@@ -154,6 +154,7 @@ fn summary(config: &Config) -> String {
     };
     line("rpc_proxy_url", fetch(&config.rpc_proxy_url));
     line("connect_proxy_url", fetch(&config.connect_proxy_url));
+    line("refresh_proxy_url", fetch(&config.refresh_proxy_url));
     line("subscribe_proxy_url", fetch(&config.subscribe_proxy_url));
     line("publish_proxy_url", fetch(&config.publish_proxy_url));
     let headers: Vec<&str> = config

@@ -175,6 +175,8 @@ struct Connected {
     guest: bool,
     /// When the connection expires unless refreshed.
     expires_at: ExpiresAt,
+    /// The connect proxy made it: the refresh proxy (if any) decides at its expiry.
+    proxied: bool,
     channels: ChannelMap,
     /// Commands against `max_messages_per_second`.
     rate: MessageRate,
@@ -369,7 +371,31 @@ impl ClientSession {
         };
         let now = now_unix();
         if connected.expires_at.get().is_some_and(|at| at <= now) {
-            return close(out, DisconnectCode::Expired);
+            let refresh = shared.proxies.refresh.as_ref();
+            match refresh.filter(|_| connected.proxied) {
+                Some(proxy) => {
+                    let peer = Peer {
+                        outbox: &self.outbox,
+                        format,
+                        extra: self.extra.as_deref(),
+                    };
+                    let caller = peer.caller(&connected.info.client);
+                    let user = backend_user(connected);
+                    let answer = proxy.refresh(caller, user, peer.headers()).await;
+                    match refused(answer, "refresh") {
+                        Ok(refreshed) => match refreshed.expires_at {
+                            Some(0) => connected.expires_at = ExpiresAt::default(),
+                            Some(at) if at > now => connected.expires_at = ExpiresAt::new(Some(at)),
+                            _ => return close(out, DisconnectCode::Expired),
+                        },
+                        Err(Refusal::Close(code, reason)) => {
+                            return out.push(Out::Close(code, reason));
+                        }
+                        Err(_) => return close(out, DisconnectCode::Expired),
+                    }
+                }
+                None => return close(out, DisconnectCode::Expired),
+            }
         }
         let expired: Vec<Arc<str>> = connected
             .channels
@@ -575,6 +601,7 @@ impl ClientSession {
             info: info.clone(),
             guest,
             expires_at: ExpiresAt::new(expires_at),
+            proxied: !told_expiry,
             channels: ChannelMap::default(),
             rate: MessageRate::new(shared.config.max_messages_per_second),
             rpc: None,

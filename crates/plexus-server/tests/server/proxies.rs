@@ -42,7 +42,18 @@ pub(crate) async fn backend() -> (String, Calls) {
                         cookie.clone(),
                         header("x-other"),
                     ));
+                    let refreshes = seen
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|(path, ..)| path == "refresh")
+                        .count();
                     let answer = match (kind.as_str(), cookie.as_deref()) {
+                        // Extended once, by a second; then over.
+                        ("refresh", _) if refreshes == 1 => {
+                            json!({"result": {"expire_at": now_unix() + 1}})
+                        }
+                        ("refresh", _) => json!({"result": {"expired": true}}),
                         ("connect", Some("session=ann")) => json!({"result": {
                             "user": "ann",
                             "info": {"name": "Ann"},
@@ -406,4 +417,34 @@ async fn raw_rooms_tcp_chat_and_polling_cannot_go_around_the_backend() {
     )
     .await;
     assert_eq!(status, 403, "{body}");
+}
+
+/// With a refresh proxy, a connection the connect proxy gave an expiry is extended by the
+/// backend when it comes, on the same connection, until the backend says it is over (3005).
+#[tokio::test]
+async fn the_refresh_proxy_extends_connections_until_it_says_no() {
+    let (url, calls) = backend().await;
+    let server = start(Config {
+        refresh_proxy_url: Some(format!("{url}/refresh")),
+        ..config(&url)
+    })
+    .await;
+    let (mut brief, reply) = connect_with_cookie(&server, "session=brief").await;
+    let client = reply["connect"]["client"].as_str().unwrap().to_owned();
+    assert_eq!(
+        expect_close(&mut brief).await,
+        (3005, "connection expired".to_owned())
+    );
+    // Two refreshes on the one connection: the first extended it, the second ended it.
+    let refreshes: Vec<Value> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(path, ..)| path == "refresh")
+        .map(|(_, body, ..)| body.clone())
+        .collect();
+    assert_eq!(refreshes.len(), 2, "{refreshes:?}");
+    assert_eq!(refreshes[0]["client"], client.as_str());
+    assert_eq!(refreshes[0]["user"], "brief");
+    assert_eq!(refreshes[0]["transport"], "websocket");
 }
