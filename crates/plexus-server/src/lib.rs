@@ -90,18 +90,20 @@ struct Proxies {
 }
 
 impl Proxies {
-    fn new(config: &Config) -> Proxies {
-        let backend = |url: &Option<String>, timeout| {
+    fn new(config: &Config, metrics: &metrics::ProxyMetrics) -> Proxies {
+        let backend = |name, url: &Option<String>, timeout| {
             url.as_deref().map(|url| {
-                proxy::Backend::new(url, timeout).expect("the configuration checked the URL")
+                proxy::Backend::new(name, url, timeout, metrics.clone())
+                    .expect("the configuration checked the URL")
             })
         };
+        let timeout = config.proxy_timeout;
         Proxies {
-            rpc: backend(&config.rpc_proxy_url, config.rpc_proxy_timeout).map(Arc::new),
-            connect: backend(&config.connect_proxy_url, config.proxy_timeout),
-            refresh: backend(&config.refresh_proxy_url, config.proxy_timeout),
-            subscribe: backend(&config.subscribe_proxy_url, config.proxy_timeout),
-            publish: backend(&config.publish_proxy_url, config.proxy_timeout),
+            rpc: backend("rpc", &config.rpc_proxy_url, config.rpc_proxy_timeout).map(Arc::new),
+            connect: backend("connect", &config.connect_proxy_url, timeout),
+            refresh: backend("refresh", &config.refresh_proxy_url, timeout),
+            subscribe: backend("subscribe", &config.subscribe_proxy_url, timeout),
+            publish: backend("publish", &config.publish_proxy_url, timeout),
         }
     }
 
@@ -206,10 +208,11 @@ impl Server {
 
         let heartbeats = ws::heartbeat::Heartbeats::new(config.ping_interval, config.pong_timeout);
         let node = node(&config)?;
-        let proxies = Proxies::new(&config);
+        let metrics = Metrics::new(node.engine().clone());
+        let proxies = Proxies::new(&config, &metrics.proxies);
         let shared = Arc::new(Shared {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
-            metrics: Metrics::new(node.engine().clone()),
+            metrics,
             node,
             config,
             shutdown: CancellationToken::new(),

@@ -28,6 +28,37 @@ struct CodeLabel {
     code: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyLabel {
+    proxy: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyOutcomeLabel {
+    proxy: &'static str,
+    outcome: &'static str,
+}
+
+/// Calls to the application's backends (see `proxy`), by proxy.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ProxyMetrics {
+    calls: Family<ProxyOutcomeLabel, Counter>,
+    seconds: Family<ProxyLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+impl ProxyMetrics {
+    /// One call to `proxy` took `elapsed` and ended in `outcome`: `result`, `error`,
+    /// `disconnect` (the backend's answers) or `failed` (no usable answer).
+    pub(crate) fn call(&self, proxy: &'static str, outcome: &'static str, elapsed: f64) {
+        self.calls
+            .get_or_create(&ProxyOutcomeLabel { proxy, outcome })
+            .inc();
+        self.seconds
+            .get_or_create(&ProxyLabel { proxy })
+            .inc_by(elapsed);
+    }
+}
+
 /// The counters of one transport.
 #[derive(Debug, Clone, Default)]
 pub struct TransportMetrics {
@@ -81,6 +112,7 @@ pub struct Metrics {
     deliveries: Counter,
     pub slow_disconnects: Counter,
     pub rate_limited: Counter,
+    pub(crate) proxies: ProxyMetrics,
     /// Serialises renders, which move `deliveries` up to the hub's total.
     render_lock: std::sync::Mutex<()>,
 }
@@ -210,6 +242,17 @@ impl Metrics {
             "Messages refused because their connection was over max_messages_per_second",
             rate_limited.clone(),
         );
+        let proxies = ProxyMetrics::default();
+        registry.register(
+            "proxy_calls",
+            "Calls to the application's backends, by proxy and outcome (result, error, disconnect: the backend's answers; failed: none usable)",
+            proxies.calls.clone(),
+        );
+        registry.register(
+            "proxy_call_seconds",
+            "Time spent waiting for the application's backends, by proxy (mean latency: its rate over the calls' rate)",
+            proxies.seconds.clone(),
+        );
         registry.register_collector(Box::new(EngineCollector(engine)));
         Metrics {
             registry,
@@ -222,6 +265,7 @@ impl Metrics {
             deliveries,
             slow_disconnects,
             rate_limited,
+            proxies,
             render_lock: std::sync::Mutex::new(()),
         }
     }

@@ -31,6 +31,7 @@
 
 use std::time::Duration;
 
+use crate::metrics::ProxyMetrics;
 use crate::outbound::{http_client, HttpClient};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -173,24 +174,53 @@ struct DisconnectBody {
 
 /// One backend, with a pool of kept-alive connections.
 pub(crate) struct Backend {
+    /// `connect`, `refresh`, `subscribe`, `publish` or `rpc`: the `proxy` label of its metrics.
+    name: &'static str,
     client: HttpClient,
     url: Uri,
     timeout: Duration,
+    metrics: ProxyMetrics,
 }
 
 impl Backend {
     /// `url` is an `http://` or `https://` URL (checked by the configuration).
-    pub(crate) fn new(url: &str, timeout: Duration) -> Result<Backend, http::uri::InvalidUri> {
+    pub(crate) fn new(
+        name: &'static str,
+        url: &str,
+        timeout: Duration,
+        metrics: ProxyMetrics,
+    ) -> Result<Backend, http::uri::InvalidUri> {
         let url: Uri = url.parse()?;
         let client = http_client(timeout);
         Ok(Backend {
+            name,
             client,
             url,
             timeout,
+            metrics,
         })
     }
 
+    /// One call, counted in the metrics.
     async fn post<R: DeserializeOwned>(
+        &self,
+        body: &impl Serialize,
+        headers: &[(HeaderName, HeaderValue)],
+    ) -> Result<Answer<R>, ProxyError> {
+        let started = std::time::Instant::now();
+        let answer = self.exchange(body, headers).await;
+        let outcome = match &answer {
+            Ok(Answer::Result(_)) => "result",
+            Ok(Answer::Error(_)) => "error",
+            Ok(Answer::Disconnect { .. }) => "disconnect",
+            Err(_) => "failed",
+        };
+        self.metrics
+            .call(self.name, outcome, started.elapsed().as_secs_f64());
+        answer
+    }
+
+    async fn exchange<R: DeserializeOwned>(
         &self,
         body: &impl Serialize,
         headers: &[(HeaderName, HeaderValue)],

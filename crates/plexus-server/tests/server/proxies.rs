@@ -303,6 +303,22 @@ async fn the_backend_decides_subscribes_and_checks_publishes() {
     .await;
     assert!(reply.get("error").is_none(), "{reply}");
     assert_eq!(calls.lock().unwrap().len(), before);
+
+    // Every call is counted by proxy and outcome, and timed.
+    let (_, metrics) = http_request(&server, "GET", "/metrics", "", "").await;
+    for (proxy, outcome, count) in [
+        ("connect", "result", 1),
+        ("subscribe", "result", 1),
+        ("subscribe", "error", 1),
+        ("publish", "result", 2),
+        ("publish", "error", 1),
+    ] {
+        let line = format!(
+            "plexus_proxy_calls_total{{proxy=\"{proxy}\",outcome=\"{outcome}\"}} {count}\n"
+        );
+        assert!(metrics.contains(&line), "{line:?} in\n{metrics}");
+    }
+    assert!(metrics.contains("plexus_proxy_call_seconds_total{proxy=\"publish\"} "));
 }
 
 /// A backend that is down: connecting without a token gets error 100 (internal), and the
