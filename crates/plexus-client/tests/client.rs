@@ -43,12 +43,28 @@ fn url(server: &ServerHandle) -> String {
 }
 
 fn client(server: &ServerHandle, user: &str) -> Client {
+    client_in(server, user, Format::Json)
+}
+
+fn client_in(server: &ServerHandle, user: &str, format: Format) -> Client {
     let options = Options {
         min_reconnect_delay: Duration::from_millis(300),
         max_reconnect_delay: Duration::from_secs(1),
+        format,
         ..Options::token(token(user))
     };
     Client::connect(url(server), options)
+}
+
+/// A server that pings every second and cuts a client silent for a second after a ping.
+async fn fast_pinging_server() -> ServerHandle {
+    Server::bind(Config {
+        ping_interval: Duration::from_secs(1),
+        pong_timeout: Duration::from_secs(1),
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap()
 }
 
 /// A server API call; its `result`.
@@ -259,13 +275,7 @@ async fn closes_that_must_not_be_retried() {
 /// this one answers, so it keeps its connection (same client id) well past that.
 #[tokio::test]
 async fn answers_the_servers_pings() {
-    let server = Server::bind(Config {
-        ping_interval: Duration::from_secs(1),
-        pong_timeout: Duration::from_secs(1),
-        ..Config::for_tests()
-    })
-    .await
-    .unwrap();
+    let server = fast_pinging_server().await;
     let ann = client(&server, "ann");
     let id = ann.connected().await.unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -452,24 +462,9 @@ async fn an_expired_token_without_a_source_ends_the_client() {
 /// and recovery works as in JSON.
 #[tokio::test]
 async fn speaks_protobuf_beside_json_clients() {
-    let server = Server::bind(Config {
-        ping_interval: Duration::from_secs(1),
-        pong_timeout: Duration::from_secs(1),
-        ..Config::for_tests()
-    })
-    .await
-    .unwrap();
-    let protobuf = |user: &str| {
-        let options = Options {
-            format: Format::Protobuf,
-            min_reconnect_delay: Duration::from_millis(300),
-            max_reconnect_delay: Duration::from_secs(1),
-            ..Options::token(token(user))
-        };
-        Client::connect(url(&server), options)
-    };
-    let ann = protobuf("ann");
-    let bob = protobuf("bob");
+    let server = fast_pinging_server().await;
+    let ann = client_in(&server, "ann", Format::Protobuf);
+    let bob = client_in(&server, "bob", Format::Protobuf);
     let jay = client(&server, "jay");
     let ann_id = ann.connected().await.unwrap();
     let mut ann_room = ann.subscribe("chat:pb").await.unwrap();

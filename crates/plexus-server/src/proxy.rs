@@ -39,6 +39,9 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
+// `null` in an answer reads as the default, as a missing field does (Centrifugo's backends may
+// send either).
+use plexus_protocol::client::null_default;
 use plexus_protocol::client::{Error as ProtocolError, Payload, RawJson};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -131,16 +134,6 @@ struct ChannelBody<'a> {
     channel: &'a str,
     #[serde(flatten)]
     data: DataFields<'a>,
-}
-
-/// `null` in an answer reads as the default, as a missing field does (Centrifugo's backends
-/// may send either).
-fn null_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// JSON or base64 from an answer (`data`/`b64data`, `info`/`b64info`) as a payload.

@@ -136,6 +136,15 @@ pub struct ParseError {
 }
 
 impl ParseError {
+    /// Bytes that are not a command at all (no id known): fatal.
+    pub(super) fn malformed(detail: String) -> ParseError {
+        ParseError {
+            id: None,
+            kind: ParseErrorKind::Malformed,
+            detail,
+        }
+    }
+
     /// The reply error code: always 107, bad request.
     pub const fn error_code(&self) -> ErrorCode {
         ErrorCode::BadRequest

@@ -113,11 +113,7 @@ impl Format {
         match self {
             Format::Json => match std::str::from_utf8(data) {
                 Ok(text) => parse_frame(text),
-                Err(error) => vec![Err(ParseError {
-                    id: None,
-                    kind: ParseErrorKind::Malformed,
-                    detail: error.to_string(),
-                })],
+                Err(error) => vec![Err(ParseError::malformed(error.to_string()))],
             },
             Format::Protobuf => protobuf::parse_frame(data),
         }

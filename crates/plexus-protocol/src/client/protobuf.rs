@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::command::{classify, Incoming, ParseError, ParseErrorKind, Request};
+use super::command::{classify, Incoming, ParseError, Request};
 use super::payload::Payload;
 use super::reply::{Push, PushBody, Reply, ReplyBody};
 use super::types;
@@ -713,14 +713,6 @@ impl Msg for Push {
     }
 }
 
-fn malformed(detail: String) -> ParseError {
-    ParseError {
-        id: None,
-        kind: ParseErrorKind::Malformed,
-        detail,
-    }
-}
-
 /// Parses one binary WebSocket message (or an HTTP request body): length-delimited `Command`s.
 ///
 /// Each command gives one result, in order, as in the JSON encoding (see
@@ -735,7 +727,7 @@ pub fn parse_frame(mut data: &[u8]) -> Vec<Result<Incoming, ParseError>> {
                 all.push(classify(command.id, requests));
             }
             Err(error) => {
-                all.push(Err(malformed(error.to_string())));
+                all.push(Err(ParseError::malformed(error.to_string())));
                 break;
             }
         }
@@ -837,7 +829,7 @@ impl EmulationRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{ErrorCode, Format};
+    use crate::client::{ErrorCode, Format, ParseErrorKind};
 
     fn one(data: &[u8]) -> Result<Incoming, ParseError> {
         let mut all = parse_frame(data);

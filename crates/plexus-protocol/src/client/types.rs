@@ -21,8 +21,9 @@ pub(super) fn is_default<T: Default + PartialEq>(value: &T) -> bool {
     *value == T::default()
 }
 
-/// `deserialize_with` for every field: `null` reads as the default, like a missing field.
-pub(super) fn null_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+/// `deserialize_with` for every field: `null` reads as the default, like a missing field (also
+/// for other JSON the server reads in Centrifugo's style, the proxies' answers).
+pub fn null_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de> + Default,
