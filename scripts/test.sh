@@ -10,10 +10,11 @@ step() { printf '\n==> %s\n' "$*"; }
 # Services the tests talk to for real: started when they are not running (a fresh machine).
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 ensure_redis() {
-  if port_open 6379; then return; fi
-  if ! command -v redis-server >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  # The tests also start redis-servers of their own (TLS, Sentinel, Cluster via redis-cli).
+  if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
   fi
+  if port_open 6379; then return; fi
   echo "starting redis-server"
   mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \

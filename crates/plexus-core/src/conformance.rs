@@ -17,9 +17,17 @@ use crate::MessageKind;
 pub struct Recorder {
     deliveries: Mutex<Vec<Delivery>>,
     commands: Mutex<Vec<NodeCommand>>,
+    interruptions: std::sync::atomic::AtomicUsize,
 }
 
 impl Recorder {
+    /// How many times the engine said deliveries may have been lost
+    /// ([`Deliver::interrupted`]).
+    pub fn interruptions(&self) -> usize {
+        self.interruptions
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Data of the publications delivered so far, with their offsets.
     pub fn publications(&self) -> Vec<(String, u64)> {
         self.deliveries
@@ -30,6 +38,19 @@ impl Recorder {
                 Delivery::Publication(p) => {
                     Some((String::from_utf8_lossy(&p.data).into_owned(), p.offset))
                 }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Tags of the publications delivered so far (empty when none).
+    pub fn publication_tags(&self) -> Vec<crate::Tags> {
+        self.deliveries
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|delivery| match delivery {
+                Delivery::Publication(p) => Some(p.tags.as_deref().cloned().unwrap_or_default()),
                 _ => None,
             })
             .collect()
@@ -56,6 +77,11 @@ impl Deliver for Recorder {
 
     fn command(&self, command: &NodeCommand) {
         self.commands.lock().unwrap().push(command.clone());
+    }
+
+    fn interrupted(&self) {
+        self.interruptions
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -128,8 +154,12 @@ async fn offsets_history_and_delivery_order(factory: Factory<'_>) {
         .unwrap()
         .unwrap();
     assert_eq!(first.offset, 1);
+    let tags = crate::Tags::from([("kind".to_owned(), "test".to_owned())]);
     let second = engine
-        .publish(publication("a:1", "two"), Some(RETENTION))
+        .publish(
+            publication("a:1", "two").with_tags(tags.clone()),
+            Some(RETENTION),
+        )
         .await
         .unwrap()
         .unwrap();
@@ -149,6 +179,12 @@ async fn offsets_history_and_delivery_order(factory: Factory<'_>) {
         recorder.publications(),
         [("one".into(), 1), ("two".into(), 2), ("x".into(), 1)]
     );
+    let no_tags = crate::Tags::new();
+    assert_eq!(
+        recorder.publication_tags(),
+        [no_tags.clone(), tags.clone(), no_tags.clone()],
+        "tags are delivered"
+    );
     let page = engine
         .history("a:1", HistoryQuery::default())
         .await
@@ -156,6 +192,12 @@ async fn offsets_history_and_delivery_order(factory: Factory<'_>) {
     assert_eq!(page.top, second);
     let offsets: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, [1, 2]);
+    let kept: Vec<crate::Tags> = page
+        .publications
+        .iter()
+        .map(|p| p.tags.as_deref().cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(kept, [no_tags, tags], "tags are kept in history");
     assert_eq!(
         page.publications[0].publisher(),
         Some("c"),
@@ -439,6 +481,24 @@ fn signal(pid: u32, signal: &str) {
 }
 
 /// A TCP port on 127.0.0.1 that nothing listens on right now.
+/// A text publication in `channel` with no publisher, as engine tests publish.
+pub fn text_publication(channel: &str, text: &str) -> Publication {
+    Publication::new(
+        channel.into(),
+        MessageKind::Text,
+        text.to_owned().into(),
+        None,
+    )
+}
+
+/// A prefix of its own for one engine under test (`{stem}-{process}-{n}`), so runs and tests
+/// never see each other's keys, subjects or streams.
+pub fn unique_prefix(stem: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{stem}-{}-{n}", std::process::id())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -99,6 +99,13 @@ pub enum NodeCommand {
     Unsubscribe { user: Arc<str>, channel: Arc<str> },
     /// Subscribe a user's connections to a channel.
     Subscribe { user: Arc<str>, channel: Arc<str> },
+    /// Set when every connection of a user (or one client of it) expires: Unix seconds, 0
+    /// for never.
+    Refresh {
+        user: Arc<str>,
+        client: Option<Arc<str>>,
+        expire_at: u64,
+    },
     /// A frame of commands for an SSE or HTTP-streaming session of node `node`, sent through
     /// another node's `/emulation`: only that node acts on it (the hub passes it on to the
     /// server's handler, see [`crate::Hub::on_other_commands`]).

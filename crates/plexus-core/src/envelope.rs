@@ -28,10 +28,11 @@
 //! # Node command
 //!
 //! ```text
-//! kind     1 byte      b'D' disconnect, b'U' unsubscribe, b'S' subscribe, b'E' emulation,
-//!                      b'N' node stats, b'Q' survey, b'A' survey reply
+//! kind     1 byte      b'D' disconnect, b'U' unsubscribe, b'S' subscribe, b'R' refresh,
+//!                      b'E' emulation, b'N' node stats, b'Q' survey, b'A' survey reply
 //! D        user, client (u32::MAX for none), code (u16 big-endian), reason
 //! U, S     user, channel
+//! R        user, client (u32::MAX for none), expire_at (u64 big-endian Unix seconds, 0 never)
 //! E        node, session, data (u32 length + bytes)
 //! N        node, name, version, num_clients, num_users, num_channels, num_subs (u32 each,
 //!          big-endian), uptime (u64 big-endian)
@@ -40,7 +41,8 @@
 //! ```
 //!
 //! Kinds are only ever added: a node decodes every message of an older node; a kind it does not
-//! know (from a newer node) is an error it logs and skips.
+//! know (from a newer node) is an error it logs and skips. Likewise a stored publication with
+//! tags (a flags bit older nodes do not know) is corrupt to a node older than tags.
 //!
 //! Strings are u32-length-prefixed UTF-8 as in the descriptor.
 
@@ -190,6 +192,16 @@ pub fn encode_command(command: &NodeCommand) -> Bytes {
             put_text(&mut out, user.as_bytes());
             put_text(&mut out, channel.as_bytes());
         }
+        NodeCommand::Refresh {
+            user,
+            client,
+            expire_at,
+        } => {
+            out.put_u8(b'R');
+            put_text(&mut out, user.as_bytes());
+            put_optional(&mut out, client.as_deref().map(str::as_bytes));
+            out.put_u64(*expire_at);
+        }
         NodeCommand::Emulation {
             node,
             session,
@@ -229,6 +241,16 @@ pub fn encode_command(command: &NodeCommand) -> Bytes {
     out.freeze()
 }
 
+/// Text that may be absent (see `put_optional`).
+fn take_optional_text(input: &mut Bytes) -> Result<Option<Arc<str>>, CorruptPublication> {
+    match take(input)? {
+        None => Ok(None),
+        Some(bytes) => std::str::from_utf8(&bytes)
+            .map(|text| Some(Arc::from(text)))
+            .map_err(|_| CorruptPublication),
+    }
+}
+
 pub fn decode_command(message: &[u8]) -> Result<NodeCommand, CorruptPublication> {
     let mut input = Bytes::copy_from_slice(message);
     if !input.has_remaining() {
@@ -237,14 +259,7 @@ pub fn decode_command(message: &[u8]) -> Result<NodeCommand, CorruptPublication>
     let command = match input.get_u8() {
         b'D' => {
             let user = take_text(&mut input)?;
-            let client = match take(&mut input)? {
-                None => None,
-                Some(bytes) => Some(
-                    std::str::from_utf8(&bytes)
-                        .map(Arc::from)
-                        .map_err(|_| CorruptPublication)?,
-                ),
-            };
+            let client = take_optional_text(&mut input)?;
             if input.remaining() < 2 {
                 return Err(CorruptPublication);
             }
@@ -264,6 +279,18 @@ pub fn decode_command(message: &[u8]) -> Result<NodeCommand, CorruptPublication>
                 NodeCommand::Unsubscribe { user, channel }
             } else {
                 NodeCommand::Subscribe { user, channel }
+            }
+        }
+        b'R' => {
+            let user = take_text(&mut input)?;
+            let client = take_optional_text(&mut input)?;
+            if input.remaining() < 8 {
+                return Err(CorruptPublication);
+            }
+            NodeCommand::Refresh {
+                user,
+                client,
+                expire_at: input.get_u64(),
             }
         }
         b'E' => {
@@ -411,6 +438,16 @@ mod tests {
             NodeCommand::Subscribe {
                 user: "".into(),
                 channel: "news".into(),
+            },
+            NodeCommand::Refresh {
+                user: "u3".into(),
+                client: Some("c-1".into()),
+                expire_at: 1_900_000_000,
+            },
+            NodeCommand::Refresh {
+                user: "u3".into(),
+                client: None,
+                expire_at: 0,
             },
             NodeCommand::Emulation {
                 node: "n1".into(),

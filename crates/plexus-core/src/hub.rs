@@ -455,6 +455,17 @@ impl Deliver for Hub {
                     reason: reason.clone(),
                 },
             ),
+            NodeCommand::Refresh {
+                user,
+                client,
+                expire_at,
+            } => (
+                user,
+                client.as_deref(),
+                Control::Refresh {
+                    expire_at: *expire_at,
+                },
+            ),
             NodeCommand::Unsubscribe { user, channel } => (
                 user,
                 None,

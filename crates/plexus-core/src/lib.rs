@@ -39,4 +39,6 @@ pub use options::{allowed_users, user_may_subscribe, ChannelError, ChannelOption
 pub use outbox::{Control, Delivery, DirectWriter, Outbox, OutboxState};
 pub use plexus_protocol::ws::MessageKind;
 pub use presence::PresenceMap;
-pub use publication::{ClientDescriptor, CorruptPublication, Encoding, Membership, Publication};
+pub use publication::{
+    ClientDescriptor, CorruptPublication, Encoding, Membership, Publication, Tags,
+};

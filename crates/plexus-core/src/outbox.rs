@@ -30,6 +30,9 @@ pub enum Control {
     },
     /// The server subscribes the connection to a channel.
     Subscribe { channel: Arc<str> },
+    /// The connection's expiry changed (the server API's `refresh`): Unix seconds, 0 for
+    /// none. A protocol connection is closed with 3005 when it comes (at once if past).
+    Refresh { expire_at: u64 },
     /// The channel's stream may have gone on without this node (a broker connection was lost
     /// and restored): the connection must resubscribe and recover to learn what it missed.
     Resync { channel: Arc<str> },

@@ -125,8 +125,14 @@ pub struct Publication {
     pub info: Option<Arc<ClientDescriptor>>,
     /// Position in the channel's stream; 0 when the channel keeps no history.
     pub offset: u64,
+    /// Key-value metadata the publisher attached (the server API's `tags`), delivered and
+    /// kept with the data.
+    pub tags: Option<Arc<Tags>>,
     encodings: EncodingCache,
 }
+
+/// A publication's tags, in key order.
+pub type Tags = std::collections::BTreeMap<String, String>;
 
 /// Why stored bytes could not be read back as a publication.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,8 +154,15 @@ impl Publication {
             data,
             info,
             offset: 0,
+            tags: None,
             encodings: EncodingCache::default(),
         }
+    }
+
+    /// The same publication with `tags` (none if empty).
+    pub fn with_tags(mut self, tags: Tags) -> Publication {
+        self.tags = (!tags.is_empty()).then(|| Arc::new(tags));
+        self
     }
 
     /// The same publication at a stream position.
@@ -170,7 +183,12 @@ impl Publication {
 
     /// Bytes this publication counts for in an outbox.
     pub fn weight(&self) -> usize {
-        self.data.len() + 64
+        let tags = self.tags.as_ref().map_or(0, |tags| {
+            tags.iter()
+                .map(|(key, value)| key.len() + value.len() + 8)
+                .sum()
+        });
+        self.data.len() + tags + 64
     }
 
     /// The publisher's client id, if a client published it.
@@ -188,16 +206,24 @@ impl Publication {
                 + info.conn_info.as_ref().map_or(0, |b| b.len())
                 + info.chan_info.as_ref().map_or(0, |b| b.len())
         });
-        let mut out = BytesMut::with_capacity(3 + info + self.data.len());
+        let tags = self.tags.as_ref().map_or(0, |tags| {
+            4 + tags
+                .iter()
+                .map(|(key, value)| 8 + key.len() + value.len())
+                .sum::<usize>()
+        });
+        let mut out = BytesMut::with_capacity(3 + info + tags + self.data.len());
         out.put_u8(STORED_VERSION);
         out.put_u8(match self.kind {
             MessageKind::Text => 0,
             MessageKind::Binary => 1,
         });
+        // Flags: 1 the publisher's info follows, 2 tags follow (after the info).
+        let flags = u8::from(self.info.is_some()) | (u8::from(self.tags.is_some()) << 1);
+        out.put_u8(flags);
         match &self.info {
-            None => out.put_u8(0),
+            None => {}
             Some(info) => {
-                out.put_u8(1);
                 for part in [info.user.as_bytes(), info.client.as_bytes()] {
                     out.put_u32(part.len() as u32);
                     out.put_slice(part);
@@ -210,6 +236,15 @@ impl Publication {
                             out.put_slice(bytes);
                         }
                     }
+                }
+            }
+        }
+        if let Some(tags) = &self.tags {
+            out.put_u32(tags.len() as u32);
+            for (key, value) in tags.iter() {
+                for part in [key, value] {
+                    out.put_u32(part.len() as u32);
+                    out.put_slice(part.as_bytes());
                 }
             }
         }
@@ -251,9 +286,13 @@ impl Publication {
             1 => MessageKind::Binary,
             _ => return Err(CorruptPublication),
         };
-        let info = match stored.get_u8() {
+        let flags = stored.get_u8();
+        if flags > 3 {
+            return Err(CorruptPublication);
+        }
+        let info = match flags & 1 {
             0 => None,
-            1 => {
+            _ => {
                 let user = text(take(&mut stored)?)?;
                 let client = text(take(&mut stored)?)?;
                 let conn_info = take(&mut stored)?;
@@ -265,9 +304,21 @@ impl Publication {
                     chan_info,
                 }))
             }
-            _ => return Err(CorruptPublication),
         };
-        Ok(Publication::new(channel, kind, stored, info).with_offset(offset))
+        let mut tags = Tags::new();
+        if flags & 2 != 0 {
+            if stored.remaining() < 4 {
+                return Err(CorruptPublication);
+            }
+            for _ in 0..stored.get_u32() {
+                let key = text(take(&mut stored)?)?;
+                let value = text(take(&mut stored)?)?;
+                tags.insert(key.to_string(), value.to_string());
+            }
+        }
+        Ok(Publication::new(channel, kind, stored, info)
+            .with_offset(offset)
+            .with_tags(tags))
     }
 }
 
@@ -375,20 +426,39 @@ mod tests {
             conn_info: Some(Bytes::from_static(b"{\"name\":\"ann\"}")),
             chan_info: None,
         });
-        for (kind, info) in [(MessageKind::Text, None), (MessageKind::Binary, Some(info))] {
+        let tags = Tags::from([("k".to_owned(), "v".to_owned()), ("é".into(), "".into())]);
+        for (kind, info, tags) in [
+            (MessageKind::Text, None, Tags::new()),
+            (MessageKind::Binary, Some(info.clone()), Tags::new()),
+            (MessageKind::Text, None, tags.clone()),
+            (MessageKind::Binary, Some(info), tags),
+        ] {
             let publication = Publication::new(
                 "chat:a".into(),
                 kind,
                 Bytes::from_static(b"\x00data"),
                 info.clone(),
-            );
-            let back =
-                Publication::from_stored("chat:a".into(), 9, publication.to_stored()).unwrap();
+            )
+            .with_tags(tags.clone());
+            let stored = publication.to_stored();
+            let back = Publication::from_stored("chat:a".into(), 9, stored.clone()).unwrap();
             assert_eq!(
                 (back.kind, &back.data, &back.info, back.offset),
                 (kind, &publication.data, &info, 9)
             );
+            assert_eq!(back.tags.as_deref().cloned().unwrap_or_default(), tags);
+            // Cut anywhere before the data, it is corrupt.
+            let header = stored.len() - publication.data.len();
+            for cut in 0..header {
+                assert!(Publication::from_stored("c".into(), 1, stored.slice(..cut)).is_err());
+            }
         }
+        // Stored before tags existed (flags 0 or 1) still reads; unknown flags do not.
+        let old = Publication::from_stored("x".into(), 1, Bytes::from_static(b"\x01\x00\x00hi"));
+        assert_eq!(&old.unwrap().data[..], b"hi");
+        assert!(
+            Publication::from_stored("x".into(), 1, Bytes::from_static(b"\x01\x00\x04hi")).is_err()
+        );
         assert_eq!(
             Publication::from_stored("x".into(), 1, Bytes::from_static(b"\x01\x00\x01\x00"))
                 .unwrap_err(),

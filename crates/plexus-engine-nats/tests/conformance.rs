@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,12 +20,7 @@ fn nats_url() -> String {
 }
 
 fn unique_prefix() -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "plexus-test-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    plexus_core::conformance::unique_prefix("plexus-test")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

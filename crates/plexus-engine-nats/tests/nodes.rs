@@ -2,14 +2,13 @@
 //! offsets stay gapless and in order when both publish to one channel at once, and the
 //! presence of a node that is gone expires while the other's is kept fresh.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use plexus_core::conformance::Recorder;
 use plexus_core::{
-    ClientDescriptor, Deliver, Delivery, Engine, HistoryQuery, HistoryRetention, MessageKind,
-    NodeCommand, Publication,
+    ClientDescriptor, Deliver, Delivery, Engine, HistoryQuery, HistoryRetention, NodeCommand,
+    Publication,
 };
 use plexus_engine_nats::{NatsEngine, NatsOptions};
 
@@ -40,12 +39,7 @@ fn options(prefix: &str) -> NatsOptions {
 }
 
 fn prefix() -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "plexus-test-nodes-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    plexus_core::conformance::unique_prefix("plexus-test-nodes")
 }
 
 fn client(user: &str) -> Arc<ClientDescriptor> {
@@ -58,12 +52,7 @@ fn client(user: &str) -> Arc<ClientDescriptor> {
 }
 
 fn publication(channel: &str, text: &str) -> Publication {
-    Publication::new(
-        channel.into(),
-        MessageKind::Text,
-        text.to_owned().into(),
-        None,
-    )
+    plexus_core::conformance::text_publication(channel, text)
 }
 
 const RETENTION: HistoryRetention = HistoryRetention {

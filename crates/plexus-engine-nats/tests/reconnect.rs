@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use plexus_core::conformance::Recorder;
 use plexus_core::{
     ClientDescriptor, Deliver, Delivery, Engine, EngineError, HistoryQuery, HistoryRetention,
-    MessageKind, NodeCommand, Publication,
+    NodeCommand, Publication,
 };
 use plexus_engine_nats::{NatsEngine, NatsOptions};
 
@@ -44,12 +44,7 @@ const RETENTION: HistoryRetention = HistoryRetention {
 };
 
 fn publication(text: &str) -> Publication {
-    Publication::new(
-        "chat:x".into(),
-        MessageKind::Text,
-        text.to_owned().into(),
-        None,
-    )
+    plexus_core::conformance::text_publication("chat:x", text)
 }
 
 async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {

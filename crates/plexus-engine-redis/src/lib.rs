@@ -41,9 +41,21 @@
 //! With Sentinel, `rediss://` sentinel addresses and a `rediss://` URL (for the master) each
 //! turn on TLS, with the same CA and client certificate.
 //!
-//! Redis Cluster is not supported (the scripts touch several keys of one channel, and the
-//! pub/sub is not sharded).
+//! # Redis Cluster
+//!
+//! With [`RedisOptions::cluster`] (seed nodes), every key of a channel carries the channel as
+//! its hash tag, `{prefix}:stream:{{channel}}` and so on, so a channel's keys share a slot and
+//! its scripts run on the master that holds it. There is one writer per master (`cluster`):
+//! a call goes to the master of its channel's slot, by a slot map read with `CLUSTER SLOTS`
+//! and read again when a node answers `MOVED`/`ASK`/`CLUSTERDOWN`/`TRYAGAIN` or is lost (the
+//! call that met it fails as unavailable). Pub/sub is Redis's classic kind: each channel is
+//! subscribed on the master that holds it (one pub/sub connection per master), where its
+//! publications are published, so they do not cross the cluster bus; node commands go
+//! through one more connection, to any node. A channel whose name starts with `}` would have
+//! no hash tag (its keys would land in different slots): its calls fail as unavailable
+//! without reaching Redis.
 
+mod cluster;
 pub mod codec;
 mod scripts;
 mod source;
@@ -65,7 +77,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::scripts::Scripts;
 use crate::source::Source;
-use crate::subscriber::Subscriber;
+use crate::subscriber::{Role, Subscriber, Subscribers};
 use crate::writer::{Health, Writers};
 
 /// Why a call found Redis unavailable: the `source` of [`EngineError::Unavailable`].
@@ -96,6 +108,9 @@ pub struct RedisOptions {
     /// name. Each connection asks them for the current master (so a failover is followed);
     /// `url` then only gives the password and database.
     pub sentinel: Option<(Vec<String>, String)>,
+    /// Redis Cluster: `host:port` addresses of some of its nodes, asked for the slot map;
+    /// `url` then gives only the password and, with `rediss://`, TLS for every node.
+    pub cluster: Option<Vec<String>>,
     /// Prefix of every key and pub/sub channel, so several installations share one Redis.
     pub prefix: String,
     /// Writer connections; a channel always uses the same one.
@@ -117,6 +132,7 @@ impl RedisOptions {
             tls_ca: None,
             tls_client: None,
             sentinel: None,
+            cluster: None,
             prefix: prefix.into(),
             shards: 4,
             presence_ttl: Duration::from_secs(60),
@@ -134,6 +150,16 @@ pub enum RedisEngineError {
     Url(#[source] redis::RedisError),
     #[error("the redis key prefix must not be empty")]
     EmptyPrefix,
+    #[error(
+        "with redis cluster the key prefix must not contain '{{' or '}}' (they make hash tags)"
+    )]
+    ClusterPrefix,
+    #[error("redis cluster node {0:?} is not host:port")]
+    ClusterNode(String),
+    #[error("redis cluster has only database 0: the redis url must not name another")]
+    ClusterDatabase,
+    #[error("redis cluster and redis sentinel cannot be used together")]
+    ClusterAndSentinel,
 }
 
 /// The engine. Dropping it stops its tasks and closes its connections.
@@ -144,9 +170,11 @@ pub struct RedisEngine {
 
 struct Inner {
     options: RedisOptions,
+    /// Keys carry the channel as a hash tag (Redis Cluster).
+    tagged_keys: bool,
     scripts: Scripts,
     writers: Writers,
-    subscriber: Arc<Subscriber>,
+    subscriber: Subscribers,
     health: Arc<Health>,
     /// Presence this node added, refreshed in the broker while its clients stay.
     presence: PresenceMap,
@@ -195,6 +223,32 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
     cmd
 }
 
+/// A cluster node's address: `host:port`, also written `redis://host:port` or
+/// `rediss://host:port` (TLS comes from the engine's URL either way).
+fn cluster_node(address: &str) -> Result<(String, u16), RedisEngineError> {
+    let bare = address.trim();
+    let bare = bare
+        .strip_prefix("rediss://")
+        .or_else(|| bare.strip_prefix("redis://"))
+        .unwrap_or(bare)
+        .trim_end_matches('/');
+    match bare.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(['@', '/']) => {
+            match port.parse::<u16>() {
+                // `[::1]:7000`: the brackets only delimit an IPv6 address.
+                Ok(port) if port != 0 => Ok((
+                    host.trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
+                    port,
+                )),
+                _ => Err(RedisEngineError::ClusterNode(address.to_owned())),
+            }
+        }
+        _ => Err(RedisEngineError::ClusterNode(address.to_owned())),
+    }
+}
+
 impl RedisEngine {
     /// Starts the engine's connections on the current Tokio runtime (it panics outside one);
     /// they connect in the background, and calls made meanwhile wait for the first attempt.
@@ -217,31 +271,98 @@ impl RedisEngine {
                     }),
                 root_cert: options.tls_ca.clone(),
             });
-        let source = match (&options.sentinel, tls) {
-            (Some((sentinels, master)), tls) => {
-                Source::sentinel(sentinels, master, &options.url, tls)
-            }
-            (None, Some(tls)) => {
-                Client::build_with_tls(options.url.as_str(), tls).map(Source::direct)
-            }
-            (None, None) => Client::open(options.url.as_str()).map(Source::direct),
-        }
-        .map_err(RedisEngineError::Url)?;
         let cancel = CancellationToken::new();
-        let shards = options.shards.max(1);
-        let health = Arc::new(Health::new(shards));
-        let scripts = Scripts::new();
-        let writers = Writers::start(&source, shards, health.clone(), &cancel);
         let connected = Arc::new(Notify::new());
-        let subscriber = Subscriber::start(
+        let (source, health, writers, shards) = match &options.cluster {
+            Some(seeds) => {
+                if options.sentinel.is_some() {
+                    return Err(RedisEngineError::ClusterAndSentinel);
+                }
+                if options.prefix.contains(['{', '}']) {
+                    return Err(RedisEngineError::ClusterPrefix);
+                }
+                let seeds = seeds
+                    .iter()
+                    .map(|seed| cluster_node(seed))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if seeds.is_empty() {
+                    return Err(RedisEngineError::ClusterNode(String::new()));
+                }
+                let info = source::connection_info(&options.url).map_err(RedisEngineError::Url)?;
+                if info.redis_settings().db() != 0 {
+                    return Err(RedisEngineError::ClusterDatabase);
+                }
+                let template = cluster::NodeTemplate { info, tls };
+                let clients = seeds
+                    .iter()
+                    .map(|(host, port)| template.client(host, *port))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(RedisEngineError::Url)?;
+                let rotation = source::Rotation::new(clients);
+                // Writers: down until the slot map is known; pub/sub: the control connection
+                // (the masters' connections count themselves).
+                let health = Arc::new(Health::new(1, 1));
+                let shards = cluster::Shards::new(
+                    &options.prefix,
+                    deliver.clone(),
+                    health.clone(),
+                    connected.clone(),
+                    options.timeout,
+                );
+                let router = cluster::Router::start(
+                    template,
+                    seeds,
+                    rotation.clone(),
+                    shards.clone(),
+                    health.clone(),
+                    &cancel,
+                );
+                (
+                    Source::Rotating(rotation),
+                    health,
+                    Writers::Cluster(router),
+                    Some(shards),
+                )
+            }
+            None => {
+                let source = match (&options.sentinel, tls) {
+                    (Some((sentinels, master)), tls) => {
+                        Source::sentinel(sentinels, master, &options.url, tls)
+                    }
+                    (None, tls) => source::connection_info(&options.url).and_then(|info| {
+                        match tls {
+                            Some(tls) => Client::build_with_tls(info, tls),
+                            None => Client::open(info),
+                        }
+                        .map(Source::direct)
+                    }),
+                }
+                .map_err(RedisEngineError::Url)?;
+                let shards = options.shards.max(1);
+                let health = Arc::new(Health::new(shards, 1));
+                let writers = Writers::start(&source, shards, health.clone(), &cancel);
+                (source, health, writers, None)
+            }
+        };
+        let scripts = Scripts::new();
+        let control = Subscriber::start(
             &source,
             &options.prefix,
             deliver,
             health.clone(),
             connected.clone(),
             &cancel,
+            Role {
+                control: true,
+                takes_over: false,
+            },
         );
+        let subscriber = match shards {
+            None => Subscribers::Single(control),
+            Some(shards) => Subscribers::Cluster { control, shards },
+        };
         let inner = Arc::new(Inner {
+            tagged_keys: options.cluster.is_some(),
             options,
             scripts,
             writers,
@@ -265,7 +386,11 @@ impl RedisEngine {
 
 impl Inner {
     fn key(&self, kind: &str, channel: &str) -> String {
-        format!("{}:{kind}:{channel}", self.options.prefix)
+        if self.tagged_keys {
+            format!("{}:{kind}:{{{channel}}}", self.options.prefix)
+        } else {
+            format!("{}:{kind}:{channel}", self.options.prefix)
+        }
     }
 
     /// Queues `cmd` now on `channel`'s writer; the future is its reply.
@@ -366,11 +491,11 @@ impl Engine for RedisEngine {
             .arg(millis(inner.options.history_meta_ttl))
             .arg(&*new_epoch());
         let reply = inner.call(&channel, cmd);
-        let subscriber = inner.subscriber.clone();
+        let inner = inner.clone();
         Box::pin(async move {
             let (offset, epoch): (u64, String) =
                 redis::from_redis_value(reply.await?).map_err(bad_reply)?;
-            if let Some(delivered) = subscriber.delivery_of(&channel, offset) {
+            if let Some(delivered) = inner.subscriber.delivery_of(&channel, offset) {
                 let _ = tokio::time::timeout(LOCAL_DELIVERY_WAIT, delivered).await;
             }
             Ok(Some(StreamPosition {
@@ -452,11 +577,12 @@ impl Engine for RedisEngine {
     }
 
     fn watch(&self, channel: &str, watching: bool) -> BoxFuture<Result<(), EngineError>> {
-        let subscriber = self.inner.subscriber.clone();
+        let inner = self.inner.clone();
         let timeout = self.inner.options.timeout;
         let channel = channel.to_owned();
         Box::pin(async move {
-            subscriber
+            inner
+                .subscriber
                 .watch(&channel, watching, timeout)
                 .await
                 .map_err(unavailable)

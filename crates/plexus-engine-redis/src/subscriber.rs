@@ -1,6 +1,8 @@
-//! The node's one pub/sub connection: it is always subscribed to `{prefix}:control` and to
-//! `{prefix}:pub:{channel}` for every watched channel, and hands every message it receives,
-//! decoded, to the hub in arrival order.
+//! A pub/sub connection: subscribed to `{prefix}:control` (the node's one, or with Redis
+//! Cluster the one that reads commands) and to `{prefix}:pub:{channel}` for every channel it
+//! watches, it hands every message it receives, decoded, to the hub in arrival order. With one
+//! Redis a node has one; with Redis Cluster, one more per master for the channels that master
+//! holds (`cluster::Shards`).
 //!
 //! A supervisor task connects (with backoff), subscribes the control channel, publishes the
 //! connection for [`Subscriber::watch`], subscribes every watched channel again, then reads
@@ -9,7 +11,7 @@
 //! recover them).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use crate::source::Source;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Shards;
 use crate::codec::{decode_command, decode_envelope, Envelope};
 use crate::writer::{Backoff, Health, LinkError, CONNECT_TIMEOUT, IDLE_PING, RESPONSE_TIMEOUT};
 
@@ -51,6 +54,72 @@ struct State {
     watched: HashMap<Arc<str>, Progress>,
 }
 
+/// The node's pub/sub connections.
+pub(crate) enum Subscribers {
+    /// One Redis (or Sentinel's master): one connection for everything.
+    Single(Arc<Subscriber>),
+    /// Redis Cluster: one connection (to any node) for node commands, and one per master for
+    /// the channels it holds.
+    Cluster {
+        control: Arc<Subscriber>,
+        shards: Arc<Shards>,
+    },
+}
+
+impl Subscribers {
+    fn control(&self) -> &Subscriber {
+        match self {
+            Subscribers::Single(subscriber) => subscriber,
+            Subscribers::Cluster { control, .. } => control,
+        }
+    }
+
+    /// The pub/sub channel of a Plexus channel.
+    pub fn pubsub_channel(&self, channel: &str) -> String {
+        self.control().pubsub_channel(channel)
+    }
+
+    pub fn control_channel(&self) -> &str {
+        self.control().control_channel()
+    }
+
+    /// Waits (at most `timeout`) for the first attempt of the connection that reads node
+    /// commands; `Err` unless it is up.
+    pub async fn started(&self, timeout: Duration) -> Result<(), LinkError> {
+        self.control().started(timeout).await
+    }
+
+    /// Subscribes to (or unsubscribes from) a channel's publications.
+    pub async fn watch(
+        &self,
+        channel: &str,
+        watching: bool,
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
+        match self {
+            Subscribers::Single(subscriber) => subscriber.watch(channel, watching, timeout).await,
+            Subscribers::Cluster { shards, .. } => shards.watch(channel, watching, timeout).await,
+        }
+    }
+
+    /// See [`Subscriber::delivery_of`].
+    pub fn delivery_of(&self, channel: &str, offset: u64) -> Option<oneshot::Receiver<()>> {
+        match self {
+            Subscribers::Single(subscriber) => subscriber.delivery_of(channel, offset),
+            Subscribers::Cluster { shards, .. } => shards.delivery_of(channel, offset),
+        }
+    }
+}
+
+/// What a subscriber is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Role {
+    /// Subscribes the control channel (node commands).
+    pub control: bool,
+    /// Takes over channels from another connection (see [`Subscriber::list`]).
+    pub takes_over: bool,
+}
+
 /// The subscriber's shared state, used by the engine's calls.
 pub struct Subscriber {
     prefix: Arc<str>,
@@ -60,6 +129,15 @@ pub struct Subscriber {
     state: Mutex<State>,
     status: watch::Sender<Status>,
     health: Arc<Health>,
+    /// Counted up in `health` now (counted down until then).
+    up: AtomicBool,
+    /// Subscribes the control channel.
+    control_too: bool,
+    /// Took over channels another connection watched and is not connected yet: its next
+    /// connection, even the first, may have missed publications.
+    owes_interrupt: AtomicBool,
+    /// A connection has been up (its sink published) before.
+    was_up: AtomicBool,
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -69,8 +147,9 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 }
 
 impl Subscriber {
-    /// Starts the supervisor on the current Tokio runtime. `connected` is notified after every
-    /// (re)connection, once every watched channel is subscribed.
+    /// Starts the supervisor on the current Tokio runtime, counted down in `health` until it
+    /// is up (the caller has counted it). `connected` is notified after every (re)connection,
+    /// once every watched channel is subscribed.
     pub(crate) fn start(
         source: &Source,
         prefix: &str,
@@ -78,6 +157,7 @@ impl Subscriber {
         health: Arc<Health>,
         connected: Arc<Notify>,
         cancel: &CancellationToken,
+        role: Role,
     ) -> Arc<Subscriber> {
         let subscriber = Arc::new(Subscriber {
             prefix: prefix.into(),
@@ -86,14 +166,119 @@ impl Subscriber {
             state: Mutex::new(State::default()),
             status: watch::channel(Status::Starting).0,
             health,
+            up: AtomicBool::new(false),
+            control_too: role.control,
+            owes_interrupt: AtomicBool::new(role.takes_over),
+            was_up: AtomicBool::new(false),
         });
-        tokio::spawn(subscriber.clone().supervise(
-            source.clone(),
-            deliver,
-            connected,
-            cancel.clone(),
-        ));
+        let supervisor = subscriber.clone();
+        let cancel = cancel.clone();
+        let source = source.clone();
+        tokio::spawn(async move {
+            supervisor
+                .clone()
+                .supervise(source, deliver, connected, cancel)
+                .await;
+            // Stopped: nobody reads the connection any more, and it is no longer counted.
+            lock(&supervisor.state).sink = None;
+            supervisor
+                .status
+                .send_replace(Status::Down("stopped".into()));
+            if !supervisor.up.swap(true, Ordering::AcqRel) {
+                supervisor
+                    .health
+                    .subscribers_down
+                    .fetch_sub(1, Ordering::AcqRel);
+            }
+        });
         subscriber
+    }
+
+    fn mark_up(&self, up: bool) {
+        if self.up.swap(up, Ordering::AcqRel) != up {
+            let down = &self.health.subscribers_down;
+            if up {
+                down.fetch_sub(1, Ordering::AcqRel);
+            } else {
+                down.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Lists `channel` as watched here (its owner, `cluster::Shards`, holds its own lock);
+    /// [`Subscriber::settle`] then subscribes it. `taken_over`: it was watched by another
+    /// connection, so publications may have been missed, and if this one is not connected
+    /// its next connection says so (`Deliver::interrupted`).
+    /// Says whether it was not listed before.
+    pub(crate) fn list(&self, channel: &Arc<str>, taken_over: bool) -> bool {
+        let mut state = lock(&self.state);
+        let listed_now = !state.watched.contains_key(channel);
+        state.watched.entry(channel.clone()).or_default();
+        if taken_over && state.sink.is_none() {
+            // Under the lock: the connection lists the channels after this, and then sees it.
+            self.owes_interrupt.store(true, Ordering::Release);
+        }
+        listed_now
+    }
+
+    /// No longer lists `channel`; [`Subscriber::settle`] then unsubscribes it.
+    pub(crate) fn unlist(&self, channel: &str) {
+        lock(&self.state).watched.remove(channel);
+    }
+
+    /// Whether the connection is up (its sink published).
+    pub(crate) fn connected(&self) -> bool {
+        lock(&self.state).sink.is_some()
+    }
+
+    /// Brings the connection's subscription of `channel` in line with the list, again while
+    /// the list changes under it (every change is followed by a settle, and the connection
+    /// runs its commands in order, so the last settle leaves the right state). Without a
+    /// connection there is nothing to do: the next one subscribes what is listed then. `Err`
+    /// if a command failed (the connection is then lost, and its next one does the same).
+    pub(crate) async fn settle(&self, channel: &str, timeout: Duration) -> Result<(), LinkError> {
+        let name = self.pubsub_channel(channel);
+        let mut done: Option<bool> = None;
+        loop {
+            let (listed, sink) = {
+                let state = lock(&self.state);
+                (state.watched.contains_key(channel), state.sink.clone())
+            };
+            let Some(mut sink) = sink else {
+                return Ok(());
+            };
+            if done == Some(listed) {
+                return Ok(());
+            }
+            let sent = if listed {
+                tokio::time::timeout(timeout, sink.subscribe(&name)).await
+            } else {
+                tokio::time::timeout(timeout, sink.unsubscribe(&name)).await
+            };
+            match sent {
+                Ok(Ok(())) => done = Some(listed),
+                Ok(Err(error)) => return Err(LinkError::Failed(error.to_string().into())),
+                Err(_) => return Err(LinkError::Timeout(timeout)),
+            }
+        }
+    }
+
+    /// Its next connection says publications may have been missed (`Deliver::interrupted`).
+    pub(crate) fn owe_interrupt(&self) {
+        self.owes_interrupt.store(true, Ordering::Release);
+    }
+
+    /// Says publications of channels this connection took over may have been missed: now if
+    /// it is connected (their subscriptions settled), else at its next connection.
+    pub(crate) fn took_over(&self, deliver: &dyn Deliver) {
+        {
+            let state = lock(&self.state);
+            if state.sink.is_none() {
+                self.owes_interrupt.store(true, Ordering::Release);
+                return;
+            }
+        }
+        deliver.interrupted();
     }
 
     /// The pub/sub channel of a Plexus channel.
@@ -132,42 +317,32 @@ impl Subscriber {
         watching: bool,
         timeout: Duration,
     ) -> Result<(), LinkError> {
-        let name = self.pubsub_channel(channel);
         if !watching {
-            let sink = {
-                let mut state = lock(&self.state);
-                state.watched.remove(channel);
-                state.sink.clone()
-            };
-            if let Some(mut sink) = sink {
-                let _ = tokio::time::timeout(timeout, sink.unsubscribe(&name)).await;
-                // Watched again meanwhile: our UNSUBSCRIBE may have come after its SUBSCRIBE.
-                if lock(&self.state).watched.contains_key(channel) {
-                    let _ = tokio::time::timeout(timeout, sink.subscribe(&name)).await;
-                }
-            }
+            self.unlist(channel);
+            let _ = self.settle(channel, timeout).await;
             return Ok(());
         }
         self.started(timeout).await?;
-        let (sink, listed_now) = {
-            let mut state = lock(&self.state);
-            let listed_now = !state.watched.contains_key(channel);
-            state.watched.entry(channel.into()).or_default();
-            (state.sink.clone(), listed_now)
-        };
-        let result = match sink {
-            None => Err(LinkError::Disconnected(self.down_reason())),
-            Some(mut sink) => match tokio::time::timeout(timeout, sink.subscribe(&name)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(LinkError::Failed(error.to_string().into())),
-                Err(_) => Err(LinkError::Timeout(timeout)),
-            },
-        };
+        let listed_now = self.list(&channel.into(), false);
+        let result = self.subscribe_listed(channel, timeout).await;
         if result.is_err() && listed_now {
             // The hub gives up on the channel: do not subscribe it on reconnection.
-            lock(&self.state).watched.remove(channel);
+            self.unlist(channel);
         }
         result
+    }
+
+    /// Subscribes a channel just listed: `Err` if the connection is down (its next one
+    /// subscribes what is listed then) or the command failed.
+    pub(crate) async fn subscribe_listed(
+        &self,
+        channel: &str,
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
+        if !self.connected() {
+            return Err(LinkError::Disconnected(self.down_reason()));
+        }
+        self.settle(channel, timeout).await
     }
 
     fn down_reason(&self) -> Arc<str> {
@@ -212,18 +387,18 @@ impl Subscriber {
         cancel: CancellationToken,
     ) {
         let mut backoff = Backoff::default();
-        let mut first_connection = true;
         loop {
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return,
                 outcome = self.connect(&source) => outcome,
             };
             let error: Arc<str> = match outcome {
-                Ok((sink, stream)) => {
+                Ok((sink, stream, reconnected)) => {
                     backoff.reset();
                     connected.notify_one();
                     tracing::info!(prefix = &*self.prefix, "redis subscriber connected");
-                    if !std::mem::replace(&mut first_connection, false) {
+                    let owed = self.owes_interrupt.swap(false, Ordering::AcqRel);
+                    if reconnected || owed {
                         // Publications sent while this node was not listening were missed, and
                         // Redis may even have restarted empty (a new epoch): every subscriber
                         // here resynchronises through history and recovery.
@@ -240,7 +415,7 @@ impl Subscriber {
                             progress.waiters.clear();
                         }
                     }
-                    self.health.subscriber_ready.store(false, Ordering::Release);
+                    self.mark_up(false);
                     self.health.suspect_connections();
                     tracing::warn!(prefix = &*self.prefix, error = %ended, "redis subscriber disconnected");
                     ended.to_string().into()
@@ -260,8 +435,12 @@ impl Subscriber {
     }
 
     /// Connects, subscribes the control channel and every watched channel, and marks the
-    /// connection up.
-    async fn connect(&self, source: &Source) -> Result<(PubSubSink, PubSubStream), LinkError> {
+    /// connection up; says whether an earlier connection had been up (so publications may
+    /// have been missed since).
+    async fn connect(
+        &self,
+        source: &Source,
+    ) -> Result<(PubSubSink, PubSubStream, bool), LinkError> {
         let failed = |error: redis::RedisError| LinkError::Failed(error.to_string().into());
         let pubsub = async { source.client().await?.get_async_pubsub().await };
         let (mut sink, stream) = tokio::time::timeout(CONNECT_TIMEOUT, pubsub)
@@ -269,11 +448,14 @@ impl Subscriber {
             .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT))?
             .map_err(failed)?
             .split();
-        tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&self.control))
-            .await
-            .map_err(|_| LinkError::Timeout(RESPONSE_TIMEOUT))?
-            .map_err(failed)?;
+        if self.control_too {
+            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&self.control))
+                .await
+                .map_err(|_| LinkError::Timeout(RESPONSE_TIMEOUT))?
+                .map_err(failed)?;
+        }
         // From here on `watch` subscribes by itself; the channels listed before are ours.
+        let reconnected = self.was_up.swap(true, Ordering::AcqRel);
         let listed: Vec<String> = {
             let mut state = lock(&self.state);
             state.sink = Some(sink.clone());
@@ -295,8 +477,8 @@ impl Subscriber {
                 return Err(error);
             }
         }
-        self.health.subscriber_ready.store(true, Ordering::Release);
-        Ok((sink, stream))
+        self.mark_up(true);
+        Ok((sink, stream, reconnected))
     }
 
     /// Delivers messages until the connection ends or stops answering pings.

@@ -1,7 +1,9 @@
-//! Command writers: one task and one connection per shard of channels.
+//! Command writers: one task and one connection per shard of channels (one Redis), or per
+//! master (Redis Cluster, routed by `cluster::Router`).
 //!
-//! A call hashes its channel to a shard and queues its command on that shard's unbounded
-//! queue *in the call*, so commands of one channel reach Redis in call order. The shard's task
+//! A call hashes its channel to a shard (or finds its slot's master) and queues its command on
+//! that writer's unbounded queue *in the call*, so commands of one channel reach Redis in call
+//! order. The shard's task
 //! takes every queued command (up to [`MAX_BATCH`]), sends them as one pipeline over its own
 //! multiplexed connection, waits for the replies (at most [`RESPONSE_TIMEOUT`]) and answers
 //! each caller through its oneshot; then the next batch. A batch in flight is the only one, so
@@ -12,15 +14,16 @@
 //! no connection answers every command at once with an error: callers never wait long.
 
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Cmd, Value};
 
+use crate::cluster::Router;
 use crate::source::Source;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -92,18 +95,20 @@ impl Backoff {
 /// Whether every connection is up: counted by the writers and the subscriber.
 #[derive(Debug)]
 pub struct Health {
-    writers_down: AtomicUsize,
-    pub subscriber_ready: AtomicBool,
+    /// Writers without a connection (with Redis Cluster, plus one until the slot map is known).
+    pub writers_down: AtomicUsize,
+    /// Pub/sub connections down (each starts down).
+    pub subscribers_down: AtomicUsize,
     /// Bumped when the subscriber loses its connection: Redis may be gone, so every writer
     /// checks its own connection at once instead of at its next idle ping.
     suspect: watch::Sender<u64>,
 }
 
 impl Health {
-    pub fn new(writers: usize) -> Health {
+    pub fn new(writers: usize, subscribers: usize) -> Health {
         Health {
             writers_down: AtomicUsize::new(writers),
-            subscriber_ready: AtomicBool::new(false),
+            subscribers_down: AtomicUsize::new(subscribers),
             suspect: watch::channel(0).0,
         }
     }
@@ -115,18 +120,21 @@ impl Health {
 
     pub fn is_ready(&self) -> bool {
         self.writers_down.load(Ordering::Acquire) == 0
-            && self.subscriber_ready.load(Ordering::Acquire)
+            && self.subscribers_down.load(Ordering::Acquire) == 0
     }
 }
 
-struct Request {
-    cmd: Cmd,
-    reply: oneshot::Sender<Result<Value, LinkError>>,
+pub(crate) struct Request {
+    pub cmd: Cmd,
+    pub reply: oneshot::Sender<Result<Value, LinkError>>,
 }
 
-/// The queues of the shard writers.
-pub struct Writers {
-    queues: Vec<mpsc::UnboundedSender<Request>>,
+/// The queues of the writers.
+pub enum Writers {
+    /// One Redis: channels hashed over a fixed number of shards.
+    Hashed(Vec<mpsc::UnboundedSender<Request>>),
+    /// Redis Cluster: one writer per master, found by the channel's slot.
+    Cluster(Arc<Router>),
 }
 
 impl Writers {
@@ -140,46 +148,100 @@ impl Writers {
         let queues = (0..shards.max(1))
             .map(|shard| {
                 let (queue, requests) = mpsc::unbounded_channel();
-                let writer = Writer {
-                    shard,
-                    source: source.clone(),
-                    health: health.clone(),
-                    connection: None,
-                    backoff: Backoff::default(),
-                    last_error: "not connected yet".into(),
-                };
+                let writer = Writer::new(
+                    format!("shard {shard}").into(),
+                    source.clone(),
+                    health.clone(),
+                    None,
+                );
                 tokio::spawn(writer.run(requests, cancel.clone()));
                 queue
             })
             .collect();
-        Writers { queues }
+        Writers::Hashed(queues)
     }
 
-    /// Queues `cmd` now on the shard of `key`; the receiver gets its reply (or `Err` if the
-    /// writer is gone).
-    pub fn send(&self, key: &str, cmd: Cmd) -> Option<oneshot::Receiver<Result<Value, LinkError>>> {
-        let mut hasher = std::hash::DefaultHasher::new();
-        key.hash(&mut hasher);
-        let shard = (hasher.finish() % self.queues.len() as u64) as usize;
+    /// Queues `cmd` now on the writer of `channel`; the receiver gets its reply (or `Err` if
+    /// the writer is gone).
+    pub fn send(
+        &self,
+        channel: &str,
+        cmd: Cmd,
+    ) -> Option<oneshot::Receiver<Result<Value, LinkError>>> {
         let (reply, receiver) = oneshot::channel();
-        self.queues[shard].send(Request { cmd, reply }).ok()?;
+        let request = Request { cmd, reply };
+        match self {
+            Writers::Hashed(queues) => {
+                let mut hasher = std::hash::DefaultHasher::new();
+                channel.hash(&mut hasher);
+                let shard = (hasher.finish() % queues.len() as u64) as usize;
+                queues[shard].send(request).ok()?;
+            }
+            Writers::Cluster(router) => router.send(channel, request),
+        }
         Some(receiver)
     }
 }
 
-struct Writer {
-    shard: usize,
+/// One connection's writer: a shard's, or a cluster master's.
+pub(crate) struct Writer {
+    /// For logs: the shard or the master's address.
+    name: Arc<str>,
     source: Source,
     health: Arc<Health>,
     connection: Option<MultiplexedConnection>,
     backoff: Backoff,
     last_error: Arc<str>,
+    /// Redis Cluster: rung when a reply or a lost connection says the slot map may have
+    /// changed.
+    stale_map: Option<Arc<Notify>>,
 }
 
+/// Error codes by which Redis Cluster says a key is served elsewhere or not at the moment.
+const CLUSTER_CHANGED: [&str; 4] = ["MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"];
+
 impl Writer {
-    async fn run(
+    /// A writer not connected yet (counted down in `health` by whoever starts it).
+    pub(crate) fn new(
+        name: Arc<str>,
+        source: Source,
+        health: Arc<Health>,
+        stale_map: Option<Arc<Notify>>,
+    ) -> Writer {
+        Writer {
+            name,
+            source,
+            health,
+            connection: None,
+            backoff: Backoff::default(),
+            last_error: "not connected yet".into(),
+            stale_map,
+        }
+    }
+
+    /// Serves `requests` until `cancel`; a writer stopped while down no longer counts as down,
+    /// and what is still queued (or comes after) is answered as unavailable.
+    pub(crate) async fn run(
         mut self,
         mut requests: mpsc::UnboundedReceiver<Request>,
+        cancel: CancellationToken,
+    ) {
+        self.serve(&mut requests, cancel).await;
+        if self.connection.is_none() {
+            self.health.writers_down.fetch_sub(1, Ordering::AcqRel);
+        }
+        requests.close();
+        let why: Arc<str> = format!("redis writer {} stopped", self.name).into();
+        while let Ok(request) = requests.try_recv() {
+            let _ = request
+                .reply
+                .send(Err(LinkError::Disconnected(why.clone())));
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        requests: &mut mpsc::UnboundedReceiver<Request>,
         cancel: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -196,6 +258,8 @@ impl Writer {
                 None => self.backoff.next_attempt(),
             };
             let first = tokio::select! {
+                // A stopped writer takes nothing more from its queue.
+                biased;
                 _ = cancel.cancelled() => return,
                 request = requests.recv() => match request {
                     Some(request) => request,
@@ -245,7 +309,7 @@ impl Writer {
                     self.health.writers_down.fetch_sub(1, Ordering::AcqRel);
                 }
                 self.backoff.reset();
-                tracing::debug!(shard = self.shard, "redis writer connected");
+                tracing::debug!(writer = %self.name, "redis writer connected");
             }
             Ok(Err(error)) => self.lost(error.to_string().into()),
             Err(_) => self.lost(LinkError::Timeout(CONNECT_TIMEOUT).to_string().into()),
@@ -256,9 +320,13 @@ impl Writer {
     fn lost(&mut self, error: Arc<str>) {
         if self.connection.take().is_some() {
             self.health.writers_down.fetch_add(1, Ordering::AcqRel);
-            tracing::warn!(shard = self.shard, %error, "redis writer connection lost");
+            tracing::warn!(writer = %self.name, %error, "redis writer connection lost");
         } else {
-            tracing::debug!(shard = self.shard, %error, "redis writer cannot connect");
+            tracing::debug!(writer = %self.name, %error, "redis writer cannot connect");
+        }
+        if let Some(stale_map) = &self.stale_map {
+            // A cluster node that is gone may have been replaced by another master.
+            stale_map.notify_one();
         }
         self.last_error = error;
         self.backoff.failed();
@@ -305,16 +373,22 @@ impl Writer {
             Ok(Ok(values)) if values.len() == count => {
                 let mut scripts_missing = false;
                 let mut read_only = false;
+                let mut map_changed = false;
                 for (value, reply) in values.into_iter().zip(replies) {
                     let result = match value {
                         Value::ServerError(error) => {
                             scripts_missing |= error.code() == "NOSCRIPT";
                             read_only |= error.code() == "READONLY";
+                            map_changed |= CLUSTER_CHANGED.contains(&error.code());
                             Err(LinkError::Server(error.to_string()))
                         }
                         value => Ok(value),
                     };
                     let _ = reply.send(result);
+                }
+                if let (true, Some(stale_map)) = (map_changed, &self.stale_map) {
+                    // Those calls failed; the next ones go where the new map says.
+                    stale_map.notify_one();
                 }
                 if scripts_missing {
                     // Someone flushed the script cache: those calls failed (in order, nothing

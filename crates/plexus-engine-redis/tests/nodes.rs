@@ -1,7 +1,6 @@
 //! Two engines on one prefix, as two nodes: deliveries, commands and presence cross over, and
 //! the presence of a node that is gone expires while the other's is kept fresh.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,12 +39,7 @@ fn options(prefix: &str) -> RedisOptions {
 }
 
 fn prefix() -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "plexus-test-nodes-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    plexus_core::conformance::unique_prefix("plexus-test-nodes")
 }
 
 fn client(user: &str) -> Arc<ClientDescriptor> {

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plexus_core::conformance::Recorder;
-use plexus_core::{
-    ClientDescriptor, Engine, EngineError, HistoryRetention, MessageKind, Publication,
-};
+use plexus_core::{ClientDescriptor, Engine, EngineError, HistoryRetention, Publication};
 use plexus_engine_redis::{RedisEngine, RedisOptions};
 
 use common::{free_port, RedisServer};
@@ -21,12 +19,7 @@ const RETENTION: HistoryRetention = HistoryRetention {
 };
 
 fn publication(text: &str) -> Publication {
-    Publication::new(
-        "chat:x".into(),
-        MessageKind::Text,
-        text.to_owned().into(),
-        None,
-    )
+    plexus_core::conformance::text_publication("chat:x", text)
 }
 
 async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {

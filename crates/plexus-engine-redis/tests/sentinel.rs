@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plexus_core::conformance::Recorder;
-use plexus_core::{Engine, HistoryQuery, HistoryRetention, MessageKind, Publication};
+use plexus_core::{Engine, HistoryQuery, HistoryRetention, Publication};
 use plexus_engine_redis::{RedisEngine, RedisOptions};
 
 use common::{free_port, RedisServer};
@@ -19,12 +19,7 @@ const RETENTION: HistoryRetention = HistoryRetention {
 };
 
 fn publication(text: &str) -> Publication {
-    Publication::new(
-        "chat:ha".into(),
-        MessageKind::Text,
-        text.to_owned().into(),
-        None,
-    )
+    plexus_core::conformance::text_publication("chat:ha", text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,5 +114,10 @@ async fn check_failover(options: RedisOptions, master: common::ServerProcess) {
         .map(|p| String::from_utf8_lossy(&p.data).into_owned())
         .collect();
     assert_eq!(texts, ["before", "after"]);
-    assert!(engine.is_ready());
+    // The pub/sub connection follows by itself, on its own backoff.
+    let started = Instant::now();
+    while !engine.is_ready() {
+        assert!(started.elapsed() < Duration::from_secs(10), "ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

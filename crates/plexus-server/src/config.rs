@@ -121,6 +121,15 @@ pub struct Settings {
     /// The master's name in Sentinel (`sentinel monitor NAME ...`)
     #[arg(long, env = "PLEXUS_REDIS_SENTINEL_MASTER", value_name = "NAME")]
     pub redis_sentinel_master: Option<String>,
+    /// Redis Cluster: addresses of some of its nodes (host:port, comma-separated), asked for
+    /// the slot map; redis_url then gives only the password and, with rediss://, TLS
+    #[arg(
+        long,
+        env = "PLEXUS_REDIS_CLUSTER",
+        value_name = "ADDRS",
+        value_delimiter = ','
+    )]
+    pub redis_cluster: Option<Vec<String>>,
     /// NATS server(s) of the nats engine, comma-separated (JetStream enabled)
     /// [default: nats://127.0.0.1:4222]
     #[arg(
@@ -324,6 +333,8 @@ pub struct Config {
     pub redis_tls_client: Option<(String, String)>,
     /// Sentinel `redis://host:port` addresses and the master's name.
     pub redis_sentinel: Option<(Vec<String>, String)>,
+    /// Redis Cluster: `host:port` addresses of seed nodes.
+    pub redis_cluster: Option<Vec<String>>,
     /// The nats engine's server(s) (`nats://…` or `tls://…`, comma-separated).
     pub nats_url: String,
     /// The nats engine's subject, stream and bucket prefix.
@@ -543,27 +554,10 @@ fn redis_sentinel(
     sentinels: Option<Vec<String>>,
     master: Option<String>,
 ) -> Result<Option<(Vec<String>, String)>, ConfigError> {
-    let sentinels: Vec<String> = sentinels
-        .unwrap_or_default()
-        .iter()
-        .map(|address| address.trim())
-        .filter(|address| !address.is_empty())
-        .map(|address| {
-            let (scheme, address) = match address.strip_prefix("rediss://") {
-                Some(address) => ("rediss", address),
-                None => ("redis", address.strip_prefix("redis://").unwrap_or(address)),
-            };
-            match address.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                    Ok(format!("{scheme}://{address}"))
-                }
-                _ => Err(ConfigError::Invalid {
-                    key: "redis_sentinels",
-                    reason: format!("{address:?} is not host:port"),
-                }),
-            }
-        })
-        .collect::<Result<_, _>>()?;
+    let sentinels: Vec<String> = redis_addresses("redis_sentinels", sentinels)?
+        .into_iter()
+        .map(|(scheme, address)| format!("{scheme}://{address}"))
+        .collect();
     let tls = sentinels
         .iter()
         .filter(|s| s.starts_with("rediss://"))
@@ -589,6 +583,66 @@ fn redis_sentinel(
             reason: "are needed with redis_sentinel_master".into(),
         }),
     }
+}
+
+/// `host:port` addresses, each perhaps written `redis://host:port` or `rediss://host:port`:
+/// the scheme (`redis` or `rediss`) and `host:port` of each; blanks are skipped.
+fn redis_addresses(
+    key: &'static str,
+    addresses: Option<Vec<String>>,
+) -> Result<Vec<(&'static str, String)>, ConfigError> {
+    addresses
+        .unwrap_or_default()
+        .iter()
+        .map(|address| address.trim())
+        .filter(|address| !address.is_empty())
+        .map(|address| {
+            let (scheme, address) = match address.strip_prefix("rediss://") {
+                Some(address) => ("rediss", address),
+                None => ("redis", address.strip_prefix("redis://").unwrap_or(address)),
+            };
+            let address = address.trim_end_matches('/');
+            match address.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0) =>
+                {
+                    Ok((scheme, address.to_owned()))
+                }
+                _ => Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{address:?} is not host:port"),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Redis Cluster seed nodes (`host:port`). TLS, the password and the user come from
+/// `redis_url` (whose database, if any, the engine checks is 0); not with Sentinel.
+fn redis_cluster(
+    nodes: Option<Vec<String>>,
+    url: &str,
+    sentinel: &Option<(Vec<String>, String)>,
+) -> Result<Option<Vec<String>>, ConfigError> {
+    let nodes = redis_addresses("redis_cluster", nodes)?;
+    if nodes.is_empty() {
+        return Ok(None);
+    }
+    let invalid = |reason: &str| ConfigError::Invalid {
+        key: "redis_cluster",
+        reason: reason.to_owned(),
+    };
+    if sentinel.is_some() {
+        return Err(invalid("cannot be used with redis_sentinels"));
+    }
+    if nodes.iter().any(|(scheme, _)| *scheme == "rediss") && !url.starts_with("rediss://") {
+        return Err(invalid(
+            "takes TLS from redis_url: make it rediss://, and the nodes host:port",
+        ));
+    }
+    Ok(Some(
+        nodes.into_iter().map(|(_, address)| address).collect(),
+    ))
 }
 
 /// The nats engine's server list: `nats://` or `tls://` URLs, comma-separated.
@@ -826,6 +880,7 @@ impl Settings {
             redis_tls_key: self.redis_tls_key.or(lower.redis_tls_key),
             redis_sentinels: self.redis_sentinels.or(lower.redis_sentinels),
             redis_sentinel_master: self.redis_sentinel_master.or(lower.redis_sentinel_master),
+            redis_cluster: self.redis_cluster.or(lower.redis_cluster),
             nats_url: self.nats_url.or(lower.nats_url),
             nats_prefix: self.nats_prefix.or(lower.nats_prefix),
             nats_tls_ca: self.nats_tls_ca.or(lower.nats_tls_ca),
@@ -860,6 +915,8 @@ impl Settings {
         let redis_url = redis_url(self.redis_url)?;
         let nats_url = nats_url(self.nats_url)?;
         let redis_sentinel = redis_sentinel(self.redis_sentinels, self.redis_sentinel_master)?;
+        let redis_cluster = redis_cluster(self.redis_cluster, &redis_url, &redis_sentinel)?;
+        let clustered = redis_cluster.is_some();
         let subscribe_proxy_url = fetch_url("subscribe_proxy_url", self.subscribe_proxy_url)?;
         let publish_proxy_url = fetch_url("publish_proxy_url", self.publish_proxy_url)?;
         let entries = self.namespaces.unwrap_or_default();
@@ -975,8 +1032,15 @@ impl Settings {
                 REDIS_TLS,
             )?,
             redis_sentinel,
+            redis_cluster,
             redis_url,
             redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
+                Some(prefix) if clustered && prefix.contains(['{', '}']) => {
+                    return Err(ConfigError::Invalid {
+                        key: "redis_prefix",
+                        reason: "must not contain '{' or '}' with redis_cluster (hash tags)".into(),
+                    })
+                }
                 Some(prefix) => prefix.trim().to_owned(),
                 None => "plexus".to_owned(),
             },
@@ -1326,6 +1390,48 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(error.contains("proxy_http_headers"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn redis_cluster_settings() {
+        let config: Settings = toml::from_str(
+            "engine = \"redis\"\nredis_url = \"rediss://:secret@redis\"\nredis_cluster = [\"10.0.0.1:7000\", \"rediss://10.0.0.2:7000/\", \" \"]\n",
+        )
+        .unwrap();
+        let config = config.resolve().unwrap();
+        assert_eq!(
+            config.redis_cluster,
+            Some(vec!["10.0.0.1:7000".to_owned(), "10.0.0.2:7000".to_owned()])
+        );
+        assert_eq!(Config::default().redis_cluster, None);
+        let refused = |settings: Settings| settings.resolve().unwrap_err().to_string();
+        let cluster = |nodes: &[&str]| Settings {
+            redis_cluster: Some(nodes.iter().map(|node| node.to_string()).collect()),
+            ..Settings::default()
+        };
+        for (settings, key) in [
+            (cluster(&["10.0.0.1"]), "redis_cluster"),
+            (cluster(&["10.0.0.1:0"]), "redis_cluster"),
+            (cluster(&["rediss://10.0.0.1:7000"]), "redis_cluster"),
+            (
+                Settings {
+                    redis_prefix: Some("app{1}".into()),
+                    ..cluster(&["10.0.0.1:7000"])
+                },
+                "redis_prefix",
+            ),
+            (
+                Settings {
+                    redis_sentinels: Some(vec!["10.0.0.1:26379".into()]),
+                    redis_sentinel_master: Some("m".into()),
+                    ..cluster(&["10.0.0.1:7000"])
+                },
+                "redis_cluster",
+            ),
+        ] {
+            let error = refused(settings);
+            assert!(error.contains(key), "{key}: {error}");
         }
     }
 

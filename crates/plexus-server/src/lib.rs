@@ -449,6 +449,7 @@ fn node(config: &Config) -> Result<Node, BindError> {
                 tls_ca: config.redis_tls_ca.clone().map(String::into_bytes),
                 tls_client: pem_pair(&config.redis_tls_client),
                 sentinel: config.redis_sentinel.clone(),
+                cluster: config.redis_cluster.clone(),
                 ..plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix)
             };
             let engine = plexus_engine_redis::RedisEngine::new(options, deliver)?;

@@ -359,10 +359,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
                         ));
                     }
                 }
-                // No positions to resynchronise on a line stream; its idle rules are its own.
+                // No positions to resynchronise on a line stream; its idle rules are its own, and
+                // it has no expiry.
                 Delivery::Control(
                     Control::Subscribe { .. }
                     | Control::Resync { .. }
+                    | Control::Refresh { .. }
                     | Control::Frame(_)
                     | Control::Reply(_)
                     | Control::Rest(_)

@@ -45,6 +45,52 @@ pub fn run(args: ConfigArgs) -> Result<(), Failure> {
 }
 
 /// What a configuration amounts to, one setting a line; secrets are only said to be set.
+/// Where history lives, for people: the engine and its servers (without credentials).
+pub fn engine_summary(config: &Config) -> String {
+    match config.engine {
+        EngineKind::Embedded => format!("embedded, durable in {}", config.data_dir.display()),
+        EngineKind::Memory => "memory (history lost on restart)".to_owned(),
+        EngineKind::Redis => {
+            let servers = match (&config.redis_cluster, &config.redis_sentinel) {
+                (Some(nodes), _) => format!("redis cluster at {}", nodes.join(", ")),
+                (None, Some((sentinels, master))) => {
+                    format!(
+                        "redis master {master:?} from sentinels {}",
+                        sentinels.join(", ")
+                    )
+                }
+                (None, None) => format!("redis at {}", without_credentials(&config.redis_url)),
+            };
+            format!("{servers}, prefix {:?}", config.redis_prefix)
+        }
+        EngineKind::Nats => format!(
+            "nats at {}, prefix {:?}",
+            without_credentials(&config.nats_url),
+            config.nats_prefix
+        ),
+    }
+}
+
+/// `url` (or a comma-separated list of them) without `user:password@`.
+fn without_credentials(url: &str) -> String {
+    url.split(',')
+        .map(|url| {
+            let url = url.trim();
+            match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    let authority_end = rest.find('/').unwrap_or(rest.len());
+                    match rest[..authority_end].rfind('@') {
+                        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+                        None => url.to_owned(),
+                    }
+                }
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn summary(config: &Config) -> String {
     let off = |addr: Option<std::net::SocketAddr>| addr.map_or("off".to_owned(), |a| a.to_string());
     let set = |value: bool| {
@@ -59,12 +105,7 @@ fn summary(config: &Config) -> String {
     } else {
         "http, ws"
     };
-    let engine = match config.engine {
-        EngineKind::Embedded => format!("embedded (durable in {})", config.data_dir.display()),
-        EngineKind::Memory => "memory (history lost on restart)".to_owned(),
-        EngineKind::Redis => format!("redis, prefix {:?}", config.redis_prefix),
-        EngineKind::Nats => format!("nats, prefix {:?}", config.nats_prefix),
-    };
+    let engine = engine_summary(config);
     let namespaces: Vec<String> = config
         .namespaces
         .named()
@@ -176,4 +217,41 @@ fn summary(config: &Config) -> String {
         format!("{:?}, {}", config.log_format, config.log_level).to_lowercase(),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_summary_names_the_servers_without_credentials() {
+        assert_eq!(
+            without_credentials("redis://:secret@10.0.0.1:6379/2"),
+            "redis://10.0.0.1:6379/2"
+        );
+        assert_eq!(
+            without_credentials("nats://ann:pw@a:4222, tls://b:4222"),
+            "nats://a:4222, tls://b:4222"
+        );
+        assert_eq!(without_credentials("redis://h/x@y"), "redis://h/x@y");
+        let redis = |cluster: Option<Vec<String>>| Config {
+            engine: EngineKind::Redis,
+            redis_url: "rediss://:secret@redis:6380".into(),
+            redis_cluster: cluster,
+            ..Config::default()
+        };
+        assert_eq!(
+            engine_summary(&redis(None)),
+            "redis at rediss://redis:6380, prefix \"plexus\""
+        );
+        assert_eq!(
+            engine_summary(&redis(Some(vec!["a:7000".into(), "b:7000".into()]))),
+            "redis cluster at a:7000, b:7000, prefix \"plexus\""
+        );
+        let memory = Config {
+            engine: EngineKind::Memory,
+            ..Config::default()
+        };
+        assert_eq!(engine_summary(&memory), "memory (history lost on restart)");
+    }
 }

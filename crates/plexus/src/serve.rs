@@ -87,13 +87,10 @@ pub async fn run(args: ServeArgs) -> Result<(), Failure> {
     println!("plexus: protocol      {ws}://{addr}/connection/websocket");
     println!("plexus: server api    {http}://{addr}/api/{{method}}");
     println!("plexus: admin         {http}://{addr}/admin  (sign in with the API key)");
-    match server.engine() {
-        "memory" => println!("plexus: history       in memory (lost on restart)"),
-        engine => println!(
-            "plexus: history       {engine}, durable in {}",
-            server.config().data_dir.display()
-        ),
-    }
+    println!(
+        "plexus: history       {}",
+        crate::config::engine_summary(server.config())
+    );
     let secrets = server.secrets();
     if let Some(file) = &secrets.file {
         let verb = if secrets.generated {

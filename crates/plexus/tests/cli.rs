@@ -15,8 +15,18 @@ fn plexus() -> Command {
         }
     }
     // Generated secrets and history go to a scratch directory, not the source tree.
-    command.env("PLEXUS_DATA_DIR", temp_dir("data"));
+    command.env("PLEXUS_DATA_DIR", data_dir());
     command
+}
+
+/// The test's own scratch data directory (tests of one process run on threads named after
+/// them, so they do not share it).
+fn data_dir() -> PathBuf {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("main")
+        .replace("::", "-");
+    temp_dir(&format!("data-{test}"))
 }
 
 /// A running `plexus serve`, killed on drop.
@@ -344,7 +354,7 @@ fn config_check_prints_the_resolved_configuration_or_the_offending_key() {
     assert_eq!(code, 2);
     assert!(stderr.contains("RSA"), "{stderr}");
     // Nothing was started or written: no data directory appeared.
-    assert!(!std::path::Path::new(&temp_dir("data"))
+    assert!(!std::path::Path::new(&data_dir())
         .join("secrets.toml")
         .exists());
     std::fs::remove_dir_all(dir).ok();

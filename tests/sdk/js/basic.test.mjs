@@ -46,8 +46,10 @@ test('publications from an SDK client and from the API arrive; presence and hist
     assert.equal(typeof seen[0].offset, 'number');
   }
 
-  // Published through the server API.
-  const published = await server.publish(channel, { text: 'from api' });
+  // Published through the server API, with tags.
+  const { result: published } = await server.api('publish', {
+    channel, data: { text: 'from api' }, tags: { kind: 'notice', lang: 'en' },
+  });
   assert.equal(typeof published?.offset, 'number', `/api/publish result: ${JSON.stringify(published)}`);
   assert.equal(published.epoch, first.streamPosition.epoch, 'the API reports the epoch the subscriber got');
   await until(() => annSeen.length >= 2 && bobSeen.length >= 2, 'the API publication at both subscribers');
@@ -56,6 +58,8 @@ test('publications from an SDK client and from the API arrive; presence and hist
     assert.equal(seen[1].offset, published.offset);
     assert.equal(seen[1].offset, seen[0].offset + 1, 'offsets are consecutive');
     assert.equal(seen[1].info, undefined, 'an API publication has no publisher');
+    assert.deepEqual(seen[1].tags, { kind: 'notice', lang: 'en' }, 'the tags reach the SDK');
+    assert.equal(seen[0].tags, undefined, 'a client publication has none');
   }
 
   // Presence lists both connections, with their users and connection info.
@@ -76,6 +80,7 @@ test('publications from an SDK client and from the API arrive; presence and hist
   assert.equal(history.offset, published.offset, 'history reports the top offset');
   assert.equal(history.epoch, published.epoch);
   assert.equal(history.publications[0].info?.user, 'u2');
+  assert.deepEqual(history.publications[1].tags, { kind: 'notice', lang: 'en' }, 'history keeps the tags');
 
   // Nothing arrived twice.
   assert.equal(annSeen.length, 2);

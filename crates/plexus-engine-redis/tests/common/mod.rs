@@ -3,7 +3,7 @@
 // Each test binary uses part of this.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use plexus_core::conformance::TestPki;
@@ -153,6 +153,134 @@ impl RedisServer {
         let sentinel_process =
             RedisServer::spawn(sentinel, &[config.to_str().unwrap(), "--sentinel"]);
         (master_process, replica_process, sentinel_process, pki.ca)
+    }
+
+    /// A Redis Cluster of `masters` masters with `replicas_each` replicas each, on free ports,
+    /// quick to fail over (a node is down after 1 s); node files go to `dir`. Returns the
+    /// nodes (masters first, as `redis-cli --cluster create` assigns them) and their ports,
+    /// once every node reports the cluster `ok`.
+    pub fn start_cluster(
+        masters: usize,
+        replicas_each: usize,
+        dir: &Path,
+    ) -> (Vec<ServerProcess>, Vec<u16>) {
+        RedisServer::cluster(masters, replicas_each, dir, None)
+    }
+
+    /// The same, TLS only (clients, the cluster bus and replication), with certificates for
+    /// `localhost` and 127.0.0.1 from a new CA (files in `dir`); returns the CA too.
+    pub fn start_tls_cluster(masters: usize, dir: &Path) -> (Vec<ServerProcess>, Vec<u16>, String) {
+        let pki = TestPki::new();
+        let files = pki.write_server_files(dir);
+        let (nodes, ports) = RedisServer::cluster(masters, 0, dir, Some(&files));
+        (nodes, ports, pki.ca)
+    }
+
+    fn cluster(
+        masters: usize,
+        replicas_each: usize,
+        dir: &Path,
+        tls: Option<&(PathBuf, PathBuf, PathBuf)>,
+    ) -> (Vec<ServerProcess>, Vec<u16>) {
+        let count = masters * (1 + replicas_each);
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let nodes = ports
+            .iter()
+            .map(|&port| {
+                let config = dir.join(format!("nodes-{port}.conf"));
+                let mut args: Vec<String> = match tls {
+                    None => vec!["--port".into(), port.to_string()],
+                    Some((ca, cert, key)) => vec![
+                        "--port".into(),
+                        "0".into(),
+                        "--tls-port".into(),
+                        port.to_string(),
+                        "--tls-cluster".into(),
+                        "yes".into(),
+                        "--tls-replication".into(),
+                        "yes".into(),
+                        "--tls-auth-clients".into(),
+                        "no".into(),
+                        "--tls-cert-file".into(),
+                        cert.display().to_string(),
+                        "--tls-key-file".into(),
+                        key.display().to_string(),
+                        "--tls-ca-cert-file".into(),
+                        ca.display().to_string(),
+                    ],
+                };
+                args.extend(
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        // The bus port is port + 10000 unless named: take a free one.
+                        "--cluster-port",
+                        &free_port().to_string(),
+                        "--cluster-config-file",
+                        config.to_str().unwrap(),
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--repl-diskless-sync-delay",
+                        "0",
+                    ]
+                    .map(str::to_owned),
+                );
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                RedisServer::spawn(port, &args)
+            })
+            .collect();
+        let mut create = RedisServer::cli(tls);
+        create.arg("--cluster").arg("create");
+        for port in &ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let output = create
+            .args([
+                "--cluster-replicas",
+                &replicas_each.to_string(),
+                "--cluster-yes",
+            ])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for port in &ports {
+            RedisServer::wait_cluster_ok(*port, tls);
+        }
+        (nodes, ports)
+    }
+
+    /// `redis-cli`, with TLS and the CA when `tls` names the files.
+    fn cli(tls: Option<&(PathBuf, PathBuf, PathBuf)>) -> Command {
+        let mut cli = Command::new("redis-cli");
+        if let Some((ca, _, _)) = tls {
+            cli.arg("--tls").arg("--cacert").arg(ca);
+        }
+        cli
+    }
+
+    /// Waits (at most 20 s) until the node on `port` says `cluster_state:ok`.
+    fn wait_cluster_ok(port: u16, tls: Option<&(PathBuf, PathBuf, PathBuf)>) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let info = RedisServer::cli(tls)
+                .args(["-p", &port.to_string(), "cluster", "info"])
+                .output()
+                .expect("redis-cli");
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cluster node on {port} is not ok: {}",
+                String::from_utf8_lossy(&info.stdout)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     fn spawn(port: u16, args: &[&str]) -> ServerProcess {

@@ -1,7 +1,7 @@
 //! One function per API method: a request in, a result or an [`ErrorCode`] out.
 //!
-//! Requests ignore fields they do not know (as Centrifugo's do), so `tags`, `b64data`,
-//! `idempotency_key`, `session`, `info`… are accepted and have no effect.
+//! Requests ignore fields they do not know (as Centrifugo's do), so `idempotency_key`,
+//! `session`, `info`… are accepted and have no effect.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -11,10 +11,10 @@ use base64::Engine as _;
 use bytes::Bytes;
 use plexus_core::{
     BoxFuture, ChannelError, ChannelOptions, Control, EngineError, MessageKind, NodeCommand,
-    Publication, StreamPosition,
+    Publication, StreamPosition, Tags,
 };
 use plexus_protocol::client::{
-    self as proto, DisconnectCode, ErrorCode, Format, RawJson, UnsubscribeCode,
+    self as proto, null_default, DisconnectCode, ErrorCode, Format, RawJson, UnsubscribeCode,
 };
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +85,9 @@ pub(super) struct PublishRequest {
     /// Deliver without keeping it in history (no offset).
     #[serde(default)]
     skip_history: bool,
+    /// String metadata delivered (and kept) with the publication.
+    #[serde(default, deserialize_with = "null_default")]
+    tags: Tags,
 }
 
 impl Validate for PublishRequest {
@@ -119,10 +122,12 @@ fn start_publish(
     shared: &Shared,
     channel: &str,
     (kind, data): &(MessageKind, Bytes),
+    tags: &Tags,
     skip_history: bool,
 ) -> Result<Acknowledgement, ErrorCode> {
     let options = options(shared, channel)?;
-    let publication = Publication::new(channel.into(), *kind, data.clone(), None);
+    let publication =
+        Publication::new(channel.into(), *kind, data.clone(), None).with_tags(tags.clone());
     let acknowledgement = if skip_history && options.has_history() {
         // What `Node::publish` does, without the retention.
         shared.node.engine().publish(publication, None)
@@ -149,7 +154,13 @@ pub(super) async fn publish(
     request: PublishRequest,
 ) -> Result<PublishResult, ErrorCode> {
     let data = request.data().bytes();
-    let acknowledgement = start_publish(shared, &request.channel, &data, request.skip_history)?;
+    let acknowledgement = start_publish(
+        shared,
+        &request.channel,
+        &data,
+        &request.tags,
+        request.skip_history,
+    )?;
     finish_publish(acknowledgement).await
 }
 
@@ -160,6 +171,8 @@ pub(super) struct BroadcastRequest {
     b64data: Option<String>,
     #[serde(default)]
     skip_history: bool,
+    #[serde(default, deserialize_with = "null_default")]
+    tags: Tags,
 }
 
 impl Validate for BroadcastRequest {
@@ -196,7 +209,7 @@ pub(super) async fn broadcast(
     let started: Vec<_> = request
         .channels
         .iter()
-        .map(|channel| start_publish(shared, channel, &data, request.skip_history))
+        .map(|channel| start_publish(shared, channel, &data, &request.tags, request.skip_history))
         .collect();
     let mut responses = Vec::with_capacity(started.len());
     for acknowledgement in started {
@@ -358,6 +371,9 @@ pub(super) struct RefreshRequest {
     /// The connections expired: they are disconnected with 3005.
     #[serde(default)]
     expired: bool,
+    /// When the connections expire from now on (Unix seconds); absent or 0: never.
+    #[serde(default)]
+    expire_at: u64,
 }
 
 impl Validate for RefreshRequest {
@@ -366,11 +382,18 @@ impl Validate for RefreshRequest {
     }
 }
 
-/// `expired: true` disconnects with 3005; otherwise nothing changes yet (a new `expire_at` is
-/// not applied to live connections).
+/// `expired: true` disconnects with 3005; otherwise the connections of the user (or the one
+/// client) on every node expire at `expire_at` (3005 then), or never without it: how a
+/// backend extends the sessions of clients that cannot refresh themselves (unidirectional
+/// transports, connections from the connect proxy).
 pub(super) async fn refresh(shared: &Shared, request: RefreshRequest) -> Result<Empty, ErrorCode> {
     if !request.expired {
-        return Ok(Empty {});
+        let command = NodeCommand::Refresh {
+            user: request.user.into(),
+            client: (!request.client.is_empty()).then(|| request.client.into()),
+            expire_at: request.expire_at,
+        };
+        return node_command(shared, command).await;
     }
     let code = DisconnectCode::Expired;
     let command = disconnect_command(

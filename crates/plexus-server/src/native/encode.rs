@@ -69,6 +69,7 @@ pub(crate) fn publication(format: Format, publication: &Publication) -> proto::P
             .as_deref()
             .map(|info| client_info(format, info)),
         offset: publication.offset,
+        tags: publication.tags.as_deref().cloned().unwrap_or_default(),
         ..proto::Publication::default()
     }
 }

@@ -351,7 +351,9 @@ impl ClientSession {
                 .chain(connected.expires_at.get())
                 .min()
                 .map(|at| {
-                    let left = at.saturating_sub(now_unix());
+                    // At most a year ahead (it is recomputed long before): an absurd `exp` or
+                    // `expire_at` must not overflow the clock.
+                    let left = at.saturating_sub(now_unix()).min(365 * 24 * 3600);
                     Instant::now() + Duration::from_secs(left)
                 }),
         }
@@ -752,6 +754,17 @@ impl ClientSession {
                         });
                         out.push(push_out(format, &channel, &body));
                     }
+                }
+                Delivery::Control(Control::Refresh { expire_at }) => {
+                    if expire_at > 0 && expire_at <= now_unix() {
+                        // Already past: closed now, not offered to the refresh proxy.
+                        close(out, DisconnectCode::Expired);
+                        return;
+                    }
+                    // The transport sets its timer from `deadline()` after this batch. A client
+                    // that refreshes its own token later takes that token's expiry again (as
+                    // with Centrifugo's server-side refresh of a bidirectional connection).
+                    connected.expires_at = ExpiresAt::new((expire_at > 0).then_some(expire_at));
                 }
                 Delivery::Control(Control::Reply(message)) => {
                     out.push(Out::Message(encode::message_kind(format), message));

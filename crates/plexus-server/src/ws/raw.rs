@@ -147,11 +147,12 @@ impl RawRoom {
                     close::NORMAL,
                     "unsubscribed by the server".into(),
                 )),
-                // One room per raw connection, and raw clients keep no stream position;
-                // heartbeats are the connection's (see `connection`).
+                // One room per raw connection, and raw clients keep no stream position nor
+                // expiry; heartbeats are the connection's (see `connection`).
                 Delivery::Control(
                     Control::Subscribe { .. }
                     | Control::Resync { .. }
+                    | Control::Refresh { .. }
                     | Control::Reply(_)
                     | Control::Heartbeat
                     | Control::HeartbeatTimeout

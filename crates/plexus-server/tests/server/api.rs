@@ -1,6 +1,8 @@
 //! The server HTTP API (`POST /api/{method}`), Centrifugo-compatible: key checks, request
 //! errors, and each method against real raw and native-protocol clients.
 
+use std::time::Duration;
+
 use plexus_server::ServerHandle;
 use serde_json::{json, Value};
 
@@ -204,6 +206,72 @@ async fn broadcast_answers_per_channel() {
     assert_eq!(status, 400);
 }
 
+/// `tags` on `publish` and `broadcast` reach protocol subscribers in the `pub` push and stay
+/// in history; tags that are not strings are a 400.
+#[tokio::test]
+async fn tags_reach_subscribers_and_history() {
+    let server = start_default().await;
+    let (mut ann, _) = native(&server, "ann").await;
+    let reply = command(&mut ann, 2, json!({"subscribe": {"channel": "chat:tags"}})).await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    let tagged = json!({"channel": "chat:tags", "data": {"t": 1}, "tags": {"kind": "alert", "region": "eu"}});
+    result(&server, "publish", tagged).await;
+    let push = next_json(&mut ann).await;
+    assert_eq!(
+        push["push"]["pub"]["tags"],
+        json!({"kind": "alert", "region": "eu"}),
+        "{push}"
+    );
+    result(
+        &server,
+        "broadcast",
+        json!({"channels": ["chat:tags"], "data": 2, "tags": {"via": "broadcast"}}),
+    )
+    .await;
+    let push = next_json(&mut ann).await;
+    assert_eq!(
+        push["push"]["pub"]["tags"],
+        json!({"via": "broadcast"}),
+        "{push}"
+    );
+    result(
+        &server,
+        "publish",
+        json!({"channel": "chat:tags", "data": 3, "tags": null}),
+    )
+    .await;
+    let push = next_json(&mut ann).await;
+    assert!(push["push"]["pub"].get("tags").is_none(), "no tags: {push}");
+    let history = result(
+        &server,
+        "history",
+        json!({"channel": "chat:tags", "limit": -1}),
+    )
+    .await;
+    let tags: Vec<&Value> = history["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|publication| &publication["tags"])
+        .collect();
+    assert_eq!(
+        tags,
+        [
+            &json!({"kind": "alert", "region": "eu"}),
+            &json!({"via": "broadcast"}),
+            &Value::Null
+        ]
+    );
+    let (status, reply) = request(
+        &server,
+        "/api/publish",
+        &format!("X-API-Key: {KEY}\r\n"),
+        r#"{"channel":"chat:tags","data":1,"tags":{"n":1}}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{reply}");
+}
+
 #[tokio::test]
 async fn presence_and_stats_of_a_room() {
     let server = start_default().await;
@@ -278,6 +346,60 @@ async fn disconnect_closes_the_users_connections() {
     assert_eq!(
         result(&server, "refresh", json!({"user": "u3"})).await,
         json!({})
+    );
+}
+
+/// `refresh` with `expire_at` sets when a user's connections (or one client's) expire: one
+/// given an expiry a second away is closed with 3005 then, another of the same user is not,
+/// and one whose token expires in 2 s lives on past it once given a later expiry.
+#[tokio::test]
+async fn refresh_sets_when_connections_expire() {
+    let server = start_default().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (mut soon, soon_client) = native(&server, "r1").await;
+    let (mut other, _) = native(&server, "r1").await;
+    let refresh = json!({"user": "r1", "client": soon_client, "expire_at": now + 1});
+    assert_eq!(result(&server, "refresh", refresh).await, json!({}));
+    let started = std::time::Instant::now();
+    assert_eq!(
+        expect_close(&mut soon).await,
+        (3005, "connection expired".into())
+    );
+    assert!(started.elapsed() <= Duration::from_secs(3));
+    send_text(&mut other, r#"{"id":2,"ping":{}}"#).await;
+    assert_eq!(
+        next_json(&mut other).await["id"],
+        2,
+        "the user's other client stays"
+    );
+
+    // A token that expires in 2 s, extended by the backend to 10 min: still there at 3 s.
+    let mut extended = ws(&server, "/connection/websocket").await;
+    let token = token_expiring("r2", None, Some(Duration::from_secs(2)));
+    send_text(
+        &mut extended,
+        &json!({"id": 1, "connect": {"token": token}}).to_string(),
+    )
+    .await;
+    assert_eq!(next_json(&mut extended).await["connect"]["expires"], true);
+    let refresh = json!({"user": "r2", "expire_at": now + 600});
+    assert_eq!(result(&server, "refresh", refresh).await, json!({}));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    send_text(&mut extended, r#"{"id":2,"ping":{}}"#).await;
+    assert_eq!(
+        next_json(&mut extended).await["id"],
+        2,
+        "extended past its token"
+    );
+    // An expiry already past closes at once; `expired` as before.
+    let refresh = json!({"user": "r2", "expire_at": now - 10});
+    result(&server, "refresh", refresh).await;
+    assert_eq!(
+        expect_close(&mut extended).await,
+        (3005, "connection expired".into())
     );
 }
 

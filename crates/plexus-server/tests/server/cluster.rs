@@ -291,6 +291,110 @@ async fn three_nodes_on_a_tls_redis() {
     three_nodes_agree("redis", &unique_prefix(), config).await;
 }
 
+/// A Redis Cluster of the test's own: three masters on free ports (bus ports named, so they
+/// need not be port + 10000), created with `redis-cli --cluster create`; killed when dropped.
+struct RedisCluster {
+    nodes: Vec<std::process::Child>,
+    ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    fn start(dir: &std::path::Path) -> RedisCluster {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let ports: Vec<u16> = (0..3).map(|_| free()).collect();
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            ports: ports.clone(),
+        };
+        for port in &ports {
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &free().to_string(),
+                ])
+                .arg("--cluster-config-file")
+                .arg(dir.join(format!("nodes-{port}.conf")))
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(dir)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server runs");
+            cluster.nodes.push(child);
+            let started = std::time::Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(started.elapsed() < TIMEOUT, "redis-server listens");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let created = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(ports.iter().map(|port| format!("127.0.0.1:{port}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(created.status.success(), "{created:?}");
+        for port in &ports {
+            let started = std::time::Instant::now();
+            loop {
+                let info = std::process::Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli runs");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(started.elapsed() < TIMEOUT, "the cluster is ok on {port}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The same on a Redis Cluster (`redis_cluster`): each node is given another master first, so
+/// their pub/sub connections go to different cluster nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_on_a_redis_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisCluster::start(dir.path());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let config = |prefix: &str| {
+        let first = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut seeds: Vec<String> = redis
+            .ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        let count = seeds.len();
+        seeds.rotate_left(first % count);
+        Config {
+            // Nothing listens here: everything must go through the cluster's nodes.
+            redis_url: "redis://127.0.0.1:1".into(),
+            redis_cluster: Some(seeds),
+            ..redis_config(prefix)
+        }
+    };
+    three_nodes_agree("redis", &unique_prefix(), config).await;
+}
+
 /// Several nodes on one NATS (`engine = "nats"`, JetStream at `PLEXUS_TEST_NATS_URL`, default
 /// `nats://127.0.0.1:4222`) under a prefix of the test's own, whose streams and bucket are
 /// deleted at the end.
