@@ -443,7 +443,12 @@ async fn refreshes_expiring_tokens_from_a_source() {
 /// same token is refused on reconnecting (109), which ends the client.
 #[tokio::test]
 async fn an_expired_token_without_a_source_ends_the_client() {
-    let server = Server::bind(Config::for_tests()).await.unwrap();
+    let server = Server::bind(Config {
+        expired_close_delay: Duration::ZERO,
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap();
     let options = Options {
         min_reconnect_delay: Duration::from_millis(100),
         ..Options::token(token_for("ann", Duration::from_secs(1)))

@@ -47,6 +47,14 @@ pub struct Settings {
     /// Time allowed for the TLS handshake and the HTTP request head [default: 10s]
     #[arg(long, env = "PLEXUS_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
     pub handshake_timeout: Option<String>,
+    /// Extra time a client whose token expired has to send `refresh` before it is closed (3005);
+    /// the official SDKs refresh at the expiry itself [default: 25s]
+    #[arg(long, env = "PLEXUS_EXPIRED_CLOSE_DELAY", value_name = "DURATION")]
+    pub expired_close_delay: Option<String>,
+    /// The same for a subscription token: extra time for `sub_refresh` before the subscription
+    /// ends (2501) [default: 25s]
+    #[arg(long, env = "PLEXUS_EXPIRED_SUB_CLOSE_DELAY", value_name = "DURATION")]
+    pub expired_sub_close_delay: Option<String>,
     /// TCP echo and chat connections silent this long are closed [default: 5m]
     #[arg(long, env = "PLEXUS_TCP_IDLE_TIMEOUT", value_name = "DURATION")]
     pub tcp_idle_timeout: Option<String>,
@@ -312,6 +320,10 @@ pub struct Config {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Grace after a connection token's expiry for the client's own `refresh` (whole seconds).
+    pub expired_close_delay: Duration,
+    /// Grace after a subscription token's expiry for `sub_refresh` (whole seconds).
+    pub expired_sub_close_delay: Duration,
     pub tcp_idle_timeout: Duration,
     pub write_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -861,6 +873,10 @@ impl Settings {
             ping_interval: self.ping_interval.or(lower.ping_interval),
             pong_timeout: self.pong_timeout.or(lower.pong_timeout),
             handshake_timeout: self.handshake_timeout.or(lower.handshake_timeout),
+            expired_close_delay: self.expired_close_delay.or(lower.expired_close_delay),
+            expired_sub_close_delay: self
+                .expired_sub_close_delay
+                .or(lower.expired_sub_close_delay),
             tcp_idle_timeout: self.tcp_idle_timeout.or(lower.tcp_idle_timeout),
             write_timeout: self.write_timeout.or(lower.write_timeout),
             shutdown_timeout: self.shutdown_timeout.or(lower.shutdown_timeout),
@@ -993,6 +1009,12 @@ impl Settings {
             ping_interval,
             pong_timeout: duration("pong_timeout", self.pong_timeout, "10s")?,
             handshake_timeout: duration("handshake_timeout", self.handshake_timeout, "10s")?,
+            expired_close_delay: duration("expired_close_delay", self.expired_close_delay, "25s")?,
+            expired_sub_close_delay: duration(
+                "expired_sub_close_delay",
+                self.expired_sub_close_delay,
+                "25s",
+            )?,
             tcp_idle_timeout: duration("tcp_idle_timeout", self.tcp_idle_timeout, "5m")?,
             write_timeout: duration("write_timeout", self.write_timeout, "30s")?,
             shutdown_timeout: duration("shutdown_timeout", self.shutdown_timeout, "10s")?,

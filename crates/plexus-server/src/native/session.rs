@@ -33,6 +33,14 @@ fn ttl(at: u64) -> u32 {
     at.saturating_sub(now_unix()).clamp(1, u64::from(u32::MAX)) as u32
 }
 
+/// When a token that expires at `at` is enforced: `delay` later, in whole seconds rounded up.
+/// The official SDKs send `refresh` and `sub_refresh` when `ttl` runs out, not before, so
+/// closing at the expiry itself would race them (Centrifugo waits 25 s too).
+fn after_grace(at: u64, delay: Duration) -> u64 {
+    let seconds = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    at.saturating_add(seconds)
+}
+
 /// What a command ends in. Returned once and encoded at once, so a large reply is not boxed.
 #[allow(clippy::large_enum_variant)]
 enum Outcome {
@@ -351,10 +359,12 @@ impl ClientSession {
                 .chain(connected.expires_at.get())
                 .min()
                 .map(|at| {
-                    // At most a year ahead (it is recomputed long before): an absurd `exp` or
-                    // `expire_at` must not overflow the clock.
-                    let left = at.saturating_sub(now_unix()).min(365 * 24 * 3600);
-                    Instant::now() + Duration::from_secs(left)
+                    // To the millisecond (the second `at` starts), and at most a year ahead (it
+                    // is recomputed long before): an absurd `exp` or `expire_at` must not
+                    // overflow the clock.
+                    let at = UNIX_EPOCH + Duration::from_secs(at.min(u64::from(u32::MAX)));
+                    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    Instant::now() + left.min(Duration::from_secs(365 * 24 * 3600))
                 }),
         }
     }
@@ -599,10 +609,16 @@ impl ClientSession {
             join_leave: false,
         };
         shared.node.hub().register(subscriber);
+        // A client that refreshes its own token gets the grace; a backend's expiry is exact.
+        let closes_at = if told_expiry {
+            expires_at.map(|at| after_grace(at, shared.config.expired_close_delay))
+        } else {
+            expires_at
+        };
         let mut connected = Connected {
             info: info.clone(),
             guest,
-            expires_at: ExpiresAt::new(expires_at),
+            expires_at: ExpiresAt::new(closes_at),
             proxied: !told_expiry,
             channels: ChannelMap::default(),
             rate: MessageRate::new(shared.config.max_messages_per_second),
@@ -940,8 +956,13 @@ async fn subscribe_command(
         Ok(mut result) => {
             result.data = subscribe_data;
             if let Some(at) = expires_at {
+                let ends_at = if told_expiry {
+                    after_grace(at, shared.config.expired_sub_close_delay)
+                } else {
+                    at
+                };
                 if let Some(state) = connected.channels.get_mut(channel) {
-                    state.expires_at = ExpiresAt::new(Some(at));
+                    state.expires_at = ExpiresAt::new(Some(ends_at));
                 }
                 if told_expiry {
                     result.expires = true;
@@ -1324,8 +1345,9 @@ async fn refresh_command(shared: &Shared, connected: &mut Connected, token: &str
     };
     match crate::jwks::verify_connection(shared, verifier, token, now_unix()).await {
         Ok(claims) if claims.sub == *connected.info.user => {
-            connected.expires_at = ExpiresAt::new(claims.connection_expires_at());
-            let expires_at = connected.expires_at.get();
+            let expires_at = claims.connection_expires_at();
+            let delay = shared.config.expired_close_delay;
+            connected.expires_at = ExpiresAt::new(expires_at.map(|at| after_grace(at, delay)));
             Outcome::Reply(ReplyBody::Refresh(proto::RefreshResult {
                 client: connected.info.client.to_string(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -1354,8 +1376,9 @@ async fn sub_refresh_command(
             if check_subscription(&claims, &connected.info.user, &request.channel).is_ok() =>
         {
             let expires_at = claims.subscription_expires_at();
+            let delay = shared.config.expired_sub_close_delay;
             if let Some(state) = connected.channels.get_mut(request.channel.as_str()) {
-                state.expires_at = ExpiresAt::new(expires_at);
+                state.expires_at = ExpiresAt::new(expires_at.map(|at| after_grace(at, delay)));
             }
             Outcome::Reply(ReplyBody::SubRefresh(proto::SubRefreshResult {
                 expires: expires_at.is_some(),

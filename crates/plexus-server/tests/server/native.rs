@@ -273,13 +273,18 @@ async fn a_stalled_protocol_subscriber_is_cut_with_3008_slow() {
 #[tokio::test]
 async fn expiring_connections_and_subscriptions() {
     use std::time::Duration;
-    let server = start(config_with(
-        "secret",
-        ChannelOptions {
-            private: true,
-            ..ChannelOptions::chat()
-        },
-    ))
+    // Without a grace, expiries are enforced when they come.
+    let server = start(Config {
+        expired_close_delay: Duration::ZERO,
+        expired_sub_close_delay: Duration::ZERO,
+        ..config_with(
+            "secret",
+            ChannelOptions {
+                private: true,
+                ..ChannelOptions::chat()
+            },
+        )
+    })
     .await;
     // A connection token valid 1 s: the result says so, and the server closes it with 3005.
     let mut short = ws(&server, "/connection/websocket").await;
@@ -351,6 +356,69 @@ async fn expiring_connections_and_subscriptions() {
     tokio::time::sleep_until(first_expiry + Duration::from_millis(200)).await;
     assert_eq!(
         refreshed_alive(&mut refreshed).await,
+        json!({"id": 9, "ping": {}})
+    );
+}
+
+/// The official SDKs refresh when `ttl` runs out, at the expiry itself: the server waits
+/// `expired_close_delay` (and `expired_sub_close_delay`) past the token's `exp` for them, then
+/// closes (3005) or ends the subscription (2501) if no refresh came.
+#[tokio::test]
+async fn expiries_wait_for_a_late_refresh() {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let server = start(Config {
+        expired_close_delay: Duration::from_secs(3),
+        expired_sub_close_delay: Duration::from_secs(3),
+        ..config_with("secret", ChannelOptions::chat())
+    })
+    .await;
+    let mut late = ws(&server, "/connection/websocket").await;
+    let mut never = ws(&server, "/connection/websocket").await;
+    let token = token_expiring("u1", None, Some(Duration::from_secs(1)));
+    for socket in [&mut late, &mut never] {
+        let connect = json!({"id": 1, "connect": {"token": token}});
+        send_text(socket, &connect.to_string()).await;
+        let reply = next_json(socket).await;
+        assert_eq!(reply["connect"]["expires"], true, "{reply}");
+    }
+    let soon = token_expiring("u1", Some("secret:a"), Some(Duration::from_secs(1)));
+    let subscribe = json!({"subscribe": {"channel": "secret:a", "token": soon}});
+    let reply = command(&mut late, 2, subscribe).await;
+    assert_eq!(reply["subscribe"]["expires"], true, "{reply}");
+    // Wait until both tokens are past their `exp` (whole seconds, at most 1 s ahead).
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1;
+    let past = UNIX_EPOCH + Duration::from_secs(exp) + Duration::from_millis(300);
+    tokio::time::sleep(past.duration_since(SystemTime::now()).unwrap_or_default()).await;
+
+    // Expired, yet still here: a late refresh of both is accepted.
+    let longer = token_expiring("u1", None, Some(Duration::from_secs(600)));
+    let reply = command(&mut late, 3, json!({"refresh": {"token": longer}})).await;
+    assert!(reply["refresh"]["ttl"].as_u64().unwrap() > 500, "{reply}");
+    let fresh = token_expiring("u1", Some("secret:a"), Some(Duration::from_secs(600)));
+    let refresh = json!({"sub_refresh": {"channel": "secret:a", "token": fresh}});
+    let reply = command(&mut late, 4, refresh).await;
+    assert_eq!(reply["sub_refresh"]["expires"], true, "{reply}");
+    assert_eq!(
+        refreshed_alive(&mut never).await,
+        json!({"id": 9, "ping": {}})
+    );
+
+    // The one that never refreshed is closed once the delay is over; the other stays, and so
+    // does its subscription (a second subscribe is a duplicate).
+    assert_eq!(
+        expect_close(&mut never).await,
+        (3005, "connection expired".into())
+    );
+    let again =
+        json!({"subscribe": {"channel": "secret:a", "token": token_with("u1", Some("secret:a"))}});
+    let reply = command(&mut late, 5, again).await;
+    assert_eq!(reply["error"]["code"], 105, "{reply}");
+    assert_eq!(
+        refreshed_alive(&mut late).await,
         json!({"id": 9, "ping": {}})
     );
 }

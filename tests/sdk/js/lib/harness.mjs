@@ -54,9 +54,11 @@ export function token(sub, { exp, channels, info, secret = SECRET } = {}) {
   return jwt.sign(claims, secret, { algorithm: 'HS256', noTimestamp: true });
 }
 
-/** An HS256 subscription token for `channel`. */
-export function subscriptionToken(sub, channel, { secret = SECRET } = {}) {
-  return jwt.sign({ sub, channel }, secret, { algorithm: 'HS256', noTimestamp: true });
+/** An HS256 subscription token for `channel`; `exp` is absolute Unix seconds. */
+export function subscriptionToken(sub, channel, { exp, secret = SECRET } = {}) {
+  const claims = { sub, channel };
+  if (exp !== undefined) claims.exp = exp;
+  return jwt.sign(claims, secret, { algorithm: 'HS256', noTimestamp: true });
 }
 
 /** Resolves when `check()` is truthy; rejects with `what` after `timeout` ms. */
