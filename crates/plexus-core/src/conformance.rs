@@ -127,7 +127,7 @@ async fn eventually(mut condition: impl FnMut() -> bool) {
 
 /// Runs every check. Each builds its own engine, so an engine that shares state between
 /// instances (a Redis or NATS server) must use fresh channel names per factory call or clean
-/// up: the checks use the channels `a:1`, `a:2`, `o:1`, `r:1`, `t:1`, `n:1`, `p:1` (prefix them in
+/// up: the checks use the channels `a:1`, `a:2`, `o:1`, `r:1`, `t:1`, `n:1`, `p:1`, `i:1`, `i:2` (prefix them in
 /// the factory's engine if needed) and expect them empty.
 pub async fn check_engine(factory: Factory<'_>) {
     offsets_history_and_delivery_order(factory).await;
@@ -136,6 +136,7 @@ pub async fn check_engine(factory: Factory<'_>) {
     without_history(factory).await;
     presence_and_membership(factory).await;
     commands(factory).await;
+    idempotent_publishing(factory).await;
 }
 
 /// Subscribes the node to channels, as a hub does when it gets its first local subscriber.
@@ -376,6 +377,59 @@ async fn commands(factory: Factory<'_>) {
     engine.command(command.clone()).await.unwrap();
     eventually(|| recorder.commands.lock().unwrap().len() == 1).await;
     assert_eq!(recorder.commands.lock().unwrap()[0], command);
+}
+
+/// Idempotency records: claimed once, recorded, released; and `publish_once` over them.
+async fn idempotent_publishing(factory: Factory<'_>) {
+    use crate::idempotency::{pending_record, publish_once, Claim, OnceError, WINDOW};
+    let (recorder, engine) = engine(factory);
+    assert_eq!(engine.claim("i:1", "k", WINDOW).await.unwrap(), Claim::Won);
+    assert_eq!(
+        engine.claim("i:1", "k", WINDOW).await.unwrap(),
+        Claim::Held(pending_record()),
+        "a second claim sees the first"
+    );
+    assert_eq!(engine.claim("i:1", "k2", WINDOW).await.unwrap(), Claim::Won);
+    assert_eq!(engine.claim("i:2", "k", WINDOW).await.unwrap(), Claim::Won);
+    engine.record("i:1", "k", "-".into()).await.unwrap();
+    assert_eq!(
+        engine.claim("i:1", "k", WINDOW).await.unwrap(),
+        Claim::Held("-".into())
+    );
+    engine.release("i:1", "k").await.unwrap();
+    assert_eq!(
+        engine.claim("i:1", "k", WINDOW).await.unwrap(),
+        Claim::Won,
+        "released"
+    );
+
+    // The same key publishes once and answers the first position again; a failed publish
+    // leaves the key free.
+    watch(&engine, &["i:2"]).await;
+    let once = |text: &'static str| {
+        let engine = engine.clone();
+        async move {
+            let publish = || engine.publish(publication("i:2", text), Some(RETENTION));
+            publish_once(&*engine, "i:2", "first", publish).await
+        }
+    };
+    let first = once("one").await.unwrap().unwrap();
+    let again = once("two").await.unwrap().unwrap();
+    assert_eq!(again, first, "the first publish's position");
+    let failed: Result<_, OnceError<&str>> =
+        publish_once(&*engine, "i:2", "second", || async { Err("refused") }).await;
+    assert!(matches!(failed, Err(OnceError::Publish("refused"))));
+    let publish = || engine.publish(publication("i:2", "three"), Some(RETENTION));
+    let third = publish_once(&*engine, "i:2", "second", publish)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(third.offset, first.offset + 1);
+    eventually(|| recorder.publications().len() == 2).await;
+    assert_eq!(
+        recorder.publications(),
+        [("one".into(), first.offset), ("three".into(), third.offset)]
+    );
 }
 
 /// Waits until `engine` reports ready, at most 10 s.

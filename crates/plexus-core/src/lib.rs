@@ -19,6 +19,7 @@ pub mod conformance;
 mod engine;
 pub mod envelope;
 mod hub;
+pub mod idempotency;
 mod memory;
 mod node;
 mod options;

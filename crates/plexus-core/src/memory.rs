@@ -4,12 +4,15 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use crate::engine::{
     BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
     NodeCommand, StreamPosition,
 };
+use crate::idempotency::{Claim, LocalClaims};
 use crate::outbox::Delivery;
 use crate::presence::PresenceMap;
 use crate::publication::{ClientDescriptor, Membership, Publication};
@@ -61,6 +64,7 @@ pub struct MemoryEngine {
     /// Retention last used per channel, so reads can drop expired entries.
     retention: Mutex<HashMap<Arc<str>, HistoryRetention>>,
     presence: PresenceMap,
+    claims: LocalClaims,
 }
 
 impl std::fmt::Debug for MemoryEngine {
@@ -86,6 +90,7 @@ impl MemoryEngine {
             streams: RwLock::new(HashMap::new()),
             retention: Mutex::new(HashMap::new()),
             presence: PresenceMap::default(),
+            claims: LocalClaims::default(),
         }
     }
 
@@ -218,6 +223,30 @@ impl Engine for MemoryEngine {
 
     fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>> {
         self.deliver.command(&command);
+        ready(Ok(()))
+    }
+
+    fn claim(
+        &self,
+        channel: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> BoxFuture<Result<Claim, EngineError>> {
+        ready(Ok(self.claims.claim(channel, key, ttl)))
+    }
+
+    fn record(
+        &self,
+        channel: &str,
+        key: &str,
+        record: Bytes,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        self.claims.record(channel, key, record);
+        ready(Ok(()))
+    }
+
+    fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>> {
+        self.claims.release(channel, key);
         ready(Ok(()))
     }
 }

@@ -249,4 +249,27 @@ impl Engine for EmbeddedEngine {
     fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>> {
         self.memory.command(command)
     }
+
+    // Idempotency records are kept in memory, as presence is: a restart forgets them.
+    fn claim(
+        &self,
+        channel: &str,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<Result<plexus_core::idempotency::Claim, EngineError>> {
+        self.memory.claim(channel, key, ttl)
+    }
+
+    fn record(
+        &self,
+        channel: &str,
+        key: &str,
+        record: bytes::Bytes,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        self.memory.record(channel, key, record)
+    }
+
+    fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>> {
+        self.memory.release(channel, key)
+    }
 }

@@ -61,6 +61,7 @@ use async_nats::rustls::pki_types::pem::PemObject;
 use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use async_nats::{ConnectOptions, Event, ServerAddr};
 use futures_util::FutureExt;
+use plexus_core::idempotency::Claim;
 use plexus_core::{
     BoxFuture, ClientDescriptor, Deliver, Engine, EngineError, HistoryPage, HistoryQuery,
     HistoryRetention, Membership, NodeCommand, PresenceMap, Publication, StreamPosition,
@@ -591,5 +592,36 @@ impl Engine for NatsEngine {
                 .await
                 .map_err(unavailable)
         })
+    }
+
+    fn claim(
+        &self,
+        channel: &str,
+        key: &str,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<Result<Claim, EngineError>> {
+        let store = self.inner.store.clone();
+        let (channel, key) = (channel.to_owned(), key.to_owned());
+        self.inner
+            .request(async move { store.claim(&channel, &key).await })
+    }
+
+    fn record(
+        &self,
+        channel: &str,
+        key: &str,
+        record: bytes::Bytes,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let store = self.inner.store.clone();
+        let (channel, key) = (channel.to_owned(), key.to_owned());
+        self.inner
+            .request(async move { store.record(&channel, &key, record).await })
+    }
+
+    fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>> {
+        let store = self.inner.store.clone();
+        let (channel, key) = (channel.to_owned(), key.to_owned());
+        self.inner
+            .request(async move { store.release(&channel, &key).await })
     }
 }

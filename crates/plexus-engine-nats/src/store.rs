@@ -38,6 +38,12 @@ use plexus_core::{
 use tokio::sync::watch;
 
 use crate::codec::token;
+use plexus_core::idempotency::{self, Claim};
+
+/// The key of an idempotency record: the channel's token and the key's.
+fn idempotency_key(channel: &str, key: &str) -> String {
+    format!("{}.{}", token(channel), token(key))
+}
 
 /// Longest wait for one request to NATS.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -85,6 +91,15 @@ pub async fn bounded<T, E: std::fmt::Display>(
     }
 }
 
+/// As [`bounded`], but leaves the request's own error to the caller.
+async fn bounded_kv<T, E>(
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<Result<T, E>, LinkError> {
+    tokio::time::timeout(RESPONSE_TIMEOUT, request)
+        .await
+        .map_err(|_| LinkError::Timeout(RESPONSE_TIMEOUT))
+}
+
 /// Milliseconds since the Unix epoch (this node's clock).
 pub fn now_millis() -> u64 {
     SystemTime::now()
@@ -106,6 +121,9 @@ pub struct Names {
     pub history_stream: String,
     pub presence_stream: String,
     pub meta_bucket: String,
+    /// Idempotency records (`{channel token}.{key token}`), each kept for
+    /// `plexus_core::idempotency::WINDOW`.
+    pub idempotency_bucket: String,
 }
 
 impl Names {
@@ -116,6 +134,7 @@ impl Names {
             history_stream: format!("{prefix}_history"),
             presence_stream: format!("{prefix}_presence"),
             meta_bucket: format!("{prefix}_meta"),
+            idempotency_bucket: format!("{prefix}_idem"),
         }
     }
 
@@ -256,6 +275,7 @@ pub struct Store {
     pub names: Names,
     presence_ttl: Duration,
     meta: RwLock<Option<kv::Store>>,
+    idempotency: RwLock<Option<kv::Store>>,
     /// Streams and bucket exist for the current connection.
     set_up: AtomicBool,
     /// Bumped on every (re)connection: cached channel states may be stale.
@@ -278,6 +298,7 @@ impl Store {
             names,
             presence_ttl,
             meta: RwLock::new(None),
+            idempotency: RwLock::new(None),
             set_up: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             ready: watch::channel(false).0,
@@ -372,6 +393,22 @@ impl Store {
         bounded(self.js.get_or_create_stream(meta)).await?;
         let meta = bounded(self.js.get_key_value(bucket)).await?;
         *self.meta.write().unwrap_or_else(|e| e.into_inner()) = Some(meta);
+        // Idempotency records: kept for the window, then dropped by the server.
+        let bucket = &self.names.idempotency_bucket;
+        let idempotency = stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            storage: StorageType::File,
+            max_messages_per_subject: 1,
+            max_age: plexus_core::idempotency::WINDOW,
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            allow_direct: true,
+            ..stream::Config::default()
+        };
+        bounded(self.js.get_or_create_stream(idempotency)).await?;
+        let idempotency = bounded(self.js.get_key_value(bucket)).await?;
+        *self.idempotency.write().unwrap_or_else(|e| e.into_inner()) = Some(idempotency);
         self.sync().await?;
         self.set_up.store(true, Ordering::Release);
         self.started.store(true, Ordering::Release);
@@ -399,6 +436,51 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| LinkError::Disconnected("not set up yet".into()))
+    }
+
+    fn idempotency_bucket(&self) -> Result<kv::Store, LinkError> {
+        self.idempotency
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| LinkError::Disconnected("not set up yet".into()))
+    }
+
+    /// Claims an idempotency key (see `Engine::claim`): creates its record, or reads the one
+    /// held. (The window is the bucket's `max_age`.)
+    pub async fn claim(&self, channel: &str, key: &str) -> Result<Claim, LinkError> {
+        let bucket = self.idempotency_bucket()?;
+        let name = idempotency_key(channel, key);
+        for _ in 0..8 {
+            let created = bucket.create(name.as_str(), idempotency::pending_record());
+            match bounded_kv(created).await? {
+                Ok(_) => return Ok(Claim::Won),
+                Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(error) => return Err(failed(error)),
+            }
+            match bounded(bucket.entry(name.as_str())).await? {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    return Ok(Claim::Held(entry.value));
+                }
+                // Released or expired between the two requests: claim again.
+                _ => {}
+            }
+        }
+        Err(LinkError::Contention)
+    }
+
+    /// Replaces the record of a claimed key.
+    pub async fn record(&self, channel: &str, key: &str, record: Bytes) -> Result<(), LinkError> {
+        let bucket = self.idempotency_bucket()?;
+        bounded(bucket.put(idempotency_key(channel, key), record))
+            .await
+            .map(drop)
+    }
+
+    /// Gives a claim up.
+    pub async fn release(&self, channel: &str, key: &str) -> Result<(), LinkError> {
+        let bucket = self.idempotency_bucket()?;
+        bounded(bucket.delete(idempotency_key(channel, key))).await
     }
 
     /// A channel's meta and its revision, created (with a new epoch) if it has none.
@@ -827,6 +909,7 @@ impl Store {
             &self.names.history_stream,
             &self.names.presence_stream,
             &format!("KV_{}", self.names.meta_bucket),
+            &format!("KV_{}", self.names.idempotency_bucket),
         ] {
             bounded(self.js.delete_stream(stream)).await?;
         }

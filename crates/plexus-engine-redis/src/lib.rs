@@ -66,6 +66,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use plexus_core::idempotency::{self, Claim};
 use plexus_core::{
     new_epoch, BoxFuture, ClientDescriptor, Deliver, Engine, EngineError, HistoryPage,
     HistoryQuery, HistoryRetention, Membership, NodeCommand, PresenceMap, Publication,
@@ -412,6 +413,17 @@ impl Inner {
         }
     }
 
+    /// The record of an idempotency key: the channel's key of kind `idem`, then the key in
+    /// hex (no `:` in it, so channel and key cannot run into each other).
+    fn idempotency_key(&self, channel: &str, key: &str) -> String {
+        let mut name = self.key("idem", channel);
+        name.push(':');
+        for byte in key.bytes() {
+            name.push_str(&format!("{byte:02x}"));
+        }
+        name
+    }
+
     fn add_presence_cmd(&self, channel: &str, client: &ClientDescriptor) -> Cmd {
         let mut cmd = evalsha(
             &self.scripts.presence_add,
@@ -660,5 +672,48 @@ impl Engine for RedisEngine {
             cmd.arg(control).arg(&codec::encode_command(&command)[..]);
             inner.call(control, cmd).await.map(drop)
         })
+    }
+
+    fn claim(
+        &self,
+        channel: &str,
+        key: &str,
+        ttl: Duration,
+    ) -> BoxFuture<Result<Claim, EngineError>> {
+        let inner = &self.inner;
+        let mut cmd = evalsha(
+            &inner.scripts.claim,
+            &[&inner.idempotency_key(channel, key)],
+        );
+        cmd.arg(&idempotency::pending_record()[..]).arg(millis(ttl));
+        let reply = inner.call(channel, cmd);
+        Box::pin(async move {
+            let held: Option<Vec<u8>> = redis::from_redis_value(reply.await?).map_err(bad_reply)?;
+            Ok(held.map_or(Claim::Won, |record| Claim::Held(record.into())))
+        })
+    }
+
+    fn record(
+        &self,
+        channel: &str,
+        key: &str,
+        record: bytes::Bytes,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let inner = &self.inner;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(inner.idempotency_key(channel, key))
+            .arg(&record[..])
+            .arg("XX")
+            .arg("KEEPTTL");
+        let reply = inner.call(channel, cmd);
+        Box::pin(async move { reply.await.map(drop) })
+    }
+
+    fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>> {
+        let inner = &self.inner;
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(inner.idempotency_key(channel, key));
+        let reply = inner.call(channel, cmd);
+        Box::pin(async move { reply.await.map(drop) })
     }
 }

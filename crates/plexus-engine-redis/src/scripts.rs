@@ -128,6 +128,19 @@ end
 return out
 ";
 
+/// Claims an idempotency key: returns the record held under it, or sets it (pending) and
+/// returns nil.
+///
+/// KEYS: the key's record. ARGV: the pending record, its time to live in ms.
+pub const CLAIM: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held then
+  return held
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+";
+
 /// Every script, compiled once per process for its hash.
 pub struct Scripts {
     pub publish: Script,
@@ -135,6 +148,7 @@ pub struct Scripts {
     pub presence_add: Script,
     pub presence_remove: Script,
     pub presence_get: Script,
+    pub claim: Script,
 }
 
 impl Scripts {
@@ -145,17 +159,19 @@ impl Scripts {
             presence_add: Script::new(PRESENCE_ADD),
             presence_remove: Script::new(PRESENCE_REMOVE),
             presence_get: Script::new(PRESENCE_GET),
+            claim: Script::new(CLAIM),
         }
     }
 
     /// The sources, loaded with `SCRIPT LOAD` on every new connection.
-    pub fn sources() -> [&'static str; 5] {
+    pub fn sources() -> [&'static str; 6] {
         [
             PUBLISH,
             HISTORY,
             PRESENCE_ADD,
             PRESENCE_REMOVE,
             PRESENCE_GET,
+            CLAIM,
         ]
     }
 }

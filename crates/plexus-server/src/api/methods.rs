@@ -1,7 +1,7 @@
 //! One function per API method: a request in, a result or an [`ErrorCode`] out.
 //!
-//! Requests ignore fields they do not know (as Centrifugo's do), so `idempotency_key`,
-//! `session`, `info`… are accepted and have no effect.
+//! Requests ignore fields they do not know (as Centrifugo's do), so `session`, `info`… are
+//! accepted and have no effect.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::Bytes;
+use plexus_core::idempotency::{self, OnceError};
 use plexus_core::{
     BoxFuture, ChannelError, ChannelOptions, Control, EngineError, MessageKind, NodeCommand,
     Publication, StreamPosition, Tags,
@@ -88,6 +89,10 @@ pub(super) struct PublishRequest {
     /// String metadata delivered (and kept) with the publication.
     #[serde(default, deserialize_with = "null_default")]
     tags: Tags,
+    /// A retry with the same key within the window gets the first publish's result and
+    /// publishes nothing.
+    #[serde(default, deserialize_with = "null_default")]
+    idempotency_key: String,
 }
 
 impl Validate for PublishRequest {
@@ -143,10 +148,45 @@ async fn finish_publish(acknowledgement: Acknowledgement) -> Result<PublishResul
     let position = acknowledgement
         .await
         .map_err(|error| engine_error(&error, "publish"))?;
-    Ok(PublishResult {
+    Ok(published(position))
+}
+
+fn published(position: Option<StreamPosition>) -> PublishResult {
+    PublishResult {
         offset: position.as_ref().map(|p| p.offset),
         epoch: position.map(|p| p.epoch.to_string()),
-    })
+    }
+}
+
+/// Publishes unless `key` was used in `channel` within the window (then answers as the first
+/// publish did); ordered once the key is claimed.
+async fn publish_once(
+    shared: &Shared,
+    channel: &str,
+    key: &str,
+    data: &(MessageKind, Bytes),
+    tags: &Tags,
+    skip_history: bool,
+) -> Result<PublishResult, ErrorCode> {
+    options(shared, channel)?;
+    let publish = || async {
+        let acknowledgement = start_publish(shared, channel, data, tags, skip_history)?;
+        acknowledgement
+            .await
+            .map_err(|error| engine_error(&error, "publish"))
+    };
+    match idempotency::publish_once(&**shared.node.engine(), channel, key, publish).await {
+        Ok(position) => Ok(published(position)),
+        Err(OnceError::Publish(code)) => Err(code),
+        Err(OnceError::Engine(error)) => Err(engine_error(&error, "publish")),
+        Err(OnceError::InProgress) => {
+            tracing::warn!(
+                channel,
+                "API publish: the first with its idempotency key is unfinished"
+            );
+            Err(ErrorCode::Internal)
+        }
+    }
 }
 
 pub(super) async fn publish(
@@ -154,13 +194,12 @@ pub(super) async fn publish(
     request: PublishRequest,
 ) -> Result<PublishResult, ErrorCode> {
     let data = request.data().bytes();
-    let acknowledgement = start_publish(
-        shared,
-        &request.channel,
-        &data,
-        &request.tags,
-        request.skip_history,
-    )?;
+    let (channel, tags) = (&request.channel, &request.tags);
+    if !request.idempotency_key.is_empty() {
+        let key = &request.idempotency_key;
+        return publish_once(shared, channel, key, &data, tags, request.skip_history).await;
+    }
+    let acknowledgement = start_publish(shared, channel, &data, tags, request.skip_history)?;
     finish_publish(acknowledgement).await
 }
 
@@ -173,6 +212,9 @@ pub(super) struct BroadcastRequest {
     skip_history: bool,
     #[serde(default, deserialize_with = "null_default")]
     tags: Tags,
+    /// As publish's, for each channel.
+    #[serde(default, deserialize_with = "null_default")]
+    idempotency_key: String,
 }
 
 impl Validate for BroadcastRequest {
@@ -206,6 +248,19 @@ pub(super) async fn broadcast(
         b64data: &request.b64data,
     }
     .bytes();
+    if !request.idempotency_key.is_empty() {
+        let key = &request.idempotency_key;
+        let mut responses = Vec::with_capacity(request.channels.len());
+        for channel in &request.channels {
+            let skip_history = request.skip_history;
+            let outcome = publish_once(shared, channel, key, &data, &request.tags, skip_history);
+            responses.push(match outcome.await {
+                Ok(result) => super::Reply::result(&result),
+                Err(code) => super::Reply::Error(code.into()),
+            });
+        }
+        return Ok(BroadcastResult { responses });
+    }
     let started: Vec<_> = request
         .channels
         .iter()

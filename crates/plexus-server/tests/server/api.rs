@@ -272,6 +272,72 @@ async fn tags_reach_subscribers_and_history() {
     assert_eq!(status, 400, "{reply}");
 }
 
+/// `idempotency_key`: a retry with the same key answers the first publish's position and
+/// publishes nothing, concurrent ones included; other keys and channels are independent; a
+/// broadcast uses the key per channel.
+#[tokio::test]
+async fn idempotency_keys_publish_once() {
+    let server = start_default().await;
+    let mut room = raw_subscriber(&server, "idem").await; // "ready" is offset 1
+    let mut other = raw_subscriber(&server, "idem2").await;
+    let publish = |data: &str, key: &str| json!({"channel": "chat:idem", "data": data, "idempotency_key": key});
+    let first = result(&server, "publish", publish("one", "k1")).await;
+    assert_eq!(first["offset"], 2, "{first}");
+    let retry = result(&server, "publish", publish("one again", "k1")).await;
+    assert_eq!(retry, first, "the first publish's result");
+    // Eight at once with a new key: one publication, every answer its position.
+    let racing: Vec<_> = (0..8)
+        .map(|n| {
+            let body = publish(&format!("race {n}"), "k2");
+            let server = &server;
+            async move { result(server, "publish", body).await }
+        })
+        .collect();
+    let answers = futures_util::future::join_all(racing).await;
+    assert!(
+        answers.iter().all(|answer| *answer == answers[0]),
+        "{answers:?}"
+    );
+    assert_eq!(answers[0]["offset"], 3, "{answers:?}");
+    // Without a key (or with a null one) every publish publishes.
+    let plain = json!({"channel": "chat:idem", "data": "plain", "idempotency_key": null});
+    assert_eq!(result(&server, "publish", plain.clone()).await["offset"], 4);
+    assert_eq!(result(&server, "publish", plain).await["offset"], 5);
+    // A broadcast with a key: once per channel; its retry answers the same.
+    let broadcast =
+        json!({"channels": ["chat:idem", "chat:idem2"], "data": "both", "idempotency_key": "b1"});
+    let sent = result(&server, "broadcast", broadcast.clone()).await;
+    assert_eq!(sent["responses"][0]["result"]["offset"], 6, "{sent}");
+    assert_eq!(sent["responses"][1]["result"]["offset"], 2, "{sent}");
+    assert_eq!(result(&server, "broadcast", broadcast).await, sent);
+
+    let delivered = [
+        next_text(&mut room).await,
+        next_text(&mut room).await,
+        next_text(&mut room).await,
+        next_text(&mut room).await,
+        next_text(&mut room).await,
+    ];
+    assert_eq!(delivered[0], r#""one""#);
+    assert!(delivered[1].starts_with(r#""race "#), "{delivered:?}");
+    assert_eq!(delivered[2..], [r#""plain""#, r#""plain""#, r#""both""#]);
+    assert_eq!(next_text(&mut other).await, r#""both""#);
+    let history = result(
+        &server,
+        "history",
+        json!({"channel": "chat:idem", "limit": -1}),
+    )
+    .await;
+    assert_eq!(history["offset"], 6, "{history}");
+    assert_eq!(history["publications"].as_array().unwrap().len(), 6);
+    // Nothing more was delivered: the next message is the next publish.
+    result(&server, "publish", publish("last", "k3")).await;
+    assert_eq!(next_text(&mut room).await, r#""last""#);
+    let last = json!({"channel": "chat:idem2", "data": "last"});
+    result(&server, "publish", last).await;
+    assert_eq!(next_text(&mut other).await, r#""last""#);
+}
+
 #[tokio::test]
 async fn presence_and_stats_of_a_room() {
     let server = start_default().await;

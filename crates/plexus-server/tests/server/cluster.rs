@@ -139,14 +139,16 @@ async fn three_nodes_agree(engine: &str, prefix: &str, config: impl Fn(&str) -> 
         assert_eq!(next_text(socket).await, "and again");
     }
 
-    // The server API of node C publishes to everyone too.
-    let published = api(
-        &c,
-        "publish",
-        json!({"channel": "chat:r", "data": "from the api"}),
-    )
-    .await;
+    // The server API of node C publishes to everyone too; retried through node B with its
+    // idempotency key, it is not published again (history below has it once).
+    let keyed = json!({"channel": "chat:r", "data": "from the api", "idempotency_key": "once"});
+    let published = api(&c, "publish", keyed.clone()).await;
     assert_eq!(published["offset"], 5, "{published}");
+    assert_eq!(
+        api(&b, "publish", keyed).await,
+        published,
+        "the retry's answer"
+    );
     for socket in [&mut on_a, &mut on_b, &mut on_c] {
         assert_eq!(next_text(socket).await, r#""from the api""#);
     }
