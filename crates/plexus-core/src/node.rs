@@ -9,7 +9,7 @@ use crate::engine::{
     NodeCommand, StreamPosition,
 };
 use crate::hub::{ClientInfo, Hub, HubError, Subscriber};
-use crate::options::{ChannelError, ChannelOptions, Namespaces};
+use crate::options::{ChannelError, ChannelOptions, Namespaces, RecoveryMode};
 use crate::publication::{ClientDescriptor, Membership, Publication};
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +173,34 @@ impl Node {
             publications: Vec::new(),
         };
         if !(options.has_history() && options.recover) {
+            return Ok(subscription);
+        }
+        let recover_from = recover_from.or_else(|| {
+            options.force_recovery.then(|| StreamPosition {
+                offset: 0,
+                epoch: "".into(),
+            })
+        });
+        subscription.was_recovering = recover_from.is_some();
+        if let (Some(from), RecoveryMode::Cache) = (&recover_from, options.recovery_mode) {
+            let latest = self
+                .engine
+                .history(
+                    name,
+                    HistoryQuery {
+                        since: None,
+                        limit: Some(1),
+                        reverse: true,
+                    },
+                )
+                .await?;
+            // A client that has the latest already gets nothing more.
+            let has_it = *from.epoch == *latest.top.epoch && from.offset >= latest.top.offset;
+            subscription.recovered = has_it || !latest.publications.is_empty();
+            if !has_it {
+                subscription.publications = latest.publications;
+            }
+            subscription.position = Some(latest.top);
             return Ok(subscription);
         }
         let since = recover_from.as_ref().map(|from| from.offset);
@@ -370,6 +398,71 @@ mod tests {
             .await
             .unwrap();
         assert!(!result.recovered && result.publications.is_empty());
+    }
+
+    /// Cache mode: a recovering subscribe gets the latest publication only (none if the client
+    /// has it); with `force_recovery`, so does one that did not ask.
+    #[tokio::test]
+    async fn cache_mode_recovers_the_latest_publication() {
+        let mut namespaces = Namespaces::default();
+        let cache = ChannelOptions {
+            recovery_mode: RecoveryMode::Cache,
+            ..ChannelOptions::chat()
+        };
+        namespaces.insert("state", cache.clone());
+        let forced = ChannelOptions {
+            force_recovery: true,
+            ..cache
+        };
+        namespaces.insert("forced", forced);
+        let node = Node::new(namespaces, |deliver| Arc::new(MemoryEngine::new(deliver)));
+        let anywhere = StreamPosition {
+            offset: 0,
+            epoch: "".into(),
+        };
+        // Nothing published yet: nothing to give, not recovered.
+        let empty = node
+            .subscribe(
+                "state:a",
+                subscriber(&node, "u0"),
+                None,
+                Some(anywhere.clone()),
+            )
+            .await
+            .unwrap();
+        assert!(empty.was_recovering && !empty.recovered);
+        assert!(empty.publications.is_empty());
+        for text in ["1", "2", "3"] {
+            publish(&node, "state:a", text).await;
+            publish(&node, "forced:a", text).await;
+        }
+        let latest = node
+            .subscribe("state:a", subscriber(&node, "u1"), None, Some(anywhere))
+            .await
+            .unwrap();
+        assert!(latest.was_recovering && latest.recovered);
+        let offsets: Vec<u64> = latest.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [3], "only the latest");
+        let top = latest.position.clone().unwrap();
+        let current = node
+            .subscribe("state:a", subscriber(&node, "u2"), None, Some(top))
+            .await
+            .unwrap();
+        assert!(
+            current.recovered && current.publications.is_empty(),
+            "it has it"
+        );
+        let plain = node
+            .subscribe("state:a", subscriber(&node, "u3"), None, None)
+            .await
+            .unwrap();
+        assert!(!plain.was_recovering && plain.publications.is_empty());
+        let forced = node
+            .subscribe("forced:a", subscriber(&node, "u4"), None, None)
+            .await
+            .unwrap();
+        assert!(forced.was_recovering && forced.recovered);
+        assert_eq!(forced.publications.len(), 1);
     }
 
     #[tokio::test]

@@ -16,6 +16,10 @@ pub struct ChannelOptions {
     pub history_ttl: Duration,
     /// Subscribers get a stream position and may recover what they missed.
     pub recover: bool,
+    /// What recovering gives: every missed publication, or only the latest one.
+    pub recovery_mode: RecoveryMode,
+    /// Every subscribe recovers, as if the client had asked (from no position).
+    pub force_recovery: bool,
     /// Who is subscribed is tracked and may be asked for.
     pub presence: bool,
     /// Joins and leaves are announced (to subscribers that ask for them).
@@ -47,6 +51,8 @@ impl ChannelOptions {
             history_size: 0,
             history_ttl: Duration::ZERO,
             recover: false,
+            recovery_mode: RecoveryMode::Stream,
+            force_recovery: false,
             presence: false,
             join_leave: false,
             force_push_join_leave: false,
@@ -67,6 +73,8 @@ impl ChannelOptions {
             history_size: 100,
             history_ttl: Duration::from_secs(300),
             recover: true,
+            recovery_mode: RecoveryMode::Stream,
+            force_recovery: false,
             presence: true,
             join_leave: true,
             force_push_join_leave: false,
@@ -103,6 +111,19 @@ impl ChannelOptions {
     pub fn has_history(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
     }
+}
+
+/// What a recovering subscribe gets (Centrifugo's `force_recovery_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Every publication after the client's position, or `recovered: false` if history no
+    /// longer holds them all.
+    #[default]
+    Stream,
+    /// Only the channel's latest publication (unless the client has it already): for
+    /// channels whose every publication is the whole state (a quote, a score, a status).
+    /// `recovered: false` if history holds none.
+    Cache,
 }
 
 /// Why a channel name was refused.

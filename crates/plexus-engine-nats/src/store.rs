@@ -376,44 +376,42 @@ impl Store {
             ..stream::Config::default()
         };
         bounded(self.js.get_or_create_stream(presence)).await?;
-        // The bucket's stream is made here with the key-value conventions (rather than by
-        // `create_key_value`, which needs account fields servers before 2.10 do not send).
-        let bucket = &self.names.meta_bucket;
-        let meta = stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            storage: StorageType::File,
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            ..stream::Config::default()
-        };
-        bounded(self.js.get_or_create_stream(meta)).await?;
-        let meta = bounded(self.js.get_key_value(bucket)).await?;
+        let meta = self.bucket(&self.names.meta_bucket, None).await?;
         *self.meta.write().unwrap_or_else(|e| e.into_inner()) = Some(meta);
         // Idempotency records: kept for the window, then dropped by the server.
-        let bucket = &self.names.idempotency_bucket;
-        let idempotency = stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            storage: StorageType::File,
-            max_messages_per_subject: 1,
-            max_age: plexus_core::idempotency::WINDOW,
-            discard: stream::DiscardPolicy::New,
-            allow_rollup: true,
-            allow_direct: true,
-            ..stream::Config::default()
-        };
-        bounded(self.js.get_or_create_stream(idempotency)).await?;
-        let idempotency = bounded(self.js.get_key_value(bucket)).await?;
+        let window = Some(plexus_core::idempotency::WINDOW);
+        let idempotency = self.bucket(&self.names.idempotency_bucket, window).await?;
         *self.idempotency.write().unwrap_or_else(|e| e.into_inner()) = Some(idempotency);
         self.sync().await?;
         self.set_up.store(true, Ordering::Release);
         self.started.store(true, Ordering::Release);
         self.ready.send_replace(true);
         Ok(())
+    }
+
+    /// A key-value bucket, its stream made here with the key-value conventions (rather than by
+    /// `create_key_value`, which needs account fields servers before 2.10 do not send). With
+    /// `max_age`, entries are dropped that long after they were written (deletes allowed);
+    /// without, they stay and cannot be deleted.
+    async fn bucket(
+        &self,
+        bucket: &str,
+        max_age: Option<Duration>,
+    ) -> Result<kv::Store, LinkError> {
+        let config = stream::Config {
+            name: format!("KV_{bucket}"),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            storage: StorageType::File,
+            max_messages_per_subject: 1,
+            max_age: max_age.unwrap_or_default(),
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: max_age.is_none(),
+            allow_direct: true,
+            ..stream::Config::default()
+        };
+        bounded(self.js.get_or_create_stream(config)).await?;
+        bounded(self.js.get_key_value(bucket)).await
     }
 
     /// Waits until the server has processed everything sent before on this connection

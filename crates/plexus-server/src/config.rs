@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use plexus_core::{ChannelOptions, Namespaces};
+use plexus_core::{ChannelOptions, Namespaces, RecoveryMode};
 use serde::Deserialize;
 
 /// Every setting, each optional. Field names are the TOML keys; flags are the same names in
@@ -268,6 +268,9 @@ pub struct NamespaceSettings {
     pub history_size: Option<usize>,
     pub history_ttl: Option<String>,
     pub recover: Option<bool>,
+    /// `stream` (every missed publication) or `cache` (only the latest).
+    pub force_recovery_mode: Option<String>,
+    pub force_recovery: Option<bool>,
     pub presence: Option<bool>,
     pub join_leave: Option<bool>,
     pub force_push_join_leave: Option<bool>,
@@ -818,6 +821,18 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
             history_size: entry.history_size.unwrap_or(base.history_size),
             history_ttl,
             recover: entry.recover.unwrap_or(base.recover),
+            recovery_mode: match entry.force_recovery_mode.as_deref().map(str::trim) {
+                None => base.recovery_mode,
+                Some("stream") => RecoveryMode::Stream,
+                Some("cache") => RecoveryMode::Cache,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "namespaces.force_recovery_mode",
+                        reason: format!("{other:?} is neither \"stream\" nor \"cache\""),
+                    })
+                }
+            },
+            force_recovery: entry.force_recovery.unwrap_or(base.force_recovery),
             presence: entry.presence.unwrap_or(base.presence),
             join_leave: entry.join_leave.unwrap_or(base.join_leave),
             force_push_join_leave: entry
@@ -841,6 +856,16 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
             return Err(ConfigError::Invalid {
                 key: "namespaces.recover",
                 reason: format!("namespace {:?} recovers but keeps no history (set history_size and history_ttl)", entry.name),
+            });
+        }
+        let recovers = options.force_recovery || options.recovery_mode == RecoveryMode::Cache;
+        if recovers && !options.recover {
+            return Err(ConfigError::Invalid {
+                key: "namespaces.force_recovery_mode",
+                reason: format!(
+                    "namespace {:?} sets how it recovers but not recover = true",
+                    entry.name
+                ),
             });
         }
         namespaces.insert(&entry.name, options);
@@ -1568,6 +1593,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("namespaces.recover"));
+    }
+
+    #[test]
+    fn recovery_modes_from_toml() {
+        let toml = |text: &str| toml::from_str::<Settings>(text).unwrap().resolve();
+        let config = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nrecover = true\nforce_recovery = true\nforce_recovery_mode = \"cache\"\n").unwrap();
+        let prices = config.namespaces.resolve("p:x").unwrap();
+        assert_eq!(prices.recovery_mode, RecoveryMode::Cache);
+        assert!(prices.force_recovery);
+        let chat = config.namespaces.resolve("chat:x").unwrap();
+        assert_eq!(chat.recovery_mode, RecoveryMode::Stream);
+        let error = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nrecover = true\nforce_recovery_mode = \"latest\"\n").unwrap_err();
+        assert!(error.to_string().contains("force_recovery_mode"), "{error}");
+        let error = toml(
+            "[[namespaces]]\nname = \"p\"\nhistory_size = 1\nforce_recovery_mode = \"cache\"\n",
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("recover = true"), "{error}");
     }
 
     #[test]
