@@ -381,26 +381,40 @@ async fn commands(factory: Factory<'_>) {
 
 /// Idempotency records: claimed once, recorded, released; and `publish_once` over them.
 async fn idempotent_publishing(factory: Factory<'_>) {
-    use crate::idempotency::{pending_record, publish_once, Claim, OnceError, WINDOW};
+    use crate::idempotency::{publish_once, Claim, Failure, OnceError, PENDING, WINDOW};
     let (recorder, engine) = engine(factory);
-    assert_eq!(engine.claim("i:1", "k", WINDOW).await.unwrap(), Claim::Won);
-    assert_eq!(
-        engine.claim("i:1", "k", WINDOW).await.unwrap(),
-        Claim::Held(pending_record()),
-        "a second claim sees the first"
+    assert_eq!(engine.claim("i:1", "k", PENDING).await.unwrap(), Claim::Won);
+    assert!(
+        matches!(engine.claim("i:1", "k", PENDING).await.unwrap(), Claim::Held(record) if record.starts_with(b"p")),
+        "a second claim sees the first, pending"
     );
-    assert_eq!(engine.claim("i:1", "k2", WINDOW).await.unwrap(), Claim::Won);
-    assert_eq!(engine.claim("i:2", "k", WINDOW).await.unwrap(), Claim::Won);
-    engine.record("i:1", "k", "-".into()).await.unwrap();
     assert_eq!(
-        engine.claim("i:1", "k", WINDOW).await.unwrap(),
+        engine.claim("i:1", "k2", PENDING).await.unwrap(),
+        Claim::Won
+    );
+    assert_eq!(engine.claim("i:2", "k", PENDING).await.unwrap(), Claim::Won);
+    engine.record("i:1", "k", "-".into(), WINDOW).await.unwrap();
+    assert_eq!(
+        engine.claim("i:1", "k", PENDING).await.unwrap(),
         Claim::Held("-".into())
     );
     engine.release("i:1", "k").await.unwrap();
     assert_eq!(
-        engine.claim("i:1", "k", WINDOW).await.unwrap(),
+        engine.claim("i:1", "k", PENDING).await.unwrap(),
         Claim::Won,
         "released"
+    );
+    // A claim pending past its time (its claimer never recorded) is free again.
+    let brief = Duration::from_millis(5);
+    assert_eq!(
+        engine.claim("i:1", "stale", brief).await.unwrap(),
+        Claim::Won
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        engine.claim("i:1", "stale", PENDING).await.unwrap(),
+        Claim::Won,
+        "a stale pending claim is taken over"
     );
 
     // The same key publishes once and answers the first position again; a failed publish
@@ -409,17 +423,23 @@ async fn idempotent_publishing(factory: Factory<'_>) {
     let once = |text: &'static str| {
         let engine = engine.clone();
         async move {
-            let publish = || engine.publish(publication("i:2", text), Some(RETENTION));
+            let publish = || async {
+                let publish = engine.publish(publication("i:2", text), Some(RETENTION));
+                publish.await.map_err(Failure::Unknown)
+            };
             publish_once(&*engine, "i:2", "first", publish).await
         }
     };
     let first = once("one").await.unwrap().unwrap();
     let again = once("two").await.unwrap().unwrap();
     assert_eq!(again, first, "the first publish's position");
-    let failed: Result<_, OnceError<&str>> =
-        publish_once(&*engine, "i:2", "second", || async { Err("refused") }).await;
+    let refused = || async { Err(Failure::Refused("refused")) };
+    let failed: Result<_, OnceError<&str>> = publish_once(&*engine, "i:2", "second", refused).await;
     assert!(matches!(failed, Err(OnceError::Publish("refused"))));
-    let publish = || engine.publish(publication("i:2", "three"), Some(RETENTION));
+    let publish = || async {
+        let publish = engine.publish(publication("i:2", "three"), Some(RETENTION));
+        publish.await.map_err(Failure::Unknown)
+    };
     let third = publish_once(&*engine, "i:2", "second", publish)
         .await
         .unwrap()

@@ -240,19 +240,25 @@ pub trait Engine: Send + Sync + 'static {
     /// Sends a command to every node, this one included.
     fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>>;
 
-    /// Idempotent publishing ([`crate::idempotency`]): claims `key` in `channel` for `ttl`,
-    /// atomically and for every node, if nobody holds it (its record is then
-    /// [`crate::idempotency::pending_record`]); else returns the holder's record.
+    /// Idempotent publishing ([`crate::idempotency`]): claims `key` in `channel`, atomically
+    /// and for every node, if nobody holds it or the holder's claim is pending past its time;
+    /// its record is then [`crate::idempotency::pending_record`] for `pending`. Else returns
+    /// the holder's record.
     fn claim(
         &self,
         channel: &str,
         key: &str,
-        ttl: Duration,
+        pending: Duration,
     ) -> BoxFuture<Result<crate::idempotency::Claim, EngineError>>;
 
-    /// Replaces the record of a key this caller claimed (its expiry stays).
-    fn record(&self, channel: &str, key: &str, record: Bytes)
-        -> BoxFuture<Result<(), EngineError>>;
+    /// Replaces the record of a key this caller claimed, kept `ttl` from now (at least).
+    fn record(
+        &self,
+        channel: &str,
+        key: &str,
+        record: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<Result<(), EngineError>>;
 
     /// Gives up a claim (the publish failed), so that the next claim wins.
     fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>>;

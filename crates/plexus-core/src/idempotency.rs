@@ -3,31 +3,40 @@
 //! instead of a second publication, for [`WINDOW`] after the first.
 //!
 //! The engines keep one small record per channel and key ([`Engine::claim`]): claimed by the
-//! first caller (`pending`), then its outcome (the publication's position, or none), or
-//! removed again if the publish failed so that a retry publishes. Engines shared by several
-//! nodes keep it where every node sees it (Redis, a NATS key-value bucket), so a retry that a
-//! load balancer sends to another node is still recognised. [`publish_once`] runs the
-//! protocol over any engine.
+//! first caller (pending, for at most [`PENDING`]), then its outcome (the publication's
+//! position, or none) for [`WINDOW`], or removed again if the publish was refused before
+//! anything was written, so that a retry publishes. Engines shared by several nodes keep it
+//! where every node sees it (Redis, a NATS key-value bucket), so a retry that a load balancer
+//! sends to another node is still recognised. [`publish_once`] runs the protocol over any
+//! engine.
+//!
+//! When it is unknown whether the publish happened (an engine timeout, a node that died
+//! between its claim and its record), the claim stays pending until [`PENDING`] has passed:
+//! retries meanwhile are told to wait ([`OnceError::InProgress`]), later ones publish.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use crate::engine::{Engine, EngineError, StreamPosition};
 
-/// How long a key is remembered after its first publish (Centrifugo's is 5 minutes too).
+/// How long a key's outcome is remembered (Centrifugo's window is 5 minutes too).
 pub const WINDOW: Duration = Duration::from_secs(300);
+
+/// How long a claim stays pending without an outcome: then the key is free again.
+pub const PENDING: Duration = Duration::from_secs(30);
 
 /// How long a duplicate waits for the first attempt, still in flight, to finish.
 const PENDING_WAIT: Duration = Duration::from_secs(5);
 
-/// The record of a key still being published.
-const PENDING: &[u8] = b"p";
 /// The record of a publication without history (no position).
 const NO_POSITION: &[u8] = b"-";
+
+/// Longest idempotency key, in bytes (the API refuses longer ones).
+pub const MAX_KEY_LEN: usize = 256;
 
 /// What [`Engine::claim`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +63,7 @@ fn encode(position: Option<&StreamPosition>) -> Bytes {
 
 fn decode(record: &[u8]) -> Option<Record> {
     match record {
-        PENDING => Some(Record::Pending),
+        [b'p', ..] => Some(Record::Pending),
         NO_POSITION => Some(Record::Published(None)),
         _ => {
             let text = std::str::from_utf8(record).ok()?;
@@ -67,9 +76,39 @@ fn decode(record: &[u8]) -> Option<Record> {
     }
 }
 
-/// The record a claim starts with, for engines that store it.
-pub fn pending_record() -> Bytes {
-    Bytes::from_static(PENDING)
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
+/// The record a claim starts with: `p` and when it stops being pending (Unix milliseconds),
+/// for engines that cannot expire it by themselves ([`pending_is_stale`]).
+pub fn pending_record(ttl: Duration) -> Bytes {
+    format!("p{}", unix_millis(SystemTime::now() + ttl)).into()
+}
+
+/// Whether `record` is a pending claim whose time is up (its claimer never recorded an
+/// outcome), so that the key may be claimed again.
+pub fn pending_is_stale(record: &[u8]) -> bool {
+    let Some(deadline) = record.strip_prefix(b"p") else {
+        return false;
+    };
+    std::str::from_utf8(deadline)
+        .ok()
+        .and_then(|deadline| deadline.parse::<u64>().ok())
+        .is_none_or(|deadline| deadline <= unix_millis(SystemTime::now()))
+}
+
+/// How a publish attempted under a claim failed.
+#[derive(Debug)]
+pub enum Failure<E> {
+    /// Refused before anything was written (a bad channel, an engine already known to be
+    /// away): the key is given back, and a retry publishes.
+    Refused(E),
+    /// Unknown whether it was published (a timeout): the key stays pending for [`PENDING`],
+    /// so a retry meanwhile cannot publish it twice.
+    Unknown(E),
 }
 
 /// Why [`publish_once`] did not publish or answer.
@@ -78,11 +117,11 @@ pub enum OnceError<E> {
     /// The engine could not keep the record.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// The first attempt with this key is still in flight (or its node stopped before it
-    /// finished): try again later.
+    /// The first attempt with this key is still in flight, or its outcome is unknown (for at
+    /// most [`PENDING`]): try again later.
     #[error("a publish with this idempotency key is in progress")]
     InProgress,
-    /// The publish itself failed (nothing was published; a retry may publish).
+    /// The publish itself failed.
     #[error("the publish failed")]
     Publish(E),
 }
@@ -90,6 +129,9 @@ pub enum OnceError<E> {
 /// Publishes with `publish` unless `key` was used in `channel` within [`WINDOW`]; then answers
 /// with the first publish's position and publishes nothing. Concurrent calls with one key
 /// publish once: the others wait for the first (at most a few seconds).
+///
+/// Run it where it cannot be dropped half-way (a task of its own): dropped between its claim
+/// and its record, it leaves the key pending for [`PENDING`].
 pub async fn publish_once<F, Fut, E>(
     engine: &dyn Engine,
     channel: &str,
@@ -98,11 +140,11 @@ pub async fn publish_once<F, Fut, E>(
 ) -> Result<Option<StreamPosition>, OnceError<E>>
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Option<StreamPosition>, E>>,
+    Fut: Future<Output = Result<Option<StreamPosition>, Failure<E>>>,
 {
     let deadline = Instant::now() + PENDING_WAIT;
     loop {
-        match engine.claim(channel, key, WINDOW).await? {
+        match engine.claim(channel, key, PENDING).await? {
             Claim::Won => break,
             Claim::Held(record) => match decode(&record) {
                 Some(Record::Published(position)) => return Ok(position),
@@ -116,19 +158,21 @@ where
     }
     match publish().await {
         Ok(position) => {
-            // Published: a record that fails to be written only lets a retry publish again,
-            // which is what happens without a key.
-            if let Err(error) = engine.record(channel, key, encode(position.as_ref())).await {
+            // Published. A record that is not kept leaves the key pending: retries wait
+            // (and are told so) until it is free again, then publish.
+            let record = engine.record(channel, key, encode(position.as_ref()), WINDOW);
+            if let Err(error) = record.await {
                 tracing::warn!(%error, channel, "idempotency record not kept");
             }
             Ok(position)
         }
-        Err(error) => {
+        Err(Failure::Refused(error)) => {
             if let Err(release) = engine.release(channel, key).await {
                 tracing::warn!(error = %release, channel, "idempotency claim not released");
             }
             Err(OnceError::Publish(error))
         }
+        Err(Failure::Unknown(error)) => Err(OnceError::Publish(error)),
     }
 }
 
@@ -166,17 +210,18 @@ impl LocalClaims {
         match state.records.get(&id) {
             Some((record, expires)) if *expires > now => Claim::Held(record.clone()),
             _ => {
-                state.records.insert(id, (pending_record(), now + ttl));
+                state.records.insert(id, (pending_record(ttl), now + ttl));
                 Claim::Won
             }
         }
     }
 
-    pub fn record(&self, channel: &str, key: &str, record: Bytes) {
+    /// Replaces a claim's record, kept `ttl` from now.
+    pub fn record(&self, channel: &str, key: &str, record: Bytes, ttl: Duration) {
         let mut state = self.lock();
         let id = (Arc::<str>::from(channel), Box::<str>::from(key));
         if let Some(entry) = state.records.get_mut(&id) {
-            entry.0 = record;
+            *entry = (record, Instant::now() + ttl);
         }
     }
 
@@ -210,7 +255,11 @@ mod tests {
             Some(Record::Published(Some(position)))
         );
         assert_eq!(decode(&encode(None)), Some(Record::Published(None)));
-        assert_eq!(decode(&pending_record()), Some(Record::Pending));
+        assert_eq!(decode(&pending_record(PENDING)), Some(Record::Pending));
+        assert!(!pending_is_stale(&pending_record(PENDING)));
+        assert!(pending_is_stale(&pending_record(Duration::ZERO)));
+        assert!(pending_is_stale(b"p"), "no deadline: stale");
+        assert!(!pending_is_stale(b"-"));
         assert_eq!(decode(b"x:y"), None);
         assert_eq!(decode(b""), None);
     }
@@ -220,10 +269,10 @@ mod tests {
         let claims = LocalClaims::default();
         let short = Duration::from_millis(50);
         assert_eq!(claims.claim("c", "k", short), Claim::Won);
-        assert_eq!(claims.claim("c", "k", short), Claim::Held(pending_record()));
+        assert!(matches!(claims.claim("c", "k", short), Claim::Held(record) if record[0] == b'p'));
         assert_eq!(claims.claim("c", "other", short), Claim::Won);
         assert_eq!(claims.claim("d", "k", short), Claim::Won);
-        claims.record("c", "k", Bytes::from_static(b"-"));
+        claims.record("c", "k", Bytes::from_static(b"-"), short);
         assert_eq!(claims.claim("c", "k", short), Claim::Held("-".into()));
         claims.release("c", "k");
         assert_eq!(claims.claim("c", "k", short), Claim::Won);

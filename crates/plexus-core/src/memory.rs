@@ -240,8 +240,9 @@ impl Engine for MemoryEngine {
         channel: &str,
         key: &str,
         record: Bytes,
+        ttl: Duration,
     ) -> BoxFuture<Result<(), EngineError>> {
-        self.claims.record(channel, key, record);
+        self.claims.record(channel, key, record, ttl);
         ready(Ok(()))
     }
 

@@ -265,8 +265,9 @@ impl Engine for EmbeddedEngine {
         channel: &str,
         key: &str,
         record: bytes::Bytes,
+        ttl: std::time::Duration,
     ) -> BoxFuture<Result<(), EngineError>> {
-        self.memory.record(channel, key, record)
+        self.memory.record(channel, key, record, ttl)
     }
 
     fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>> {

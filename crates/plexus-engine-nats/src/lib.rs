@@ -9,6 +9,7 @@
 //! | `{prefix}.control` | core subject | [`NodeCommand`]s ([`codec`]) |
 //! | `{prefix}_history` | stream (file), subjects `{prefix}.hist.>` | history: one subject per channel, offsets in headers (see `store`) |
 //! | `{prefix}_meta` | key-value bucket | per channel: epoch, removed-through offset, started flag; kept forever |
+//! | `{prefix}_idem` | key-value bucket | per channel and API idempotency key (`{token}.{key token}`): pending, then the first publish's position; entries live 5 minutes from their last write (`plexus_core::idempotency::WINDOW`), a pending one past its deadline is taken over |
 //! | `{prefix}_presence` | stream (memory), subjects `{prefix}.presence.{token}.{client token}` | one message per present client (its descriptor), at most one per subject, dropped after [`NatsOptions::presence_ttl`] |
 //!
 //! `{token}` is the channel name in URL-safe base64 ([`codec::token`]), so any channel name is
@@ -598,12 +599,12 @@ impl Engine for NatsEngine {
         &self,
         channel: &str,
         key: &str,
-        _ttl: std::time::Duration,
+        pending: std::time::Duration,
     ) -> BoxFuture<Result<Claim, EngineError>> {
         let store = self.inner.store.clone();
         let (channel, key) = (channel.to_owned(), key.to_owned());
         self.inner
-            .request(async move { store.claim(&channel, &key).await })
+            .request(async move { store.claim(&channel, &key, pending).await })
     }
 
     fn record(
@@ -611,6 +612,8 @@ impl Engine for NatsEngine {
         channel: &str,
         key: &str,
         record: bytes::Bytes,
+        // The bucket keeps every record for `idempotency::WINDOW` from its write.
+        _ttl: std::time::Duration,
     ) -> BoxFuture<Result<(), EngineError>> {
         let store = self.inner.store.clone();
         let (channel, key) = (channel.to_owned(), key.to_owned());

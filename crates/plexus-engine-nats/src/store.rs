@@ -444,13 +444,19 @@ impl Store {
             .ok_or_else(|| LinkError::Disconnected("not set up yet".into()))
     }
 
-    /// Claims an idempotency key (see `Engine::claim`): creates its record, or reads the one
-    /// held. (The window is the bucket's `max_age`.)
-    pub async fn claim(&self, channel: &str, key: &str) -> Result<Claim, LinkError> {
+    /// Claims an idempotency key (see `Engine::claim`): creates its record, or takes over a
+    /// pending one past its time (compare-and-set on its revision), or reads the one held.
+    /// (Records live the bucket's `max_age` from their last write.)
+    pub async fn claim(
+        &self,
+        channel: &str,
+        key: &str,
+        pending: Duration,
+    ) -> Result<Claim, LinkError> {
         let bucket = self.idempotency_bucket()?;
         let name = idempotency_key(channel, key);
         for _ in 0..8 {
-            let created = bucket.create(name.as_str(), idempotency::pending_record());
+            let created = bucket.create(name.as_str(), idempotency::pending_record(pending));
             match bounded_kv(created).await? {
                 Ok(_) => return Ok(Claim::Won),
                 Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
@@ -458,7 +464,15 @@ impl Store {
             }
             match bounded(bucket.entry(name.as_str())).await? {
                 Some(entry) if entry.operation == kv::Operation::Put => {
-                    return Ok(Claim::Held(entry.value));
+                    if !idempotency::pending_is_stale(&entry.value) {
+                        return Ok(Claim::Held(entry.value));
+                    }
+                    let record = idempotency::pending_record(pending);
+                    let took = bucket.update(name.as_str(), record, entry.revision);
+                    if bounded_kv(took).await?.is_ok() {
+                        return Ok(Claim::Won);
+                    }
+                    // Someone else took it over or recorded meanwhile: read again.
                 }
                 // Released or expired between the two requests: claim again.
                 _ => {}

@@ -9,6 +9,7 @@
 //! | `{prefix}:meta:{channel}` | hash | `epoch` and `top` (the last offset); expires [`RedisOptions::history_meta_ttl`] after the last publish |
 //! | `{prefix}:presence:{channel}` | sorted set | client id scored by when its presence expires (ms) |
 //! | `{prefix}:presence-info:{channel}` | hash | client id → its descriptor ([`codec`]) |
+//! | `{prefix}:idem:{channel}:{key in hex}` | string | an API idempotency key's record (`plexus_core::idempotency`): pending (30 s), then the first publish's position (5 min) |
 //! | `{prefix}:pub:{channel}` | pub/sub | publications, joins and leaves ([`codec`]'s envelope) |
 //! | `{prefix}:control` | pub/sub | [`NodeCommand`]s ([`codec`]) |
 //!
@@ -678,14 +679,15 @@ impl Engine for RedisEngine {
         &self,
         channel: &str,
         key: &str,
-        ttl: Duration,
+        pending: Duration,
     ) -> BoxFuture<Result<Claim, EngineError>> {
         let inner = &self.inner;
         let mut cmd = evalsha(
             &inner.scripts.claim,
             &[&inner.idempotency_key(channel, key)],
         );
-        cmd.arg(&idempotency::pending_record()[..]).arg(millis(ttl));
+        cmd.arg(&idempotency::pending_record(pending)[..])
+            .arg(millis(pending));
         let reply = inner.call(channel, cmd);
         Box::pin(async move {
             let held: Option<Vec<u8>> = redis::from_redis_value(reply.await?).map_err(bad_reply)?;
@@ -698,13 +700,15 @@ impl Engine for RedisEngine {
         channel: &str,
         key: &str,
         record: bytes::Bytes,
+        ttl: Duration,
     ) -> BoxFuture<Result<(), EngineError>> {
         let inner = &self.inner;
         let mut cmd = redis::cmd("SET");
         cmd.arg(inner.idempotency_key(channel, key))
             .arg(&record[..])
             .arg("XX")
-            .arg("KEEPTTL");
+            .arg("PX")
+            .arg(millis(ttl));
         let reply = inner.call(channel, cmd);
         Box::pin(async move { reply.await.map(drop) })
     }

@@ -138,7 +138,7 @@ if held then
   return held
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
+return nil
 ";
 
 /// Every script, compiled once per process for its hash.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use bytes::Bytes;
-use plexus_core::idempotency::{self, OnceError};
+use plexus_core::idempotency::{self, Failure, OnceError, MAX_KEY_LEN};
 use plexus_core::{
     BoxFuture, ChannelError, ChannelOptions, Control, EngineError, MessageKind, NodeCommand,
     Publication, StreamPosition, Tags,
@@ -95,9 +95,20 @@ pub(super) struct PublishRequest {
     idempotency_key: String,
 }
 
+/// An idempotency key is short: engines keep it in their keys and subjects.
+fn check_key(key: &str) -> Result<(), String> {
+    if key.len() > MAX_KEY_LEN {
+        return Err(format!(
+            "idempotency_key is longer than {MAX_KEY_LEN} bytes"
+        ));
+    }
+    Ok(())
+}
+
 impl Validate for PublishRequest {
     fn validate(&self) -> Result<(), String> {
         required("channel", &self.channel)?;
+        check_key(&self.idempotency_key)?;
         self.data().check()
     }
 }
@@ -158,46 +169,59 @@ fn published(position: Option<StreamPosition>) -> PublishResult {
     }
 }
 
-/// Publishes unless `key` was used in `channel` within the window (then answers as the first
-/// publish did); ordered once the key is claimed.
-async fn publish_once(
-    shared: &Shared,
+type Once = tokio::task::JoinHandle<Result<PublishResult, ErrorCode>>;
+
+/// Starts publishing unless `key` was used in `channel` within the window (then answers as the
+/// first publish did); ordered once the key is claimed. Runs in a task of its own: a client
+/// that gives up (closes its request) must not leave the key claimed and never recorded.
+fn start_once(
+    shared: &Arc<Shared>,
     channel: &str,
     key: &str,
     data: &(MessageKind, Bytes),
     tags: &Tags,
     skip_history: bool,
-) -> Result<PublishResult, ErrorCode> {
+) -> Result<Once, ErrorCode> {
     options(shared, channel)?;
-    let publish = || async {
-        let acknowledgement = start_publish(shared, channel, data, tags, skip_history)?;
-        acknowledgement
-            .await
-            .map_err(|error| engine_error(&error, "publish"))
-    };
-    match idempotency::publish_once(&**shared.node.engine(), channel, key, publish).await {
-        Ok(position) => Ok(published(position)),
-        Err(OnceError::Publish(code)) => Err(code),
-        Err(OnceError::Engine(error)) => Err(engine_error(&error, "publish")),
-        Err(OnceError::InProgress) => {
-            tracing::warn!(
-                channel,
-                "API publish: the first with its idempotency key is unfinished"
-            );
-            Err(ErrorCode::Internal)
+    let (shared, channel, key) = (shared.clone(), channel.to_owned(), key.to_owned());
+    let (data, tags) = (data.clone(), tags.clone());
+    let task = tokio::spawn(async move {
+        let publish = || async {
+            let acknowledgement = start_publish(&shared, &channel, &data, &tags, skip_history)
+                .map_err(Failure::Refused)?;
+            // Failed after it was sent: it may have been published.
+            acknowledgement
+                .await
+                .map_err(|error| Failure::Unknown(engine_error(&error, "publish")))
+        };
+        let engine = &**shared.node.engine();
+        match idempotency::publish_once(engine, &channel, &key, publish).await {
+            Ok(position) => Ok(published(position)),
+            Err(OnceError::Publish(code)) => Err(code),
+            Err(OnceError::Engine(error)) => Err(engine_error(&error, "publish")),
+            Err(OnceError::InProgress) => {
+                tracing::warn!(%channel, "API publish: its idempotency key's first publish is unfinished or its outcome unknown");
+                Err(ErrorCode::Internal)
+            }
         }
-    }
+    });
+    Ok(task)
+}
+
+async fn finish_once(started: Result<Once, ErrorCode>) -> Result<PublishResult, ErrorCode> {
+    started?.await.unwrap_or(Err(ErrorCode::Internal))
 }
 
 pub(super) async fn publish(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     request: PublishRequest,
 ) -> Result<PublishResult, ErrorCode> {
     let data = request.data().bytes();
     let (channel, tags) = (&request.channel, &request.tags);
     if !request.idempotency_key.is_empty() {
         let key = &request.idempotency_key;
-        return publish_once(shared, channel, key, &data, tags, request.skip_history).await;
+        let started = start_once(shared, channel, key, &data, tags, request.skip_history);
+        return finish_once(started).await;
     }
     let acknowledgement = start_publish(shared, channel, &data, tags, request.skip_history)?;
     finish_publish(acknowledgement).await
@@ -222,6 +246,7 @@ impl Validate for BroadcastRequest {
         if self.channels.is_empty() {
             return Err("channels required".into());
         }
+        check_key(&self.idempotency_key)?;
         self.channels
             .iter()
             .try_for_each(|channel| required("channel", channel))?;
@@ -240,7 +265,7 @@ pub(super) struct BroadcastResult {
 
 /// Publishes to every channel (all ordered first, then awaited); one response per channel.
 pub(super) async fn broadcast(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     request: BroadcastRequest,
 ) -> Result<BroadcastResult, ErrorCode> {
     let data = Data {
@@ -249,12 +274,16 @@ pub(super) async fn broadcast(
     }
     .bytes();
     if !request.idempotency_key.is_empty() {
-        let key = &request.idempotency_key;
-        let mut responses = Vec::with_capacity(request.channels.len());
-        for channel in &request.channels {
-            let skip_history = request.skip_history;
-            let outcome = publish_once(shared, channel, key, &data, &request.tags, skip_history);
-            responses.push(match outcome.await {
+        // Each channel claims the key for itself, all at once.
+        let (key, tags) = (&request.idempotency_key, &request.tags);
+        let started: Vec<_> = request
+            .channels
+            .iter()
+            .map(|channel| start_once(shared, channel, key, &data, tags, request.skip_history))
+            .collect();
+        let mut responses = Vec::with_capacity(started.len());
+        for once in started {
+            responses.push(match finish_once(once).await {
                 Ok(result) => super::Reply::result(&result),
                 Err(code) => super::Reply::Error(code.into()),
             });

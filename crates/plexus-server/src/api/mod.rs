@@ -249,8 +249,8 @@ impl Api {
     async fn dispatch(&self, method: Method, params: &[u8]) -> Result<Reply, ApiError> {
         let shared = &*self.shared;
         match method {
-            Method::Publish => call(params, |r| methods::publish(shared, r)).await,
-            Method::Broadcast => call(params, |r| methods::broadcast(shared, r)).await,
+            Method::Publish => call(params, |r| methods::publish(&self.shared, r)).await,
+            Method::Broadcast => call(params, |r| methods::broadcast(&self.shared, r)).await,
             Method::Subscribe => call(params, |r| methods::subscribe(shared, r)).await,
             Method::Unsubscribe => call(params, |r| methods::unsubscribe(shared, r)).await,
             Method::Disconnect => call(params, |r| methods::disconnect(shared, r)).await,

@@ -330,6 +330,20 @@ async fn idempotency_keys_publish_once() {
     .await;
     assert_eq!(history["offset"], 6, "{history}");
     assert_eq!(history["publications"].as_array().unwrap().len(), 6);
+    // Without history the retry's answer is the same empty result; a key longer than 256
+    // bytes is refused.
+    let unkept = json!({"channel": "chat:idem", "data": "live", "skip_history": true, "idempotency_key": "s1"});
+    assert_eq!(result(&server, "publish", unkept.clone()).await, json!({}));
+    assert_eq!(result(&server, "publish", unkept).await, json!({}));
+    assert_eq!(next_text(&mut room).await, r#""live""#);
+    let long = json!({"channel": "chat:idem", "data": 1, "idempotency_key": "k".repeat(257)});
+    let headers = format!("X-API-Key: {KEY}\r\n");
+    let (status, refused) = request(&server, "/api/publish", &headers, &long.to_string()).await;
+    assert_eq!(
+        (status, &refused["error"]["code"]),
+        (400, &json!(107)),
+        "{refused}"
+    );
     // Nothing more was delivered: the next message is the next publish.
     result(&server, "publish", publish("last", "k3")).await;
     assert_eq!(next_text(&mut room).await, r#""last""#);
@@ -420,7 +434,13 @@ async fn disconnect_closes_the_users_connections() {
 /// and one whose token expires in 2 s lives on past it once given a later expiry.
 #[tokio::test]
 async fn refresh_sets_when_connections_expire() {
-    let server = start_default().await;
+    // No grace after a token's expiry: the 2-second token below must end at 2 s unless the
+    // API extended it.
+    let server = start(plexus_server::Config {
+        expired_close_delay: Duration::ZERO,
+        ..plexus_server::Config::for_tests()
+    })
+    .await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -191,6 +191,24 @@ async fn three_nodes_agree(engine: &str, prefix: &str, config: impl Fn(&str) -> 
         assert_eq!(same, history);
     }
 
+    // The same keyed publish sent to all three nodes at once is published once.
+    let racing = json!({"channel": "chat:race", "data": "once", "idempotency_key": "race"});
+    let answers = futures_util::future::join_all(
+        [&a, &b, &c].map(|node| api(node, "publish", racing.clone())),
+    )
+    .await;
+    assert!(
+        answers.iter().all(|answer| *answer == answers[0]),
+        "{answers:?}"
+    );
+    assert_eq!(answers[0]["offset"], 1, "{answers:?}");
+    let raced = api(&a, "history", json!({"channel": "chat:race", "limit": -1})).await;
+    assert_eq!(
+        raced["publications"].as_array().unwrap().len(),
+        1,
+        "{raced}"
+    );
+
     // A client that leaves node C is gone from presence everywhere.
     drop(on_c);
     let started = std::time::Instant::now();
