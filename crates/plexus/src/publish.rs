@@ -25,6 +25,10 @@ pub struct PublishArgs {
     /// The server [default: http:// and the configured listen address, 127.0.0.1:8000]
     #[arg(long, value_name = "URL")]
     url: Option<String>,
+    /// Publish at most once with this key: a retry within 5 minutes answers the first
+    /// publish's offset instead of publishing again
+    #[arg(long, value_name = "KEY")]
+    idempotency_key: Option<String>,
     #[command(flatten)]
     server: ServerConfig,
 }
@@ -71,13 +75,19 @@ fn parse_url(url: &str) -> Result<Target, String> {
 }
 
 /// The request body: `data` kept as written when it is JSON, else as a JSON string.
-fn request_body(channel: &str, data: &str) -> String {
+fn request_body(channel: &str, data: &str, idempotency_key: Option<&str>) -> String {
     let data = if serde_json::from_str::<Value>(data).is_ok() {
         data.trim().to_owned()
     } else {
         Value::from(data).to_string()
     };
-    format!(r#"{{"channel":{},"data":{data}}}"#, Value::from(channel))
+    let key = idempotency_key.map_or_else(String::new, |key| {
+        format!(r#","idempotency_key":{}"#, Value::from(key))
+    });
+    format!(
+        r#"{{"channel":{},"data":{data}{key}}}"#,
+        Value::from(channel)
+    )
 }
 
 /// A response's status and body.
@@ -180,7 +190,7 @@ pub async fn run(args: PublishArgs) -> Result<(), Failure> {
         Some(key) => key.clone(),
         None => server_secrets(&config)?.api_key,
     };
-    let body = request_body(&args.channel, &args.data);
+    let body = request_body(&args.channel, &args.data, args.idempotency_key.as_deref());
     let response = post(&target, "/api/publish", &api_key, &body)
         .await
         .map_err(|error| Failure::new(1, error))?;
@@ -233,15 +243,15 @@ mod tests {
     #[test]
     fn bodies() {
         assert_eq!(
-            request_body("chat:a", r#"{"b":1, "a":2}"#),
+            request_body("chat:a", r#"{"b":1, "a":2}"#, None),
             r#"{"channel":"chat:a","data":{"b":1, "a":2}}"#
         );
         assert_eq!(
-            request_body("chat:a", " 42 "),
-            r#"{"channel":"chat:a","data":42}"#
+            request_body("chat:a", " 42 ", Some("k-1")),
+            r#"{"channel":"chat:a","data":42,"idempotency_key":"k-1"}"#
         );
         assert_eq!(
-            request_body("chat:\"q\"", "hello there"),
+            request_body("chat:\"q\"", "hello there", None),
             r#"{"channel":"chat:\"q\"","data":"hello there"}"#
         );
     }

@@ -664,6 +664,24 @@ fn publish_reaches_a_raw_subscriber() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert_eq!(next_ws_text(&mut subscriber), r#""plain words""#);
 
+    // With --idempotency-key, run twice: one publication, the same answer.
+    let keyed = [
+        "publish",
+        "chat:cli",
+        "once",
+        "--url",
+        &http,
+        "--idempotency-key",
+        "k1",
+    ];
+    let first = plexus_with_data_dir(&data_dir, &keyed);
+    let again = plexus_with_data_dir(&data_dir, &keyed);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&first.stdout), text(&again.stdout));
+    let result: serde_json::Value = serde_json::from_str(&text(&again.stdout)).unwrap();
+    assert_eq!(result["offset"], 4, "{result}");
+    assert_eq!(next_ws_text(&mut subscriber), r#""once""#);
+
     // The server's own error: exit status 1, and what it said.
     let output = plexus_with_data_dir(&data_dir, &["publish", "nope:x", "1", "--url", &http]);
     assert_eq!(output.status.code(), Some(1));
