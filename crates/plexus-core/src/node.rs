@@ -2,7 +2,10 @@
 //! what a publish keeps, what a subscribe recovers, who hears joins and leaves. Transports talk
 //! to a `Node`; it talks to the engine through the [`Engine`] trait only.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use crate::engine::{
     BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
@@ -49,6 +52,57 @@ pub struct Node {
     hub: Arc<Hub>,
     engine: Arc<dyn Engine>,
     namespaces: Namespaces,
+    /// Channels whose first local subscriber is still asking the engine to watch them: the
+    /// others wait for that before reading history, or a publication made meanwhile would
+    /// be in neither their history nor their deliveries.
+    watching: Mutex<HashMap<Arc<str>, watch::Receiver<Option<bool>>>>,
+}
+
+/// The first subscriber's `watch` in flight; says how it ended (a failure if dropped before).
+struct WatchInFlight<'a> {
+    watching: &'a Mutex<HashMap<Arc<str>, watch::Receiver<Option<bool>>>>,
+    channel: Arc<str>,
+    done: watch::Sender<Option<bool>>,
+}
+
+impl<'a> WatchInFlight<'a> {
+    fn start(
+        watching: &'a Mutex<HashMap<Arc<str>, watch::Receiver<Option<bool>>>>,
+        channel: &Arc<str>,
+    ) -> WatchInFlight<'a> {
+        let (done, waiting) = watch::channel(None);
+        lock(watching).insert(channel.clone(), waiting);
+        WatchInFlight {
+            watching,
+            channel: channel.clone(),
+            done,
+        }
+    }
+}
+
+impl Drop for WatchInFlight<'_> {
+    fn drop(&mut self) {
+        self.done.send_if_modified(|done| {
+            let unset = done.is_none();
+            if unset {
+                *done = Some(false);
+            }
+            unset
+        });
+        let mut watching = lock(self.watching);
+        let ours = watching
+            .get(&self.channel)
+            .is_some_and(|waiting| waiting.same_channel(&self.done.subscribe()));
+        if ours {
+            watching.remove(&self.channel);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl std::fmt::Debug for Node {
@@ -79,6 +133,7 @@ impl Node {
             hub,
             engine,
             namespaces,
+            watching: Mutex::default(),
         })
     }
 
@@ -93,6 +148,7 @@ impl Node {
             hub,
             engine,
             namespaces,
+            watching: Mutex::default(),
         }
     }
 
@@ -153,7 +209,22 @@ impl Node {
         recover_from: Option<StreamPosition>,
     ) -> Result<Subscription, SubscribeError> {
         if first {
-            self.engine.watch(name, true).await?;
+            let in_flight = WatchInFlight::start(&self.watching, name);
+            let watched = self.engine.watch(name, true).await;
+            in_flight.done.send_replace(Some(watched.is_ok()));
+            watched?;
+        } else {
+            let waiting = lock(&self.watching).get(name).cloned();
+            if let Some(mut waiting) = waiting {
+                let watched = waiting.wait_for(Option::is_some).await;
+                if !watched.is_ok_and(|done| *done == Some(true)) {
+                    return Err(EngineError::Unavailable {
+                        engine: self.engine.name(),
+                        source: "the engine did not watch the channel".into(),
+                    }
+                    .into());
+                }
+            }
         }
         let descriptor = info.descriptor(chan_info);
         if options.presence {
@@ -175,13 +246,6 @@ impl Node {
         if !(options.has_history() && options.recover) {
             return Ok(subscription);
         }
-        let recover_from = recover_from.or_else(|| {
-            options.force_recovery.then(|| StreamPosition {
-                offset: 0,
-                epoch: "".into(),
-            })
-        });
-        subscription.was_recovering = recover_from.is_some();
         if let (Some(from), RecoveryMode::Cache) = (&recover_from, options.recovery_mode) {
             let latest = self
                 .engine
@@ -194,10 +258,13 @@ impl Node {
                     },
                 )
                 .await?;
-            // A client that has the latest already gets nothing more.
-            let has_it = *from.epoch == *latest.top.epoch && from.offset >= latest.top.offset;
-            subscription.recovered = has_it || !latest.publications.is_empty();
-            if !has_it {
+            // A client that has the latest already gets nothing more; else the latest, if
+            // history still holds it.
+            let top = &latest.top;
+            let has_it = from.offset > 0 && from.offset == top.offset && *from.epoch == *top.epoch;
+            let newest = latest.publications.first().map(|p| p.offset);
+            subscription.recovered = has_it || (top.offset > 0 && newest == Some(top.offset));
+            if !has_it && subscription.recovered {
                 subscription.publications = latest.publications;
             }
             subscription.position = Some(latest.top);
@@ -401,7 +468,7 @@ mod tests {
     }
 
     /// Cache mode: a recovering subscribe gets the latest publication only (none if the client
-    /// has it); with `force_recovery`, so does one that did not ask.
+    /// has it; `recovered: false` if there is none), whatever the client's position.
     #[tokio::test]
     async fn cache_mode_recovers_the_latest_publication() {
         let mut namespaces = Namespaces::default();
@@ -409,60 +476,178 @@ mod tests {
             recovery_mode: RecoveryMode::Cache,
             ..ChannelOptions::chat()
         };
-        namespaces.insert("state", cache.clone());
-        let forced = ChannelOptions {
-            force_recovery: true,
-            ..cache
-        };
-        namespaces.insert("forced", forced);
+        namespaces.insert("state", cache);
         let node = Node::new(namespaces, |deliver| Arc::new(MemoryEngine::new(deliver)));
         let anywhere = StreamPosition {
             offset: 0,
             epoch: "".into(),
         };
-        // Nothing published yet: nothing to give, not recovered.
-        let empty = node
-            .subscribe(
-                "state:a",
-                subscriber(&node, "u0"),
-                None,
-                Some(anywhere.clone()),
-            )
-            .await
-            .unwrap();
+        let subscribe = |user: &str, from: Option<StreamPosition>| {
+            let subscriber = subscriber(&node, user);
+            let node = &node;
+            async move {
+                node.subscribe("state:a", subscriber, None, from)
+                    .await
+                    .unwrap()
+            }
+        };
+        // Nothing published yet: nothing to give, not recovered, even from the empty
+        // stream's own position.
+        let empty = subscribe("u0", Some(anywhere.clone())).await;
         assert!(empty.was_recovering && !empty.recovered);
         assert!(empty.publications.is_empty());
+        let again = subscribe("u1", empty.position.clone()).await;
+        assert!(!again.recovered && again.publications.is_empty());
         for text in ["1", "2", "3"] {
             publish(&node, "state:a", text).await;
-            publish(&node, "forced:a", text).await;
         }
-        let latest = node
-            .subscribe("state:a", subscriber(&node, "u1"), None, Some(anywhere))
-            .await
-            .unwrap();
+        let latest = subscribe("u2", Some(anywhere)).await;
         assert!(latest.was_recovering && latest.recovered);
         let offsets: Vec<u64> = latest.publications.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, [3], "only the latest");
         let top = latest.position.clone().unwrap();
-        let current = node
-            .subscribe("state:a", subscriber(&node, "u2"), None, Some(top))
-            .await
-            .unwrap();
+        let current = subscribe("u3", Some(top.clone())).await;
         assert!(
             current.recovered && current.publications.is_empty(),
             "it has it"
         );
-        let plain = node
-            .subscribe("state:a", subscriber(&node, "u3"), None, None)
-            .await
-            .unwrap();
+        // An older position, or another epoch: the latest.
+        for from in [
+            StreamPosition {
+                offset: 1,
+                epoch: top.epoch.clone(),
+            },
+            StreamPosition {
+                offset: 3,
+                epoch: "other".into(),
+            },
+        ] {
+            let behind = subscribe("u4", Some(from)).await;
+            assert!(behind.recovered, "{behind:?}");
+            let offsets: Vec<u64> = behind.publications.iter().map(|p| p.offset).collect();
+            assert_eq!(offsets, [3]);
+        }
+        let plain = subscribe("u5", None).await;
         assert!(!plain.was_recovering && plain.publications.is_empty());
-        let forced = node
-            .subscribe("forced:a", subscriber(&node, "u4"), None, None)
-            .await
-            .unwrap();
-        assert!(forced.was_recovering && forced.recovered);
-        assert_eq!(forced.publications.len(), 1);
+        assert_eq!(plain.position, Some(top));
+    }
+
+    /// The memory engine with a `watch` that waits to be let through, as a broker's
+    /// subscription takes a round trip.
+    struct SlowWatch {
+        memory: MemoryEngine,
+        open: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Engine for SlowWatch {
+        fn name(&self) -> &'static str {
+            "slow"
+        }
+        fn publish(
+            &self,
+            publication: Publication,
+            retention: Option<HistoryRetention>,
+        ) -> BoxFuture<Result<Option<StreamPosition>, EngineError>> {
+            self.memory.publish(publication, retention)
+        }
+        fn publish_membership(
+            &self,
+            joined: bool,
+            membership: Membership,
+        ) -> BoxFuture<Result<(), EngineError>> {
+            self.memory.publish_membership(joined, membership)
+        }
+        fn history(
+            &self,
+            channel: &str,
+            query: HistoryQuery,
+        ) -> BoxFuture<Result<HistoryPage, EngineError>> {
+            self.memory.history(channel, query)
+        }
+        fn remove_history(&self, channel: &str) -> BoxFuture<Result<(), EngineError>> {
+            self.memory.remove_history(channel)
+        }
+        fn watch(&self, _: &str, _: bool) -> BoxFuture<Result<(), EngineError>> {
+            let open = self.open.clone();
+            Box::pin(async move {
+                let _ = open.acquire().await;
+                Ok(())
+            })
+        }
+        fn add_presence(
+            &self,
+            channel: &str,
+            client: Arc<ClientDescriptor>,
+        ) -> BoxFuture<Result<(), EngineError>> {
+            self.memory.add_presence(channel, client)
+        }
+        fn remove_presence(
+            &self,
+            channel: &str,
+            client: &str,
+        ) -> BoxFuture<Result<(), EngineError>> {
+            self.memory.remove_presence(channel, client)
+        }
+        fn presence(
+            &self,
+            channel: &str,
+        ) -> BoxFuture<Result<Vec<Arc<ClientDescriptor>>, EngineError>> {
+            self.memory.presence(channel)
+        }
+        fn command(&self, command: NodeCommand) -> BoxFuture<Result<(), EngineError>> {
+            self.memory.command(command)
+        }
+        fn claim(
+            &self,
+            channel: &str,
+            key: &str,
+            pending: std::time::Duration,
+        ) -> BoxFuture<Result<crate::idempotency::Claim, EngineError>> {
+            self.memory.claim(channel, key, pending)
+        }
+        fn record(
+            &self,
+            channel: &str,
+            key: &str,
+            record: bytes::Bytes,
+            ttl: std::time::Duration,
+        ) -> BoxFuture<Result<(), EngineError>> {
+            self.memory.record(channel, key, record, ttl)
+        }
+        fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>> {
+            self.memory.release(channel, key)
+        }
+    }
+
+    /// A second subscriber arriving while the first one's `watch` is in flight waits for it
+    /// before answering (its history read would otherwise come before the engine delivers).
+    #[tokio::test]
+    async fn later_subscribers_wait_for_the_first_ones_watch() {
+        let open = Arc::new(tokio::sync::Semaphore::new(0));
+        let gate = open.clone();
+        let node = Arc::new(Node::new(Namespaces::default(), move |deliver| {
+            Arc::new(SlowWatch {
+                memory: MemoryEngine::new(deliver),
+                open: gate,
+            })
+        }));
+        let subscribe = |user: &str| {
+            let (node, subscriber) = (node.clone(), subscriber(&node, user));
+            tokio::spawn(async move { node.subscribe("chat:w", subscriber, None, None).await })
+        };
+        let first = subscribe("ann");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let second = subscribe("bob");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !second.is_finished(),
+            "the second waits for the first's watch"
+        );
+        open.add_permits(1);
+        assert!(first.await.unwrap().is_ok());
+        assert!(second.await.unwrap().is_ok());
+        // Once watched, nobody waits.
+        assert!(subscribe("cat").await.unwrap().is_ok());
     }
 
     #[tokio::test]

@@ -18,8 +18,6 @@ pub struct ChannelOptions {
     pub recover: bool,
     /// What recovering gives: every missed publication, or only the latest one.
     pub recovery_mode: RecoveryMode,
-    /// Every subscribe recovers, as if the client had asked (from no position).
-    pub force_recovery: bool,
     /// Who is subscribed is tracked and may be asked for.
     pub presence: bool,
     /// Joins and leaves are announced (to subscribers that ask for them).
@@ -52,7 +50,6 @@ impl ChannelOptions {
             history_ttl: Duration::ZERO,
             recover: false,
             recovery_mode: RecoveryMode::Stream,
-            force_recovery: false,
             presence: false,
             join_leave: false,
             force_push_join_leave: false,
@@ -74,7 +71,6 @@ impl ChannelOptions {
             history_ttl: Duration::from_secs(300),
             recover: true,
             recovery_mode: RecoveryMode::Stream,
-            force_recovery: false,
             presence: true,
             join_leave: true,
             force_push_join_leave: false,
@@ -122,7 +118,7 @@ pub enum RecoveryMode {
     Stream,
     /// Only the channel's latest publication (unless the client has it already): for
     /// channels whose every publication is the whole state (a quote, a score, a status).
-    /// `recovered: false` if history holds none.
+    /// `recovered: false` if history does not hold it.
     Cache,
 }
 

@@ -270,6 +270,8 @@ pub struct NamespaceSettings {
     pub recover: Option<bool>,
     /// `stream` (every missed publication) or `cache` (only the latest).
     pub force_recovery_mode: Option<String>,
+    /// Centrifugo's name for `recover` (subscriptions are recoverable whatever the client
+    /// asks): either may be set.
     pub force_recovery: Option<bool>,
     pub presence: Option<bool>,
     pub join_leave: Option<bool>,
@@ -820,10 +822,13 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
         let options = ChannelOptions {
             history_size: entry.history_size.unwrap_or(base.history_size),
             history_ttl,
-            recover: entry.recover.unwrap_or(base.recover),
+            recover: entry
+                .recover
+                .or(entry.force_recovery)
+                .unwrap_or(base.recover),
             recovery_mode: match entry.force_recovery_mode.as_deref().map(str::trim) {
                 None => base.recovery_mode,
-                Some("stream") => RecoveryMode::Stream,
+                Some("stream" | "") => RecoveryMode::Stream,
                 Some("cache") => RecoveryMode::Cache,
                 Some(other) => {
                     return Err(ConfigError::Invalid {
@@ -832,7 +837,6 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
                     })
                 }
             },
-            force_recovery: entry.force_recovery.unwrap_or(base.force_recovery),
             presence: entry.presence.unwrap_or(base.presence),
             join_leave: entry.join_leave.unwrap_or(base.join_leave),
             force_push_join_leave: entry
@@ -858,12 +862,23 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
                 reason: format!("namespace {:?} recovers but keeps no history (set history_size and history_ttl)", entry.name),
             });
         }
-        let recovers = options.force_recovery || options.recovery_mode == RecoveryMode::Cache;
-        if recovers && !options.recover {
+        if entry.recover.is_some()
+            && entry.force_recovery.is_some()
+            && entry.recover != entry.force_recovery
+        {
+            return Err(ConfigError::Invalid {
+                key: "namespaces.force_recovery",
+                reason: format!(
+                    "namespace {:?} sets recover and force_recovery (one option) differently",
+                    entry.name
+                ),
+            });
+        }
+        if options.recovery_mode == RecoveryMode::Cache && !options.recover {
             return Err(ConfigError::Invalid {
                 key: "namespaces.force_recovery_mode",
                 reason: format!(
-                    "namespace {:?} sets how it recovers but not recover = true",
+                    "namespace {:?} recovers from a cache but not recover = true",
                     entry.name
                 ),
             });
@@ -1598,10 +1613,15 @@ mod tests {
     #[test]
     fn recovery_modes_from_toml() {
         let toml = |text: &str| toml::from_str::<Settings>(text).unwrap().resolve();
-        let config = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nrecover = true\nforce_recovery = true\nforce_recovery_mode = \"cache\"\n").unwrap();
+        let config = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nforce_recovery = true\nforce_recovery_mode = \"cache\"\n").unwrap();
         let prices = config.namespaces.resolve("p:x").unwrap();
         assert_eq!(prices.recovery_mode, RecoveryMode::Cache);
-        assert!(prices.force_recovery);
+        assert!(
+            prices.recover,
+            "force_recovery is Centrifugo's name for recover"
+        );
+        let error = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nrecover = false\nforce_recovery = true\n").unwrap_err();
+        assert!(error.to_string().contains("force_recovery"), "{error}");
         let chat = config.namespaces.resolve("chat:x").unwrap();
         assert_eq!(chat.recovery_mode, RecoveryMode::Stream);
         let error = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nrecover = true\nforce_recovery_mode = \"latest\"\n").unwrap_err();

@@ -17,14 +17,6 @@ history_ttl = "1h"
 recover = true
 force_recovery_mode = "cache"
 allow_subscribe_for_anonymous = true
-
-[[namespaces]]
-name = "forced"
-history_size = 1
-history_ttl = "1h"
-recover = true
-force_recovery = true
-force_recovery_mode = "cache"
 `;
 
 const unique = (name) => `${name}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
@@ -70,27 +62,41 @@ test('a subscriber gets the latest value first, and only the latest after a reco
   assert.deepEqual(seen.map((p) => p.data.price), [103, 104, 107]);
 });
 
-test('with force_recovery a plain subscription gets the latest value too; an empty channel gets none', async (t) => {
+test('an empty channel recovers nothing; a client that has the latest gets nothing again', async (t) => {
   const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
-  const channel = `forced:${unique('status')}`;
-  await server.publish(channel, { status: 'old' });
-  await server.publish(channel, { status: 'up' });
-  const bob = client(server, recorder, 'bob', { token: token('bob') });
+  const gate = new Gate();
+  const bob = client(server, recorder, 'bob', {
+    token: token('bob'),
+    minReconnectDelay: 200,
+    maxReconnectDelay: 1_000,
+  }, gate);
   bob.connect();
   await bob.ready(5_000);
-  const sub = watch(recorder, 'bob', bob.newSubscription(channel));
-  const seen = collect(sub);
-  sub.subscribe();
-  await sub.ready(5_000);
-  await until(() => seen.length >= 1, 'the latest value');
-  assert.deepEqual(seen.map((p) => p.data.status), ['up']);
-
-  const empty = watch(recorder, 'bob', bob.newSubscription(`forced:${unique('nothing')}`));
+  const empty = watch(recorder, 'bob', bob.newSubscription(`state:${unique('nothing')}`, { since: {} }));
   const nothing = collect(empty);
   const subscribed = once(empty, 'subscribed');
   empty.subscribe();
   const ctx = await subscribed;
+  assert.equal(ctx.wasRecovering, true, JSON.stringify(ctx));
   assert.equal(ctx.recovered, false, `nothing to give: ${JSON.stringify(ctx)}`);
+
+  const channel = `state:${unique('status')}`;
+  await server.publish(channel, { status: 'up' });
+  const sub = watch(recorder, 'bob', bob.newSubscription(channel, { since: {} }));
+  const seen = collect(sub);
+  sub.subscribe();
+  await until(() => seen.length >= 1, 'the latest value');
+  // Reconnected with nothing new: recovered, and no second copy of the value it has.
+  gate.held = true;
+  const connecting = once(bob, 'connecting');
+  await server.api('disconnect', { user: 'bob', disconnect: { code: 3011, reason: 'go away' } });
+  await connecting;
+  const resubscribed = once(sub, 'subscribed', { timeout: 8_000 });
+  gate.held = false;
+  const again = await resubscribed;
+  assert.equal(again.wasRecovering, true, JSON.stringify(again));
+  assert.equal(again.recovered, true, JSON.stringify(again));
   await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.deepEqual(seen.map((p) => p.data.status), ['up']);
   assert.equal(nothing.length, 0);
 });
