@@ -251,7 +251,8 @@ pub trait Engine: Send + Sync + 'static {
         pending: Duration,
     ) -> BoxFuture<Result<crate::idempotency::Claim, EngineError>>;
 
-    /// Replaces the record of a key this caller claimed, kept `ttl` from now (at least).
+    /// Sets the record of a key this caller claimed, kept `ttl` from now (at least), whether
+    /// or not its claim is still there.
     fn record(
         &self,
         channel: &str,

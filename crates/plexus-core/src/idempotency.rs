@@ -143,13 +143,15 @@ where
     Fut: Future<Output = Result<Option<StreamPosition>, Failure<E>>>,
 {
     let deadline = Instant::now() + PENDING_WAIT;
+    let mut pause = Duration::from_millis(10);
     loop {
         match engine.claim(channel, key, PENDING).await? {
             Claim::Won => break,
             Claim::Held(record) => match decode(&record) {
                 Some(Record::Published(position)) => return Ok(position),
                 Some(Record::Pending) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
                 }
                 // Still pending, or unreadable (from a newer version?): not ours to replace.
                 _ => return Err(OnceError::InProgress),
@@ -158,8 +160,8 @@ where
     }
     match publish().await {
         Ok(position) => {
-            // Published. A record that is not kept leaves the key pending: retries wait
-            // (and are told so) until it is free again, then publish.
+            // Published. A record that is not kept leaves the key pending until its claim
+            // expires: retries meanwhile are told to wait, later ones publish.
             let record = engine.record(channel, key, encode(position.as_ref()), WINDOW);
             if let Err(error) = record.await {
                 tracing::warn!(%error, channel, "idempotency record not kept");
@@ -216,13 +218,13 @@ impl LocalClaims {
         }
     }
 
-    /// Replaces a claim's record, kept `ttl` from now.
+    /// Sets a key's record, kept `ttl` from now (even if its claim had expired meanwhile:
+    /// the outcome is known now).
     pub fn record(&self, channel: &str, key: &str, record: Bytes, ttl: Duration) {
-        let mut state = self.lock();
         let id = (Arc::<str>::from(channel), Box::<str>::from(key));
-        if let Some(entry) = state.records.get_mut(&id) {
-            *entry = (record, Instant::now() + ttl);
-        }
+        self.lock()
+            .records
+            .insert(id, (record, Instant::now() + ttl));
     }
 
     pub fn release(&self, channel: &str, key: &str) {

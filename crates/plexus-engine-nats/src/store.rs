@@ -564,6 +564,15 @@ impl Store {
         }
     }
 
+    /// The offset of a channel's last stored publication (0 if none), read without creating
+    /// anything.
+    pub async fn last_offset(&self, channel: &str) -> Result<u64, LinkError> {
+        Ok(self
+            .last_message(channel)
+            .await?
+            .map_or(0, |stored| stored.offset))
+    }
+
     /// A channel's current state: its meta (created if missing; a new epoch if its history
     /// was lost) and its last message.
     pub async fn load_state(&self, channel: &str) -> Result<ChannelState, LinkError> {

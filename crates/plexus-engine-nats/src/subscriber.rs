@@ -6,7 +6,10 @@
 //! missing offset (another node's publication still on its way, or one lost while the
 //! connection was down) waits up to [`GAP_WAIT`] for it, then the gap is filled from history
 //! (what history no longer has is skipped). A publication whose offset was already delivered
-//! is dropped; one from a new epoch starts the order over.
+//! is dropped; one from a new epoch starts the order over. The order of a channel starts from
+//! its stream's last offset when it is watched (what came before is in history for the
+//! subscribers that read it after the watch), so the first publications to arrive need not
+//! be the first published.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -174,13 +177,19 @@ impl Subscriber {
             let subscription = bounded(self.store.client.subscribe(subject)).await?;
             // Known to the server before this returns, so nothing published after is missed.
             self.store.sync().await?;
-            Ok::<_, LinkError>(subscription)
+            // Where deliveries start: everything up to here is in history already.
+            let start = self.store.last_offset(channel).await?;
+            Ok::<_, LinkError>((subscription, start))
         }
         .await;
         match subscribed {
-            Ok(subscription) => {
+            Ok((subscription, start)) => {
                 let channel: Arc<str> = channel.into();
-                tokio::spawn(self.clone().read_channel(channel, subscription, stop));
+                let order = Order::starting_after(start);
+                tokio::spawn(
+                    self.clone()
+                        .read_channel(channel, subscription, order, stop),
+                );
                 Ok(())
             }
             Err(error) => {
@@ -228,9 +237,9 @@ impl Subscriber {
         self: Arc<Self>,
         channel: Arc<str>,
         mut subscription: async_nats::Subscriber,
+        mut order: Order,
         stop: CancellationToken,
     ) {
-        let mut order = Order::default();
         loop {
             let deadline = order.deadline;
             tokio::select! {
@@ -332,15 +341,34 @@ struct Order {
     ahead: BTreeMap<u64, Arc<Publication>>,
     /// When to stop waiting for the missing offset.
     deadline: Option<Instant>,
+    /// Before anything arrived: the stream's last offset when the channel was watched, whose
+    /// epoch the first arrival tells.
+    start: Option<u64>,
 }
 
 impl Order {
+    fn starting_after(offset: u64) -> Order {
+        Order {
+            start: Some(offset),
+            ..Order::default()
+        }
+    }
+
     /// A publication arrived: those now deliverable, in order.
     fn arrived(&mut self, epoch: Arc<str>, publication: Arc<Publication>) -> Vec<Arc<Publication>> {
         let offset = publication.offset;
+        if self.last.is_none() {
+            match self.start.take() {
+                // Ordered from the start, as if the start had been delivered.
+                Some(start) => self.last = Some((epoch.clone(), start)),
+                None => {
+                    self.last = Some((epoch, offset));
+                    return vec![publication];
+                }
+            }
+        }
         let Some((last_epoch, last)) = &mut self.last else {
-            self.last = Some((epoch, offset));
-            return vec![publication];
+            unreachable!("set above");
         };
         if *last_epoch != epoch {
             // A new stream: what waited belongs to the old one.
@@ -437,5 +465,29 @@ mod tests {
         // A new epoch starts over.
         assert_eq!(offsets(&order.arrived("e2".into(), publication(1))), [1]);
         assert_eq!(offsets(&order.arrived("e2".into(), publication(2))), [2]);
+    }
+
+    /// Watched at offset 3: 5 arriving first waits for 4, which another node published a
+    /// moment before; 3 and below were in history already.
+    #[tokio::test]
+    async fn the_order_starts_where_the_stream_was_when_watched() {
+        let mut order = Order::starting_after(3);
+        let e: Arc<str> = "e1".into();
+        assert_eq!(
+            offsets(&order.arrived(e.clone(), publication(5))),
+            [] as [u64; 0]
+        );
+        assert_eq!(offsets(&order.arrived(e.clone(), publication(4))), [4, 5]);
+        assert_eq!(
+            offsets(&order.arrived(e.clone(), publication(3))),
+            [] as [u64; 0]
+        );
+        // An empty stream: 1 is the first.
+        let mut order = Order::starting_after(0);
+        assert_eq!(
+            offsets(&order.arrived(e.clone(), publication(2))),
+            [] as [u64; 0]
+        );
+        assert_eq!(offsets(&order.arrived(e, publication(1))), [1, 2]);
     }
 }

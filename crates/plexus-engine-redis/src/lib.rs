@@ -706,7 +706,6 @@ impl Engine for RedisEngine {
         let mut cmd = redis::cmd("SET");
         cmd.arg(inner.idempotency_key(channel, key))
             .arg(&record[..])
-            .arg("XX")
             .arg("PX")
             .arg(millis(ttl));
         let reply = inner.call(channel, cmd);

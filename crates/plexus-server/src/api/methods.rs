@@ -189,10 +189,16 @@ fn start_once(
         let publish = || async {
             let acknowledgement = start_publish(&shared, &channel, &data, &tags, skip_history)
                 .map_err(Failure::Refused)?;
-            // Failed after it was sent: it may have been published.
-            acknowledgement
-                .await
-                .map_err(|error| Failure::Unknown(engine_error(&error, "publish")))
+            acknowledgement.await.map_err(|error| {
+                let code = engine_error(&error, "publish");
+                match error {
+                    // The engine was shut down: nothing was sent.
+                    EngineError::Closed { .. } => Failure::Refused(code),
+                    // Failed after it may have been sent (a timeout, a lost connection): it
+                    // may have been published.
+                    _ => Failure::Unknown(code),
+                }
+            })
         };
         let engine = &**shared.node.engine();
         match idempotency::publish_once(engine, &channel, &key, publish).await {
