@@ -276,7 +276,7 @@ impl Router {
                 routes: None,
                 waiting: Some(Vec::new()),
             }),
-            stale: Arc::new(Notify::new()),
+            stale: shards.stale.clone(),
             rotation,
             shards,
         });
@@ -483,6 +483,10 @@ pub(crate) struct Shards {
     state: Mutex<ShardState>,
     /// Whether a map was installed: `watch` waits for the first.
     mapped: watch::Sender<bool>,
+    /// Sharded pub/sub (`SSUBSCRIBE`) on the masters' connections.
+    sharded: bool,
+    /// Rung when something says the map changed (the router reads it again).
+    pub(crate) stale: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -511,6 +515,7 @@ impl Shards {
         health: Arc<Health>,
         connected: Arc<Notify>,
         timeout: Duration,
+        sharded: bool,
     ) -> Arc<Shards> {
         Arc::new(Shards {
             prefix: prefix.into(),
@@ -520,7 +525,14 @@ impl Shards {
             timeout,
             state: Mutex::new(ShardState::default()),
             mapped: watch::channel(false).0,
+            sharded,
+            stale: Arc::new(Notify::new()),
         })
+    }
+
+    /// Whether the masters' connections use sharded pub/sub.
+    pub(crate) fn sharded(&self) -> bool {
+        self.sharded
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ShardState> {
@@ -636,7 +648,9 @@ impl Shards {
                         Role {
                             control: false,
                             takes_over,
+                            sharded: self.sharded,
                         },
+                        Some(self.stale.clone()),
                     );
                     state.by_address.insert(master.clone(), (subscriber, stop));
                 }

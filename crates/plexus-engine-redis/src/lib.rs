@@ -10,7 +10,7 @@
 //! | `{prefix}:presence:{channel}` | sorted set | client id scored by when its presence expires (ms) |
 //! | `{prefix}:presence-info:{channel}` | hash | client id → its descriptor ([`codec`]) |
 //! | `{prefix}:idem:{channel}:{key in hex}` | string | an API idempotency key's record (`plexus_core::idempotency`): pending (30 s), then the first publish's position (5 min) |
-//! | `{prefix}:pub:{channel}` | pub/sub | publications, joins and leaves ([`codec`]'s envelope) |
+//! | `{prefix}:pub:{channel}` | pub/sub | publications, joins and leaves ([`codec`]'s envelope); with Redis Cluster's sharded pub/sub a shard channel with the channel as its hash tag |
 //! | `{prefix}:control` | pub/sub | [`NodeCommand`]s ([`codec`]) |
 //!
 //! A publish with history is one Lua script (see `scripts`): it creates the epoch if the
@@ -58,6 +58,7 @@
 
 mod cluster;
 pub mod codec;
+mod link;
 mod scripts;
 mod source;
 mod subscriber;
@@ -113,6 +114,10 @@ pub struct RedisOptions {
     /// Redis Cluster: `host:port` addresses of some of its nodes, asked for the slot map;
     /// `url` then gives only the password and, with `rediss://`, TLS for every node.
     pub cluster: Option<Vec<String>>,
+    /// With Redis Cluster (7 or later): sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`), whose
+    /// publications stay on their channel's master instead of crossing the cluster bus to
+    /// every node. Every node of an installation must agree on it.
+    pub sharded_pubsub: bool,
     /// Prefix of every key and pub/sub channel, so several installations share one Redis.
     pub prefix: String,
     /// Writer connections; a channel always uses the same one.
@@ -135,6 +140,7 @@ impl RedisOptions {
             tls_client: None,
             sentinel: None,
             cluster: None,
+            sharded_pubsub: false,
             prefix: prefix.into(),
             shards: 4,
             presence_ttl: Duration::from_secs(60),
@@ -162,6 +168,8 @@ pub enum RedisEngineError {
     ClusterDatabase,
     #[error("redis cluster and redis sentinel cannot be used together")]
     ClusterAndSentinel,
+    #[error("sharded pub/sub needs redis cluster")]
+    ShardedWithoutCluster,
 }
 
 /// The engine. Dropping it stops its tasks and closes its connections.
@@ -273,6 +281,9 @@ impl RedisEngine {
                     }),
                 root_cert: options.tls_ca.clone(),
             });
+        if options.sharded_pubsub && options.cluster.is_none() {
+            return Err(RedisEngineError::ShardedWithoutCluster);
+        }
         let cancel = CancellationToken::new();
         let connected = Arc::new(Notify::new());
         let (source, health, writers, shards) = match &options.cluster {
@@ -310,6 +321,7 @@ impl RedisEngine {
                     health.clone(),
                     connected.clone(),
                     options.timeout,
+                    options.sharded_pubsub,
                 );
                 let router = cluster::Router::start(
                     template,
@@ -357,7 +369,9 @@ impl RedisEngine {
             Role {
                 control: true,
                 takes_over: false,
+                sharded: false,
             },
+            None,
         );
         let subscriber = match shards {
             None => Subscribers::Single(control),
@@ -487,7 +501,7 @@ impl Engine for RedisEngine {
         let stored = publication.to_stored();
         let pubsub = inner.subscriber.pubsub_channel(&channel);
         let Some(retention) = retention else {
-            let mut cmd = redis::cmd("PUBLISH");
+            let mut cmd = redis::cmd(inner.subscriber.publish_command());
             cmd.arg(pubsub)
                 .arg(&codec::publication_envelope(0, &stored)[..]);
             let reply = inner.call(&channel, cmd);
@@ -502,7 +516,8 @@ impl Engine for RedisEngine {
             .arg(retention.size)
             .arg(millis(retention.ttl))
             .arg(millis(inner.options.history_meta_ttl))
-            .arg(&*new_epoch());
+            .arg(&*new_epoch())
+            .arg(inner.subscriber.publish_command());
         let reply = inner.call(&channel, cmd);
         let inner = inner.clone();
         Box::pin(async move {
@@ -524,7 +539,7 @@ impl Engine for RedisEngine {
         membership: Membership,
     ) -> BoxFuture<Result<(), EngineError>> {
         let inner = &self.inner;
-        let mut cmd = redis::cmd("PUBLISH");
+        let mut cmd = redis::cmd(inner.subscriber.publish_command());
         cmd.arg(inner.subscriber.pubsub_channel(&membership.channel))
             .arg(&codec::membership_envelope(joined, &membership.client)[..]);
         let reply = inner.call(&membership.channel, cmd);

@@ -10,7 +10,8 @@ use redis::Script;
 /// Appends a publication and announces it.
 ///
 /// KEYS: stream, meta. ARGV: pub/sub channel, stored publication, history size, history ttl
-/// (ms), meta ttl (ms), epoch to use if the stream has none. Returns `{top, epoch}`.
+/// (ms), meta ttl (ms), epoch to use if the stream has none, the publish command (`PUBLISH`,
+/// or `SPUBLISH` for sharded pub/sub). Returns `{top, epoch}`.
 pub const PUBLISH: &str = r"
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch then
@@ -26,7 +27,7 @@ redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], string.format('%d-0', top),
   'd', ARGV[2], 'x', string.format('%d', now + ttl))
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], math.max(ttl, tonumber(ARGV[5])))
-redis.call('PUBLISH', ARGV[1], 'p' .. string.format('%d', top) .. ':' .. ARGV[2])
+redis.call(ARGV[7], ARGV[1], 'p' .. string.format('%d', top) .. ':' .. ARGV[2])
 return {top, epoch}
 ";
 

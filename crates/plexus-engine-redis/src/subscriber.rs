@@ -15,10 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use plexus_core::{Deliver, Delivery, Membership};
-use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Msg, Value};
 
 use crate::source::Source;
 use tokio::sync::{oneshot, watch, Notify};
@@ -26,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Shards;
 use crate::codec::{decode_command, decode_envelope, Envelope};
+use crate::link::{Event, Incoming, Link};
 use crate::writer::{Backoff, Health, LinkError, CONNECT_TIMEOUT, IDLE_PING, RESPONSE_TIMEOUT};
 
 /// Channels subscribed in one command at most when subscribing again.
@@ -50,7 +48,7 @@ struct Progress {
 
 #[derive(Default)]
 struct State {
-    sink: Option<PubSubSink>,
+    sink: Option<Link>,
     watched: HashMap<Arc<str>, Progress>,
 }
 
@@ -74,9 +72,23 @@ impl Subscribers {
         }
     }
 
+    /// Sharded pub/sub (Redis Cluster's masters' connections).
+    fn sharded(&self) -> bool {
+        matches!(self, Subscribers::Cluster { shards, .. } if shards.sharded())
+    }
+
     /// The pub/sub channel of a Plexus channel.
     pub fn pubsub_channel(&self, channel: &str) -> String {
-        self.control().pubsub_channel(channel)
+        self.control().pubsub_channel_as(channel, self.sharded())
+    }
+
+    /// The command that publishes to [`Subscribers::pubsub_channel`].
+    pub fn publish_command(&self) -> &'static str {
+        if self.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     pub fn control_channel(&self) -> &str {
@@ -118,6 +130,8 @@ pub(crate) struct Role {
     pub control: bool,
     /// Takes over channels from another connection (see [`Subscriber::list`]).
     pub takes_over: bool,
+    /// Sharded pub/sub (`SSUBSCRIBE`, channels named with a hash tag), else classic.
+    pub sharded: bool,
 }
 
 /// The subscriber's shared state, used by the engine's calls.
@@ -138,6 +152,10 @@ pub struct Subscriber {
     owes_interrupt: AtomicBool,
     /// A connection has been up (its sink published) before.
     was_up: AtomicBool,
+    /// Sharded pub/sub (see [`Role::sharded`]).
+    sharded: bool,
+    /// Rung when Redis says a channel is not where the slot map says (the map is stale).
+    stale: Option<Arc<Notify>>,
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -150,6 +168,7 @@ impl Subscriber {
     /// Starts the supervisor on the current Tokio runtime, counted down in `health` until it
     /// is up (the caller has counted it). `connected` is notified after every (re)connection,
     /// once every watched channel is subscribed.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         source: &Source,
         prefix: &str,
@@ -158,6 +177,7 @@ impl Subscriber {
         connected: Arc<Notify>,
         cancel: &CancellationToken,
         role: Role,
+        stale: Option<Arc<Notify>>,
     ) -> Arc<Subscriber> {
         let subscriber = Arc::new(Subscriber {
             prefix: prefix.into(),
@@ -170,6 +190,8 @@ impl Subscriber {
             control_too: role.control,
             owes_interrupt: AtomicBool::new(role.takes_over),
             was_up: AtomicBool::new(false),
+            sharded: role.sharded,
+            stale,
         });
         let supervisor = subscriber.clone();
         let cancel = cancel.clone();
@@ -251,12 +273,19 @@ impl Subscriber {
                 return Ok(());
             }
             let sent = if listed {
-                tokio::time::timeout(timeout, sink.subscribe(&name)).await
+                let names = [name.clone()];
+                tokio::time::timeout(timeout, sink.subscribe(&names)).await
             } else {
-                tokio::time::timeout(timeout, sink.unsubscribe(&name)).await
+                let unsubscribed = tokio::time::timeout(timeout, sink.unsubscribe(&name)).await;
+                unsubscribed.map(|result| result.map(|()| Vec::new()))
             };
             match sent {
-                Ok(Ok(())) => done = Some(listed),
+                Ok(Ok(refused)) if refused.is_empty() => done = Some(listed),
+                Ok(Ok(refused)) => {
+                    self.map_is_stale();
+                    let why = refused.into_iter().map(|(_, why)| why).collect::<String>();
+                    return Err(LinkError::Failed(why.into()));
+                }
                 Ok(Err(error)) => return Err(LinkError::Failed(error.to_string().into())),
                 Err(_) => return Err(LinkError::Timeout(timeout)),
             }
@@ -281,9 +310,35 @@ impl Subscriber {
         deliver.interrupted();
     }
 
-    /// The pub/sub channel of a Plexus channel.
+    /// The pub/sub channel of a Plexus channel; a shard channel carries the channel as its
+    /// hash tag, so it lives in the slot of the channel's keys.
     pub fn pubsub_channel(&self, channel: &str) -> String {
-        format!("{}{channel}", self.pub_prefix)
+        self.pubsub_channel_as(channel, self.sharded)
+    }
+
+    fn pubsub_channel_as(&self, channel: &str, sharded: bool) -> String {
+        if sharded {
+            format!("{}{{{channel}}}", self.pub_prefix)
+        } else {
+            format!("{}{channel}", self.pub_prefix)
+        }
+    }
+
+    /// The Plexus channel of a pub/sub channel of ours.
+    fn channel_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        let channel = name.strip_prefix(&self.pub_prefix)?;
+        if self.sharded {
+            channel.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(channel)
+        }
+    }
+
+    /// Redis answered as if a channel's slot were another master's: have the map read again.
+    fn map_is_stale(&self) {
+        if let Some(stale) = &self.stale {
+            stale.notify_one();
+        }
     }
 
     pub fn control_channel(&self) -> &str {
@@ -437,19 +492,16 @@ impl Subscriber {
     /// Connects, subscribes the control channel and every watched channel, and marks the
     /// connection up; says whether an earlier connection had been up (so publications may
     /// have been missed since).
-    async fn connect(
-        &self,
-        source: &Source,
-    ) -> Result<(PubSubSink, PubSubStream, bool), LinkError> {
+    async fn connect(&self, source: &Source) -> Result<(Link, Incoming, bool), LinkError> {
         let failed = |error: redis::RedisError| LinkError::Failed(error.to_string().into());
-        let pubsub = async { source.client().await?.get_async_pubsub().await };
-        let (mut sink, stream) = tokio::time::timeout(CONNECT_TIMEOUT, pubsub)
+        let open = async { Link::open(&source.client().await?, self.sharded).await };
+        let (mut sink, stream) = tokio::time::timeout(CONNECT_TIMEOUT, open)
             .await
             .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT))?
-            .map_err(failed)?
-            .split();
+            .map_err(failed)?;
         if self.control_too {
-            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&self.control))
+            let control = [self.control.clone()];
+            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&control))
                 .await
                 .map_err(|_| LinkError::Timeout(RESPONSE_TIMEOUT))?
                 .map_err(failed)?;
@@ -469,7 +521,19 @@ impl Subscriber {
         for chunk in listed.chunks(SUBSCRIBE_CHUNK) {
             let subscribed = tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(chunk)).await;
             let result = match subscribed {
-                Ok(result) => result.map_err(failed),
+                Ok(Ok(refused)) => {
+                    // Shard channels whose slot moved: subscribed again where the new map
+                    // puts them (which then says deliveries may have been missed).
+                    if !refused.is_empty() {
+                        tracing::info!(
+                            channels = refused.len(),
+                            "redis refused shard channels of another master"
+                        );
+                        self.map_is_stale();
+                    }
+                    Ok(())
+                }
+                Ok(Err(error)) => Err(failed(error)),
                 Err(_) => Err(LinkError::Timeout(RESPONSE_TIMEOUT)),
             };
             if let Err(error) = result {
@@ -482,23 +546,30 @@ impl Subscriber {
     }
 
     /// Delivers messages until the connection ends or stops answering pings.
-    async fn read(
-        &self,
-        mut sink: PubSubSink,
-        mut stream: PubSubStream,
-        deliver: &dyn Deliver,
-    ) -> LinkError {
+    async fn read(&self, mut sink: Link, mut stream: Incoming, deliver: &dyn Deliver) -> LinkError {
         let mut ping = tokio::time::interval(IDLE_PING);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                message = stream.next() => match message {
-                    Some(message) => self.handle(&message, deliver),
-                    None => return LinkError::Failed("connection closed".into()),
+                event = stream.next() => match event {
+                    Event::Message { channel, payload } => self.handle(&channel, &payload, deliver),
+                    Event::Dropped(name) => {
+                        let listed = self
+                            .channel_of(&name)
+                            .is_some_and(|channel| lock(&self.state).watched.contains_key(channel));
+                        if listed {
+                            // Its slot moved to another master. Start over (the replies of
+                            // this connection's commands may be out of step too) once the
+                            // map is read again; the channel's subscribers recover.
+                            self.map_is_stale();
+                            return LinkError::Failed("redis dropped a shard channel: its slot moved".into());
+                        }
+                    }
+                    Event::Closed => return LinkError::Failed("connection closed".into()),
                 },
                 _ = ping.tick() => {
-                    match tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<Value>()).await {
-                        Ok(Ok(_)) => {}
+                    match tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping()).await {
+                        Ok(Ok(())) => {}
                         Ok(Err(error)) => return LinkError::Failed(error.to_string().into()),
                         Err(_) => return LinkError::Timeout(RESPONSE_TIMEOUT),
                     }
@@ -507,9 +578,7 @@ impl Subscriber {
         }
     }
 
-    fn handle(&self, message: &Msg, deliver: &dyn Deliver) {
-        let name = message.get_channel_name();
-        let payload = message.get_payload_bytes();
+    fn handle(&self, name: &str, payload: &[u8], deliver: &dyn Deliver) {
         if name == self.control {
             match decode_command(payload) {
                 Ok(command) => deliver.command(&command),
@@ -517,7 +586,7 @@ impl Subscriber {
             }
             return;
         }
-        let Some(channel) = name.strip_prefix(&self.pub_prefix) else {
+        let Some(channel) = self.channel_of(name) else {
             return;
         };
         let channel: Arc<str> = channel.into();

@@ -39,6 +39,28 @@ fn options(seeds: &[u16], prefix: &str) -> RedisOptions {
     }
 }
 
+/// The same with sharded pub/sub or not.
+fn sharded(options: RedisOptions, sharded: bool) -> RedisOptions {
+    RedisOptions {
+        sharded_pubsub: sharded,
+        ..options
+    }
+}
+
+/// How many of this engine's subscriptions to `channel` the node on `port` holds, classic or
+/// sharded.
+fn subscriptions(port: u16, prefix: &str, channel: &str, sharded: bool) -> String {
+    if sharded {
+        let name = format!("{prefix}:pub:{{{channel}}}");
+        redis_cli(port, &["pubsub", "shardnumsub", &name])
+    } else {
+        redis_cli(
+            port,
+            &["pubsub", "numsub", &format!("{prefix}:pub:{channel}")],
+        )
+    }
+}
+
 fn publication(channel: &str, text: &str) -> Publication {
     plexus_core::conformance::text_publication(channel, text)
 }
@@ -65,6 +87,18 @@ async fn redis_cluster_engine_conforms() {
     plexus_core::conformance::check_engine(&factory).await;
 }
 
+/// With sharded pub/sub: publications stay on their channel's master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_engine_conforms_with_sharded_pubsub() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nodes, ports) = RedisServer::start_cluster(3, 0, dir.path());
+    let factory = |deliver| {
+        let options = sharded(options(&ports[..1], &prefix()), true);
+        Arc::new(RedisEngine::new(options, deliver).unwrap()) as Arc<dyn Engine>
+    };
+    plexus_core::conformance::check_engine(&factory).await;
+}
+
 /// The same over TLS only (clients, cluster bus), trusting the nodes' CA through `tls_ca`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_engine_conforms_over_tls() {
@@ -83,14 +117,24 @@ async fn redis_cluster_engine_conforms_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_spread_over_the_masters_and_nodes_share_deliveries() {
+    spread(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_channels_spread_over_the_masters_and_nodes_share_deliveries() {
+    spread(true).await;
+}
+
+async fn spread(mode: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (_nodes, ports) = RedisServer::start_cluster(3, 0, dir.path());
     let prefix = prefix();
     // Each engine's pub/sub connection goes to its first seed: different cluster nodes.
-    let one =
-        RedisEngine::new(options(&[ports[0]], &prefix), Arc::new(Recorder::default())).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let one = RedisEngine::new(sharded(options(&[ports[0]], &prefix), mode), recorder).unwrap();
     let hub = Arc::new(Recorder::default());
-    let two = RedisEngine::new(options(&[ports[2], ports[1]], &prefix), hub.clone()).unwrap();
+    let seeds = [ports[2], ports[1]];
+    let two = RedisEngine::new(sharded(options(&seeds, &prefix), mode), hub.clone()).unwrap();
     let channels: Vec<String> = (0..30).map(|i| format!("chat:room-{i}")).collect();
     for channel in &channels {
         two.watch(channel, true).await.unwrap();
@@ -143,16 +187,18 @@ async fn channels_spread_over_the_masters_and_nodes_share_deliveries() {
         ],
     );
     assert_eq!(stream, meta);
-    // Node two reads each channel from the master that holds it, not through the cluster bus.
-    let pubsub = format!("{prefix}:pub:chat:room-7");
+    // Node two reads each channel from the master that holds it, not through the cluster bus
+    // (and not the other kind of pub/sub either).
     let owner = master_of("chat:room-7", &ports);
     for port in &ports {
-        let numsub = redis_cli(*port, &["pubsub", "numsub", &pubsub]);
+        let numsub = subscriptions(*port, &prefix, "chat:room-7", mode);
         let expected = if *port == owner { 1 } else { 0 };
         assert!(
             numsub.ends_with(&expected.to_string()),
             "{port} (owner {owner}): {numsub}"
         );
+        let other = subscriptions(*port, &prefix, "chat:room-7", !mode);
+        assert!(other.ends_with('0'), "{port}: {other}");
     }
     let page = two
         .history("chat:room-7", HistoryQuery::default())
@@ -233,6 +279,15 @@ fn replicas_caught_up(port: u16) {
 /// replicated history, deliveries resume through another node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_a_failover() {
+    failover(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_failover_with_sharded_pubsub() {
+    failover(true).await;
+}
+
+async fn failover(mode: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (mut nodes, ports) = RedisServer::start_cluster(3, 1, dir.path());
     let channels: Vec<String> = (0..12).map(|i| format!("chat:ha-{i}")).collect();
@@ -241,7 +296,7 @@ async fn follows_a_failover() {
     let mut seeds = vec![victim];
     seeds.extend(ports.iter().filter(|&&port| port != victim));
     let hub = Arc::new(Recorder::default());
-    let engine = RedisEngine::new(options(&seeds, &prefix()), hub.clone()).unwrap();
+    let engine = RedisEngine::new(sharded(options(&seeds, &prefix()), mode), hub.clone()).unwrap();
     engine.watch(&channels[0], true).await.unwrap();
     for channel in &channels {
         for text in ["one", "two"] {
@@ -347,11 +402,21 @@ fn move_slot(slot: &str, from: u16, to: u16, masters: &[u16]) {
 /// goes on with the same history and offsets, and the channel is read from its new master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_a_slot_to_another_master() {
+    reshard(false).await;
+}
+
+/// With sharded pub/sub the old master also drops the channel's subscription by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_slot_to_another_master_with_sharded_pubsub() {
+    reshard(true).await;
+}
+
+async fn reshard(mode: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (_nodes, ports) = RedisServer::start_cluster(3, 0, dir.path());
     let prefix = prefix();
     let hub = Arc::new(Recorder::default());
-    let engine = RedisEngine::new(options(&ports, &prefix), hub.clone()).unwrap();
+    let engine = RedisEngine::new(sharded(options(&ports, &prefix), mode), hub.clone()).unwrap();
     let channel = "chat:moving";
     engine.watch(channel, true).await.unwrap();
     for text in ["one", "two"] {
@@ -375,10 +440,9 @@ async fn follows_a_slot_to_another_master() {
         .unwrap();
     assert_eq!(page.publications.len(), 3);
     // Read from the new master now: subscribed there, no longer on the old one.
-    let pubsub = format!("{prefix}:pub:{channel}");
     let started = Instant::now();
     loop {
-        let numsub = |port: u16| redis_cli(port, &["pubsub", "numsub", &pubsub]);
+        let numsub = |port: u16| subscriptions(port, &prefix, channel, mode);
         if numsub(to).ends_with('1') && numsub(from).ends_with('0') {
             break;
         }
@@ -414,6 +478,13 @@ async fn bad_cluster_options_are_refused() {
     assert!(matches!(
         refused(options(&[7000], "a{b}")),
         RedisEngineError::ClusterPrefix
+    ));
+    assert!(matches!(
+        refused(RedisOptions {
+            sharded_pubsub: true,
+            ..RedisOptions::new("redis://127.0.0.1", "p")
+        }),
+        RedisEngineError::ShardedWithoutCluster
     ));
     assert!(matches!(
         refused(RedisOptions {

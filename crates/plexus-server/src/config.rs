@@ -138,6 +138,11 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub redis_cluster: Option<Vec<String>>,
+    /// With redis_cluster (Redis 7 or later): sharded pub/sub, whose publications stay on
+    /// their channel's master instead of crossing the cluster bus to every node; every node
+    /// must agree [default: false]
+    #[arg(long, env = "PLEXUS_REDIS_CLUSTER_SHARDED_PUBSUB", value_name = "BOOL")]
+    pub redis_cluster_sharded_pubsub: Option<bool>,
     /// NATS server(s) of the nats engine, comma-separated (JetStream enabled)
     /// [default: nats://127.0.0.1:4222]
     #[arg(
@@ -352,6 +357,8 @@ pub struct Config {
     pub redis_sentinel: Option<(Vec<String>, String)>,
     /// Redis Cluster: `host:port` addresses of seed nodes.
     pub redis_cluster: Option<Vec<String>>,
+    /// Redis Cluster with sharded pub/sub.
+    pub redis_cluster_sharded_pubsub: bool,
     /// The nats engine's server(s) (`nats://…` or `tls://…`, comma-separated).
     pub nats_url: String,
     /// The nats engine's subject, stream and bucket prefix.
@@ -937,6 +944,9 @@ impl Settings {
             redis_sentinels: self.redis_sentinels.or(lower.redis_sentinels),
             redis_sentinel_master: self.redis_sentinel_master.or(lower.redis_sentinel_master),
             redis_cluster: self.redis_cluster.or(lower.redis_cluster),
+            redis_cluster_sharded_pubsub: self
+                .redis_cluster_sharded_pubsub
+                .or(lower.redis_cluster_sharded_pubsub),
             nats_url: self.nats_url.or(lower.nats_url),
             nats_prefix: self.nats_prefix.or(lower.nats_prefix),
             nats_tls_ca: self.nats_tls_ca.or(lower.nats_tls_ca),
@@ -973,6 +983,13 @@ impl Settings {
         let redis_sentinel = redis_sentinel(self.redis_sentinels, self.redis_sentinel_master)?;
         let redis_cluster = redis_cluster(self.redis_cluster, &redis_url, &redis_sentinel)?;
         let clustered = redis_cluster.is_some();
+        let redis_cluster_sharded_pubsub = self.redis_cluster_sharded_pubsub.unwrap_or(false);
+        if redis_cluster_sharded_pubsub && !clustered {
+            return Err(ConfigError::Invalid {
+                key: "redis_cluster_sharded_pubsub",
+                reason: "needs redis_cluster".into(),
+            });
+        }
         let subscribe_proxy_url = fetch_url("subscribe_proxy_url", self.subscribe_proxy_url)?;
         let publish_proxy_url = fetch_url("publish_proxy_url", self.publish_proxy_url)?;
         let entries = self.namespaces.unwrap_or_default();
@@ -1095,6 +1112,7 @@ impl Settings {
             )?,
             redis_sentinel,
             redis_cluster,
+            redis_cluster_sharded_pubsub,
             redis_url,
             redis_prefix: match non_empty("redis_prefix", self.redis_prefix)? {
                 Some(prefix) if clustered && prefix.contains(['{', '}']) => {
@@ -1467,7 +1485,16 @@ mod tests {
             Some(vec!["10.0.0.1:7000".to_owned(), "10.0.0.2:7000".to_owned()])
         );
         assert_eq!(Config::default().redis_cluster, None);
+        assert!(
+            !config.redis_cluster_sharded_pubsub,
+            "classic pub/sub by default"
+        );
         let refused = |settings: Settings| settings.resolve().unwrap_err().to_string();
+        let alone = Settings {
+            redis_cluster_sharded_pubsub: Some(true),
+            ..Settings::default()
+        };
+        assert!(refused(alone).contains("redis_cluster_sharded_pubsub"));
         let cluster = |nodes: &[&str]| Settings {
             redis_cluster: Some(nodes.iter().map(|node| node.to_string()).collect()),
             ..Settings::default()

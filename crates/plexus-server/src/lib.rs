@@ -450,6 +450,7 @@ fn node(config: &Config) -> Result<Node, BindError> {
                 tls_client: pem_pair(&config.redis_tls_client),
                 sentinel: config.redis_sentinel.clone(),
                 cluster: config.redis_cluster.clone(),
+                sharded_pubsub: config.redis_cluster_sharded_pubsub,
                 ..plexus_engine_redis::RedisOptions::new(&config.redis_url, &config.redis_prefix)
             };
             let engine = plexus_engine_redis::RedisEngine::new(options, deliver)?;

@@ -52,6 +52,9 @@ pub fn engine_summary(config: &Config) -> String {
         EngineKind::Memory => "memory (history lost on restart)".to_owned(),
         EngineKind::Redis => {
             let servers = match (&config.redis_cluster, &config.redis_sentinel) {
+                (Some(nodes), _) if config.redis_cluster_sharded_pubsub => {
+                    format!("redis cluster at {} (sharded pub/sub)", nodes.join(", "))
+                }
                 (Some(nodes), _) => format!("redis cluster at {}", nodes.join(", ")),
                 (None, Some((sentinels, master))) => {
                     format!(

@@ -393,6 +393,16 @@ impl Drop for RedisCluster {
 /// their pub/sub connections go to different cluster nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_on_a_redis_cluster() {
+    on_a_redis_cluster(false).await;
+}
+
+/// The same with sharded pub/sub (Redis 7's `SSUBSCRIBE`/`SPUBLISH`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_on_a_redis_cluster_with_sharded_pubsub() {
+    on_a_redis_cluster(true).await;
+}
+
+async fn on_a_redis_cluster(sharded: bool) {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisCluster::start(dir.path());
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -409,6 +419,7 @@ async fn three_nodes_on_a_redis_cluster() {
             // Nothing listens here: everything must go through the cluster's nodes.
             redis_url: "redis://127.0.0.1:1".into(),
             redis_cluster: Some(seeds),
+            redis_cluster_sharded_pubsub: sharded,
             ..redis_config(prefix)
         }
     };
