@@ -99,20 +99,23 @@ async fn redis_cluster_engine_conforms_with_sharded_pubsub() {
     plexus_core::conformance::check_engine(&factory).await;
 }
 
-/// The same over TLS only (clients, cluster bus), trusting the nodes' CA through `tls_ca`.
+/// The same over TLS only (clients, cluster bus), trusting the nodes' CA through `tls_ca`,
+/// with classic and with sharded pub/sub.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_engine_conforms_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let (_nodes, ports, ca) = RedisServer::start_tls_cluster(3, dir.path());
-    let factory = |deliver| {
-        let options = RedisOptions {
-            url: "rediss://127.0.0.1".into(),
-            tls_ca: Some(ca.clone().into_bytes()),
-            ..options(&ports[..1], &prefix())
+    for mode in [false, true] {
+        let factory = |deliver| {
+            let options = RedisOptions {
+                url: "rediss://127.0.0.1".into(),
+                tls_ca: Some(ca.clone().into_bytes()),
+                ..sharded(options(&ports[..1], &prefix()), mode)
+            };
+            Arc::new(RedisEngine::new(options, deliver).unwrap()) as Arc<dyn Engine>
         };
-        Arc::new(RedisEngine::new(options, deliver).unwrap()) as Arc<dyn Engine>
-    };
-    plexus_core::conformance::check_engine(&factory).await;
+        plexus_core::conformance::check_engine(&factory).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
