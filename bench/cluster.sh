@@ -2,12 +2,14 @@
 # Multi-node fan-out benchmark: Plexus on the redis and nats engines, 1 node vs 3 nodes.
 #
 #   bench/cluster.sh [--subscribers N] [--rate R] [--duration SECONDS]
-#                    [--engines "redis redis-cluster nats"] [--topologies "1 1x3 3"]
+#                    [--engines "redis redis-cluster redis-cluster-sharded nats"]
+#                    [--topologies "1 1x3 3"]
 #                    [--no-build] [--no-doc]
 #
 # Needs Redis at 127.0.0.1:6379 and NATS with JetStream at 127.0.0.1:4222 (override with
 # REDIS_URL / NATS_URL, loopback only). `redis-cluster` is the redis engine on a Redis Cluster
-# of three masters that the script starts itself (redis-server, redis-cli) on loopback ports. Every load targets 127.0.0.1 and every run is bounded
+# of three masters that the script starts itself (redis-server, redis-cli) on loopback ports;
+# `redis-cluster-sharded` the same with sharded pub/sub. Every load targets 127.0.0.1 and every run is bounded
 # (`--time-limit` on the load generator plus `timeout`). Writes docs/benchmarks-cluster.md unless
 # --no-doc.
 #
@@ -76,7 +78,7 @@ CUR_PREFIX=""
 cleanup_engine() {
   local engine="$1" prefix="$2"
   [[ -z "$prefix" ]] && return 0
-  if [[ "$engine" == redis-cluster ]]; then
+  if [[ "$engine" == redis-cluster* ]]; then
     local port left=0
     for port in "${CLUSTER_PORTS[@]}"; do
       redis-cli -p "$port" --scan --pattern "$prefix:*" | xargs -r -n 100 redis-cli -p "$port" del >/dev/null || true
@@ -195,7 +197,7 @@ NOTES=()
 run_one() {
   local engine="$1" nodes="$2" procs="$3" label="$4"
   local prefix="benchcl_${engine//-/_}_${nodes}n${procs}p_$$_${RANDOM}"
-  [[ "$engine" == redis-cluster ]] && start_redis_cluster
+  [[ "$engine" == redis-cluster* ]] && start_redis_cluster
   CUR_ENGINE="$engine"; CUR_PREFIX="$prefix"
   local i port data
   local -a ports=()
@@ -206,12 +208,13 @@ run_one() {
     fi
     ports+=("$port")
     data="$WORK/$prefix-node$i"; mkdir -p "$data"
-    local -a engine_args=(--engine "${engine%-cluster}")
-    if [[ "$engine" == redis-cluster ]]; then
+    local -a engine_args=(--engine "${engine%%-*}")
+    if [[ "$engine" == redis-cluster* ]]; then
       # Each node starts its pub/sub connection on another cluster node.
       local seeds=("${CLUSTER_PORTS[@]:i}" "${CLUSTER_PORTS[@]:0:i}")
       local joined; joined="$(IFS=,; echo "${seeds[*]/#/127.0.0.1:}")"
       engine_args+=(--redis-url redis://127.0.0.1 --redis-cluster "$joined" --redis-prefix "$prefix")
+      [[ "$engine" == redis-cluster-sharded ]] && engine_args+=(--redis-cluster-sharded-pubsub true)
     elif [[ "$engine" == redis ]]; then
       engine_args+=(--redis-url "$REDIS_URL" --redis-prefix "$prefix")
     else
@@ -326,7 +329,7 @@ if [[ "$WRITE_DOC" == 1 ]]; then
 # Multi-node fan-out (Redis, Redis Cluster and NATS engines)
 
 Measured $START on $(nproc) CPUs ($CPU_MODEL), Linux $(uname -r), commit $COMMIT$DIRTY,
-Redis $(redis-cli -u "$REDIS_URL" info server 2>/dev/null | sed -n 's/^redis_version:\(.*\)\r$/\1/p') (the \`redis-cluster\` rows: a Redis Cluster of three masters on this machine, started by the script), NATS at $NATS_URL (JetStream).
+Redis $(redis-cli -u "$REDIS_URL" info server 2>/dev/null | sed -n 's/^redis_version:\(.*\)\r$/\1/p') (the \`redis-cluster\` rows: a Redis Cluster of three masters on this machine, started by the script; \`redis-cluster-sharded\`: the same with sharded pub/sub), NATS at $NATS_URL (JetStream).
 
 \`\`\`sh
 bench/cluster.sh${ARGS:+ $ARGS}
