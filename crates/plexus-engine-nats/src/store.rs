@@ -564,13 +564,21 @@ impl Store {
         }
     }
 
-    /// The offset of a channel's last stored publication (0 if none), read without creating
-    /// anything.
-    pub async fn last_offset(&self, channel: &str) -> Result<u64, LinkError> {
-        Ok(self
+    /// Where a channel's stream is: its epoch (`None` before its first publish) and the offset
+    /// of its last stored publication (0 if none), read without creating anything.
+    pub async fn position_now(&self, channel: &str) -> Result<(Option<Arc<str>>, u64), LinkError> {
+        let bucket = self.meta_bucket()?;
+        let epoch = match bounded(bucket.entry(token(channel))).await? {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                Meta::decode(&entry.value).map(|meta| meta.epoch)
+            }
+            _ => None,
+        };
+        let offset = self
             .last_message(channel)
             .await?
-            .map_or(0, |stored| stored.offset))
+            .map_or(0, |stored| stored.offset);
+        Ok((epoch, offset))
     }
 
     /// A channel's current state: its meta (created if missing; a new epoch if its history

@@ -177,15 +177,33 @@ impl Subscriber {
             let subscription = bounded(self.store.client.subscribe(subject)).await?;
             // Known to the server before this returns, so nothing published after is missed.
             self.store.sync().await?;
-            // Where deliveries start: everything up to here is in history already.
-            let start = self.store.last_offset(channel).await?;
+            // Where deliveries start: everything up to here is in history already. (Without
+            // it, the first arrival is taken as the start, as before.)
+            let start = match self.store.position_now(channel).await {
+                Ok(start) => Some(start),
+                Err(error) => {
+                    tracing::debug!(channel, %error, "stream position unknown at watch");
+                    None
+                }
+            };
             Ok::<_, LinkError>((subscription, start))
         }
         .await;
         match subscribed {
             Ok((subscription, start)) => {
                 let channel: Arc<str> = channel.into();
-                let order = Order::starting_after(start);
+                let order = match start {
+                    Some((epoch, offset)) => {
+                        // Publishers waiting for an offset up to here need not wait.
+                        if let Some(watched) = lock(&self.state).watched.get_mut(&*channel) {
+                            if watched.id == id {
+                                watched.progress.delivered = offset;
+                            }
+                        }
+                        Order::starting_after(epoch, offset)
+                    }
+                    None => Order::default(),
+                };
                 tokio::spawn(
                     self.clone()
                         .read_channel(channel, subscription, order, stop),
@@ -341,15 +359,15 @@ struct Order {
     ahead: BTreeMap<u64, Arc<Publication>>,
     /// When to stop waiting for the missing offset.
     deadline: Option<Instant>,
-    /// Before anything arrived: the stream's last offset when the channel was watched, whose
-    /// epoch the first arrival tells.
-    start: Option<u64>,
+    /// Before anything arrived: the stream's epoch (none yet) and last offset when the
+    /// channel was watched.
+    start: Option<(Option<Arc<str>>, u64)>,
 }
 
 impl Order {
-    fn starting_after(offset: u64) -> Order {
+    fn starting_after(epoch: Option<Arc<str>>, offset: u64) -> Order {
         Order {
-            start: Some(offset),
+            start: Some((epoch, offset)),
             ..Order::default()
         }
     }
@@ -359,8 +377,12 @@ impl Order {
         let offset = publication.offset;
         if self.last.is_none() {
             match self.start.take() {
-                // Ordered from the start, as if the start had been delivered.
-                Some(start) => self.last = Some((epoch.clone(), start)),
+                // Ordered from the start, as if the start had been delivered; a stream begun
+                // since (another epoch) from its first offset.
+                Some((Some(start_epoch), start)) if start_epoch == epoch => {
+                    self.last = Some((epoch.clone(), start));
+                }
+                Some(_) => self.last = Some((epoch.clone(), 0)),
                 None => {
                     self.last = Some((epoch, offset));
                     return vec![publication];
@@ -471,8 +493,8 @@ mod tests {
     /// moment before; 3 and below were in history already.
     #[tokio::test]
     async fn the_order_starts_where_the_stream_was_when_watched() {
-        let mut order = Order::starting_after(3);
         let e: Arc<str> = "e1".into();
+        let mut order = Order::starting_after(Some(e.clone()), 3);
         assert_eq!(
             offsets(&order.arrived(e.clone(), publication(5))),
             [] as [u64; 0]
@@ -482,12 +504,15 @@ mod tests {
             offsets(&order.arrived(e.clone(), publication(3))),
             [] as [u64; 0]
         );
-        // An empty stream: 1 is the first.
-        let mut order = Order::starting_after(0);
+        // A stream not begun yet: 1 is the first.
+        let mut order = Order::starting_after(None, 0);
         assert_eq!(
             offsets(&order.arrived(e.clone(), publication(2))),
             [] as [u64; 0]
         );
-        assert_eq!(offsets(&order.arrived(e, publication(1))), [1, 2]);
+        assert_eq!(offsets(&order.arrived(e.clone(), publication(1))), [1, 2]);
+        // Watched at 500 of e1, and the stream lost since: e2 starts again from 1.
+        let mut order = Order::starting_after(Some(e), 500);
+        assert_eq!(offsets(&order.arrived("e2".into(), publication(1))), [1]);
     }
 }

@@ -568,6 +568,11 @@ impl Shards {
             }
             return Ok(());
         }
+        if channel.starts_with('}') {
+            // As for its keys (`Router::send`): its pub/sub channel would not be in its slot.
+            let why = "a channel whose name starts with '}' cannot be kept in redis cluster";
+            return Err(LinkError::Reply(why.into()));
+        }
         let mut mapped = self.mapped.subscribe();
         let _ = tokio::time::timeout(timeout, mapped.wait_for(|mapped| *mapped)).await;
         let channel: Arc<str> = channel.into();

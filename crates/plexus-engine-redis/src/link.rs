@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 
 use futures_util::StreamExt;
 
+use crate::writer::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
+
 /// The commands of a connection (cheap to clone: both kinds are handles to one connection).
 #[derive(Clone)]
 pub(crate) enum Link {
@@ -64,7 +66,11 @@ impl Link {
             .set_protocol(ProtocolVersion::RESP3);
         let client = Client::open(info.set_redis_settings(resp3))?;
         let (pushes, incoming) = mpsc::unbounded_channel();
-        let config = AsyncConnectionConfig::new().set_push_sender(pushes);
+        // Our own bounds, as the writers' (redis-rs's defaults are far shorter).
+        let config = AsyncConnectionConfig::new()
+            .set_push_sender(pushes)
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
         let connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
@@ -72,12 +78,9 @@ impl Link {
     }
 
     /// Subscribes `names` (one command each on a sharded connection, pipelined). Channels
-    /// refused one by one (a sharded channel whose slot is not this node's) are returned,
-    /// with the error, rather than failing the rest.
-    pub(crate) async fn subscribe(
-        &mut self,
-        names: &[String],
-    ) -> RedisResult<Vec<(String, String)>> {
+    /// redirected one by one (a shard channel whose slot is not this node's: `MOVED`, `ASK`)
+    /// are returned rather than failing the rest; any other error fails the call.
+    pub(crate) async fn subscribe(&mut self, names: &[String]) -> RedisResult<Vec<String>> {
         match self {
             Link::Classic(sink) => sink.subscribe(names).await.map(|()| Vec::new()),
             Link::Sharded(connection) => {
@@ -87,13 +90,17 @@ impl Link {
                     pipeline.cmd("SSUBSCRIBE").arg(name);
                 }
                 let replies: Vec<RedisResult<Value>> = pipeline.query_async(connection).await?;
-                Ok(names
-                    .iter()
-                    .zip(replies)
-                    .filter_map(|(name, reply)| {
-                        reply.err().map(|error| (name.clone(), error.to_string()))
-                    })
-                    .collect())
+                let mut redirected = Vec::new();
+                for (name, reply) in names.iter().zip(replies) {
+                    match reply {
+                        Ok(_) => {}
+                        Err(error) if error.redirect_node().is_some() => {
+                            redirected.push(name.clone());
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+                Ok(redirected)
             }
         }
     }

@@ -50,6 +50,9 @@ struct Progress {
 struct State {
     sink: Option<Link>,
     watched: HashMap<Arc<str>, Progress>,
+    /// Shard channels this connection asked to unsubscribe and whose confirmation has not
+    /// been read yet: Redis drops the others by itself (their slot moved).
+    unsubscribing: HashMap<String, usize>,
 }
 
 /// The node's pub/sub connections.
@@ -276,14 +279,24 @@ impl Subscriber {
                 let names = [name.clone()];
                 tokio::time::timeout(timeout, sink.subscribe(&names)).await
             } else {
+                if self.sharded {
+                    *lock(&self.state)
+                        .unsubscribing
+                        .entry(name.clone())
+                        .or_default() += 1;
+                }
                 let unsubscribed = tokio::time::timeout(timeout, sink.unsubscribe(&name)).await;
+                if !matches!(unsubscribed, Ok(Ok(()))) {
+                    // Not confirmed (the connection is then lost anyway).
+                    self.confirmed_unsubscribe(&name);
+                }
                 unsubscribed.map(|result| result.map(|()| Vec::new()))
             };
             match sent {
-                Ok(Ok(refused)) if refused.is_empty() => done = Some(listed),
-                Ok(Ok(refused)) => {
+                Ok(Ok(redirected)) if redirected.is_empty() => done = Some(listed),
+                Ok(Ok(_)) => {
                     self.map_is_stale();
-                    let why = refused.into_iter().map(|(_, why)| why).collect::<String>();
+                    let why = "the redis cluster moved this channel's slot to another master";
                     return Err(LinkError::Failed(why.into()));
                 }
                 Ok(Err(error)) => return Err(LinkError::Failed(error.to_string().into())),
@@ -332,6 +345,19 @@ impl Subscriber {
         } else {
             Some(channel)
         }
+    }
+
+    /// Takes one of our own unsubscribes of `name` as confirmed; says whether there was one.
+    fn confirmed_unsubscribe(&self, name: &str) -> bool {
+        let mut state = lock(&self.state);
+        let Some(count) = state.unsubscribing.get_mut(name) else {
+            return false;
+        };
+        *count -= 1;
+        if *count == 0 {
+            state.unsubscribing.remove(name);
+        }
+        true
     }
 
     /// Redis answered as if a channel's slot were another master's: have the map read again.
@@ -466,6 +492,7 @@ impl Subscriber {
                     {
                         let mut state = lock(&self.state);
                         state.sink = None;
+                        state.unsubscribing.clear();
                         for progress in state.watched.values_mut() {
                             progress.waiters.clear();
                         }
@@ -521,13 +548,13 @@ impl Subscriber {
         for chunk in listed.chunks(SUBSCRIBE_CHUNK) {
             let subscribed = tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(chunk)).await;
             let result = match subscribed {
-                Ok(Ok(refused)) => {
-                    // Shard channels whose slot moved: subscribed again where the new map
-                    // puts them (which then says deliveries may have been missed).
-                    if !refused.is_empty() {
+                Ok(Ok(redirected)) => {
+                    // Shard channels whose slot moved: subscribed where the new map puts them
+                    // (which then says deliveries may have been missed).
+                    if !redirected.is_empty() {
                         tracing::info!(
-                            channels = refused.len(),
-                            "redis refused shard channels of another master"
+                            channels = redirected.len(),
+                            "redis redirected shard channels to another master"
                         );
                         self.map_is_stale();
                     }
@@ -554,13 +581,11 @@ impl Subscriber {
                 event = stream.next() => match event {
                     Event::Message { channel, payload } => self.handle(&channel, &payload, deliver),
                     Event::Dropped(name) => {
-                        let listed = self
-                            .channel_of(&name)
-                            .is_some_and(|channel| lock(&self.state).watched.contains_key(channel));
-                        if listed {
-                            // Its slot moved to another master. Start over (the replies of
-                            // this connection's commands may be out of step too) once the
-                            // map is read again; the channel's subscribers recover.
+                        if !self.confirmed_unsubscribe(&name) {
+                            // Redis dropped it by itself: its slot moved to another master.
+                            // That push was also taken for the reply of a command in flight,
+                            // so the connection's replies may be out of step: start over once
+                            // the map is read again; the subscribers recover.
                             self.map_is_stale();
                             return LinkError::Failed("redis dropped a shard channel: its slot moved".into());
                         }
