@@ -387,6 +387,11 @@ impl Hub {
         )
     }
 
+    /// Whether a channel has local subscribers.
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.channel(channel).is_some()
+    }
+
     /// Local subscribers of a channel, in order of arrival.
     pub fn presence(&self, channel: &str) -> Vec<Arc<ClientInfo>> {
         self.channel(channel).map_or_else(Vec::new, |channel| {

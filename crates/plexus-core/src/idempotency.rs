@@ -103,8 +103,9 @@ pub fn pending_is_stale(record: &[u8]) -> bool {
 /// How a publish attempted under a claim failed.
 #[derive(Debug)]
 pub enum Failure<E> {
-    /// Refused before anything was written (a bad channel, an engine already known to be
-    /// away): the key is given back, and a retry publishes.
+    /// Refused before anything was written (a bad channel, say; an engine error is not
+    /// taken for one, as the publication may have been sent): the key is given back, and a
+    /// retry publishes.
     Refused(E),
     /// Unknown whether it was published (a timeout): the key stays pending for [`PENDING`],
     /// so a retry meanwhile cannot publish it twice.

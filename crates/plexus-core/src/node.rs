@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
-
 use crate::engine::{
     BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
     NodeCommand, StreamPosition,
@@ -52,51 +50,11 @@ pub struct Node {
     hub: Arc<Hub>,
     engine: Arc<dyn Engine>,
     namespaces: Namespaces,
-    /// Channels whose first local subscriber is still asking the engine to watch them: the
-    /// others wait for that before reading history, or a publication made meanwhile would
-    /// be in neither their history nor their deliveries.
-    watching: Mutex<HashMap<Arc<str>, watch::Receiver<Option<bool>>>>,
-}
-
-/// The first subscriber's `watch` in flight; says how it ended (a failure if dropped before).
-struct WatchInFlight<'a> {
-    watching: &'a Mutex<HashMap<Arc<str>, watch::Receiver<Option<bool>>>>,
-    channel: Arc<str>,
-    done: watch::Sender<Option<bool>>,
-}
-
-impl<'a> WatchInFlight<'a> {
-    fn start(
-        watching: &'a Mutex<HashMap<Arc<str>, watch::Receiver<Option<bool>>>>,
-        channel: &Arc<str>,
-    ) -> WatchInFlight<'a> {
-        let (done, waiting) = watch::channel(None);
-        lock(watching).insert(channel.clone(), waiting);
-        WatchInFlight {
-            watching,
-            channel: channel.clone(),
-            done,
-        }
-    }
-}
-
-impl Drop for WatchInFlight<'_> {
-    fn drop(&mut self) {
-        self.done.send_if_modified(|done| {
-            let unset = done.is_none();
-            if unset {
-                *done = Some(false);
-            }
-            unset
-        });
-        let mut watching = lock(self.watching);
-        let ours = watching
-            .get(&self.channel)
-            .is_some_and(|waiting| waiting.same_channel(&self.done.subscribe()));
-        if ours {
-            watching.remove(&self.channel);
-        }
-    }
+    /// Whether the engine watches each channel with local members, behind a lock of the
+    /// channel's own, so that changes to it are made one at a time and every subscriber reads
+    /// history only once the channel is watched (a publication made meanwhile would be in
+    /// neither its history nor its deliveries).
+    watches: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<bool>>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,7 +91,7 @@ impl Node {
             hub,
             engine,
             namespaces,
-            watching: Mutex::default(),
+            watches: Mutex::default(),
         })
     }
 
@@ -148,7 +106,7 @@ impl Node {
             hub,
             engine,
             namespaces,
-            watching: Mutex::default(),
+            watches: Mutex::default(),
         }
     }
 
@@ -187,45 +145,68 @@ impl Node {
         let info = subscriber.info.clone();
         // Subscribe locally first, then read history: nothing published in between is missed
         // (a duplicate is possible, and transports drop offsets at or below `position`).
-        let (name, first) = self
+        let (name, _) = self
             .hub
             .subscribe(channel, subscriber, options.max_subscribers)?;
         let result = self
-            .after_local_subscribe(&name, first, &options, &info, chan_info, recover_from)
+            .after_local_subscribe(&name, &options, &info, chan_info, recover_from)
             .await;
         if result.is_err() {
-            self.hub.unsubscribe(&name, info.id);
+            let (_, now_empty) = self.hub.unsubscribe(&name, info.id);
+            if now_empty {
+                self.unwatch_if_unused(&name).await;
+            }
         }
         result
+    }
+
+    /// Has the engine watch `channel` (a local member joined it) unless it does already;
+    /// waits for a watch another member asked for. A failed watch is asked again by the next.
+    async fn watch(&self, channel: &Arc<str>) -> Result<(), EngineError> {
+        let state = lock(&self.watches)
+            .entry(channel.clone())
+            .or_default()
+            .clone();
+        let mut watched = state.lock().await;
+        if !*watched {
+            self.engine.watch(channel, true).await?;
+            *watched = true;
+        }
+        Ok(())
+    }
+
+    /// Has the engine stop watching `channel` if it has no local members (the last one left).
+    async fn unwatch_if_unused(&self, channel: &str) {
+        let Some(state) = lock(&self.watches).get(channel).cloned() else {
+            return;
+        };
+        {
+            let mut watched = state.lock().await;
+            // Checked under the channel's lock: a member that joined meanwhile keeps it.
+            if *watched && !self.hub.has_channel(channel) {
+                let _ = self.engine.watch(channel, false).await;
+                *watched = false;
+            }
+        }
+        let mut watches = lock(&self.watches);
+        // Nobody else holds it (clones are taken under this lock): forget it while unwatched.
+        let unused = Arc::strong_count(&state) == 2
+            && state.try_lock().is_ok_and(|watched| !*watched)
+            && !self.hub.has_channel(channel);
+        if unused {
+            watches.remove(channel);
+        }
     }
 
     async fn after_local_subscribe(
         &self,
         name: &Arc<str>,
-        first: bool,
         options: &ChannelOptions,
         info: &ClientInfo,
         chan_info: Option<bytes::Bytes>,
         recover_from: Option<StreamPosition>,
     ) -> Result<Subscription, SubscribeError> {
-        if first {
-            let in_flight = WatchInFlight::start(&self.watching, name);
-            let watched = self.engine.watch(name, true).await;
-            in_flight.done.send_replace(Some(watched.is_ok()));
-            watched?;
-        } else {
-            let waiting = lock(&self.watching).get(name).cloned();
-            if let Some(mut waiting) = waiting {
-                let watched = waiting.wait_for(Option::is_some).await;
-                if !watched.is_ok_and(|done| *done == Some(true)) {
-                    return Err(EngineError::Unavailable {
-                        engine: self.engine.name(),
-                        source: "the engine did not watch the channel".into(),
-                    }
-                    .into());
-                }
-            }
-        }
+        self.watch(name).await?;
         let descriptor = info.descriptor(chan_info);
         if options.presence {
             self.engine.add_presence(name, descriptor.clone()).await?;
@@ -301,14 +282,15 @@ impl Node {
     ) -> Result<Arc<str>, SubscribeError> {
         let options = self.options(channel)?;
         let id = subscriber.info.id;
-        let (name, first) = self
+        let (name, _) = self
             .hub
             .subscribe(channel, subscriber, options.max_subscribers)?;
-        if first {
-            if let Err(error) = self.engine.watch(&name, true).await {
-                self.hub.unsubscribe(&name, id);
-                return Err(error.into());
+        if let Err(error) = self.watch(&name).await {
+            let (_, now_empty) = self.hub.unsubscribe(&name, id);
+            if now_empty {
+                self.unwatch_if_unused(&name).await;
             }
+            return Err(error.into());
         }
         Ok(name)
     }
@@ -316,7 +298,7 @@ impl Node {
     pub async fn stop_observing(&self, channel: &str, id: crate::hub::ConnectionId) {
         let (removed, now_empty) = self.hub.unsubscribe(channel, id);
         if removed && now_empty {
-            let _ = self.engine.watch(channel, false).await;
+            self.unwatch_if_unused(channel).await;
         }
     }
 
@@ -328,7 +310,7 @@ impl Node {
             return false;
         }
         if now_empty {
-            let _ = self.engine.watch(channel, false).await;
+            self.unwatch_if_unused(channel).await;
         }
         if let Ok(options) = self.options(channel) {
             if options.presence {
@@ -537,6 +519,10 @@ mod tests {
     struct SlowWatch {
         memory: MemoryEngine,
         open: Arc<tokio::sync::Semaphore>,
+        /// The next watches fail while set.
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        /// `(watch, unwatch)` calls.
+        calls: Arc<Mutex<(usize, usize)>>,
     }
 
     impl Engine for SlowWatch {
@@ -567,10 +553,21 @@ mod tests {
         fn remove_history(&self, channel: &str) -> BoxFuture<Result<(), EngineError>> {
             self.memory.remove_history(channel)
         }
-        fn watch(&self, _: &str, _: bool) -> BoxFuture<Result<(), EngineError>> {
-            let open = self.open.clone();
+        fn watch(&self, _: &str, watching: bool) -> BoxFuture<Result<(), EngineError>> {
+            {
+                let mut calls = lock(&self.calls);
+                if watching {
+                    calls.0 += 1;
+                } else {
+                    calls.1 += 1;
+                }
+            }
+            let (open, failing) = (self.open.clone(), self.failing.clone());
             Box::pin(async move {
                 let _ = open.acquire().await;
+                if failing.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(EngineError::Closed { engine: "slow" });
+                }
                 Ok(())
             })
         }
@@ -621,16 +618,27 @@ mod tests {
 
     /// A second subscriber arriving while the first one's `watch` is in flight waits for it
     /// before answering (its history read would otherwise come before the engine delivers).
+    fn slow_node(
+        open: &Arc<tokio::sync::Semaphore>,
+        failing: &Arc<std::sync::atomic::AtomicBool>,
+        calls: &Arc<Mutex<(usize, usize)>>,
+    ) -> Arc<Node> {
+        let (open, failing, calls) = (open.clone(), failing.clone(), calls.clone());
+        Arc::new(Node::new(Namespaces::default(), move |deliver| {
+            Arc::new(SlowWatch {
+                memory: MemoryEngine::new(deliver),
+                open,
+                failing,
+                calls,
+            })
+        }))
+    }
+
     #[tokio::test]
     async fn later_subscribers_wait_for_the_first_ones_watch() {
         let open = Arc::new(tokio::sync::Semaphore::new(0));
-        let gate = open.clone();
-        let node = Arc::new(Node::new(Namespaces::default(), move |deliver| {
-            Arc::new(SlowWatch {
-                memory: MemoryEngine::new(deliver),
-                open: gate,
-            })
-        }));
+        let calls = Arc::default();
+        let node = slow_node(&open, &Arc::default(), &calls);
         let subscribe = |user: &str| {
             let (node, subscriber) = (node.clone(), subscriber(&node, user));
             tokio::spawn(async move { node.subscribe("chat:w", subscriber, None, None).await })
@@ -646,8 +654,42 @@ mod tests {
         open.add_permits(1);
         assert!(first.await.unwrap().is_ok());
         assert!(second.await.unwrap().is_ok());
-        // Once watched, nobody waits.
+        // Once watched, nobody waits, and the engine was asked once.
         assert!(subscribe("cat").await.unwrap().is_ok());
+        assert_eq!(*lock(&calls), (1, 0));
+    }
+
+    /// A watch that failed is asked again by the next subscriber; the last one to leave has
+    /// the engine stop watching, once.
+    #[tokio::test]
+    async fn a_failed_watch_is_retried_and_the_last_to_leave_unwatches() {
+        let open = Arc::new(tokio::sync::Semaphore::new(100));
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let calls = Arc::default();
+        let node = slow_node(&open, &failing, &calls);
+        let ann = subscriber(&node, "ann");
+        assert!(node.subscribe("chat:f", ann, None, None).await.is_err());
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (bob, cat) = (subscriber(&node, "bob"), subscriber(&node, "cat"));
+        node.subscribe("chat:f", bob.clone(), None, None)
+            .await
+            .unwrap();
+        node.subscribe("chat:f", cat.clone(), None, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            *lock(&calls),
+            (2, 0),
+            "asked again after the failure, then not"
+        );
+        node.unsubscribe("chat:f", &bob.info).await;
+        assert_eq!(*lock(&calls), (2, 0), "cat is still there");
+        node.unsubscribe("chat:f", &cat.info).await;
+        assert_eq!(*lock(&calls), (2, 1));
+        assert!(
+            lock(&node.watches).is_empty(),
+            "nothing kept for the channel"
+        );
     }
 
     #[tokio::test]

@@ -197,7 +197,11 @@ impl Subscriber {
                         // Publishers waiting for an offset up to here need not wait.
                         if let Some(watched) = lock(&self.state).watched.get_mut(&*channel) {
                             if watched.id == id {
-                                watched.progress.delivered = offset;
+                                let progress = &mut watched.progress;
+                                progress.delivered = offset;
+                                progress.waiters.retain(|(waiting_for, sender)| {
+                                    *waiting_for > offset && !sender.is_closed()
+                                });
                             }
                         }
                         Order::starting_after(epoch, offset)

@@ -266,8 +266,14 @@ impl Subscriber {
         let mut done: Option<bool> = None;
         loop {
             let (listed, sink) = {
-                let state = lock(&self.state);
-                (state.watched.contains_key(channel), state.sink.clone())
+                let mut state = lock(&self.state);
+                let listed = state.watched.contains_key(channel);
+                let sink = state.sink.clone();
+                if sink.is_some() && done != Some(listed) && !listed && self.sharded {
+                    // Counted with the connection it is sent on (a new one starts at none).
+                    *state.unsubscribing.entry(name.clone()).or_default() += 1;
+                }
+                (listed, sink)
             };
             let Some(mut sink) = sink else {
                 return Ok(());
@@ -279,12 +285,6 @@ impl Subscriber {
                 let names = [name.clone()];
                 tokio::time::timeout(timeout, sink.subscribe(&names)).await
             } else {
-                if self.sharded {
-                    *lock(&self.state)
-                        .unsubscribing
-                        .entry(name.clone())
-                        .or_default() += 1;
-                }
                 let unsubscribed = tokio::time::timeout(timeout, sink.unsubscribe(&name)).await;
                 if !matches!(unsubscribed, Ok(Ok(()))) {
                     // Not confirmed (the connection is then lost anyway).

@@ -189,16 +189,11 @@ fn start_once(
         let publish = || async {
             let acknowledgement = start_publish(&shared, &channel, &data, &tags, skip_history)
                 .map_err(Failure::Refused)?;
-            acknowledgement.await.map_err(|error| {
-                let code = engine_error(&error, "publish");
-                match error {
-                    // The engine was shut down: nothing was sent.
-                    EngineError::Closed { .. } => Failure::Refused(code),
-                    // Failed after it may have been sent (a timeout, a lost connection): it
-                    // may have been published.
-                    _ => Failure::Unknown(code),
-                }
-            })
+            // Failed once ordered: it may have been published (a timeout, a lost
+            // connection, an engine stopping with the publication sent).
+            acknowledgement
+                .await
+                .map_err(|error| Failure::Unknown(engine_error(&error, "publish")))
         };
         let engine = &**shared.node.engine();
         match idempotency::publish_once(engine, &channel, &key, publish).await {
