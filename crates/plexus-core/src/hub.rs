@@ -155,6 +155,9 @@ struct Channel {
     /// The subscriber list's lock is also the channel's order: deliveries to one channel are
     /// queued to every subscriber in the same order.
     subscribers: Mutex<Vec<Subscriber>>,
+    /// Subscribers a fan-out dropped (cut as too slow, or closing) that have not unsubscribed
+    /// yet: they are still members until they do (presence, the leave, the engine's watch).
+    dropped: Mutex<Vec<ConnectionId>>,
 }
 
 type Shard = RwLock<HashMap<Arc<str>, Arc<Channel>>>;
@@ -308,6 +311,7 @@ impl Hub {
                 let name: Arc<str> = channel.into();
                 let entry = Arc::new(Channel {
                     subscribers: Mutex::new(Vec::new()),
+                    dropped: Mutex::new(Vec::new()),
                 });
                 shard.insert(name.clone(), entry.clone());
                 (name, entry)
@@ -337,9 +341,15 @@ impl Hub {
         let mut subscribers = lock(&entry.get().subscribers);
         let before = subscribers.len();
         subscribers.retain(|subscriber| subscriber.info.id != id);
-        let removed = subscribers.len() != before;
-        let now_empty = subscribers.is_empty();
-        drop(subscribers);
+        let mut removed = subscribers.len() != before;
+        let mut dropped = lock(&entry.get().dropped);
+        if !removed {
+            let before = dropped.len();
+            dropped.retain(|dropped| *dropped != id);
+            removed = dropped.len() != before;
+        }
+        let now_empty = subscribers.is_empty() && dropped.is_empty();
+        drop((subscribers, dropped));
         if now_empty {
             entry.remove();
         }
@@ -354,6 +364,7 @@ impl Hub {
         let mut report = FanOutReport::default();
         let membership = matches!(delivery, Delivery::Join(_) | Delivery::Leave(_));
         let mut subscribers = lock(&channel.subscribers);
+        let mut gone = Vec::new();
         subscribers.retain(|subscriber| {
             if membership && !subscriber.join_leave {
                 return true;
@@ -365,12 +376,19 @@ impl Hub {
                 }
                 Err(OutboxState::Overflowed) => {
                     report.dropped_slow += 1;
+                    gone.push(subscriber.info.id);
                     false
                 }
                 // Closing: it unsubscribes itself shortly; a closed outbox is not a slow one.
-                Err(_) => false,
+                Err(_) => {
+                    gone.push(subscriber.info.id);
+                    false
+                }
             }
         });
+        if !gone.is_empty() {
+            lock(&channel.dropped).extend(gone);
+        }
         drop(subscribers);
         self.delivered
             .fetch_add(report.delivered as u64, Ordering::Relaxed);

@@ -267,6 +267,22 @@ async fn a_stalled_protocol_subscriber_is_cut_with_3008_slow() {
         3008
     );
     assert_eq!(&bytes[close_at + 4..], b"slow");
+    // The cut one has left the channel as any other would: gone from presence.
+    let started = std::time::Instant::now();
+    loop {
+        let presence = api_result(&server, "presence", json!({"channel": "chat:flood"})).await;
+        let users: Vec<&serde_json::Value> = presence["presence"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|client| &client["user"])
+            .collect();
+        if users == [&json!("fast")] {
+            break;
+        }
+        assert!(started.elapsed() < TIMEOUT, "{presence}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     fast.send(Message::Close(None)).await.ok();
 }
 
