@@ -824,7 +824,10 @@ impl Store {
             });
         }
         let now = now_millis();
-        let mut entries: Vec<Stored> = if last.offset - lower == 1 {
+        // Only the last asked for (the newest, as cache recovery reads): no need to read the
+        // subject's other messages.
+        let newest_only = query.reverse && query.limit == Some(1);
+        let mut entries: Vec<Stored> = if last.offset - lower == 1 || newest_only {
             vec![last.clone()]
         } else {
             self.read_all(

@@ -52,7 +52,10 @@ if limit ~= 0 then
   local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   local from = ARGV[2] .. '-0'
   local entries
-  if ARGV[4] == '1' then
+  if ARGV[4] == '1' and limit > 0 then
+    -- Newest first: expired entries can only follow the unexpired ones.
+    entries = redis.call('XREVRANGE', KEYS[1], '+', from, 'COUNT', limit)
+  elseif ARGV[4] == '1' then
     entries = redis.call('XREVRANGE', KEYS[1], '+', from)
   else
     entries = redis.call('XRANGE', KEYS[1], from, '+')
