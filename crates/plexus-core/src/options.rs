@@ -104,6 +104,11 @@ impl ChannelOptions {
         !self.private && !self.proxy_subscribe && !self.proxy_publish
     }
 
+    /// A recovering subscribe gets the latest publication only ([`RecoveryMode::Cache`]).
+    pub fn recovers_latest_only(&self) -> bool {
+        self.recover && self.recovery_mode == RecoveryMode::Cache
+    }
+
     pub fn has_history(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
     }

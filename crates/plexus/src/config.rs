@@ -122,6 +122,9 @@ fn summary(config: &Config) -> String {
                     humantime::format_duration(options.history_ttl)
                 ));
             }
+            if options.recovers_latest_only() {
+                traits.push("recovers the latest only".to_owned());
+            }
             if options.presence {
                 traits.push("presence".to_owned());
             }

@@ -304,6 +304,32 @@ fn bad_configuration_is_a_clear_error_with_status_2() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// The README's example configuration is valid as written (a user copies it).
+#[test]
+fn the_readme_example_configuration_checks() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let example = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a toml example in the README");
+    let dir = temp_dir("readme");
+    let file = dir.join("plexus.toml");
+    std::fs::write(&file, example).unwrap();
+    let output = plexus()
+        .args(["config", "check", "--config", file.to_str().unwrap()])
+        .env("PLEXUS_DATA_DIR", dir.join("data"))
+        .output()
+        .unwrap();
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    assert!(
+        stdout.contains("prices (history 1 for 1h, recovers the latest only)"),
+        "{stdout}"
+    );
+}
+
 /// `plexus config check`: the same layers as `serve`, the resolved values printed (secrets
 /// only said to be set), a bad value named with status 2, and nothing started or written.
 #[test]
