@@ -40,6 +40,10 @@ pub struct ChannelOptions {
     /// A client's publish is decided, and its data may be replaced, by the application's
     /// backend (the server's publish proxy), regardless of `allow_publish_for_client`.
     pub proxy_publish: bool,
+    /// Subscribers may ask for delta compression (`delta: "fossil"`, Centrifugo's
+    /// `allowed_delta_types`): publications then come as Fossil deltas from the previous one.
+    /// Needs history (deltas follow offsets).
+    pub fossil_delta: bool,
 }
 
 impl ChannelOptions {
@@ -60,6 +64,7 @@ impl ChannelOptions {
             max_subscribers: 0,
             proxy_subscribe: false,
             proxy_publish: false,
+            fossil_delta: false,
         }
     }
 
@@ -81,11 +86,12 @@ impl ChannelOptions {
             max_subscribers: 0,
             proxy_subscribe: false,
             proxy_publish: false,
+            fossil_delta: false,
         }
     }
 
     /// The built-in `quotes` namespace of the demo quotes page: history 100 / 1 min, recovery,
-    /// anonymous subscribers; only the server publishes.
+    /// anonymous subscribers, delta compression for those that ask; only the server publishes.
     pub fn quotes() -> ChannelOptions {
         ChannelOptions {
             history_size: 100,
@@ -93,6 +99,7 @@ impl ChannelOptions {
             recover: true,
             allow_subscribe_for_anonymous: true,
             allow_history_for_client: true,
+            fossil_delta: true,
             ..ChannelOptions::closed()
         }
     }
@@ -111,6 +118,12 @@ impl ChannelOptions {
 
     pub fn has_history(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+
+    /// Whether a subscriber asking for Fossil deltas gets them: allowed, and the channel's
+    /// publications have offsets to chain them by.
+    pub fn gives_fossil_deltas(&self) -> bool {
+        self.fossil_delta && self.has_history()
     }
 }
 

@@ -39,9 +39,31 @@ pub enum Encoding {
     WebSocketProtobufDeflated = 7,
     /// A native-protocol Protobuf push, unframed (HTTP streaming).
     Protobuf = 8,
+    /// For subscribers with delta compression (`delta: "fossil"`) that hold the previous
+    /// publication: a JSON push whose data is the delta from it (or, where the delta would not
+    /// be smaller, the whole data), in a WebSocket frame.
+    WebSocketJsonDelta = 9,
+    /// The same, compressed.
+    WebSocketJsonDeltaDeflated = 10,
+    /// The same, unframed.
+    JsonDelta = 11,
+    /// For subscribers with delta compression that do not hold the previous publication: a
+    /// JSON push whose data is the whole data as a JSON string, in a WebSocket frame.
+    WebSocketJsonWhole = 12,
+    /// The same, compressed.
+    WebSocketJsonWholeDeflated = 13,
+    /// The same, unframed.
+    JsonWhole = 14,
+    /// The Protobuf push of a delta (a whole publication is the ordinary push), in a WebSocket
+    /// frame.
+    WebSocketProtobufDelta = 15,
+    /// The same, compressed.
+    WebSocketProtobufDeltaDeflated = 16,
+    /// The same, unframed.
+    ProtobufDelta = 17,
 }
 
-const N_ENCODINGS: usize = 9;
+const N_ENCODINGS: usize = 18;
 
 /// Encodings a delivery keeps in place; most are sent in one or two.
 const INLINE: usize = 4;
@@ -74,8 +96,8 @@ impl Clone for Slot {
     }
 }
 
-/// Cached encodings of one delivery: 208 bytes, where one slot for each of the nine encodings
-/// would take 360 (and a publication in history keeps its cache).
+/// Cached encodings of one delivery: 208 bytes, where one slot for each of the eighteen
+/// encodings would take 720 (and a publication in history keeps its cache).
 ///
 /// An encoding first claims a slot (an atomic tag), then makes its bytes in it: so threads
 /// wanting the same encoding wait for one maker, while one wanting another encoding never

@@ -288,6 +288,8 @@ pub struct NamespaceSettings {
     pub max_subscribers: Option<usize>,
     pub proxy_subscribe: Option<bool>,
     pub proxy_publish: Option<bool>,
+    /// Delta compression subscribers may ask for: `["fossil"]` or none.
+    pub allowed_delta_types: Option<Vec<String>>,
 }
 
 /// A configuration that could not be loaded.
@@ -862,7 +864,28 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
             max_subscribers: entry.max_subscribers.unwrap_or(base.max_subscribers),
             proxy_subscribe: entry.proxy_subscribe.unwrap_or(base.proxy_subscribe),
             proxy_publish: entry.proxy_publish.unwrap_or(base.proxy_publish),
+            fossil_delta: match entry.allowed_delta_types.as_deref() {
+                None => base.fossil_delta,
+                Some(types) => {
+                    if let Some(other) = types.iter().find(|kind| kind.as_str() != "fossil") {
+                        return Err(ConfigError::Invalid {
+                            key: "namespaces.allowed_delta_types",
+                            reason: format!("{other:?} is not a delta type (only \"fossil\" is)"),
+                        });
+                    }
+                    !types.is_empty()
+                }
+            },
         };
+        if options.fossil_delta && !options.has_history() {
+            return Err(ConfigError::Invalid {
+                key: "namespaces.allowed_delta_types",
+                reason: format!(
+                    "namespace {:?} allows deltas but keeps no history to chain them by (set history_size and history_ttl)",
+                    entry.name
+                ),
+            });
+        }
         if options.recover && !options.has_history() {
             return Err(ConfigError::Invalid {
                 key: "namespaces.recover",
@@ -1635,6 +1658,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("namespaces.recover"));
+    }
+
+    #[test]
+    fn delta_types_from_toml() {
+        let toml = |text: &str| toml::from_str::<Settings>(text).unwrap().resolve();
+        let config = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nallowed_delta_types = [\"fossil\"]\n[[namespaces]]\nname = \"q\"\nhistory_size = 1\nallowed_delta_types = []\n").unwrap();
+        assert!(config
+            .namespaces
+            .resolve("p:x")
+            .unwrap()
+            .gives_fossil_deltas());
+        assert!(!config.namespaces.resolve("q:x").unwrap().fossil_delta);
+        assert!(!config.namespaces.resolve("chat:x").unwrap().fossil_delta);
+        assert!(config
+            .namespaces
+            .resolve("quotes:x")
+            .unwrap()
+            .gives_fossil_deltas());
+        let error = toml(
+            "[[namespaces]]\nname = \"p\"\nhistory_size = 1\nallowed_delta_types = [\"xdelta\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("namespaces.allowed_delta_types"),
+            "{error}"
+        );
+        assert!(error.to_string().contains("xdelta"), "{error}");
+        let error =
+            toml("[[namespaces]]\nname = \"p\"\nallowed_delta_types = [\"fossil\"]\n").unwrap_err();
+        assert!(error.to_string().contains("no history"), "{error}");
     }
 
     #[test]

@@ -121,6 +121,93 @@ pub(crate) fn publication_message(p: &Publication, format: Format) -> Bytes {
     .clone()
 }
 
+/// A publication for a subscriber with delta compression that holds `base`, the last
+/// publication it got in the channel (if any). Where `base` is the publication just before (by
+/// offset), the data is the Fossil delta from `base`'s, unless that is not smaller. Otherwise
+/// the publication goes whole: in JSON its data is a JSON string holding the JSON it would
+/// otherwise be (the client parses it, and keeps its bytes to apply the next delta to); in
+/// Protobuf it is the ordinary publication.
+pub(crate) fn delta_or_whole(
+    format: Format,
+    p: &Publication,
+    base: Option<&Publication>,
+) -> proto::Publication {
+    let base = follows(p, base);
+    let mut publication = publication(format, p);
+    match format {
+        Format::Json => {
+            let text = json_text(publication.data.as_ref());
+            let delta = base
+                .map(|base| {
+                    let from = data(format, base.kind, &base.data);
+                    plexus_protocol::fossil::create_text(&json_text(Some(&from)), &text)
+                })
+                .filter(|delta| delta.len() < text.len());
+            publication.delta = delta.is_some();
+            publication.data = Some(json_string(delta.as_deref().unwrap_or(&text)));
+        }
+        Format::Protobuf => {
+            if let Some(base) = base {
+                let delta = plexus_protocol::fossil::create(&base.data, &p.data);
+                if delta.len() < p.data.len() {
+                    publication.delta = true;
+                    publication.data = Some(Payload::new(delta));
+                }
+            }
+        }
+    }
+    publication
+}
+
+/// `base`, if it is the publication just before `p`: what a delta may be made from.
+fn follows<'a>(p: &Publication, base: Option<&'a Publication>) -> Option<&'a Publication> {
+    base.filter(|base| base.offset > 0 && base.offset + 1 == p.offset)
+}
+
+/// The JSON text of a publication's data for a JSON client.
+fn json_text(data: Option<&Payload>) -> String {
+    String::from_utf8_lossy(data.map_or(&b"null"[..], Payload::as_bytes)).into_owned()
+}
+
+fn json_string(text: &str) -> Payload {
+    Payload::new(serde_json::to_vec(text).expect("a string is JSON"))
+}
+
+/// The `pub` push of [`delta_or_whole`], framed for WebSocket or not, encoded once for all
+/// subscribers of the format: those in step all hold the same `base`.
+pub(crate) fn delta_publication(
+    p: &Publication,
+    base: Option<&Publication>,
+    format: Format,
+    framed: bool,
+    deflate: bool,
+) -> Bytes {
+    let base = follows(p, base);
+    let encoding = match (format, base.is_some(), framed, deflate) {
+        (Format::Protobuf, false, true, _) => return publication_frame(p, format, deflate).clone(),
+        (Format::Protobuf, false, false, _) => return publication_message(p, format),
+        (Format::Protobuf, true, true, false) => Encoding::WebSocketProtobufDelta,
+        (Format::Protobuf, true, true, true) => Encoding::WebSocketProtobufDeltaDeflated,
+        (Format::Protobuf, true, false, _) => Encoding::ProtobufDelta,
+        (Format::Json, true, true, false) => Encoding::WebSocketJsonDelta,
+        (Format::Json, true, true, true) => Encoding::WebSocketJsonDeltaDeflated,
+        (Format::Json, true, false, _) => Encoding::JsonDelta,
+        (Format::Json, false, true, false) => Encoding::WebSocketJsonWhole,
+        (Format::Json, false, true, true) => Encoding::WebSocketJsonWholeDeflated,
+        (Format::Json, false, false, _) => Encoding::JsonWhole,
+    };
+    p.encoded(encoding, |p| {
+        let publication = delta_or_whole(format, p, base);
+        let push = format.encode_push(&p.channel, &PushBody::Publication(publication));
+        if framed {
+            frame(format, &push, deflate)
+        } else {
+            push.into()
+        }
+    })
+    .clone()
+}
+
 /// The `join` or `leave` push in a WebSocket frame, encoded once for all subscribers.
 pub(crate) fn membership_frame(
     membership: &Membership,

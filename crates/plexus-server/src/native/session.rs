@@ -72,6 +72,13 @@ struct ChannelState {
     join_leave: bool,
     /// When the subscription token expires unless refreshed with `sub_refresh`.
     expires_at: ExpiresAt,
+    /// Delta compression was negotiated: publications go as Fossil deltas where the client
+    /// holds the previous one (see `encode::delta_publication`), so never through the flush
+    /// lane, which knows nothing of `delta_base`.
+    delta: bool,
+    /// With `delta`: the last publication the client got in the channel, which it will apply
+    /// the next delta to.
+    delta_base: Option<Arc<Publication>>,
 }
 
 /// When something expires (Unix seconds), if it does: 8 bytes, where an `Option<u64>` takes 16.
@@ -304,10 +311,12 @@ impl ClientSession {
     /// subscribe reply already carried (only the session can drop it).
     pub(crate) fn may_park(&self) -> bool {
         self.stream().is_none()
-            && self
-                .connected
-                .as_ref()
-                .is_none_or(|connected| connected.channels.values().all(|state| state.settled))
+            && self.connected.as_ref().is_none_or(|connected| {
+                connected
+                    .channels
+                    .values()
+                    .all(|state| state.settled && !state.delta)
+            })
     }
 
     /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed
@@ -643,6 +652,8 @@ impl ClientSession {
                 None,
                 recover,
                 false,
+                // Server-side subscriptions have no request to ask for deltas in.
+                false,
             )
             .await
             {
@@ -700,6 +711,22 @@ impl ClientSession {
                         }
                         state.last_offset = publication.offset;
                         state.settled = true;
+                    }
+                    if state.delta {
+                        let base = state.delta_base.replace(publication.clone());
+                        let push = encode::delta_publication(
+                            &publication,
+                            base.as_deref(),
+                            format,
+                            !stream,
+                            deflate,
+                        );
+                        out.push(if stream {
+                            Out::Message(encode::message_kind(format), push)
+                        } else {
+                            Out::Frame(push)
+                        });
+                        continue;
                     }
                     out.push(if stream {
                         Out::Message(
@@ -759,7 +786,7 @@ impl ClientSession {
                         extra,
                     };
                     if let Ok(result) =
-                        subscribe(shared, connected, peer, &channel, None, None, false).await
+                        subscribe(shared, connected, peer, &channel, None, None, false, false).await
                     {
                         let body = PushBody::Subscribe(proto::Subscribe {
                             recoverable: result.recoverable,
@@ -942,6 +969,9 @@ async fn subscribe_command(
         offset: request.offset,
         epoch: request.epoch.as_str().into(),
     });
+    // Delta compression, when the client asks for a kind the namespace allows; otherwise the
+    // reply's `delta: false` tells the client it gets whole publications.
+    let delta = request.delta == "fossil" && options.gives_fossil_deltas();
     match subscribe(
         shared,
         connected,
@@ -950,6 +980,7 @@ async fn subscribe_command(
         chan_info,
         recover,
         request.join_leave,
+        delta,
     )
     .await
     {
@@ -976,6 +1007,7 @@ async fn subscribe_command(
 }
 
 /// Subscribes and builds the protocol result; shared by client- and server-side subscriptions.
+#[allow(clippy::too_many_arguments)]
 async fn subscribe(
     shared: &Shared,
     connected: &mut Connected,
@@ -984,6 +1016,7 @@ async fn subscribe(
     chan_info: Option<Bytes>,
     recover: Option<StreamPosition>,
     asked_for_join_leave: bool,
+    delta: bool,
 ) -> Result<proto::SubscribeResult, ErrorCode> {
     let join_leave = asked_for_join_leave
         || shared
@@ -1027,6 +1060,10 @@ async fn subscribe(
             settled: last_offset == 0,
             join_leave,
             expires_at: ExpiresAt::default(),
+            delta,
+            // The client rebuilds the next delta from the last publication of this reply;
+            // without one, the next publication goes whole.
+            delta_base: subscription.publications.last().filter(|_| delta).cloned(),
         },
     );
     let positioned = subscription.position.is_some();
@@ -1040,11 +1077,21 @@ async fn subscribe(
         offset,
         was_recovering: subscription.was_recovering,
         recovered: subscription.recovered,
+        // With deltas, the first whole and each next one a delta from the one before.
         publications: subscription
             .publications
             .iter()
-            .map(|p| encode::publication(peer.format, p))
+            .enumerate()
+            .map(|(i, p)| {
+                if delta {
+                    let before = i.checked_sub(1).map(|i| &*subscription.publications[i]);
+                    encode::delta_or_whole(peer.format, p, before)
+                } else {
+                    encode::publication(peer.format, p)
+                }
+            })
             .collect(),
+        delta,
         ..proto::SubscribeResult::default()
     })
 }
@@ -1400,6 +1447,8 @@ mod tests {
             settled: true,
             join_leave: false,
             expires_at: ExpiresAt::default(),
+            delta: false,
+            delta_base: None,
         }
     }
 
@@ -1435,7 +1484,8 @@ mod tests {
         let mut channels = ChannelMap::default();
         channels.insert("chat:idle".into(), state(0));
         assert_eq!(channels.0.capacity(), 1);
-        assert_eq!(std::mem::size_of::<(Arc<str>, ChannelState)>(), 40);
+        // 48 bytes: jemalloc's size class for anything from 33 to 48.
+        assert_eq!(std::mem::size_of::<(Arc<str>, ChannelState)>(), 48);
         assert!(std::mem::size_of::<ClientSession>() <= 96);
     }
 

@@ -3,6 +3,7 @@
 
 mod api;
 mod cluster;
+mod delta;
 mod emulation;
 mod jwks;
 mod native;

@@ -58,12 +58,12 @@ async fn protobuf_client(
     (socket, result.client)
 }
 
-async fn send(socket: &mut Ws, bytes: Vec<u8>) {
+pub(crate) async fn send(socket: &mut Ws, bytes: Vec<u8>) {
     socket.send(Message::Binary(bytes.into())).await.unwrap();
 }
 
 /// The replies in the next message, which must be binary.
-async fn replies(socket: &mut Ws) -> Vec<Reply> {
+pub(crate) async fn replies(socket: &mut Ws) -> Vec<Reply> {
     match next(socket).await {
         Message::Binary(bytes) => Format::Protobuf
             .parse_replies(&bytes)
@@ -75,7 +75,7 @@ async fn replies(socket: &mut Ws) -> Vec<Reply> {
 }
 
 /// Sends one command and returns its reply (pushes before it skipped).
-async fn call(socket: &mut Ws, id: u32, request: Request) -> Reply {
+pub(crate) async fn call(socket: &mut Ws, id: u32, request: Request) -> Reply {
     send(socket, Format::Protobuf.encode_command(id, &request)).await;
     loop {
         if let Some(reply) = replies(socket).await.into_iter().find(|r| r.id == id) {
@@ -85,7 +85,7 @@ async fn call(socket: &mut Ws, id: u32, request: Request) -> Reply {
 }
 
 /// The data of the next publication pushed to `socket`.
-async fn next_publication(socket: &mut Ws) -> proto::Publication {
+pub(crate) async fn next_publication(socket: &mut Ws) -> proto::Publication {
     loop {
         for reply in replies(socket).await {
             if let Some(ReplyBody::Push(push)) = reply.body {
