@@ -445,6 +445,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_of_docs_protocol_md() {
+        let delta = create_text(
+            r#"{"symbol":"BTC","price":50000}"#,
+            r#"{"symbol":"BTC","price":50017}"#,
+        );
+        assert_eq!(delta, "U\nR@0,3:17}1HXElc;");
+    }
+
+    #[test]
     fn round_trips() {
         let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
         let binary: Vec<u8> = (0..=255).collect();

@@ -125,6 +125,9 @@ fn summary(config: &Config) -> String {
             if options.recovers_latest_only() {
                 traits.push("recovers the latest only".to_owned());
             }
+            if options.gives_fossil_deltas() {
+                traits.push("fossil deltas".to_owned());
+            }
             if options.presence {
                 traits.push("presence".to_owned());
             }

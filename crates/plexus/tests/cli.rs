@@ -325,7 +325,7 @@ fn the_readme_example_configuration_checks() {
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
     assert!(
-        stdout.contains("prices (history 1 for 1h, recovers the latest only)"),
+        stdout.contains("prices (history 1 for 1h, recovers the latest only, fossil deltas)"),
         "{stdout}"
     );
 }

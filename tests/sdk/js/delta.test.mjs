@@ -4,7 +4,9 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { Centrifuge } from 'centrifuge';
 import { Centrifuge as ProtobufCentrifuge } from 'centrifuge/build/protobuf';
+import { EventSource } from 'eventsource';
 import WebSocket from 'ws';
 import {
   Gate, client, collect, once, setup, token, until, watch,
@@ -108,6 +110,36 @@ test('the Protobuf build rebuilds deltas of bytes', async (t) => {
   const stats = sub.deltaStats();
   assert.equal(stats.numDeltaPayloads, prices.length - 1, JSON.stringify(stats));
 });
+
+for (const transport of ['sse', 'http_stream']) {
+  test(`${transport}: the fallback transports carry deltas too`, async (t) => {
+    const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
+    const channel = `prices:${unique(transport)}`;
+    const endpoint = transport === 'sse'
+      ? `${server.http}/connection/sse`
+      : `${server.http}/connection/http_stream`;
+    const centrifuge = new Centrifuge([{ transport, endpoint }], {
+      eventsource: EventSource,
+      fetch,
+      readableStream: ReadableStream,
+      emulationEndpoint: `${server.http}/emulation`,
+      name: `sdk-test-${transport}-delta`,
+      token: token('sam'),
+    });
+    (recorder.clients ??= []).push(centrifuge);
+    const sub = watch(recorder, 'sam', centrifuge.newSubscription(channel, { delta: 'fossil' }));
+    const seen = collect(sub);
+    const subscribed = once(sub, 'subscribed');
+    centrifuge.connect();
+    sub.subscribe();
+    await subscribed;
+    const prices = [7_000, 7_001, 7_002, 7_003];
+    for (const price of prices) await server.publish(channel, quote(price));
+    await until(() => seen.length >= prices.length, 'four publications');
+    assert.deepEqual(seen.map((p) => p.data), prices.map(quote));
+    assert.equal(sub.deltaStats().numDeltaPayloads, prices.length - 1, JSON.stringify(sub.deltaStats()));
+  });
+}
 
 test('where the namespace allows no deltas the SDK gets whole publications', async (t) => {
   const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
