@@ -78,6 +78,47 @@ describe('against the real server', () => {
     client.disconnect();
   });
 
+  test('delta compression: publications rebuilt from Fossil deltas, live and after a recovering reconnect', async () => {
+    // The built-in quotes namespace allows deltas; its demo publisher adds prices of its own
+    // while the channel is watched, which the deltas chain through as well.
+    const frames = [];
+    class CountingWebSocket extends WebSocket {
+      constructor(...args) {
+        super(...args);
+        this.addEventListener('message', (event) => frames.push(String(event.data)));
+      }
+    }
+    const client = newClient({ token: token('u9'), websocket: CountingWebSocket, minReconnectDelay: 1000, random: () => 0.999 });
+    const sub = client.newSubscription('quotes:PLEXUSJS', { delta: 'fossil' });
+    const seen = [];
+    sub.on('publication', (ctx) => {
+      if (ctx.data?.kind === 'test') seen.push(ctx.data);
+    });
+    const errors = [];
+    sub.on('error', (ctx) => errors.push(ctx));
+    sub.subscribe();
+    client.connect();
+    await connected(client);
+    await until(() => sub.state === 'subscribed', 'subscribed');
+    const doc = (n) => ({ kind: 'test', name: 'Ёлка — €', n, rows: Array.from({ length: 8 }, (_, i) => ({ i, v: n * 10 + i })) });
+    for (const n of [1, 2, 3, 4, 5]) await server.api('publish', { channel: 'quotes:PLEXUSJS', data: doc(n) });
+    await until(() => seen.length === 5, 'five publications');
+    assert.deepEqual(seen, [1, 2, 3, 4, 5].map(doc));
+    const deltas = () => frames.filter((frame) => frame.includes('"delta":true')).length;
+    assert.ok(deltas() >= 4, `deltas on the wire: ${deltas()}`);
+
+    const away = new Promise((resolve) => client.once('connecting', resolve));
+    await server.api('disconnect', { user: 'u9', disconnect: { code: 3011, reason: 'force reconnect' } });
+    await away;
+    for (const n of [6, 7, 8]) await server.api('publish', { channel: 'quotes:PLEXUSJS', data: doc(n) });
+    await until(() => seen.length === 8, 'the three missed, recovered', 8000);
+    await server.api('publish', { channel: 'quotes:PLEXUSJS', data: doc(9) });
+    await until(() => seen.length === 9, 'one more live');
+    assert.deepEqual(seen, [1, 2, 3, 4, 5, 6, 7, 8, 9].map(doc));
+    assert.deepEqual(errors, []);
+    client.disconnect();
+  });
+
   test('a forged token stops the client with 3500', async () => {
     const client = newClient({ token: `${token('u2')}x` });
     const stopped = new Promise((resolve) => client.once('disconnected', resolve));

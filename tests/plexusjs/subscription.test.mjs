@@ -29,6 +29,34 @@ async function reconnect(clock, sockets) {
 }
 
 describe('subscription', () => {
+  test('delta compression: whole and delta publications rebuilt; one that does not apply resubscribes', async () => {
+    const { client, sockets } = await makeClient(Plexus);
+    const sub = client.newSubscription('prices:x', { delta: 'fossil' });
+    const { data, last } = recorded(sub);
+    sub.subscribe();
+    client.connect();
+    const socket = await acceptConnect(sockets);
+    await flush();
+    const command = socket.reply('subscribe', { recoverable: true, positioned: true, epoch: 'e1', offset: 0, delta: true });
+    assert.deepEqual(command.subscribe, { channel: 'prices:x', delta: 'fossil' });
+    // Whole: the JSON as a string. Then the delta the server makes from it to
+    // {"symbol":"BTC","price":50017} (docs/protocol.md): 30 bytes, copy 27, insert "17}".
+    socket.receive(
+      pub('prices:x', 1, '{"symbol":"BTC","price":50000}'),
+      { push: { channel: 'prices:x', pub: { data: 'U\nR@0,3:17}1HXElc;', offset: 2, delta: true } } },
+    );
+    assert.deepEqual(data(), [{ symbol: 'BTC', price: 50000 }, { symbol: 'BTC', price: 50017 }]);
+    assert.equal(last('publication').delta, undefined);
+    // A delta with a wrong checksum: an error, no publication, and a resubscribe from offset 2.
+    socket.receive({ push: { channel: 'prices:x', pub: { data: 'U\nR@0,3:18}1HXElc;', offset: 3, delta: true } } });
+    assert.equal(data().length, 2);
+    assert.equal(last('error').type, 'delta');
+    await flush();
+    const commands = socket.commands();
+    assert.deepEqual(commands.at(-2).unsubscribe, { channel: 'prices:x' });
+    assert.deepEqual(commands.at(-1).subscribe, { channel: 'prices:x', delta: 'fossil', recover: true, epoch: 'e1', offset: 2 });
+  });
+
   test('subscribe, publications, join/leave, unsubscribe', async () => {
     const { client, sockets } = await makeClient(Plexus);
     const sub = client.newSubscription('chat:x', { joinLeave: true });

@@ -211,6 +211,9 @@ export interface SubscriptionOptions {
   recover?: boolean;
   /** Sent in subscribe as `data`. */
   data?: unknown;
+  /** Ask for delta compression ('fossil'): publications come as deltas from the previous one
+   *  where the namespace allows it (`allowed_delta_types`), and are rebuilt by the client. */
+  delta?: 'fossil';
 }
 
 export interface HistoryOptions {
@@ -276,3 +279,6 @@ export declare class Plexus extends Emitter<ClientEvents> {
 }
 
 export default Plexus;
+
+/** The target a Fossil delta describes, given its source; throws if it does not apply. */
+export function applyFossilDelta(source: Uint8Array, delta: Uint8Array): Uint8Array;

@@ -13,8 +13,11 @@
 //   sub.subscribe();
 //   client.connect();
 //
-// What it deliberately does not do: protobuf, delta compression, batching across ticks, the
-// SockJS or WebTransport transports.
+// Delta compression: `newSubscription(channel, { delta: 'fossil' })` in namespaces that allow
+// it; publications then come as Fossil deltas from the previous one and are rebuilt here.
+//
+// What it deliberately does not do: protobuf, batching across ticks, the SockJS or
+// WebTransport transports.
 
 export const VERSION = '0.1.0';
 
@@ -896,7 +899,9 @@ export class Subscription extends Emitter {
     /** 'unsubscribed' | 'subscribing' | 'subscribed' */
     this.state = 'unsubscribed';
     this._client = client;
-    this._options = { token: '', getToken: null, joinLeave: false, recover: true, data: undefined, ...options };
+    this._options = { token: '', getToken: null, joinLeave: false, recover: true, data: undefined, delta: '', ...options };
+    this._delta = false; // the server agreed to send deltas
+    this._deltaBase = null; // the bytes of the last publication, which the next delta applies to
     this._token = this._options.token || '';
     this._epoch = 0; // bumped on every state change: stale replies and tokens check it
     this._attempt = 0;
@@ -999,6 +1004,7 @@ export class Subscription extends Emitter {
     if (this._token) params.token = this._token;
     if (this._options.data !== undefined) params.data = this._options.data;
     if (this._options.joinLeave) params.join_leave = true;
+    if (this._options.delta) params.delta = this._options.delta;
     if (this._options.recover && this._recoverable) {
       params.recover = true;
       params.epoch = this._streamEpoch;
@@ -1065,6 +1071,8 @@ export class Subscription extends Emitter {
     if (!recovered || streamEpoch !== this._streamEpoch) this._offset = 0;
     this._recoverable = !!result.recoverable;
     this._streamEpoch = streamEpoch;
+    this._delta = !!result.delta;
+    this._deltaBase = null; // the server makes deltas only from what this reply or later sends
     const buffered = this._buffered;
     this._buffered = [];
     this._setState('subscribed');
@@ -1097,10 +1105,25 @@ export class Subscription extends Emitter {
 
   _deliver(pub) {
     const offset = pub.offset ?? 0;
-    if (offset > 0) {
-      if (offset <= this._offset) return; // a duplicate
-      this._offset = offset;
+    if (offset > 0 && offset <= this._offset) return; // a duplicate
+    if (this._delta) {
+      // Data is a JSON string: the publication's JSON, or a delta from the last one's bytes.
+      try {
+        const bytes = pub.delta
+          ? applyFossilDelta(this._deltaBase ?? new Uint8Array(0), utf8.encode(pub.data))
+          : utf8.encode(pub.data);
+        pub = { ...pub, data: JSON.parse(utf8decoder.decode(bytes)) };
+        delete pub.delta;
+        this._deltaBase = bytes;
+      } catch (error) {
+        // Not rebuilt: subscribe again from the last position; the server then sends whole.
+        this._emit('error', { channel: this.channel, type: 'delta', error });
+        this._client._sendCall('unsubscribe', { channel: this.channel }).catch(() => {});
+        this._serverUnsubscribe(2500, 'delta not applied');
+        return;
+      }
     }
+    if (offset > 0) this._offset = offset;
     this._emit('publication', publicationContext(this.channel, pub));
   }
 
@@ -1142,6 +1165,66 @@ export class Subscription extends Emitter {
         else this._scheduleRefresh(Math.max(1, ttl / 2)); // try again before it runs out
       });
     }, Math.max(0, ms - Math.min(10000, ms / 5)));
+  }
+}
+
+const utf8 = new TextEncoder();
+const utf8decoder = new TextDecoder('utf-8', { fatal: true });
+
+/** Values of the base-64 digits of Fossil deltas: 0-9 A-Z _ a-z ~. */
+const FOSSIL_DIGITS = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~';
+const FOSSIL_VALUES = new Map([...FOSSIL_DIGITS].map((digit, value) => [digit.charCodeAt(0), value]));
+
+/** Fossil's checksum: the sum (mod 2^32) of the bytes as big-endian 32-bit words, zero-padded. */
+function fossilChecksum(bytes) {
+  let sum = 0;
+  for (let i = 0; i < bytes.length; i += 4) {
+    const word = ((bytes[i] << 24) | ((bytes[i + 1] ?? 0) << 16) | ((bytes[i + 2] ?? 0) << 8) | (bytes[i + 3] ?? 0)) >>> 0;
+    sum = (sum + word) >>> 0;
+  }
+  return sum;
+}
+
+/**
+ * The target a Fossil delta describes, from the source it was made from (both Uint8Array):
+ * `LEN\n`, then copies `CNT@OFS,` and inserts `CNT:BYTES`, then `CHECKSUM;`. Throws on a delta
+ * that does not apply to this source.
+ */
+export function applyFossilDelta(source, delta) {
+  let at = 0;
+  const int = () => {
+    let value = 0;
+    const start = at;
+    while (at < delta.length && FOSSIL_VALUES.has(delta[at])) value = value * 64 + FOSSIL_VALUES.get(delta[at++]);
+    if (at === start || value > 0xffffffff) throw new Error('bad delta: a number');
+    return value;
+  };
+  const char = () => (at < delta.length ? String.fromCharCode(delta[at++]) : '');
+  const length = int();
+  if (char() !== '\n') throw new Error('bad delta: no length');
+  const out = new Uint8Array(length);
+  let written = 0;
+  for (;;) {
+    const count = int();
+    const op = char();
+    if (op === '@') {
+      const offset = int();
+      if (char() !== ',') throw new Error('bad delta: a copy');
+      if (offset + count > source.length || written + count > length) throw new Error('bad delta: a copy out of range');
+      out.set(source.subarray(offset, offset + count), written);
+      written += count;
+    } else if (op === ':') {
+      if (at + count > delta.length || written + count > length) throw new Error('bad delta: an insert out of range');
+      out.set(delta.subarray(at, at + count), written);
+      at += count;
+      written += count;
+    } else if (op === ';') {
+      if (written !== length) throw new Error('bad delta: wrong length');
+      if (count !== fossilChecksum(out)) throw new Error('bad delta: wrong checksum');
+      return out;
+    } else {
+      throw new Error('bad delta: unknown command');
+    }
   }
 }
 

@@ -1,14 +1,36 @@
 //! Delta compression (`delta: "fossil"` in a subscribe request), as Centrifugo's SDKs ask for
 //! it: negotiated only where the namespace allows it, whole publications where the client
 //! cannot hold the previous one, Fossil deltas from it otherwise, in JSON and in Protobuf.
+//! (Not in the built-in `quotes` namespace, which allows deltas too: its demo publisher would
+//! add publications of its own.)
 
+use plexus_core::{ChannelOptions, Namespaces};
 use plexus_protocol::client::{self as proto, ReplyBody, Request};
 use plexus_protocol::fossil;
+use plexus_server::Config;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::protobuf::{call, next_publication};
 use crate::util::*;
+
+/// A server with the namespace `prices`: history and recovery, deltas allowed.
+async fn server() -> plexus_server::ServerHandle {
+    let mut namespaces = Namespaces::default();
+    namespaces.insert(
+        "prices",
+        ChannelOptions {
+            fossil_delta: true,
+            allow_subscribe_for_anonymous: true,
+            ..ChannelOptions::quotes()
+        },
+    );
+    start(Config {
+        namespaces,
+        ..Config::for_tests()
+    })
+    .await
+}
 
 /// A quote as a dashboard would publish it: a document whose every version is much like the
 /// one before.
@@ -57,8 +79,8 @@ fn rebuild(publication: &Value, base: &[u8]) -> (Value, Vec<u8>) {
 
 #[tokio::test]
 async fn json_subscribers_get_deltas_where_they_asked_and_the_namespace_allows() {
-    let server = start_default().await;
-    let channel = "quotes:btc";
+    let server = server().await;
+    let channel = "prices:btc";
     let (mut delta, _) = native(&server, "ann").await;
     let (mut plain, _) = native(&server, "bob").await;
     let reply = command(
@@ -107,8 +129,8 @@ async fn json_subscribers_get_deltas_where_they_asked_and_the_namespace_allows()
 
 #[tokio::test]
 async fn a_recovering_delta_subscriber_continues_from_the_last_recovered_publication() {
-    let server = start_default().await;
-    let channel = "quotes:eth";
+    let server = server().await;
+    let channel = "prices:eth";
     let top = publish(&server, channel, &quote(3_000)).await;
     let epoch = api_result(&server, "history", json!({"channel": channel, "limit": 0})).await
         ["epoch"]
@@ -169,10 +191,10 @@ async fn a_recovering_delta_subscriber_continues_from_the_last_recovered_publica
 
 #[tokio::test]
 async fn deltas_are_not_negotiated_where_the_namespace_does_not_allow_them() {
-    let server = start_default().await;
+    let server = server().await;
     let (mut socket, _) = native(&server, "ann").await;
     // chat keeps history but allows no deltas; "xdelta" is no kind Plexus knows.
-    for (id, channel, kind) in [(2, "chat:lobby", "fossil"), (3, "quotes:sol", "xdelta")] {
+    for (id, channel, kind) in [(2, "chat:lobby", "fossil"), (3, "prices:sol", "xdelta")] {
         let reply = command(
             &mut socket,
             id,
@@ -190,8 +212,8 @@ async fn deltas_are_not_negotiated_where_the_namespace_does_not_allow_them() {
 /// A Protobuf client, where data and deltas are bytes.
 #[tokio::test]
 async fn protobuf_subscribers_get_deltas_as_bytes() {
-    let server = start_default().await;
-    let channel = "quotes:doge";
+    let server = server().await;
+    let channel = "prices:doge";
     let url = format!("ws://{}/connection/websocket", server.http_addr());
     let mut request = url.into_client_request().unwrap();
     request.headers_mut().insert(
