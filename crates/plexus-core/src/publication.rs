@@ -61,9 +61,13 @@ pub enum Encoding {
     WebSocketProtobufDeltaDeflated = 16,
     /// The same, unframed.
     ProtobufDelta = 17,
+    /// Not an encoding: the data of the publication the delta encodings above were made from
+    /// (the one before), so that a subscriber holding another one (of another epoch) is not
+    /// sent them.
+    DeltaBase = 18,
 }
 
-const N_ENCODINGS: usize = 18;
+const N_ENCODINGS: usize = 19;
 
 /// Encodings a delivery keeps in place; most are sent in one or two.
 const INLINE: usize = 4;
@@ -96,8 +100,8 @@ impl Clone for Slot {
     }
 }
 
-/// Cached encodings of one delivery: 208 bytes, where one slot for each of the eighteen
-/// encodings would take 720 (and a publication in history keeps its cache).
+/// Cached encodings of one delivery: 208 bytes, where one slot for each of the nineteen
+/// encodings would take 760 (and a publication in history keeps its cache).
 ///
 /// An encoding first claims a slot (an atomic tag), then makes its bytes in it: so threads
 /// wanting the same encoding wait for one maker, while one wanting another encoding never

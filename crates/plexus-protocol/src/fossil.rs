@@ -68,10 +68,15 @@ pub fn apply(source: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
     if reader.byte() != Some(b'\n') {
         return Err(DeltaError("the length is not followed by a newline"));
     }
-    let mut out = Vec::with_capacity(len.min(1 << 24) as usize);
+    // Grown as commands add to it, each checked against the announced length first.
+    let mut out = Vec::with_capacity(len.min(1 << 16) as usize);
     loop {
         let count = reader.int()?;
-        match reader.byte() {
+        let op = reader.byte();
+        if matches!(op, Some(b'@' | b':')) && out.len() as u64 + count > len {
+            return Err(DeltaError("the target is longer than announced"));
+        }
+        match op {
             Some(b'@') => {
                 let offset = reader.int()?;
                 if reader.byte() != Some(b',') {
@@ -103,9 +108,6 @@ pub fn apply(source: &[u8], delta: &[u8]) -> Result<Vec<u8>, DeltaError> {
             }
             Some(_) => return Err(DeltaError("unknown command")),
             None => return Err(DeltaError("the delta ends without a checksum")),
-        }
-        if out.len() as u64 > len {
-            return Err(DeltaError("the target is longer than announced"));
         }
     }
 }
@@ -543,6 +545,8 @@ mod tests {
             b"3\n3?0,",
             b"2\n3:abc0;",
             b"zzzzzzzzzzzz\n",
+            b"3\n4:abcd0;",
+            b"2\n3@0,0;",
         ] {
             assert!(
                 apply(source, bad).is_err(),

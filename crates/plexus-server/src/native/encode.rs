@@ -159,9 +159,18 @@ pub(crate) fn delta_or_whole(
     publication
 }
 
+/// Data longer than this goes whole: a delta of it would hold a runtime worker for
+/// milliseconds.
+const MAX_DELTA_DATA: usize = 256 * 1024;
+
 /// `base`, if it is the publication just before `p`: what a delta may be made from.
 fn follows<'a>(p: &Publication, base: Option<&'a Publication>) -> Option<&'a Publication> {
-    base.filter(|base| base.offset > 0 && base.offset + 1 == p.offset)
+    base.filter(|base| {
+        base.offset > 0
+            && base.offset + 1 == p.offset
+            && base.data.len() <= MAX_DELTA_DATA
+            && p.data.len() <= MAX_DELTA_DATA
+    })
 }
 
 /// The JSON text of a publication's data for a JSON client.
@@ -182,7 +191,13 @@ pub(crate) fn delta_publication(
     framed: bool,
     deflate: bool,
 ) -> Bytes {
-    let base = follows(p, base);
+    // The delta encodings are cached for the base of the first subscriber to ask: one holding
+    // other data at that offset (another epoch's) gets the publication whole.
+    let base = follows(p, base).filter(|base| {
+        let made_from = p.encoded(Encoding::DeltaBase, |_| base.data.clone());
+        made_from.as_ptr() == base.data.as_ptr() && made_from.len() == base.data.len()
+            || *made_from == base.data
+    });
     let encoding = match (format, base.is_some(), framed, deflate) {
         (Format::Protobuf, false, true, _) => return publication_frame(p, format, deflate).clone(),
         (Format::Protobuf, false, false, _) => return publication_message(p, format),
@@ -259,6 +274,112 @@ mod tests {
         check(Protobuf, Binary, &[0, 1, 2], &[0, 1, 2]);
         check(Protobuf, Text, b"hello", b"hello");
         check(Protobuf, Text, br#"{"a":1}"#, br#"{"a":1}"#);
+    }
+
+    fn quote(offset: u64, price: u32) -> Publication {
+        let data =
+            format!(r#"{{"symbol":"BTC","venue":"plexus","price":{price},"volume":1234567}}"#);
+        let mut publication = Publication::new("p:x".into(), MessageKind::Text, data.into(), None);
+        publication.offset = offset;
+        publication
+    }
+
+    /// The `pub` object of a JSON push.
+    fn pushed(push: &Bytes) -> serde_json::Value {
+        let push: serde_json::Value = serde_json::from_slice(push).unwrap();
+        push["push"]["pub"].clone()
+    }
+
+    #[test]
+    fn deltas_only_from_the_base_they_were_made_from() {
+        let next = quote(6, 50_017);
+        // Two subscribers at offset 5 holding different data (another epoch's, say).
+        let (base, other) = (quote(5, 50_000), quote(5, 1));
+        let first = pushed(&delta_publication(
+            &next,
+            Some(&base),
+            Format::Json,
+            false,
+            false,
+        ));
+        assert_eq!(first["delta"], true, "{first}");
+        let delta = first["data"].as_str().unwrap();
+        let rebuilt = plexus_protocol::fossil::apply(&base.data, delta.as_bytes()).unwrap();
+        assert_eq!(rebuilt, next.data);
+        // The other is not sent the cached delta, which would not apply to what it holds.
+        let second = pushed(&delta_publication(
+            &next,
+            Some(&other),
+            Format::Json,
+            false,
+            false,
+        ));
+        assert!(second.get("delta").is_none(), "{second}");
+        assert_eq!(second["data"].as_str().unwrap().as_bytes(), next.data);
+        // A copy of the first base's data is the same base.
+        let copy = quote(5, 50_000);
+        let third = pushed(&delta_publication(
+            &next,
+            Some(&copy),
+            Format::Json,
+            false,
+            false,
+        ));
+        assert_eq!(third, first);
+        // Not the publication just before, or none: whole.
+        for base in [None, Some(quote(4, 50_000)), Some(quote(0, 50_000))] {
+            let whole = pushed(&delta_publication(
+                &next,
+                base.as_ref(),
+                Format::Json,
+                false,
+                false,
+            ));
+            assert!(whole.get("delta").is_none(), "{whole}");
+        }
+    }
+
+    #[test]
+    fn non_json_data_goes_as_the_json_string_a_client_would_get() {
+        // Text that is not JSON, and bytes, reach JSON clients as JSON strings: the whole
+        // publication is that JSON text, itself in a string, and the delta rebuilds it.
+        let text = |offset, body: &str| {
+            let mut p = Publication::new(
+                "p:x".into(),
+                MessageKind::Text,
+                body.to_owned().into(),
+                None,
+            );
+            p.offset = offset;
+            p
+        };
+        let (base, next) = (
+            text(1, "status: all systems nominal, 42 nodes"),
+            text(2, "status: all systems nominal, 43 nodes"),
+        );
+        let whole = pushed(&delta_publication(&base, None, Format::Json, false, false));
+        let held = whole["data"].as_str().unwrap().to_owned();
+        assert_eq!(
+            serde_json::from_str::<String>(&held).unwrap(),
+            "status: all systems nominal, 42 nodes"
+        );
+        let delta = pushed(&delta_publication(
+            &next,
+            Some(&base),
+            Format::Json,
+            false,
+            false,
+        ));
+        assert_eq!(delta["delta"], true, "{delta}");
+        let rebuilt = plexus_protocol::fossil::apply(
+            held.as_bytes(),
+            delta["data"].as_str().unwrap().as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<String>(&rebuilt).unwrap(),
+            "status: all systems nominal, 43 nodes"
+        );
     }
 
     #[test]

@@ -124,7 +124,32 @@ async fn json_subscribers_get_deltas_where_they_asked_and_the_namespace_allows()
     publish(&server, channel, &other).await;
     let publication = next_pub(&mut delta, channel).await;
     assert!(publication.get("delta").is_none(), "{publication}");
-    assert_eq!(rebuild(&publication, &base).0, other);
+    let (data, mut base) = rebuild(&publication, &base);
+    assert_eq!(data, other);
+
+    // A publication outside history has no offset to chain by: it goes whole, so does the
+    // next (the client holds one without an offset), and deltas resume after that.
+    let result = api_result(
+        &server,
+        "publish",
+        json!({"channel": channel, "data": quote(1_001), "skip_history": true}),
+    )
+    .await;
+    assert!(result.get("offset").is_none(), "{result}");
+    for (price, is_delta) in [(1_001, false), (1_002, false), (1_003, true)] {
+        if price > 1_001 {
+            publish(&server, channel, &quote(price)).await;
+        }
+        let publication = next_pub(&mut delta, channel).await;
+        assert_eq!(
+            publication.get("delta").is_some(),
+            is_delta,
+            "{publication}"
+        );
+        let (data, bytes) = rebuild(&publication, &base);
+        assert_eq!(data, quote(price));
+        base = bytes;
+    }
 }
 
 #[tokio::test]
