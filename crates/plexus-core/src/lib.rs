@@ -38,6 +38,7 @@ pub use memory::{new_epoch, MemoryEngine};
 pub use node::{recovery_is_complete, Node, PublishError, SubscribeError, Subscription};
 pub use options::{
     allowed_users, user_may_subscribe, ChannelError, ChannelOptions, Namespaces, RecoveryMode,
+    MAX_CHANNEL_LEN,
 };
 pub use outbox::{Control, Delivery, DirectWriter, Outbox, OutboxState};
 pub use plexus_protocol::ws::MessageKind;

@@ -9,6 +9,9 @@
 //!   so subscribers see them in offset order and only once they would survive a crash (`kill -9`
 //!   included). Presence, join/leave and channels without history are handled in memory, as one
 //!   node needs nothing else.
+//! - The outcomes of idempotent publishes (the API's `idempotency_key`) are kept in memory and,
+//!   for a restart, in the log too: as entries of a stream of their own ([`keys_stream`]) that
+//!   the log keeps for the record's window, checkpoints and replays like any other.
 //!
 //! It does not do cross-node delivery: for several nodes use a broker engine (Redis, NATS).
 
@@ -16,13 +19,16 @@ pub mod log;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use plexus_core::idempotency::{self, LocalClaims};
 
 use plexus_core::{
     BoxFuture, ClientDescriptor, Deliver, Delivery, Engine, EngineError, EngineMetric, HistoryPage,
-    HistoryQuery, HistoryRetention, Membership, MemoryEngine, NodeCommand, Publication,
-    StreamPosition,
+    HistoryQuery, HistoryRetention, Membership, MemoryEngine, MessageKind, NodeCommand,
+    Publication, StreamPosition, MAX_CHANNEL_LEN,
 };
 
 pub use log::{DurableLog, Entry, LogError, LogOptions, LogStats, OnCommit, Payload, Retention};
@@ -34,6 +40,53 @@ pub struct EmbeddedEngine {
     /// Each append carries its publication to `on_commit`, which delivers it.
     log: DurableLog<Arc<Publication>>,
     memory: MemoryEngine,
+    /// Idempotency records, as read from [`keys_stream`] at open and recorded since.
+    claims: LocalClaims,
+    /// [`keys_stream`].
+    keys: Arc<str>,
+}
+
+/// The log's stream of idempotency records: a name longer than any channel's
+/// ([`MAX_CHANNEL_LEN`]), so that no publication can go into it.
+pub fn keys_stream() -> Arc<str> {
+    let name = format!(
+        "{:~<1$}",
+        "~plexus/idempotency-records",
+        MAX_CHANNEL_LEN + 1
+    );
+    name.into()
+}
+
+/// An idempotency record as an entry of [`keys_stream`]: when it ends (Unix milliseconds, u64
+/// big-endian), the channel and the key (each a u32 big-endian length and its bytes), then the
+/// record.
+fn key_entry(ends_ms: u64, channel: &str, key: &str, record: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(16 + channel.len() + key.len() + record.len());
+    out.put_u64(ends_ms);
+    for part in [channel, key] {
+        out.put_u32(part.len() as u32);
+        out.put_slice(part.as_bytes());
+    }
+    out.put_slice(record);
+    out.freeze()
+}
+
+/// When a [`key_entry`] ends, its channel, key and record; `None` if it is not one.
+fn parse_key_entry(mut entry: Bytes) -> Option<(u64, String, String, Bytes)> {
+    let ends_ms = (entry.remaining() >= 8).then(|| entry.get_u64())?;
+    let mut part = || {
+        let len = (entry.remaining() >= 4).then(|| entry.get_u32() as usize)?;
+        let bytes = (entry.remaining() >= len).then(|| entry.split_to(len))?;
+        String::from_utf8(bytes.to_vec()).ok()
+    };
+    let (channel, key) = (part()?, part()?);
+    Some((ends_ms, channel, key, entry))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 impl std::fmt::Debug for EmbeddedEngine {
@@ -73,17 +126,38 @@ impl EmbeddedEngine {
     /// `deliver`.
     pub fn open(dir: &Path, deliver: Arc<dyn Deliver>) -> Result<EmbeddedEngine, LogError> {
         let on_commit_deliver = deliver.clone();
+        let keys = keys_stream();
         let on_commit: OnCommit<Arc<Publication>> =
-            Arc::new(move |_channel, position, publication| {
+            Arc::new(move |channel, position, publication| {
+                if channel.len() > MAX_CHANNEL_LEN {
+                    return; // an idempotency record: nobody subscribes to it
+                }
                 // Made by the publisher and not shared yet, so the offset is set in place (no
                 // copy): the writer thread allocates nothing to deliver it.
                 Arc::make_mut(publication).offset = position.offset;
                 on_commit_deliver.deliver(Delivery::Publication(publication.clone()))
             });
         let log = DurableLog::open(dir, on_commit)?;
+        // The records kept before, each for the rest of its window.
+        let claims = LocalClaims::default();
+        let now = now_ms();
+        for entry in log.existing(&keys).unwrap_or_default() {
+            let Ok(stored) = Publication::from_stored(keys.clone(), entry.offset, entry.data)
+            else {
+                continue;
+            };
+            let Some((ends, channel, key, record)) = parse_key_entry(stored.data) else {
+                continue;
+            };
+            if ends > now {
+                claims.record(&channel, &key, record, Duration::from_millis(ends - now));
+            }
+        }
         Ok(EmbeddedEngine {
             log,
             memory: MemoryEngine::new(deliver),
+            claims,
+            keys,
         })
     }
 
@@ -139,7 +213,11 @@ impl Engine for EmbeddedEngine {
             EngineMetric::gauge(
                 "history_streams",
                 "Channels with a history stream",
-                stats.streams as f64,
+                // Not the stream of idempotency records.
+                stats
+                    .streams
+                    .saturating_sub(u64::from(self.log.has_stream(&self.keys)))
+                    as f64,
             ),
             EngineMetric::counter(
                 "history_checkpoints",
@@ -250,27 +328,47 @@ impl Engine for EmbeddedEngine {
         self.memory.command(command)
     }
 
-    // Idempotency records are kept in memory, as presence is: a restart forgets them.
+    // Claims are kept in memory (a restart ends them, as it ends the publish they stand for);
+    // records in memory and, for a restart, in the log.
     fn claim(
         &self,
         channel: &str,
         key: &str,
-        ttl: std::time::Duration,
+        ttl: Duration,
     ) -> BoxFuture<Result<plexus_core::idempotency::Claim, EngineError>> {
-        self.memory.claim(channel, key, ttl)
+        Box::pin(std::future::ready(Ok(self.claims.claim(channel, key, ttl))))
     }
 
     fn record(
         &self,
         channel: &str,
         key: &str,
-        record: bytes::Bytes,
-        ttl: std::time::Duration,
+        record: Bytes,
+        ttl: Duration,
     ) -> BoxFuture<Result<(), EngineError>> {
-        self.memory.record(channel, key, record, ttl)
+        self.claims.record(channel, key, record.clone(), ttl);
+        let ends_ms = now_ms().saturating_add(ttl.as_millis() as u64);
+        let entry = Publication::new(
+            self.keys.clone(),
+            MessageKind::Binary,
+            key_entry(ends_ms, channel, key, &record),
+            None,
+        );
+        // The log drops entries by age: kept as long as the longest window, and each read
+        // back only until its own end.
+        let appended = self.log.append(
+            entry.channel.clone(),
+            Arc::new(entry),
+            Retention {
+                max_len: usize::MAX,
+                ttl: ttl.max(idempotency::WINDOW),
+            },
+        );
+        Box::pin(async move { appended.await.map(drop).map_err(unavailable) })
     }
 
     fn release(&self, channel: &str, key: &str) -> BoxFuture<Result<(), EngineError>> {
-        self.memory.release(channel, key)
+        self.claims.release(channel, key);
+        Box::pin(std::future::ready(Ok(())))
     }
 }

@@ -540,6 +540,18 @@ impl<T: Payload> DurableLog<T> {
         Ok(read(&read_lock(&self.shared.streams)).unwrap_or((Vec::new(), position)))
     }
 
+    /// Whether `channel` has a stream.
+    pub fn has_stream(&self, channel: &str) -> bool {
+        read_lock(&self.shared.streams).contains_key(channel)
+    }
+
+    /// Retained entries of `channel`, oldest first, if it has a stream (none is created).
+    pub fn existing(&self, channel: &str) -> Option<Vec<Entry>> {
+        read_lock(&self.shared.streams)
+            .get(channel)
+            .map(|stream| stream.read(None, usize::MAX, false, now_ms()))
+    }
+
     /// Current position of `channel`. An unknown channel is created (see the module docs).
     pub fn top(&self, channel: &str) -> Result<StreamPosition, LogError> {
         if let Some(stream) = read_lock(&self.shared.streams).get(channel) {

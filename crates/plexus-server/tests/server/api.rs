@@ -272,6 +272,58 @@ async fn tags_reach_subscribers_and_history() {
     assert_eq!(status, 400, "{reply}");
 }
 
+/// With the durable engine a retry sent after a restart (the publish may have been made just
+/// before the crash that lost its answer) is still recognised: the outcome is in the log.
+#[tokio::test]
+async fn idempotency_keys_outlive_a_restart_of_the_durable_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || plexus_server::Config {
+        engine: plexus_server::config::EngineKind::Embedded,
+        data_dir: dir.path().to_path_buf(),
+        ..plexus_server::Config::for_tests()
+    };
+    let publish = |channel: &str, key: &str| json!({"channel": channel, "data": {"order": 7}, "idempotency_key": key});
+    let server = start(config()).await;
+    let first = result(&server, "publish", publish("chat:orders", "order-7")).await;
+    assert_eq!(first["offset"], 1, "{first}");
+    // No history, no position: the record says so.
+    let unkept = result(&server, "publish", publish("plain", "order-7")).await;
+    assert_eq!(unkept, json!({}));
+    server.shutdown().await;
+
+    let server = start(config()).await;
+    let retry = result(&server, "publish", publish("chat:orders", "order-7")).await;
+    assert_eq!(
+        retry, first,
+        "the first publish's result, after the restart"
+    );
+    assert_eq!(
+        result(&server, "publish", publish("plain", "order-7")).await,
+        json!({})
+    );
+    let history = result(
+        &server,
+        "history",
+        json!({"channel": "chat:orders", "limit": -1}),
+    )
+    .await;
+    assert_eq!(
+        history["publications"].as_array().map(Vec::len),
+        Some(1),
+        "published once: {history}"
+    );
+    // Another key publishes.
+    let next = result(&server, "publish", publish("chat:orders", "order-8")).await;
+    assert_eq!(next["offset"], 2, "{next}");
+    let metrics = server.metrics_text();
+    assert_eq!(
+        crate::operations::metric(&metrics, "plexus_history_streams"),
+        Some(1.0),
+        "the records' own stream is not a channel's: {metrics}"
+    );
+    server.shutdown().await;
+}
+
 /// `idempotency_key`: a retry with the same key answers the first publish's position and
 /// publishes nothing, concurrent ones included; other keys and channels are independent; a
 /// broadcast uses the key per channel.

@@ -329,7 +329,7 @@ async fn metrics_of_the_memory_engine() {
 }
 
 /// The value of an unlabelled metric in a Prometheus text exposition.
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| {
         let (key, value) = line.split_once(' ')?;
         (key == name).then(|| value.trim().parse().ok())?
