@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use plexus_protocol::client::{
-    ConnectRequest, Format, Push, PushBody, RefreshRequest, Reply, ReplyBody, Request,
-    SubscribeRequest, UnsubscribeRequest, PROTOBUF_SUBPROTOCOL,
+    ConnectRequest, Format, Payload, Publication, Push, PushBody, RefreshRequest, Reply, ReplyBody,
+    Request, SubscribeRequest, UnsubscribeRequest, PROTOBUF_SUBPROTOCOL,
 };
+use plexus_protocol::fossil;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -39,6 +40,8 @@ pub(crate) enum Command {
     Subscribe {
         channel: String,
         id: u64,
+        /// Ask for delta compression.
+        delta: bool,
         events: mpsc::UnboundedSender<SubscriptionEvent>,
         reply: oneshot::Sender<Result<(), Error>>,
     },
@@ -82,6 +85,11 @@ struct Sub {
     requested: bool,
     /// Refused for now (a temporary error): ask again then.
     retry_at: Option<Instant>,
+    /// Delta compression: asked for, and the server's answer on this connection.
+    delta: bool,
+    delta_agreed: bool,
+    /// With deltas: the data of the last publication, which the next delta applies to.
+    delta_base: Option<Vec<u8>>,
 }
 
 /// How a connection ended.
@@ -246,10 +254,11 @@ impl Driver {
             Command::Subscribe {
                 channel,
                 id,
+                delta,
                 events,
                 reply,
             } => {
-                self.add_sub(channel, id, events, reply);
+                self.add_sub(channel, id, delta, events, reply);
             }
             Command::Unsubscribe { channel, id } => {
                 self.forget(&channel, id);
@@ -265,6 +274,7 @@ impl Driver {
         &mut self,
         channel: String,
         id: u64,
+        delta: bool,
         events: mpsc::UnboundedSender<SubscriptionEvent>,
         reply: oneshot::Sender<Result<(), Error>>,
     ) -> Option<bool> {
@@ -287,6 +297,9 @@ impl Driver {
             first: Some(reply),
             requested: false,
             retry_at: None,
+            delta,
+            delta_agreed: false,
+            delta_base: None,
         };
         self.subs.insert(channel, sub);
         Some(replaced_requested)
@@ -493,10 +506,11 @@ impl Driver {
             Command::Subscribe {
                 channel,
                 id,
+                delta,
                 events,
                 reply,
             } => {
-                let added = self.add_sub(channel.clone(), id, events, reply);
+                let added = self.add_sub(channel.clone(), id, delta, events, reply);
                 if let (Some(replaced_requested), true) = (added, connection.connected) {
                     if replaced_requested {
                         unsubscribe(&channel, connection);
@@ -663,20 +677,36 @@ impl Driver {
         if let Some(first) = sub.first.take() {
             let _ = first.send(Ok(()));
         }
+        sub.delta_agreed = result.delta;
+        // The server makes deltas only from what this answer, or a later push, carries.
+        sub.delta_base = None;
         let mut delivered = sub
             .events
             .send(SubscriptionEvent::Subscribed {
                 recovered: result.recovered,
                 was_recovering: result.was_recovering,
+                delta: result.delta,
             })
             .is_ok();
+        let previous = sub.position.take();
         let mut top = result.offset;
         for publication in result.publications {
-            top = top.max(publication.offset);
+            let offset = publication.offset;
+            let Some(publication) = undelta(sub, publication, connection.format) else {
+                // Not rebuilt: ask again from the last publication delivered.
+                sub.position = result.recoverable.then_some((result.epoch, top));
+                if sub.position.is_none() {
+                    sub.position = previous;
+                }
+                unsubscribe(channel, connection);
+                resubscribe(channel, sub, connection);
+                return;
+            };
             delivered &= sub
                 .events
                 .send(SubscriptionEvent::Publication(publication))
                 .is_ok();
+            top = top.max(offset);
         }
         sub.position = result.recoverable.then_some((result.epoch, top));
         if !delivered {
@@ -707,8 +737,15 @@ impl Driver {
         }
         let event = match push.body {
             PushBody::Publication(publication) => {
-                if let Some((_, offset)) = &mut sub.position {
-                    *offset = (*offset).max(publication.offset);
+                let offset = publication.offset;
+                let Some(publication) = undelta(sub, publication, connection.format) else {
+                    // Not rebuilt: ask again from the last publication delivered.
+                    unsubscribe(&push.channel, connection);
+                    resubscribe(&push.channel, sub, connection);
+                    return Ok(());
+                };
+                if let Some((_, last)) = &mut sub.position {
+                    *last = (*last).max(offset);
                 }
                 SubscriptionEvent::Publication(publication)
             }
@@ -735,6 +772,34 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// A publication of a subscription with delta compression as published: its data rebuilt from
+/// the delta and the previous publication, or (a whole one) taken out of the JSON string a JSON
+/// connection gets it in. `None` if it cannot be (a delta that does not apply).
+fn undelta(sub: &mut Sub, mut publication: Publication, format: Format) -> Option<Publication> {
+    if !sub.delta_agreed {
+        return Some(publication);
+    }
+    let data = publication
+        .data
+        .take()
+        .unwrap_or_else(|| Payload::new(Vec::new()));
+    let carried: Vec<u8> = match format {
+        Format::Json => serde_json::from_slice::<String>(data.as_bytes())
+            .ok()?
+            .into_bytes(),
+        Format::Protobuf => data.as_bytes().to_vec(),
+    };
+    let bytes = if publication.delta {
+        fossil::apply(sub.delta_base.as_deref().unwrap_or_default(), &carried).ok()?
+    } else {
+        carried
+    };
+    publication.data = Some(Payload::new(bytes.clone()));
+    publication.delta = false;
+    sub.delta_base = Some(bytes);
+    Some(publication)
 }
 
 /// Tells the server this client no longer wants `channel`.
@@ -767,6 +832,11 @@ fn resubscribe(channel: &str, sub: &mut Sub, connection: &mut Connection) {
         recover,
         epoch,
         offset,
+        delta: if sub.delta {
+            "fossil".into()
+        } else {
+            String::new()
+        },
         ..SubscribeRequest::default()
     });
     sub.requested = true;

@@ -173,6 +173,10 @@ pub enum SubscriptionEvent {
     Subscribed {
         recovered: bool,
         was_recovering: bool,
+        /// Publications come as deltas ([`Client::subscribe_with_delta`] in a namespace that
+        /// allows them); they are rebuilt before they are handed over, so this changes nothing
+        /// for the caller but the bytes on the wire.
+        delta: bool,
     },
     Publication(Publication),
     /// Someone subscribed (channels with join/leave).
@@ -235,6 +239,17 @@ impl Client {
     /// Subscribes to `channel`; resolves once the server accepted. The subscription is
     /// renewed after every reconnect until it is dropped or unsubscribed.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, Error> {
+        self.subscribe_as(channel, false).await
+    }
+
+    /// [`Client::subscribe`] with delta compression (`delta: "fossil"`): where the namespace
+    /// allows it, each publication travels as a Fossil delta from the one before and is
+    /// rebuilt here; elsewhere publications come whole, as with `subscribe`.
+    pub async fn subscribe_with_delta(&self, channel: &str) -> Result<Subscription, Error> {
+        self.subscribe_as(channel, true).await
+    }
+
+    async fn subscribe_as(&self, channel: &str, delta: bool) -> Result<Subscription, Error> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -242,6 +257,7 @@ impl Client {
         self.send(Command::Subscribe {
             channel: channel.to_owned(),
             id,
+            delta,
             events: events_tx,
             reply,
         })?;

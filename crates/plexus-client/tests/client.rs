@@ -124,11 +124,79 @@ async fn wait_for_state(client: &Client, wanted: impl Fn(&State) -> bool) -> Sta
 const FIRST: SubscriptionEvent = SubscriptionEvent::Subscribed {
     recovered: false,
     was_recovering: false,
+    delta: false,
 };
 const RECOVERED: SubscriptionEvent = SubscriptionEvent::Subscribed {
     recovered: true,
     was_recovering: true,
+    delta: false,
 };
+
+/// A document much like the one before at every update.
+fn quote(price: u64) -> Value {
+    json!({"symbol": "BTC-USD", "name": "Биткоин", "price": price, "bid": price - 3, "ask": price + 3, "volume": 1_234_567})
+}
+
+/// With `subscribe_with_delta` in a namespace that allows deltas, publications travel as
+/// Fossil deltas and come out whole, live and after a reconnect that recovers, in JSON and in
+/// Protobuf; a plain subscriber beside it gets the same.
+#[tokio::test]
+async fn delta_subscriptions_hand_over_whole_publications() {
+    let mut namespaces = plexus_core::Namespaces::default();
+    namespaces.insert(
+        "prices",
+        plexus_core::ChannelOptions {
+            fossil_delta: true,
+            ..plexus_core::ChannelOptions::quotes()
+        },
+    );
+    let server = Server::bind(Config {
+        namespaces,
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap();
+    for format in [Format::Json, Format::Protobuf] {
+        let channel = format!("prices:{format:?}");
+        let ann = client_in(&server, "ann", format);
+        let bob = client_in(&server, "bob", format);
+        let mut deltas = ann.subscribe_with_delta(&channel).await.unwrap();
+        let mut plain = bob.subscribe(&channel).await.unwrap();
+        let subscribed = |delta| SubscriptionEvent::Subscribed {
+            recovered: false,
+            was_recovering: false,
+            delta,
+        };
+        assert_eq!(next(&mut deltas).await, subscribed(true));
+        assert_eq!(next(&mut plain).await, subscribed(false));
+        for price in 100..105 {
+            publish(&server, &channel, quote(price)).await;
+            assert_eq!(next_data(&mut deltas).await, quote(price), "{format:?}");
+            assert_eq!(next_data(&mut plain).await, quote(price), "{format:?}");
+        }
+        // Away while three are published: recovered, the first whole and deltas after it.
+        let cut = json!({"user": "ann", "disconnect": {"code": 3001, "reason": "test"}});
+        api(&server, "disconnect", cut).await;
+        for price in 200..203 {
+            publish(&server, &channel, quote(price)).await;
+        }
+        assert_eq!(
+            next(&mut deltas).await,
+            SubscriptionEvent::Subscribed {
+                recovered: true,
+                was_recovering: true,
+                delta: true
+            }
+        );
+        for price in 200..203 {
+            assert_eq!(next_data(&mut deltas).await, quote(price), "{format:?}");
+        }
+        publish(&server, &channel, quote(300)).await;
+        assert_eq!(next_data(&mut deltas).await, quote(300), "{format:?}");
+        ann.close().await;
+        bob.close().await;
+    }
+}
 
 #[tokio::test]
 async fn subscribe_publish_history_and_presence() {
