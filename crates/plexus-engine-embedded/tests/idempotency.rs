@@ -43,7 +43,7 @@ async fn records_are_read_back_after_a_restart_until_they_end() {
             "c:1",
             "short",
             Bytes::from_static(b"8:e1"),
-            Duration::from_millis(300),
+            Duration::from_secs(2),
         )
         .await
         .unwrap();
@@ -73,7 +73,7 @@ async fn records_are_read_back_after_a_restart_until_they_end() {
     drop(engine);
 
     // Past its end a record is not read back.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let engine = open(dir.path());
     assert_eq!(
         engine.claim("c:1", "long", pending).await.unwrap(),

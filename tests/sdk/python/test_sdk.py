@@ -160,3 +160,34 @@ async def test_protobuf_client_beside_a_json_client(server, clients, recorder):
     assert history.epoch == api["epoch"]
     stats = await pb_sub.presence_stats()
     assert (stats.num_clients, stats.num_users) == (2, 2)
+
+
+async def test_delta_compression(server, clients, recorder):
+    """delta=FOSSIL: the SDK rebuilds each publication from a Fossil delta Plexus made. In the
+    built-in quotes namespace, which allows deltas; its demo publisher adds prices of its own
+    while the channel is watched, and the deltas chain through them too."""
+    from centrifuge import DeltaType
+
+    channel = "quotes:PYDELTA"
+    ann = Client(server.ws, events=Events(recorder, "ann"), token=token("u1"), proxy=None)
+    clients.append(ann)
+    await ann.connect()
+    sub_events = Events(recorder, "ann/sub")
+    sub = ann.new_subscription(channel, events=sub_events, delta=DeltaType.FOSSIL)
+    await sub.subscribe()
+    await sub.ready(timeout=5)
+
+    def doc(n):
+        return {"kind": "test", "name": "Ёлка", "n": n, "rows": [{"i": i, "v": n * 10 + i} for i in range(8)]}
+
+    for n in range(1, 7):
+        await server.publish(channel, doc(n))
+
+    def ours():
+        return [p.data for p in publications(sub_events) if isinstance(p.data, dict) and p.data.get("kind") == "test"]
+
+    await until(lambda: len(ours()) >= 6, "six publications")
+    assert ours() == [doc(n) for n in range(1, 7)]
+    pushed = [f["push"]["pub"] for f in recorder.received()
+              if "push" in f and "pub" in f["push"] and f["push"].get("channel") == channel]
+    assert sum(1 for p in pushed if p.get("delta")) >= 5, "publications after the first came as deltas"
