@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  Gate, client, collect, once, setup, token, until, watch,
+  Gate, client, collect, once, room, setup, token, until, watch,
 } from './lib/harness.mjs';
 
 const FILE = 'cache';
@@ -19,11 +19,9 @@ force_recovery_mode = "cache"
 allow_subscribe_for_anonymous = true
 `;
 
-const unique = (name) => `${name}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
-
 test('a subscriber gets the latest value first, and only the latest after a reconnect', async (t) => {
   const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
-  const channel = `state:${unique('price')}`;
+  const channel = room('price', 'state');
   for (const price of [101, 102, 103]) await server.publish(channel, { price });
 
   const gate = new Gate();
@@ -72,7 +70,7 @@ test('an empty channel recovers nothing; a client that has the latest gets nothi
   }, gate);
   bob.connect();
   await bob.ready(5_000);
-  const empty = watch(recorder, 'bob', bob.newSubscription(`state:${unique('nothing')}`, { since: {} }));
+  const empty = watch(recorder, 'bob', bob.newSubscription(room('nothing', 'state'), { since: {} }));
   const nothing = collect(empty);
   const subscribed = once(empty, 'subscribed');
   empty.subscribe();
@@ -80,7 +78,7 @@ test('an empty channel recovers nothing; a client that has the latest gets nothi
   assert.equal(ctx.wasRecovering, true, JSON.stringify(ctx));
   assert.equal(ctx.recovered, false, `nothing to give: ${JSON.stringify(ctx)}`);
 
-  const channel = `state:${unique('status')}`;
+  const channel = room('status', 'state');
   await server.publish(channel, { status: 'up' });
   const sub = watch(recorder, 'bob', bob.newSubscription(channel, { since: {} }));
   const seen = collect(sub);

@@ -9,7 +9,7 @@ import { Centrifuge as ProtobufCentrifuge } from 'centrifuge/build/protobuf';
 import { EventSource } from 'eventsource';
 import WebSocket from 'ws';
 import {
-  Gate, client, collect, once, setup, token, until, watch,
+  Gate, client, collect, once, room, setup, token, until, watch,
 } from './lib/harness.mjs';
 
 const FILE = 'delta';
@@ -21,8 +21,6 @@ history_ttl = "1h"
 recover = true
 allowed_delta_types = ["fossil"]
 `;
-
-const unique = (name) => `${name}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
 
 // A document much like the one before at every update, with text that is not ASCII, so that
 // deltas of JSON text must keep whole characters.
@@ -39,7 +37,7 @@ const quote = (price) => ({
 
 test('a delta subscriber rebuilds every publication, live and after a recovering reconnect', async (t) => {
   const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
-  const channel = `prices:${unique('btc')}`;
+  const channel = room('btc', 'prices');
   const gate = new Gate();
   const ann = client(server, recorder, 'ann', {
     token: token('ann'),
@@ -88,7 +86,7 @@ test('a delta subscriber rebuilds every publication, live and after a recovering
 
 test('the Protobuf build rebuilds deltas of bytes', async (t) => {
   const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
-  const channel = `prices:${unique('eth')}`;
+  const channel = room('eth', 'prices');
   const centrifuge = new ProtobufCentrifuge(server.ws, {
     websocket: WebSocket,
     name: 'sdk-test-protobuf-delta',
@@ -114,7 +112,7 @@ test('the Protobuf build rebuilds deltas of bytes', async (t) => {
 for (const transport of ['sse', 'http_stream']) {
   test(`${transport}: the fallback transports carry deltas too`, async (t) => {
     const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
-    const channel = `prices:${unique(transport)}`;
+    const channel = room(transport, 'prices');
     const endpoint = transport === 'sse'
       ? `${server.http}/connection/sse`
       : `${server.http}/connection/http_stream`;
@@ -143,7 +141,7 @@ for (const transport of ['sse', 'http_stream']) {
 
 test('where the namespace allows no deltas the SDK gets whole publications', async (t) => {
   const { recorder, server } = await setup(t, FILE, { config: NAMESPACES });
-  const channel = `chat:${unique('room')}`;
+  const channel = room('delta');
   const ann = client(server, recorder, 'ann', { token: token('ann') });
   const sub = watch(recorder, 'ann', ann.newSubscription(channel, { delta: 'fossil' }));
   const seen = collect(sub);

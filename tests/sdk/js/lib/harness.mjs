@@ -40,9 +40,9 @@ export function freePort() {
   });
 }
 
-/** A unique channel name in the `chat` namespace. */
-export function room(prefix = 'room') {
-  return `chat:${prefix}-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
+/** A unique channel name in the `chat` namespace, or in `namespace`. */
+export function room(prefix = 'room', namespace = 'chat') {
+  return `${namespace}:${prefix}-${process.pid}-${Math.random().toString(36).slice(2, 10)}`;
 }
 
 /** An HS256 connection token. `exp` is absolute Unix seconds; omitted claims are left out. */
