@@ -44,6 +44,9 @@ pub struct ChannelOptions {
     /// `allowed_delta_types`): publications then come as Fossil deltas from the previous one.
     /// Needs history (deltas follow offsets).
     pub fossil_delta: bool,
+    /// Subscribers may pass a tags filter (`tf`, Centrifugo's `allow_tags_filter`) and then
+    /// get only the publications whose tags match it.
+    pub allow_tags_filter: bool,
 }
 
 impl ChannelOptions {
@@ -65,6 +68,7 @@ impl ChannelOptions {
             proxy_subscribe: false,
             proxy_publish: false,
             fossil_delta: false,
+            allow_tags_filter: false,
         }
     }
 
@@ -87,6 +91,7 @@ impl ChannelOptions {
             proxy_subscribe: false,
             proxy_publish: false,
             fossil_delta: false,
+            allow_tags_filter: false,
         }
     }
 

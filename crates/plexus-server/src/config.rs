@@ -290,6 +290,8 @@ pub struct NamespaceSettings {
     pub proxy_publish: Option<bool>,
     /// Delta compression subscribers may ask for: `["fossil"]` or none.
     pub allowed_delta_types: Option<Vec<String>>,
+    /// Subscribers may filter publications by their tags.
+    pub allow_tags_filter: Option<bool>,
 }
 
 /// A configuration that could not be loaded.
@@ -876,6 +878,7 @@ fn namespaces(entries: Vec<NamespaceSettings>) -> Result<Namespaces, ConfigError
                     !types.is_empty()
                 }
             },
+            allow_tags_filter: entry.allow_tags_filter.unwrap_or(base.allow_tags_filter),
         };
         if options.fossil_delta && !options.has_history() {
             return Err(ConfigError::Invalid {

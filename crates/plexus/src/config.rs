@@ -128,6 +128,9 @@ fn summary(config: &Config) -> String {
             if options.gives_fossil_deltas() {
                 traits.push("fossil deltas".to_owned());
             }
+            if options.allow_tags_filter {
+                traits.push("tags filters".to_owned());
+            }
             if options.presence {
                 traits.push("presence".to_owned());
             }

@@ -37,6 +37,7 @@
 
 pub mod codes;
 mod command;
+mod filter;
 mod payload;
 pub mod protobuf;
 mod raw;
@@ -48,6 +49,7 @@ pub use command::{
     encode_command, parse_command, parse_frame, Incoming, ParseError, ParseErrorKind, Request,
     CLIENT_PONG,
 };
+pub use filter::FilterError;
 pub use payload::Payload;
 pub use raw::RawJson;
 pub use reply::{

@@ -324,6 +324,24 @@ mod wire {
         pub join_leave: bool,
         #[prost(string, tag = "12")]
         pub delta: String,
+        #[prost(message, optional, tag = "13")]
+        pub tf: Option<FilterNode>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct FilterNode {
+        #[prost(string, tag = "1")]
+        pub op: String,
+        #[prost(string, tag = "2")]
+        pub key: String,
+        #[prost(string, tag = "3")]
+        pub cmp: String,
+        #[prost(string, tag = "4")]
+        pub val: String,
+        #[prost(string, repeated, tag = "5")]
+        pub vals: Vec<String>,
+        #[prost(message, repeated, tag = "6")]
+        pub nodes: Vec<FilterNode>,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -499,7 +517,7 @@ macro_rules! same_field {
     };
 }
 
-same_field!(u32, u64, i32, bool, String, BTreeMap<String, String>);
+same_field!(u32, u64, i32, bool, String, Vec<String>, BTreeMap<String, String>);
 
 impl Field<Bytes> for Option<Payload> {
     fn to_field(&self) -> Bytes {
@@ -587,8 +605,10 @@ messages! {
     RefreshRequest { token }
     RefreshResult { client, version, expires, ttl }
     SubscribeRequest {
-        channel, token, recover, epoch, offset, data, positioned, recoverable, join_leave, delta
+        channel, token, recover, epoch, offset, data, positioned, recoverable, join_leave, delta,
+        tf
     }
+    FilterNode { op, key, cmp, val, vals, nodes }
     SubscribeResult {
         expires, ttl, recoverable, epoch, publications, recovered, offset, positioned, data,
         was_recovering, delta

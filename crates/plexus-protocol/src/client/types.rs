@@ -234,6 +234,25 @@ message! {
         pub join_leave: bool,
         /// Delta compression wanted, e.g. `fossil`.
         pub delta: String,
+        /// Only publications whose tags match are wanted (see [`FilterNode::matches`]).
+        pub tf: Option<FilterNode>,
+    }
+}
+
+message! {
+    /// A tags filter (Centrifugo's publication filtering): a comparison of one tag when `op`
+    /// is empty, else `and`, `or` or `not` of `nodes`.
+    pub struct FilterNode {
+        /// `""` (a comparison), `and`, `or` or `not`.
+        pub op: String,
+        /// The tag a comparison looks at.
+        pub key: String,
+        /// `eq`, `neq`, `in`, `nin`, `ex`, `nex`, `sw`, `ew`, `ct`, `gt`, `gte`, `lt`, `lte`.
+        pub cmp: String,
+        pub val: String,
+        /// The values of `in` and `nin`.
+        pub vals: Vec<String>,
+        pub nodes: Vec<FilterNode>,
     }
 }
 

@@ -72,13 +72,34 @@ struct ChannelState {
     join_leave: bool,
     /// When the subscription token expires unless refreshed with `sub_refresh`.
     expires_at: ExpiresAt,
+    /// Delta compression or a tags filter: a subscription with either is never written for by
+    /// the flush lane, which knows neither.
+    extra: Option<Box<SubscriptionExtra>>,
+}
+
+/// What few subscriptions ask for; boxed, so that the others do not pay for it.
+#[derive(Default)]
+struct SubscriptionExtra {
     /// Delta compression was negotiated: publications go as Fossil deltas where the client
-    /// holds the previous one (see `encode::delta_publication`), so never through the flush
-    /// lane, which knows nothing of `delta_base`.
+    /// holds the previous one (see `encode::delta_publication`).
     delta: bool,
     /// With `delta`: the last publication the client got in the channel, which it will apply
     /// the next delta to.
     delta_base: Option<Arc<Publication>>,
+    /// Only publications whose tags match this are sent (`tf`).
+    filter: Option<proto::FilterNode>,
+}
+
+/// Tags of a publication without any.
+static NO_TAGS: plexus_core::Tags = plexus_core::Tags::new();
+
+impl SubscriptionExtra {
+    /// Whether the subscriber is sent `publication` (its tags filter lets it through).
+    fn passes(&self, publication: &Publication) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|filter| filter.matches(publication.tags.as_deref().unwrap_or(&NO_TAGS)))
+    }
 }
 
 /// When something expires (Unix seconds), if it does: 8 bytes, where an `Option<u64>` takes 16.
@@ -315,7 +336,7 @@ impl ClientSession {
                 connected
                     .channels
                     .values()
-                    .all(|state| state.settled && !state.delta)
+                    .all(|state| state.settled && state.extra.is_none())
             })
     }
 
@@ -652,8 +673,8 @@ impl ClientSession {
                 None,
                 recover,
                 false,
-                // Server-side subscriptions have no request to ask for deltas in.
-                false,
+                // Server-side subscriptions have no request to ask for deltas or filters in.
+                None,
             )
             .await
             {
@@ -712,21 +733,26 @@ impl ClientSession {
                         state.last_offset = publication.offset;
                         state.settled = true;
                     }
-                    if state.delta {
-                        let base = state.delta_base.replace(publication.clone());
-                        let push = encode::delta_publication(
-                            &publication,
-                            base.as_deref(),
-                            format,
-                            !stream,
-                            deflate,
-                        );
-                        out.push(if stream {
-                            Out::Message(encode::message_kind(format), push)
-                        } else {
-                            Out::Frame(push)
-                        });
-                        continue;
+                    if let Some(extra) = state.extra.as_deref_mut() {
+                        if !extra.passes(&publication) {
+                            continue;
+                        }
+                        if extra.delta {
+                            let base = extra.delta_base.replace(publication.clone());
+                            let push = encode::delta_publication(
+                                &publication,
+                                base.as_deref(),
+                                format,
+                                !stream,
+                                deflate,
+                            );
+                            out.push(if stream {
+                                Out::Message(encode::message_kind(format), push)
+                            } else {
+                                Out::Frame(push)
+                            });
+                            continue;
+                        }
                     }
                     out.push(if stream {
                         Out::Message(
@@ -786,7 +812,7 @@ impl ClientSession {
                         extra,
                     };
                     if let Ok(result) =
-                        subscribe(shared, connected, peer, &channel, None, None, false, false).await
+                        subscribe(shared, connected, peer, &channel, None, None, false, None).await
                     {
                         let body = PushBody::Subscribe(proto::Subscribe {
                             recoverable: result.recoverable,
@@ -904,6 +930,21 @@ async fn subscribe_command(
     if connected.channels.contains_key(channel) {
         return ErrorCode::AlreadySubscribed.into();
     }
+    // A tags filter where the namespace allows one, well formed, and not with deltas (as in
+    // Centrifugo: both save bandwidth, and a delta chain cannot skip publications).
+    let filter = match request.tf {
+        None => None,
+        Some(filter) => {
+            if !options.allow_tags_filter || !request.delta.is_empty() {
+                return ErrorCode::BadRequest.into();
+            }
+            if let Err(error) = filter.validate() {
+                tracing::debug!(%error, channel, "tags filter refused");
+                return ErrorCode::BadRequest.into();
+            }
+            Some(filter)
+        }
+    };
     let user = &*connected.info.user;
     // A guest counts as anonymous for every permission (and owns no user-limited channel).
     let anonymous = user.is_empty() || connected.guest;
@@ -972,6 +1013,13 @@ async fn subscribe_command(
     // Delta compression, when the client asks for a kind the namespace allows; otherwise the
     // reply's `delta: false` tells the client it gets whole publications.
     let delta = request.delta == "fossil" && options.gives_fossil_deltas();
+    let extra = (delta || filter.is_some()).then(|| {
+        Box::new(SubscriptionExtra {
+            delta,
+            delta_base: None,
+            filter,
+        })
+    });
     match subscribe(
         shared,
         connected,
@@ -980,7 +1028,7 @@ async fn subscribe_command(
         chan_info,
         recover,
         request.join_leave,
-        delta,
+        extra,
     )
     .await
     {
@@ -1016,7 +1064,7 @@ async fn subscribe(
     chan_info: Option<Bytes>,
     recover: Option<StreamPosition>,
     asked_for_join_leave: bool,
-    delta: bool,
+    mut extra: Option<Box<SubscriptionExtra>>,
 ) -> Result<proto::SubscribeResult, ErrorCode> {
     let join_leave = asked_for_join_leave
         || shared
@@ -1053,6 +1101,18 @@ async fn subscribe(
         .chain(subscription.position.as_ref().map(|p| p.offset))
         .max()
         .unwrap_or(0);
+    // What the reply carries: with a tags filter, only what passes it.
+    let publications: Vec<&Arc<Publication>> = subscription
+        .publications
+        .iter()
+        .filter(|p| extra.as_ref().is_none_or(|extra| extra.passes(p)))
+        .collect();
+    let delta = extra.as_ref().is_some_and(|extra| extra.delta);
+    if let Some(extra) = extra.as_mut().filter(|extra| extra.delta) {
+        // The client rebuilds the next delta from the last publication of this reply; without
+        // one, the next publication goes whole.
+        extra.delta_base = publications.last().map(|p| Arc::clone(p));
+    }
     connected.channels.insert(
         subscription.channel.clone(),
         ChannelState {
@@ -1060,10 +1120,7 @@ async fn subscribe(
             settled: last_offset == 0,
             join_leave,
             expires_at: ExpiresAt::default(),
-            delta,
-            // The client rebuilds the next delta from the last publication of this reply;
-            // without one, the next publication goes whole.
-            delta_base: subscription.publications.last().filter(|_| delta).cloned(),
+            extra,
         },
     );
     let positioned = subscription.position.is_some();
@@ -1078,13 +1135,12 @@ async fn subscribe(
         was_recovering: subscription.was_recovering,
         recovered: subscription.recovered,
         // With deltas, the first whole and each next one a delta from the one before.
-        publications: subscription
-            .publications
+        publications: publications
             .iter()
             .enumerate()
             .map(|(i, p)| {
                 if delta {
-                    let before = i.checked_sub(1).map(|i| &*subscription.publications[i]);
+                    let before = i.checked_sub(1).map(|i| &**publications[i]);
                     encode::delta_or_whole(peer.format, p, before)
                 } else {
                     encode::publication(peer.format, p)
@@ -1447,8 +1503,7 @@ mod tests {
             settled: true,
             join_leave: false,
             expires_at: ExpiresAt::default(),
-            delta: false,
-            delta_base: None,
+            extra: None,
         }
     }
 

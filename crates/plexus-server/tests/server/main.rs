@@ -5,6 +5,7 @@ mod api;
 mod cluster;
 mod delta;
 mod emulation;
+mod filter;
 mod jwks;
 mod native;
 mod operations;

@@ -1,0 +1,167 @@
+//! Tags filters (`tf` in a subscribe request, Centrifugo's publication filtering): where the
+//! namespace allows them, a subscriber gets only the publications whose tags match, live and
+//! in what a recovering subscribe carries; a filter that is not allowed or not well formed is
+//! refused with 107.
+
+use plexus_core::{ChannelOptions, Namespaces};
+use plexus_server::Config;
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+/// A server whose namespace `ticks` keeps history and allows tags filters.
+async fn server() -> plexus_server::ServerHandle {
+    let mut namespaces = Namespaces::default();
+    namespaces.insert(
+        "ticks",
+        ChannelOptions {
+            allow_tags_filter: true,
+            allow_subscribe_for_anonymous: true,
+            ..ChannelOptions::quotes()
+        },
+    );
+    start(Config {
+        namespaces,
+        ..Config::for_tests()
+    })
+    .await
+}
+
+async fn publish(server: &plexus_server::ServerHandle, ticker: Option<&str>, n: u32) -> u64 {
+    let mut body = json!({"channel": "ticks:all", "data": {"n": n}});
+    if let Some(ticker) = ticker {
+        body["tags"] = json!({"ticker": ticker, "size": (n * 10).to_string()});
+    }
+    api_result(server, "publish", body).await["offset"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The `n` of the next publication pushed in `ticks:all`.
+async fn next_n(socket: &mut Ws) -> Value {
+    loop {
+        let push = next_json(socket).await;
+        if let Some(publication) = push["push"].get("pub") {
+            return publication["data"]["n"].clone();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_filtered_subscriber_gets_only_matching_publications() {
+    let server = server().await;
+    let (mut btc, _) = native(&server, "ann").await;
+    let (mut big, _) = native(&server, "bob").await;
+    let (mut all, _) = native(&server, "cat").await;
+    let filter = json!({"key": "ticker", "cmp": "eq", "val": "BTC"});
+    let reply = command(
+        &mut btc,
+        2,
+        json!({"subscribe": {"channel": "ticks:all", "tf": filter}}),
+    )
+    .await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    // `or` of an exact decimal comparison and a set.
+    let filter = json!({"op": "or", "nodes": [
+        {"key": "size", "cmp": "gte", "val": "40.0"},
+        {"key": "ticker", "cmp": "in", "vals": ["SOL"]},
+    ]});
+    command(
+        &mut big,
+        2,
+        json!({"subscribe": {"channel": "ticks:all", "tf": filter}}),
+    )
+    .await;
+    command(&mut all, 2, json!({"subscribe": {"channel": "ticks:all"}})).await;
+
+    let sent = [
+        (Some("BTC"), 1),
+        (Some("ETH"), 2),
+        (None, 3),
+        (Some("BTC"), 4),
+        (Some("SOL"), 5),
+        (Some("ETH"), 6),
+    ];
+    for (ticker, n) in sent {
+        publish(&server, ticker, n).await;
+    }
+    for n in 1..=6 {
+        assert_eq!(
+            next_n(&mut all).await,
+            n,
+            "an unfiltered subscriber gets all"
+        );
+    }
+    for n in [1, 4] {
+        assert_eq!(next_n(&mut btc).await, n);
+    }
+    for n in [4, 5, 6] {
+        assert_eq!(next_n(&mut big).await, n);
+    }
+    // Nothing else came: the next push after a marker is the marker.
+    publish(&server, Some("BTC"), 7).await;
+    assert_eq!(next_n(&mut btc).await, 7);
+}
+
+#[tokio::test]
+async fn a_recovering_filtered_subscriber_gets_only_the_matching_missed_publications() {
+    let server = server().await;
+    let top = publish(&server, Some("BTC"), 1).await;
+    let epoch =
+        api_result(&server, "history", json!({"channel": "ticks:all"})).await["epoch"].clone();
+    for (ticker, n) in [
+        (Some("ETH"), 2),
+        (Some("BTC"), 3),
+        (None, 4),
+        (Some("BTC"), 5),
+    ] {
+        publish(&server, ticker, n).await;
+    }
+    let (mut socket, _) = native(&server, "ann").await;
+    let reply = command(
+        &mut socket,
+        2,
+        json!({"subscribe": {"channel": "ticks:all", "recover": true, "epoch": epoch, "offset": top,
+            "tf": {"key": "ticker", "cmp": "eq", "val": "BTC"}}}),
+    )
+    .await;
+    let result = &reply["subscribe"];
+    assert_eq!(result["recovered"], true, "{reply}");
+    let recovered: Vec<&Value> = result["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| &p["data"]["n"])
+        .collect();
+    assert_eq!(recovered, [3, 5], "{reply}");
+    // The stream position is the channel's, not the last match's.
+    assert_eq!(result["offset"], 5, "{reply}");
+}
+
+#[tokio::test]
+async fn filters_are_refused_where_not_allowed_or_not_well_formed() {
+    let server = server().await;
+    let (mut socket, _) = native(&server, "ann").await;
+    let eq = json!({"key": "ticker", "cmp": "eq", "val": "BTC"});
+    let refused = [
+        // chat allows no filters.
+        json!({"channel": "chat:lobby", "tf": eq}),
+        json!({"channel": "ticks:all", "tf": {"key": "ticker", "cmp": "like", "val": "B"}}),
+        json!({"channel": "ticks:all", "tf": {"key": "ticker", "cmp": "in", "val": "B"}}),
+        json!({"channel": "ticks:all", "tf": {"op": "not", "nodes": [eq, eq]}}),
+        // Not with delta compression.
+        json!({"channel": "ticks:all", "tf": eq, "delta": "fossil"}),
+    ];
+    for (id, subscribe) in (2..).zip(refused) {
+        let reply = command(&mut socket, id, json!({ "subscribe": subscribe })).await;
+        assert_eq!(reply["error"]["code"], 107, "{subscribe}: {reply}");
+    }
+    // The connection goes on, and a good filter is taken.
+    let reply = command(
+        &mut socket,
+        20,
+        json!({"subscribe": {"channel": "ticks:all", "tf": eq}}),
+    )
+    .await;
+    assert!(reply.get("error").is_none(), "{reply}");
+}
