@@ -1664,7 +1664,7 @@ mod tests {
     }
 
     #[test]
-    fn delta_types_from_toml() {
+    fn delta_types_and_tags_filters_from_toml() {
         let toml = |text: &str| toml::from_str::<Settings>(text).unwrap().resolve();
         let config = toml("[[namespaces]]\nname = \"p\"\nhistory_size = 1\nallowed_delta_types = [\"fossil\"]\n[[namespaces]]\nname = \"q\"\nhistory_size = 1\nallowed_delta_types = []\n").unwrap();
         assert!(config
@@ -1679,6 +1679,9 @@ mod tests {
             .resolve("quotes:x")
             .unwrap()
             .gives_fossil_deltas());
+        let tags = toml("[[namespaces]]\nname = \"t\"\nallow_tags_filter = true\n").unwrap();
+        assert!(tags.namespaces.resolve("t:x").unwrap().allow_tags_filter);
+        assert!(!tags.namespaces.resolve("chat:x").unwrap().allow_tags_filter);
         let error = toml(
             "[[namespaces]]\nname = \"p\"\nhistory_size = 1\nallowed_delta_types = [\"xdelta\"]\n",
         )
