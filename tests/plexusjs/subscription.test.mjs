@@ -29,6 +29,22 @@ async function reconnect(clock, sockets) {
 }
 
 describe('subscription', () => {
+  test('a tags filter goes with every subscribe as tf', async () => {
+    const { client, clock, sockets } = await makeClient(Plexus);
+    const tagsFilter = { op: 'or', nodes: [{ key: 'ticker', cmp: 'eq', val: 'BTC' }, { key: 'size', cmp: 'gte', val: '10' }] };
+    const sub = client.newSubscription('ticks:x', { tagsFilter });
+    sub.subscribe();
+    client.connect();
+    let socket = await acceptConnect(sockets);
+    await flush();
+    let command = socket.reply('subscribe', { recoverable: true, positioned: true, epoch: 'e1', offset: 3 });
+    assert.deepEqual(command.subscribe, { channel: 'ticks:x', tf: tagsFilter });
+    socket = await reconnect(clock, sockets);
+    await flush();
+    command = socket.last('subscribe');
+    assert.deepEqual(command.subscribe, { channel: 'ticks:x', tf: tagsFilter, recover: true, epoch: 'e1', offset: 3 });
+  });
+
   test('delta compression: whole and delta publications rebuilt; one that does not apply resubscribes', async () => {
     const { client, sockets } = await makeClient(Plexus);
     const sub = client.newSubscription('prices:x', { delta: 'fossil' });

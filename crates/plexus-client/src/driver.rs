@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{Error, Options, State, SubscriptionEvent};
+use crate::{Error, Options, State, SubscribeOptions, SubscriptionEvent};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -40,8 +40,7 @@ pub(crate) enum Command {
     Subscribe {
         channel: String,
         id: u64,
-        /// Ask for delta compression.
-        delta: bool,
+        options: SubscribeOptions,
         events: mpsc::UnboundedSender<SubscriptionEvent>,
         reply: oneshot::Sender<Result<(), Error>>,
     },
@@ -85,8 +84,9 @@ struct Sub {
     requested: bool,
     /// Refused for now (a temporary error): ask again then.
     retry_at: Option<Instant>,
-    /// Delta compression: asked for, and the server's answer on this connection.
-    delta: bool,
+    /// Delta compression and a tags filter, as asked for.
+    options: SubscribeOptions,
+    /// The server's answer to delta compression on this connection.
     delta_agreed: bool,
     /// With deltas: the data of the last publication, which the next delta applies to.
     delta_base: Option<Vec<u8>>,
@@ -254,11 +254,11 @@ impl Driver {
             Command::Subscribe {
                 channel,
                 id,
-                delta,
+                options,
                 events,
                 reply,
             } => {
-                self.add_sub(channel, id, delta, events, reply);
+                self.add_sub(channel, id, options, events, reply);
             }
             Command::Unsubscribe { channel, id } => {
                 self.forget(&channel, id);
@@ -274,7 +274,7 @@ impl Driver {
         &mut self,
         channel: String,
         id: u64,
-        delta: bool,
+        options: SubscribeOptions,
         events: mpsc::UnboundedSender<SubscriptionEvent>,
         reply: oneshot::Sender<Result<(), Error>>,
     ) -> Option<bool> {
@@ -297,7 +297,7 @@ impl Driver {
             first: Some(reply),
             requested: false,
             retry_at: None,
-            delta,
+            options,
             delta_agreed: false,
             delta_base: None,
         };
@@ -506,11 +506,11 @@ impl Driver {
             Command::Subscribe {
                 channel,
                 id,
-                delta,
+                options,
                 events,
                 reply,
             } => {
-                let added = self.add_sub(channel.clone(), id, delta, events, reply);
+                let added = self.add_sub(channel.clone(), id, options, events, reply);
                 if let (Some(replaced_requested), true) = (added, connection.connected) {
                     if replaced_requested {
                         unsubscribe(&channel, connection);
@@ -832,11 +832,12 @@ fn resubscribe(channel: &str, sub: &mut Sub, connection: &mut Connection) {
         recover,
         epoch,
         offset,
-        delta: if sub.delta {
+        delta: if sub.options.delta {
             "fossil".into()
         } else {
             String::new()
         },
+        tf: sub.options.tags_filter.clone(),
         ..SubscribeRequest::default()
     });
     sub.requested = true;

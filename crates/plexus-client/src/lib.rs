@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use plexus_protocol::client::{
-    ClientInfo, Format, HistoryResult, Payload, PresenceResult, PresenceStatsResult, Publication,
-    RawJson,
+    ClientInfo, FilterNode, Format, HistoryResult, Payload, PresenceResult, PresenceStatsResult,
+    Publication, RawJson,
 };
 use plexus_protocol::client::{
     HistoryRequest, PresenceRequest, PresenceStatsRequest, PublishRequest, ReplyBody, Request,
@@ -173,7 +173,7 @@ pub enum SubscriptionEvent {
     Subscribed {
         recovered: bool,
         was_recovering: bool,
-        /// Publications come as deltas ([`Client::subscribe_with_delta`] in a namespace that
+        /// Publications come as deltas ([`SubscribeOptions::delta`] in a namespace that
         /// allows them); they are rebuilt before they are handed over, so this changes nothing
         /// for the caller but the bytes on the wire.
         delta: bool,
@@ -188,6 +188,18 @@ pub enum SubscriptionEvent {
         code: u32,
         reason: String,
     },
+}
+
+/// How [`Client::subscribe_with`] subscribes.
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Delta compression (`delta: "fossil"`): where the namespace allows it, each publication
+    /// travels as a Fossil delta from the one before and is rebuilt here; elsewhere
+    /// publications come whole. Not with `tags_filter`.
+    pub delta: bool,
+    /// Only publications whose tags match (where the namespace allows tags filters; elsewhere
+    /// the subscribe is refused with 107).
+    pub tags_filter: Option<FilterNode>,
 }
 
 /// A connection to a Plexus (or Centrifugo) server that stays up by itself. Cheap to clone;
@@ -239,17 +251,16 @@ impl Client {
     /// Subscribes to `channel`; resolves once the server accepted. The subscription is
     /// renewed after every reconnect until it is dropped or unsubscribed.
     pub async fn subscribe(&self, channel: &str) -> Result<Subscription, Error> {
-        self.subscribe_as(channel, false).await
+        self.subscribe_with(channel, SubscribeOptions::default())
+            .await
     }
 
-    /// [`Client::subscribe`] with delta compression (`delta: "fossil"`): where the namespace
-    /// allows it, each publication travels as a Fossil delta from the one before and is
-    /// rebuilt here; elsewhere publications come whole, as with `subscribe`.
-    pub async fn subscribe_with_delta(&self, channel: &str) -> Result<Subscription, Error> {
-        self.subscribe_as(channel, true).await
-    }
-
-    async fn subscribe_as(&self, channel: &str, delta: bool) -> Result<Subscription, Error> {
+    /// [`Client::subscribe`] with options: delta compression, a tags filter.
+    pub async fn subscribe_with(
+        &self,
+        channel: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -257,7 +268,7 @@ impl Client {
         self.send(Command::Subscribe {
             channel: channel.to_owned(),
             id,
-            delta,
+            options,
             events: events_tx,
             reply,
         })?;

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use plexus_client::{
-    Client, Error, Format, Options, Payload, State, Subscription, SubscriptionEvent,
+    Client, Error, FilterNode, Format, Options, Payload, State, SubscribeOptions, Subscription,
+    SubscriptionEvent,
 };
 use plexus_server::config::EngineKind;
 use plexus_server::{Config, Server, ServerHandle};
@@ -137,7 +138,7 @@ fn quote(price: u64) -> Value {
     json!({"symbol": "BTC-USD", "name": "Биткоин", "price": price, "bid": price - 3, "ask": price + 3, "volume": 1_234_567})
 }
 
-/// With `subscribe_with_delta` in a namespace that allows deltas, publications travel as
+/// With `delta` in a namespace that allows deltas, publications travel as
 /// Fossil deltas and come out whole, live and after a reconnect that recovers, in JSON and in
 /// Protobuf; a plain subscriber beside it gets the same.
 #[tokio::test]
@@ -160,7 +161,11 @@ async fn delta_subscriptions_hand_over_whole_publications() {
         let channel = format!("prices:{format:?}");
         let ann = client_in(&server, "ann", format);
         let bob = client_in(&server, "bob", format);
-        let mut deltas = ann.subscribe_with_delta(&channel).await.unwrap();
+        let options = SubscribeOptions {
+            delta: true,
+            ..SubscribeOptions::default()
+        };
+        let mut deltas = ann.subscribe_with(&channel, options).await.unwrap();
         let mut plain = bob.subscribe(&channel).await.unwrap();
         let subscribed = |delta| SubscriptionEvent::Subscribed {
             recovered: false,
@@ -577,4 +582,50 @@ async fn speaks_protobuf_beside_json_clients() {
     publish(&server, "chat:pb", json!(3)).await;
     assert_eq!(next(&mut ann_room).await, RECOVERED);
     assert_eq!(next_data(&mut ann_room).await, json!(3));
+}
+
+/// A tags filter: only matching publications come, in JSON and Protobuf; where the namespace
+/// allows none, the subscribe is refused with 107.
+#[tokio::test]
+async fn a_tags_filter_lets_only_matching_publications_through() {
+    let mut namespaces = plexus_core::Namespaces::default();
+    namespaces.insert(
+        "ticks",
+        plexus_core::ChannelOptions {
+            allow_tags_filter: true,
+            ..plexus_core::ChannelOptions::quotes()
+        },
+    );
+    let server = Server::bind(Config {
+        namespaces,
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap();
+    let btc = || SubscribeOptions {
+        tags_filter: Some(FilterNode {
+            key: "ticker".into(),
+            cmp: "eq".into(),
+            val: "BTC".into(),
+            ..FilterNode::default()
+        }),
+        ..SubscribeOptions::default()
+    };
+    for format in [Format::Json, Format::Protobuf] {
+        let channel = format!("ticks:{format:?}");
+        let ann = client_in(&server, "ann", format);
+        let mut sub = ann.subscribe_with(&channel, btc()).await.unwrap();
+        assert_eq!(next(&mut sub).await, FIRST);
+        for (n, ticker) in [(1, "ETH"), (2, "BTC"), (3, "SOL"), (4, "BTC")] {
+            let body = json!({"channel": channel, "data": {"n": n}, "tags": {"ticker": ticker}});
+            api(&server, "publish", body).await;
+        }
+        assert_eq!(next_data(&mut sub).await, json!({"n": 2}), "{format:?}");
+        assert_eq!(next_data(&mut sub).await, json!({"n": 4}), "{format:?}");
+        match ann.subscribe_with("chat:nofilter", btc()).await {
+            Err(Error::Server { code: 107, .. }) => {}
+            other => panic!("expected error 107, got {other:?}"),
+        }
+        ann.close().await;
+    }
 }

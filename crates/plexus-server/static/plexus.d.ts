@@ -214,6 +214,20 @@ export interface SubscriptionOptions {
   /** Ask for delta compression ('fossil'): publications come as deltas from the previous one
    *  where the namespace allows it (`allowed_delta_types`), and are rebuilt by the client. */
   delta?: 'fossil';
+  /** Only publications whose tags match are sent (namespaces with `allow_tags_filter`);
+   *  Centrifugo's filter tree, not together with `delta`. */
+  tagsFilter?: FilterNode;
+}
+
+/** A tags filter: a comparison of one tag (`key`, `cmp`, `val` or `vals`) or `and`/`or`/`not`
+ *  of `nodes`. */
+export interface FilterNode {
+  op?: 'and' | 'or' | 'not';
+  key?: string;
+  cmp?: 'eq' | 'neq' | 'in' | 'nin' | 'ex' | 'nex' | 'sw' | 'ew' | 'ct' | 'gt' | 'gte' | 'lt' | 'lte';
+  val?: string;
+  vals?: string[];
+  nodes?: FilterNode[];
 }
 
 export interface HistoryOptions {

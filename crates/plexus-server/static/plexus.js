@@ -15,6 +15,8 @@
 //
 // Delta compression: `newSubscription(channel, { delta: 'fossil' })` in namespaces that allow
 // it; publications then come as Fossil deltas from the previous one and are rebuilt here.
+// Filtering by tags: `{ tagsFilter: { key: 'ticker', cmp: 'eq', val: 'BTC' } }` (the server
+// sends only the publications whose tags match; namespaces with `allow_tags_filter`).
 //
 // What it deliberately does not do: protobuf, batching across ticks, the SockJS or
 // WebTransport transports.
@@ -899,7 +901,7 @@ export class Subscription extends Emitter {
     /** 'unsubscribed' | 'subscribing' | 'subscribed' */
     this.state = 'unsubscribed';
     this._client = client;
-    this._options = { token: '', getToken: null, joinLeave: false, recover: true, data: undefined, delta: '', ...options };
+    this._options = { token: '', getToken: null, joinLeave: false, recover: true, data: undefined, delta: '', tagsFilter: null, ...options };
     this._delta = false; // the server agreed to send deltas
     this._deltaBase = null; // the bytes of the last publication, which the next delta applies to
     this._token = this._options.token || '';
@@ -1005,6 +1007,7 @@ export class Subscription extends Emitter {
     if (this._options.data !== undefined) params.data = this._options.data;
     if (this._options.joinLeave) params.join_leave = true;
     if (this._options.delta) params.delta = this._options.delta;
+    if (this._options.tagsFilter) params.tf = this._options.tagsFilter;
     if (this._options.recover && this._recoverable) {
       params.recover = true;
       params.epoch = this._streamEpoch;
