@@ -113,17 +113,33 @@ impl FilterNode {
     }
 }
 
+/// Longest number a comparison reads, and most digits after its point (as the decimal type
+/// Centrifugo compares with).
+const MAX_NUMBER_LEN: usize = 200;
+const MAX_FRACTION_DIGITS: usize = 19;
+
 /// A decimal number's parts: negative, integer digits without leading zeros, fraction digits
-/// without trailing zeros.
+/// without trailing zeros. The form is `[+-]digits[.digits]`: no exponent, no spaces, digits
+/// on both sides of a point.
 fn decimal(text: &str) -> Option<(bool, &str, &str)> {
+    if text.len() > MAX_NUMBER_LEN {
+        return None;
+    }
     let (negative, digits) = match text.as_bytes().first()? {
         b'-' => (true, &text[1..]),
         b'+' => (false, &text[1..]),
         _ => (false, text),
     };
-    let (integer, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let (integer, fraction) = match digits.split_once('.') {
+        Some((_, "")) => return None, // "1." is not one
+        Some(parts) => parts,
+        None => (digits, ""),
+    };
     let all_digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-    if (integer.is_empty() && fraction.is_empty()) || !all_digits(integer) || !all_digits(fraction)
+    if integer.is_empty()
+        || !all_digits(integer)
+        || !all_digits(fraction)
+        || fraction.len() > MAX_FRACTION_DIGITS
     {
         return None;
     }
@@ -228,13 +244,21 @@ mod tests {
         assert_eq!(cmp("-0", "0"), Some(Ordering::Equal));
         assert_eq!(cmp("-2", "-10"), Some(Ordering::Greater));
         assert_eq!(cmp("-0.5", "0.1"), Some(Ordering::Less));
-        assert_eq!(cmp(".5", "0.49"), Some(Ordering::Greater));
+        assert_eq!(cmp("0.5", "0.49"), Some(Ordering::Greater));
+        assert_eq!(cmp("+1.0", "1"), Some(Ordering::Equal));
         assert_eq!(
             cmp("9007199254740993", "9007199254740992"),
             Some(Ordering::Greater),
             "beyond f64's integers"
         );
-        for bad in ["", "-", ".", "1e3", "1.2.3", "0x10", " 1"] {
+        let long = "1".repeat(201);
+        let fine = format!("0.{}", "1".repeat(19));
+        let too_fine = format!("0.{}", "1".repeat(20));
+        assert_eq!(cmp(&fine, "0"), Some(Ordering::Greater));
+        for bad in [
+            "", "-", ".", "1e3", "1.2.3", "0x10", " 1", "1 ", "1.", ".5", "+.5", "-.5", "--1",
+            &long, &too_fine,
+        ] {
             assert_eq!(cmp(bad, "1"), None, "{bad:?}");
         }
     }

@@ -60,7 +60,7 @@ impl From<ErrorCode> for Outcome {
     }
 }
 
-/// A channel this client is subscribed to (24 bytes).
+/// A channel this client is subscribed to (32 bytes; 48 with its name in a `ChannelMap`).
 struct ChannelState {
     /// Highest offset the client has (from the subscribe reply or a push): duplicates at or
     /// below it, possible right after a subscribe, are dropped.
@@ -930,21 +930,6 @@ async fn subscribe_command(
     if connected.channels.contains_key(channel) {
         return ErrorCode::AlreadySubscribed.into();
     }
-    // A tags filter where the namespace allows one, well formed, and not with deltas (as in
-    // Centrifugo: both save bandwidth, and a delta chain cannot skip publications).
-    let filter = match request.tf {
-        None => None,
-        Some(filter) => {
-            if !options.allow_tags_filter || !request.delta.is_empty() {
-                return ErrorCode::BadRequest.into();
-            }
-            if let Err(error) = filter.validate() {
-                tracing::debug!(%error, channel, "tags filter refused");
-                return ErrorCode::BadRequest.into();
-            }
-            Some(filter)
-        }
-    };
     let user = &*connected.info.user;
     // A guest counts as anonymous for every permission (and owns no user-limited channel).
     let anonymous = user.is_empty() || connected.guest;
@@ -1006,6 +991,22 @@ async fn subscribe_command(
         // permission.
         return ErrorCode::PermissionDenied.into();
     }
+    // A tags filter where the namespace allows one, well formed, and not with deltas (as in
+    // Centrifugo: both save bandwidth, and a delta chain cannot skip publications). Checked
+    // once the client may subscribe at all, so a refusal says why first.
+    let filter = match request.tf {
+        None => None,
+        Some(filter) => {
+            if !options.allow_tags_filter || !request.delta.is_empty() {
+                return ErrorCode::BadRequest.into();
+            }
+            if let Err(error) = filter.validate() {
+                tracing::debug!(%error, channel, "tags filter refused");
+                return ErrorCode::BadRequest.into();
+            }
+            Some(filter)
+        }
+    };
     let recover = (request.recover && options.recover).then(|| StreamPosition {
         offset: request.offset,
         epoch: request.epoch.as_str().into(),
@@ -1076,6 +1077,7 @@ async fn subscribe(
         outbox: peer.outbox.clone(),
         join_leave,
     };
+    let recovering_from = recover.clone();
     let subscription: Subscription = match shared
         .node
         .subscribe(channel, subscriber, chan_info, recover)
@@ -1102,16 +1104,33 @@ async fn subscribe(
         .max()
         .unwrap_or(0);
     // What the reply carries: with a tags filter, only what passes it.
-    let publications: Vec<&Arc<Publication>> = subscription
+    let mut publications: Vec<Arc<Publication>> = subscription
         .publications
         .iter()
         .filter(|p| extra.as_ref().is_none_or(|extra| extra.passes(p)))
+        .cloned()
         .collect();
+    // Recovering the latest only (cache mode) through a filter: the latest that passes, which
+    // may be older than the channel's latest.
+    let filtered = extra.as_ref().is_some_and(|extra| extra.filter.is_some());
+    let latest_only = shared
+        .node
+        .options(channel)
+        .is_ok_and(|options| options.recovers_latest_only());
+    if let (true, true, true, Some(from), Some(extra)) = (
+        filtered && latest_only,
+        publications.is_empty(),
+        subscription.recovered,
+        recovering_from.as_ref(),
+        extra.as_deref(),
+    ) {
+        publications.extend(latest_passing(shared, channel, from, extra).await);
+    }
     let delta = extra.as_ref().is_some_and(|extra| extra.delta);
     if let Some(extra) = extra.as_mut().filter(|extra| extra.delta) {
         // The client rebuilds the next delta from the last publication of this reply; without
         // one, the next publication goes whole.
-        extra.delta_base = publications.last().map(|p| Arc::clone(p));
+        extra.delta_base = publications.last().cloned();
     }
     connected.channels.insert(
         subscription.channel.clone(),
@@ -1140,7 +1159,7 @@ async fn subscribe(
             .enumerate()
             .map(|(i, p)| {
                 if delta {
-                    let before = i.checked_sub(1).map(|i| &**publications[i]);
+                    let before = i.checked_sub(1).map(|i| &*publications[i]);
                     encode::delta_or_whole(peer.format, p, before)
                 } else {
                     encode::publication(peer.format, p)
@@ -1150,6 +1169,27 @@ async fn subscribe(
         delta,
         ..proto::SubscribeResult::default()
     })
+}
+
+/// The newest retained publication of `channel` after the client's position `from` that passes
+/// `extra`'s filter, if any.
+async fn latest_passing(
+    shared: &Shared,
+    channel: &str,
+    from: &StreamPosition,
+    extra: &SubscriptionExtra,
+) -> Option<Arc<Publication>> {
+    let query = HistoryQuery {
+        since: None,
+        limit: None,
+        reverse: true,
+    };
+    let page = shared.node.history(channel, query).await.ok()?;
+    let same_epoch = *page.top.epoch == *from.epoch;
+    page.publications
+        .into_iter()
+        .take_while(|p| !same_epoch || p.offset > from.offset)
+        .find(|p| extra.passes(p))
 }
 
 /// How many `rpc` commands of one connection may wait for the backend at once; more get

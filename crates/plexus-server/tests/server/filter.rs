@@ -101,6 +101,67 @@ async fn a_filtered_subscriber_gets_only_matching_publications() {
     // Nothing else came: the next push after a marker is the marker.
     publish(&server, Some("BTC"), 7).await;
     assert_eq!(next_n(&mut btc).await, 7);
+    assert_eq!(next_n(&mut big).await, 7, "size 70");
+}
+
+/// Cache recovery (the latest only) through a filter: the latest publication that passes,
+/// even when the channel's latest does not.
+#[tokio::test]
+async fn cache_recovery_gives_the_latest_matching_publication() {
+    let mut namespaces = Namespaces::default();
+    namespaces.insert(
+        "ticks",
+        ChannelOptions {
+            allow_tags_filter: true,
+            recovery_mode: plexus_core::RecoveryMode::Cache,
+            ..ChannelOptions::quotes()
+        },
+    );
+    let server = start(Config {
+        namespaces,
+        ..Config::for_tests()
+    })
+    .await;
+    for (ticker, n) in [
+        (Some("BTC"), 1),
+        (Some("BTC"), 2),
+        (Some("ETH"), 3),
+        (None, 4),
+    ] {
+        publish(&server, ticker, n).await;
+    }
+    let (mut socket, _) = native(&server, "ann").await;
+    let btc = json!({"key": "ticker", "cmp": "eq", "val": "BTC"});
+    let reply = command(
+        &mut socket,
+        2,
+        json!({"subscribe": {"channel": "ticks:all", "recover": true, "tf": btc}}),
+    )
+    .await;
+    let result = &reply["subscribe"];
+    assert_eq!(result["recovered"], true, "{reply}");
+    let recovered: Vec<&Value> = result["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| &p["data"]["n"])
+        .collect();
+    assert_eq!(recovered, [2], "the newest BTC one: {reply}");
+    // A client that already has it gets nothing again.
+    let epoch = result["epoch"].clone();
+    command(
+        &mut socket,
+        3,
+        json!({"unsubscribe": {"channel": "ticks:all"}}),
+    )
+    .await;
+    let reply = command(
+        &mut socket,
+        4,
+        json!({"subscribe": {"channel": "ticks:all", "recover": true, "epoch": epoch, "offset": 2, "tf": btc}}),
+    )
+    .await;
+    assert!(reply["subscribe"].get("publications").is_none(), "{reply}");
 }
 
 #[tokio::test]
