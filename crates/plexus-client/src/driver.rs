@@ -837,7 +837,7 @@ fn resubscribe(channel: &str, sub: &mut Sub, connection: &mut Connection) {
         } else {
             String::new()
         },
-        tf: sub.options.tags_filter.clone(),
+        tf: sub.options.tags_filter.clone().map(Box::new),
         ..SubscribeRequest::default()
     });
     sub.requested = true;

@@ -496,6 +496,17 @@ trait Msg: Sized {
     fn from_wire(wire: Self::Wire) -> Self;
 }
 
+/// A boxed message (a large one in an optional field) is the message.
+impl<T: Msg> Msg for Box<T> {
+    type Wire = T::Wire;
+    fn to_wire(&self) -> Self::Wire {
+        (**self).to_wire()
+    }
+    fn from_wire(wire: Self::Wire) -> Self {
+        Box::new(T::from_wire(wire))
+    }
+}
+
 /// A field of a protocol message, held as `W` in the Protobuf form.
 trait Field<W>: Sized {
     fn to_field(&self) -> W;

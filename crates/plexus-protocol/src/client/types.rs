@@ -235,7 +235,7 @@ message! {
         /// Delta compression wanted, e.g. `fossil`.
         pub delta: String,
         /// Only publications whose tags match are wanted (see [`FilterNode::matches`]).
-        pub tf: Option<FilterNode>,
+        pub tf: Option<Box<FilterNode>>,
     }
 }
 

@@ -87,7 +87,7 @@ struct SubscriptionExtra {
     /// the next delta to.
     delta_base: Option<Arc<Publication>>,
     /// Only publications whose tags match this are sent (`tf`).
-    filter: Option<proto::FilterNode>,
+    filter: Option<Box<proto::FilterNode>>,
 }
 
 /// Tags of a publication without any.
