@@ -456,3 +456,48 @@ test('a Redis outage that loses history never leaves a silent gap at a subscribe
     assert.deepEqual(got, after.map((ack) => ack.n), 'a subscription that never broke got every publication since the restart');
   }
 });
+
+test('delta compression and tags filters across nodes: a publication through node A reaches node B as a delta, or not at all', {
+  timeout: 60_000,
+  skip: sharedRedisUp ? false : `no Redis at ${SHARED_REDIS}`,
+}, async (t) => {
+  const { recorder, start, cleanups } = cluster(t);
+  const prefix = uniquePrefix('delta');
+  cleanups.push(() => dropKeys(SHARED_REDIS_PORT, prefix));
+  const config = `
+[[namespaces]]
+name = "prices"
+history_size = 100
+history_ttl = "1h"
+recover = true
+allowed_delta_types = ["fossil"]
+allow_tags_filter = true
+`;
+  const nodes = await startNodes(t, start, ['A', 'B'], { redisUrl: SHARED_REDIS, redisPrefix: prefix, config });
+  if (!nodes) return;
+  const [a, b] = nodes;
+  await allReady(nodes, 200, '/ready 200 on both nodes', 10_000);
+
+  const channel = room('quotes', 'prices');
+  const subscribe = async (label, options) => {
+    const centrifuge = client(b, recorder, label, { token: token(`u-${label}`) });
+    const sub = watch(recorder, label, centrifuge.newSubscription(channel, options));
+    const seen = collect(sub);
+    centrifuge.connect();
+    sub.subscribe();
+    await sub.ready(5_000);
+    return { sub, seen };
+  };
+  const deltas = await subscribe('dee', { delta: 'fossil' });
+  const filtered = await subscribe('fay', { tagsFilter: { key: 'venue', cmp: 'eq', val: 'east' } });
+  const quote = (n) => ({ symbol: 'BTC-USD', price: 50_000 + n, bid: 49_990 + n, ask: 50_010 + n, venues: ['east', 'west'] });
+  for (let n = 1; n <= 10; n++) {
+    const { error } = await a.api('publish', { channel, data: quote(n), tags: { venue: n % 2 ? 'east' : 'west' } });
+    assert.equal(error, undefined, JSON.stringify(error));
+  }
+  await until(() => deltas.seen.length >= 10 && filtered.seen.length >= 5, 'the publications on node B', 5_000);
+  await sleep(300);
+  assert.deepEqual(deltas.seen.map((p) => p.data), Array.from({ length: 10 }, (_, i) => quote(i + 1)));
+  assert.equal(deltas.sub.deltaStats().numDeltaPayloads, 9, JSON.stringify(deltas.sub.deltaStats()));
+  assert.deepEqual(filtered.seen.map((p) => p.data.price - 50_000), [1, 3, 5, 7, 9]);
+});
