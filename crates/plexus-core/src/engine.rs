@@ -103,10 +103,12 @@ pub enum NodeCommand {
     Subscribe { user: Arc<str>, channel: Arc<str> },
     /// Set when every connection of a user (or one client of it) expires: Unix seconds, 0
     /// for never.
+    /// With `info`, the connections' info (raw JSON) changes too.
     Refresh {
         user: Arc<str>,
         client: Option<Arc<str>>,
         expire_at: u64,
+        info: Option<Bytes>,
     },
     /// A frame of commands for an SSE or HTTP-streaming session of node `node`, sent through
     /// another node's `/emulation`: only that node acts on it (the hub passes it on to the

@@ -29,10 +29,12 @@
 //!
 //! ```text
 //! kind     1 byte      b'D' disconnect, b'U' unsubscribe, b'S' subscribe, b'R' refresh,
-//!                      b'E' emulation, b'N' node stats, b'Q' survey, b'A' survey reply
+//!                      b'I' refresh with new info, b'E' emulation, b'N' node stats,
+//!                      b'Q' survey, b'A' survey reply
 //! D        user, client (u32::MAX for none), code (u16 big-endian), reason
 //! U, S     user, channel
 //! R        user, client (u32::MAX for none), expire_at (u64 big-endian Unix seconds, 0 never)
+//! I        as R, then info (u32 length + bytes)
 //! E        node, session, data (u32 length + bytes)
 //! N        node, name, version, num_clients, num_users, num_channels, num_subs (u32 each,
 //!          big-endian), uptime (u64 big-endian)
@@ -196,11 +198,16 @@ pub fn encode_command(command: &NodeCommand) -> Bytes {
             user,
             client,
             expire_at,
+            info,
         } => {
-            out.put_u8(b'R');
+            // A refresh without info stays `R`, which nodes older than `I` read.
+            out.put_u8(if info.is_some() { b'I' } else { b'R' });
             put_text(&mut out, user.as_bytes());
             put_optional(&mut out, client.as_deref().map(str::as_bytes));
             out.put_u64(*expire_at);
+            if let Some(info) = info {
+                put_text(&mut out, info);
+            }
         }
         NodeCommand::Emulation {
             node,
@@ -281,16 +288,22 @@ pub fn decode_command(message: &[u8]) -> Result<NodeCommand, CorruptPublication>
                 NodeCommand::Subscribe { user, channel }
             }
         }
-        b'R' => {
+        kind @ (b'R' | b'I') => {
             let user = take_text(&mut input)?;
             let client = take_optional_text(&mut input)?;
             if input.remaining() < 8 {
                 return Err(CorruptPublication);
             }
+            let expire_at = input.get_u64();
+            let info = match kind {
+                b'I' => Some(take(&mut input)?.ok_or(CorruptPublication)?),
+                _ => None,
+            };
             NodeCommand::Refresh {
                 user,
                 client,
-                expire_at: input.get_u64(),
+                expire_at,
+                info,
             }
         }
         b'E' => {
@@ -443,11 +456,19 @@ mod tests {
                 user: "u3".into(),
                 client: Some("c-1".into()),
                 expire_at: 1_900_000_000,
+                info: None,
             },
             NodeCommand::Refresh {
                 user: "u3".into(),
                 client: None,
                 expire_at: 0,
+                info: None,
+            },
+            NodeCommand::Refresh {
+                user: "u3".into(),
+                client: Some("c-1".into()),
+                expire_at: 0,
+                info: Some(Bytes::from_static(br#"{"name":"Ann B."}"#)),
             },
             NodeCommand::Emulation {
                 node: "n1".into(),

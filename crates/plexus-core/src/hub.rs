@@ -25,10 +25,18 @@ pub struct ClientInfo {
     pub client: Arc<str>,
     /// User id from the token; empty for anonymous connections (one shared empty string).
     pub user: Arc<str>,
-    /// Connection info (raw JSON) from the token: boxed, since most connections have none.
-    conn_info: Option<Box<Bytes>>,
+    /// What may change: the name and the connection info. One lock for both keeps this at
+    /// 72 bytes.
+    changing: Mutex<Changing>,
+}
+
+#[derive(Debug)]
+struct Changing {
     /// Display name; the TCP chat's `/nick` changes it.
-    name: Mutex<Arc<str>>,
+    name: Arc<str>,
+    /// Connection info (raw JSON) from the token, or from the server API's `refresh`: boxed,
+    /// since most connections have none.
+    conn_info: Option<Box<Bytes>>,
 }
 
 /// The name protocol clients get when they give none: one allocation, not one per connection.
@@ -61,26 +69,34 @@ impl ClientInfo {
             } else {
                 user
             },
-            conn_info: conn_info.map(Box::new),
-            name: Mutex::new(if name == DEFAULT_NAME {
-                default_name()
-            } else {
-                name.into()
+            changing: Mutex::new(Changing {
+                name: if name == DEFAULT_NAME {
+                    default_name()
+                } else {
+                    name.into()
+                },
+                conn_info: conn_info.map(Box::new),
             }),
         }
     }
 
-    /// Connection info (raw JSON) from the token.
-    pub fn conn_info(&self) -> Option<&Bytes> {
-        self.conn_info.as_deref()
+    /// Connection info (raw JSON) from the token, or as the server API last set it.
+    pub fn conn_info(&self) -> Option<Bytes> {
+        lock(&self.changing).conn_info.as_deref().cloned()
+    }
+
+    /// Replaces the connection info (the server API's `refresh` with `info`): what others see
+    /// of this connection from now on.
+    pub fn set_conn_info(&self, conn_info: Option<Bytes>) {
+        lock(&self.changing).conn_info = conn_info.map(Box::new);
     }
 
     pub fn name(&self) -> Arc<str> {
-        lock(&self.name).clone()
+        lock(&self.changing).name.clone()
     }
 
     pub fn set_name(&self, name: &str) {
-        *lock(&self.name) = name.into();
+        lock(&self.changing).name = name.into();
     }
 
     /// How other clients see this one.
@@ -88,7 +104,7 @@ impl ClientInfo {
         Arc::new(ClientDescriptor {
             user: self.user.clone(),
             client: self.client.clone(),
-            conn_info: self.conn_info().cloned(),
+            conn_info: self.conn_info(),
             chan_info,
         })
     }
@@ -482,11 +498,13 @@ impl Deliver for Hub {
                 user,
                 client,
                 expire_at,
+                info,
             } => (
                 user,
                 client.as_deref(),
                 Control::Refresh {
                     expire_at: *expire_at,
+                    info: info.clone(),
                 },
             ),
             NodeCommand::Unsubscribe { user, channel } => (
@@ -682,7 +700,7 @@ mod tests {
             Arc::ptr_eq(&info.user, &anonymous_user()),
             "one shared empty user"
         );
-        assert_eq!(info.conn_info().map(|info| &info[..]), Some(&b"{}"[..]));
+        assert_eq!(info.conn_info().as_deref(), Some(&b"{}"[..]));
         assert_eq!(&*info.name(), "ann");
         info.set_name("bob");
         assert_eq!(&*info.name(), "bob");

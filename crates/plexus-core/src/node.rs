@@ -324,6 +324,24 @@ impl Node {
         true
     }
 
+    /// Puts `info`'s current connection info in its presence entry of `channel` (keeping the
+    /// entry's channel info), if the channel keeps presence and the entry is there.
+    pub async fn refresh_presence(&self, channel: &str, info: &ClientInfo) {
+        if !self.options(channel).is_ok_and(|options| options.presence) {
+            return;
+        }
+        let Ok(present) = self.engine.presence(channel).await else {
+            return;
+        };
+        let Some(entry) = present.iter().find(|entry| entry.client == info.client) else {
+            return;
+        };
+        let descriptor = info.descriptor(entry.chan_info.clone());
+        if let Err(error) = self.engine.add_presence(channel, descriptor).await {
+            tracing::warn!(%error, channel, "presence not updated with the new info");
+        }
+    }
+
     pub async fn history(
         &self,
         channel: &str,

@@ -32,7 +32,11 @@ pub enum Control {
     Subscribe { channel: Arc<str> },
     /// The connection's expiry changed (the server API's `refresh`): Unix seconds, 0 for
     /// none. A protocol connection is closed with 3005 when it comes (at once if past).
-    Refresh { expire_at: u64 },
+    Refresh {
+        expire_at: u64,
+        /// New connection info (raw JSON), if it changes.
+        info: Option<bytes::Bytes>,
+    },
     /// The channel's stream may have gone on without this node (a broker connection was lost
     /// and restored): the connection must resubscribe and recover to learn what it missed.
     Resync { channel: Arc<str> },

@@ -459,6 +459,10 @@ pub(super) struct RefreshRequest {
     /// When the connections expire from now on (Unix seconds); absent or 0: never.
     #[serde(default)]
     expire_at: u64,
+    /// New connection info (any JSON): what presence, joins, leaves and the connections' own
+    /// publications show of them from now on.
+    #[serde(default)]
+    info: Option<RawJson>,
 }
 
 impl Validate for RefreshRequest {
@@ -477,6 +481,9 @@ pub(super) async fn refresh(shared: &Shared, request: RefreshRequest) -> Result<
             user: request.user.into(),
             client: (!request.client.is_empty()).then(|| request.client.into()),
             expire_at: request.expire_at,
+            info: request
+                .info
+                .map(|info| Bytes::copy_from_slice(info.as_bytes())),
         };
         return node_command(shared, command).await;
     }

@@ -824,7 +824,7 @@ impl ClientSession {
                         out.push(push_out(format, &channel, &body));
                     }
                 }
-                Delivery::Control(Control::Refresh { expire_at }) => {
+                Delivery::Control(Control::Refresh { expire_at, info }) => {
                     if expire_at > 0 && expire_at <= now_unix() {
                         // Already past: closed now, not offered to the refresh proxy.
                         close(out, DisconnectCode::Expired);
@@ -834,6 +834,14 @@ impl ClientSession {
                     // that refreshes its own token later takes that token's expiry again (as
                     // with Centrifugo's server-side refresh of a bidirectional connection).
                     connected.expires_at = ExpiresAt::new((expire_at > 0).then_some(expire_at));
+                    if let Some(info) = info {
+                        // Shared with the hub: later publications, joins and leaves show it;
+                        // presence is told now.
+                        connected.info.set_conn_info(Some(info));
+                        for channel in connected.channels.keys() {
+                            shared.node.refresh_presence(channel, &connected.info).await;
+                        }
+                    }
                 }
                 Delivery::Control(Control::Reply(message)) => {
                     out.push(Out::Message(encode::message_kind(format), message));

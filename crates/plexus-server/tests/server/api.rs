@@ -534,6 +534,79 @@ async fn refresh_sets_when_connections_expire() {
     );
 }
 
+/// `refresh` with `info` changes what others see of the connections: in presence at once, and
+/// in the publications, joins and leaves that follow; other connections keep theirs.
+#[tokio::test]
+async fn refresh_with_info_changes_the_connection_info() {
+    let server = start_default().await;
+    let channel = "chat:info";
+    let (mut ann, ann_client) = native(&server, "ann").await;
+    let (mut bob, bob_client) = native(&server, "bob").await;
+    for (socket, id) in [(&mut ann, 2), (&mut bob, 2)] {
+        let reply = command(
+            socket,
+            id,
+            json!({"subscribe": {"channel": channel, "join_leave": true}}),
+        )
+        .await;
+        assert!(reply.get("error").is_none(), "{reply}");
+    }
+    let refresh = json!({"user": "ann", "client": ann_client, "info": {"name": "Ann B."}});
+    assert_eq!(result(&server, "refresh", refresh).await, json!({}));
+
+    // Presence has it (the refresh is applied by the connection's task: wait for it).
+    let mut presence = Value::Null;
+    for _ in 0..100 {
+        presence = result(&server, "presence", json!({"channel": channel})).await;
+        if presence["presence"][&ann_client]["conn_info"] == json!({"name": "Ann B."}) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        presence["presence"][&ann_client]["conn_info"],
+        json!({"name": "Ann B."}),
+        "{presence}"
+    );
+    assert!(
+        presence["presence"][&bob_client].get("conn_info").is_none(),
+        "bob's own is unchanged: {presence}"
+    );
+    // Ann's publications carry it.
+    let reply = command(
+        &mut ann,
+        3,
+        json!({"publish": {"channel": channel, "data": {"text": "renamed"}}}),
+    )
+    .await;
+    assert!(reply.get("error").is_none(), "{reply}");
+    loop {
+        let push = next_json(&mut bob).await;
+        if let Some(publication) = push["push"].get("pub") {
+            assert_eq!(publication["info"]["user"], "ann", "{push}");
+            assert_eq!(
+                publication["info"]["conn_info"],
+                json!({"name": "Ann B."}),
+                "{push}"
+            );
+            break;
+        }
+    }
+    // Her leave too.
+    command(&mut ann, 4, json!({"unsubscribe": {"channel": channel}})).await;
+    loop {
+        let push = next_json(&mut bob).await;
+        if let Some(leave) = push["push"].get("leave") {
+            assert_eq!(
+                leave["info"]["conn_info"],
+                json!({"name": "Ann B."}),
+                "{push}"
+            );
+            break;
+        }
+    }
+}
+
 #[tokio::test]
 async fn server_side_subscribe_and_unsubscribe_push_to_the_user() {
     let server = start_default().await;
