@@ -350,6 +350,19 @@ async fn presence_and_membership(factory: Factory<'_>) {
     assert_eq!(users.len(), 2, "{users:?}");
     engine.remove_presence("p:1", "client-ann").await.unwrap();
     assert_eq!(engine.presence("p:1").await.unwrap().len(), 1);
+    // A present client's entry replaced with new info: still one entry, the new one.
+    let renamed = Arc::new(ClientDescriptor {
+        conn_info: Some(bytes::Bytes::from_static(br#"{"name":"Ben B."}"#)),
+        chan_info: Some(bytes::Bytes::from_static(br#"{"role":"host"}"#)),
+        ..(*client("ben")).clone()
+    });
+    engine
+        .update_presence("p:1", renamed.clone())
+        .await
+        .unwrap();
+    let present = engine.presence("p:1").await.unwrap();
+    assert_eq!(present.len(), 1, "{present:?}");
+    assert_eq!(*present[0], *renamed);
     watch(&engine, &["p:1"]).await;
     engine
         .publish_membership(true, Membership::new("p:1".into(), client("cid")))

@@ -234,6 +234,17 @@ pub trait Engine: Send + Sync + 'static {
         client: Arc<ClientDescriptor>,
     ) -> BoxFuture<Result<(), EngineError>>;
 
+    /// Replaces a present client's entry (its info changed). Unlike `add_presence`, a failure
+    /// must not take the client out of presence: engines that keep presence alive by
+    /// refreshing it keep refreshing the new entry.
+    fn update_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        self.add_presence(channel, client)
+    }
+
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>>;
 
     fn presence(&self, channel: &str)

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use crate::engine::{
     BoxFuture, Deliver, Engine, EngineError, HistoryPage, HistoryQuery, HistoryRetention,
     NodeCommand, StreamPosition,
@@ -324,21 +326,20 @@ impl Node {
         true
     }
 
-    /// Puts `info`'s current connection info in its presence entry of `channel` (keeping the
-    /// entry's channel info), if the channel keeps presence and the entry is there.
-    pub async fn refresh_presence(&self, channel: &str, info: &ClientInfo) {
+    /// Puts `info`'s current connection info in its presence entry of `channel`, with the
+    /// channel info it subscribed with, if the channel keeps presence.
+    pub async fn refresh_presence(
+        &self,
+        channel: &str,
+        info: &ClientInfo,
+        chan_info: Option<Bytes>,
+    ) {
         if !self.options(channel).is_ok_and(|options| options.presence) {
             return;
         }
-        let Ok(present) = self.engine.presence(channel).await else {
-            return;
-        };
-        let Some(entry) = present.iter().find(|entry| entry.client == info.client) else {
-            return;
-        };
-        let descriptor = info.descriptor(entry.chan_info.clone());
-        if let Err(error) = self.engine.add_presence(channel, descriptor).await {
-            tracing::warn!(%error, channel, "presence not updated with the new info");
+        let descriptor = info.descriptor(chan_info);
+        if let Err(error) = self.engine.update_presence(channel, descriptor).await {
+            tracing::warn!(%error, channel, "presence not updated with the new info yet");
         }
     }
 

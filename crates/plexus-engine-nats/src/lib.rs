@@ -543,6 +543,18 @@ impl Engine for NatsEngine {
         })
     }
 
+    fn update_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        let reply = inner.call(channel, add_presence(&client));
+        // Refreshed from here on whether or not this write lands.
+        inner.presence.add(channel, client);
+        Box::pin(async move { reply.await.map(drop) })
+    }
+
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
         let inner = &self.inner;
         inner.presence.remove(channel, client);

@@ -617,6 +617,18 @@ impl Engine for RedisEngine {
         })
     }
 
+    fn update_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        let reply = inner.call(channel, inner.add_presence_cmd(channel, &client));
+        // Refreshed from here on whether or not this write lands.
+        inner.presence.add(channel, client);
+        Box::pin(async move { reply.await.map(drop) })
+    }
+
     fn add_presence(
         &self,
         channel: &str,

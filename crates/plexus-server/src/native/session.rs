@@ -88,12 +88,21 @@ struct SubscriptionExtra {
     delta_base: Option<Arc<Publication>>,
     /// Only publications whose tags match this are sent (`tf`).
     filter: Option<Box<proto::FilterNode>>,
+    /// The channel info the subscription was granted with (token or subscribe proxy), for
+    /// the presence entry when the connection's info changes.
+    chan_info: Option<Bytes>,
 }
 
 /// Tags of a publication without any.
 static NO_TAGS: plexus_core::Tags = plexus_core::Tags::new();
 
 impl SubscriptionExtra {
+    /// Whether the session must write this subscription's publications itself (the flush
+    /// lane knows neither delta bases nor filters).
+    fn delivers_itself(&self) -> bool {
+        self.delta || self.filter.is_some()
+    }
+
     /// Whether the subscriber is sent `publication` (its tags filter lets it through).
     fn passes(&self, publication: &Publication) -> bool {
         self.filter
@@ -333,10 +342,13 @@ impl ClientSession {
     pub(crate) fn may_park(&self) -> bool {
         self.stream().is_none()
             && self.connected.as_ref().is_none_or(|connected| {
-                connected
-                    .channels
-                    .values()
-                    .all(|state| state.settled && state.extra.is_none())
+                connected.channels.values().all(|state| {
+                    state.settled
+                        && state
+                            .extra
+                            .as_ref()
+                            .is_none_or(|extra| !extra.delivers_itself())
+                })
             })
     }
 
@@ -838,8 +850,12 @@ impl ClientSession {
                         // Shared with the hub: later publications, joins and leaves show it;
                         // presence is told now.
                         connected.info.set_conn_info(Some(info));
-                        for channel in connected.channels.keys() {
-                            shared.node.refresh_presence(channel, &connected.info).await;
+                        for (channel, state) in connected.channels.iter() {
+                            let chan_info = state.extra.as_ref().and_then(|e| e.chan_info.clone());
+                            shared
+                                .node
+                                .refresh_presence(channel, &connected.info, chan_info)
+                                .await;
                         }
                     }
                 }
@@ -1027,6 +1043,7 @@ async fn subscribe_command(
             delta,
             delta_base: None,
             filter,
+            chan_info: None,
         })
     });
     match subscribe(
@@ -1086,6 +1103,9 @@ async fn subscribe(
         join_leave,
     };
     let recovering_from = recover.clone();
+    if chan_info.is_some() {
+        extra.get_or_insert_with(Box::default).chan_info = chan_info.clone();
+    }
     let subscription: Subscription = match shared
         .node
         .subscribe(channel, subscriber, chan_info, recover)

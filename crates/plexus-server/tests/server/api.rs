@@ -542,13 +542,30 @@ async fn refresh_with_info_changes_the_connection_info() {
     let channel = "chat:info";
     let (mut ann, ann_client) = native(&server, "ann").await;
     let (mut bob, bob_client) = native(&server, "bob").await;
-    for (socket, id) in [(&mut ann, 2), (&mut bob, 2)] {
-        let reply = command(
-            socket,
-            id,
-            json!({"subscribe": {"channel": channel, "join_leave": true}}),
-        )
-        .await;
+    // Ann subscribes with a token that gives her channel info: it stays.
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let host = plexus_auth::mint_hs256(
+        "test-token-secret",
+        &plexus_auth::MintRequest {
+            sub: "ann".into(),
+            channel: Some(channel.into()),
+            info: Some(json!({"role": "host"})),
+            now_unix,
+            ..Default::default()
+        },
+    );
+    let subscribes = [
+        (
+            &mut ann,
+            json!({"channel": channel, "join_leave": true, "token": host}),
+        ),
+        (&mut bob, json!({"channel": channel, "join_leave": true})),
+    ];
+    for (socket, subscribe) in subscribes {
+        let reply = command(socket, 2, json!({ "subscribe": subscribe })).await;
         assert!(reply.get("error").is_none(), "{reply}");
     }
     let refresh = json!({"user": "ann", "client": ann_client, "info": {"name": "Ann B."}});
@@ -571,6 +588,11 @@ async fn refresh_with_info_changes_the_connection_info() {
     assert!(
         presence["presence"][&bob_client].get("conn_info").is_none(),
         "bob's own is unchanged: {presence}"
+    );
+    assert_eq!(
+        presence["presence"][&ann_client]["chan_info"],
+        json!({"role": "host"}),
+        "the channel info stays: {presence}"
     );
     // Ann's publications carry it.
     let reply = command(
