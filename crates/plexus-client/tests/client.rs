@@ -68,6 +68,18 @@ async fn fast_pinging_server() -> ServerHandle {
     .unwrap()
 }
 
+/// A server with one more namespace.
+async fn server_with(namespace: &str, options: plexus_core::ChannelOptions) -> ServerHandle {
+    let mut namespaces = plexus_core::Namespaces::default();
+    namespaces.insert(namespace, options);
+    Server::bind(Config {
+        namespaces,
+        ..Config::for_tests()
+    })
+    .await
+    .unwrap()
+}
+
 /// A server API call; its `result`.
 async fn api(server: &ServerHandle, method: &str, body: Value) -> Value {
     let body = body.to_string();
@@ -143,20 +155,14 @@ fn quote(price: u64) -> Value {
 /// Protobuf; a plain subscriber beside it gets the same.
 #[tokio::test]
 async fn delta_subscriptions_hand_over_whole_publications() {
-    let mut namespaces = plexus_core::Namespaces::default();
-    namespaces.insert(
+    let server = server_with(
         "prices",
         plexus_core::ChannelOptions {
             fossil_delta: true,
             ..plexus_core::ChannelOptions::quotes()
         },
-    );
-    let server = Server::bind(Config {
-        namespaces,
-        ..Config::for_tests()
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     for format in [Format::Json, Format::Protobuf] {
         let channel = format!("prices:{format:?}");
         let ann = client_in(&server, "ann", format);
@@ -588,20 +594,14 @@ async fn speaks_protobuf_beside_json_clients() {
 /// allows none, the subscribe is refused with 107.
 #[tokio::test]
 async fn a_tags_filter_lets_only_matching_publications_through() {
-    let mut namespaces = plexus_core::Namespaces::default();
-    namespaces.insert(
+    let server = server_with(
         "ticks",
         plexus_core::ChannelOptions {
             allow_tags_filter: true,
             ..plexus_core::ChannelOptions::quotes()
         },
-    );
-    let server = Server::bind(Config {
-        namespaces,
-        ..Config::for_tests()
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let btc = || SubscribeOptions {
         tags_filter: Some(FilterNode {
             key: "ticker".into(),

@@ -4,10 +4,9 @@
 //! (Not in the built-in `quotes` namespace, which allows deltas too: its demo publisher would
 //! add publications of its own.)
 
-use plexus_core::{ChannelOptions, Namespaces};
+use plexus_core::ChannelOptions;
 use plexus_protocol::client::{self as proto, ReplyBody, Request};
 use plexus_protocol::fossil;
-use plexus_server::Config;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -16,20 +15,12 @@ use crate::util::*;
 
 /// A server with the namespace `prices`: history and recovery, deltas allowed.
 async fn server() -> plexus_server::ServerHandle {
-    let mut namespaces = Namespaces::default();
-    namespaces.insert(
-        "prices",
-        ChannelOptions {
-            fossil_delta: true,
-            allow_subscribe_for_anonymous: true,
-            ..ChannelOptions::quotes()
-        },
-    );
-    start(Config {
-        namespaces,
-        ..Config::for_tests()
-    })
-    .await
+    let options = ChannelOptions {
+        fossil_delta: true,
+        allow_subscribe_for_anonymous: true,
+        ..ChannelOptions::quotes()
+    };
+    start_with_namespace("prices", options).await
 }
 
 /// A quote as a dashboard would publish it: a document whose every version is much like the

@@ -3,28 +3,19 @@
 //! in what a recovering subscribe carries; a filter that is not allowed or not well formed is
 //! refused with 107.
 
-use plexus_core::{ChannelOptions, Namespaces};
-use plexus_server::Config;
+use plexus_core::ChannelOptions;
 use serde_json::{json, Value};
 
 use crate::util::*;
 
 /// A server whose namespace `ticks` keeps history and allows tags filters.
 async fn server() -> plexus_server::ServerHandle {
-    let mut namespaces = Namespaces::default();
-    namespaces.insert(
-        "ticks",
-        ChannelOptions {
-            allow_tags_filter: true,
-            allow_subscribe_for_anonymous: true,
-            ..ChannelOptions::quotes()
-        },
-    );
-    start(Config {
-        namespaces,
-        ..Config::for_tests()
-    })
-    .await
+    let options = ChannelOptions {
+        allow_tags_filter: true,
+        allow_subscribe_for_anonymous: true,
+        ..ChannelOptions::quotes()
+    };
+    start_with_namespace("ticks", options).await
 }
 
 async fn publish(server: &plexus_server::ServerHandle, ticker: Option<&str>, n: u32) -> u64 {
@@ -35,6 +26,16 @@ async fn publish(server: &plexus_server::ServerHandle, ticker: Option<&str>, n: 
     api_result(server, "publish", body).await["offset"]
         .as_u64()
         .unwrap()
+}
+
+/// The `n` of each publication a subscribe result carries.
+fn recovered_ns(result: &Value) -> Vec<&Value> {
+    result["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| &p["data"]["n"])
+        .collect()
 }
 
 /// The `n` of the next publication pushed in `ticks:all`.
@@ -108,20 +109,12 @@ async fn a_filtered_subscriber_gets_only_matching_publications() {
 /// even when the channel's latest does not.
 #[tokio::test]
 async fn cache_recovery_gives_the_latest_matching_publication() {
-    let mut namespaces = Namespaces::default();
-    namespaces.insert(
-        "ticks",
-        ChannelOptions {
-            allow_tags_filter: true,
-            recovery_mode: plexus_core::RecoveryMode::Cache,
-            ..ChannelOptions::quotes()
-        },
-    );
-    let server = start(Config {
-        namespaces,
-        ..Config::for_tests()
-    })
-    .await;
+    let options = ChannelOptions {
+        allow_tags_filter: true,
+        recovery_mode: plexus_core::RecoveryMode::Cache,
+        ..ChannelOptions::quotes()
+    };
+    let server = start_with_namespace("ticks", options).await;
     for (ticker, n) in [
         (Some("BTC"), 1),
         (Some("BTC"), 2),
@@ -140,12 +133,7 @@ async fn cache_recovery_gives_the_latest_matching_publication() {
     .await;
     let result = &reply["subscribe"];
     assert_eq!(result["recovered"], true, "{reply}");
-    let recovered: Vec<&Value> = result["publications"]
-        .as_array()
-        .expect("publications")
-        .iter()
-        .map(|p| &p["data"]["n"])
-        .collect();
+    let recovered = recovered_ns(result);
     assert_eq!(recovered, [2], "the newest BTC one: {reply}");
     // A client that already has it gets nothing again.
     let epoch = result["epoch"].clone();
@@ -188,12 +176,7 @@ async fn a_recovering_filtered_subscriber_gets_only_the_matching_missed_publicat
     .await;
     let result = &reply["subscribe"];
     assert_eq!(result["recovered"], true, "{reply}");
-    let recovered: Vec<&Value> = result["publications"]
-        .as_array()
-        .expect("publications")
-        .iter()
-        .map(|p| &p["data"]["n"])
-        .collect();
+    let recovered = recovered_ns(result);
     assert_eq!(recovered, [3, 5], "{reply}");
     // The stream position is the channel's, not the last match's.
     assert_eq!(result["offset"], 5, "{reply}");

@@ -18,6 +18,20 @@ pub async fn start(config: Config) -> ServerHandle {
     Server::bind(config).await.expect("server binds")
 }
 
+/// A server with the default namespaces and one more.
+pub async fn start_with_namespace(
+    namespace: &str,
+    options: plexus_core::ChannelOptions,
+) -> ServerHandle {
+    let mut namespaces = plexus_core::Namespaces::default();
+    namespaces.insert(namespace, options);
+    start(Config {
+        namespaces,
+        ..Config::for_tests()
+    })
+    .await
+}
+
 pub async fn start_default() -> ServerHandle {
     start(Config::for_tests()).await
 }
