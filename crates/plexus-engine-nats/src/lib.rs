@@ -449,6 +449,31 @@ impl Inner {
     }
 }
 
+impl NatsEngine {
+    /// Writes a client's presence entry and keeps it in the entries this node refreshes. A
+    /// failed write takes it out of those again only if `forget_on_failure` (a subscribe that
+    /// fails with it); an update keeps being refreshed.
+    fn write_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+        forget_on_failure: bool,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        let reply = inner.call(channel, add_presence(&client));
+        let channel: Arc<str> = channel.into();
+        inner.presence.add(&channel, client.clone());
+        Box::pin(async move {
+            let result = reply.await.map(drop);
+            if result.is_err() && forget_on_failure {
+                // Not present: nothing to refresh (unless it was added again meanwhile).
+                inner.presence.forget(&channel, &client);
+            }
+            result
+        })
+    }
+}
+
 impl Engine for NatsEngine {
     fn name(&self) -> &'static str {
         NAME
@@ -529,18 +554,7 @@ impl Engine for NatsEngine {
         channel: &str,
         client: Arc<ClientDescriptor>,
     ) -> BoxFuture<Result<(), EngineError>> {
-        let inner = self.inner.clone();
-        let reply = inner.call(channel, add_presence(&client));
-        let channel: Arc<str> = channel.into();
-        inner.presence.add(&channel, client.clone());
-        Box::pin(async move {
-            let result = reply.await.map(drop);
-            if result.is_err() {
-                // Not present: nothing to refresh (unless it was added again meanwhile).
-                inner.presence.forget(&channel, &client);
-            }
-            result
-        })
+        self.write_presence(channel, client, true)
     }
 
     fn update_presence(
@@ -548,11 +562,8 @@ impl Engine for NatsEngine {
         channel: &str,
         client: Arc<ClientDescriptor>,
     ) -> BoxFuture<Result<(), EngineError>> {
-        let inner = self.inner.clone();
-        let reply = inner.call(channel, add_presence(&client));
         // Refreshed from here on whether or not this write lands.
-        inner.presence.add(channel, client);
-        Box::pin(async move { reply.await.map(drop) })
+        self.write_presence(channel, client, false)
     }
 
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {

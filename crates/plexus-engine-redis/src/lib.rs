@@ -482,6 +482,31 @@ async fn refresh_presence(inner: Arc<Inner>, connected: Arc<Notify>, cancel: Can
     }
 }
 
+impl RedisEngine {
+    /// Writes a client's presence entry and keeps it in the entries this node refreshes. A
+    /// failed write takes it out of those again only if `forget_on_failure` (a subscribe that
+    /// fails with it); an update keeps being refreshed.
+    fn write_presence(
+        &self,
+        channel: &str,
+        client: Arc<ClientDescriptor>,
+        forget_on_failure: bool,
+    ) -> BoxFuture<Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        let reply = inner.call(channel, inner.add_presence_cmd(channel, &client));
+        let channel: Arc<str> = channel.into();
+        inner.presence.add(&channel, client.clone());
+        Box::pin(async move {
+            let result = reply.await.map(drop);
+            if result.is_err() && forget_on_failure {
+                // Not present: nothing to refresh (unless it was added again meanwhile).
+                inner.presence.forget(&channel, &client);
+            }
+            result
+        })
+    }
+}
+
 impl Engine for RedisEngine {
     fn name(&self) -> &'static str {
         NAME
@@ -622,11 +647,8 @@ impl Engine for RedisEngine {
         channel: &str,
         client: Arc<ClientDescriptor>,
     ) -> BoxFuture<Result<(), EngineError>> {
-        let inner = self.inner.clone();
-        let reply = inner.call(channel, inner.add_presence_cmd(channel, &client));
         // Refreshed from here on whether or not this write lands.
-        inner.presence.add(channel, client);
-        Box::pin(async move { reply.await.map(drop) })
+        self.write_presence(channel, client, false)
     }
 
     fn add_presence(
@@ -634,18 +656,7 @@ impl Engine for RedisEngine {
         channel: &str,
         client: Arc<ClientDescriptor>,
     ) -> BoxFuture<Result<(), EngineError>> {
-        let inner = self.inner.clone();
-        let reply = inner.call(channel, inner.add_presence_cmd(channel, &client));
-        let channel: Arc<str> = channel.into();
-        inner.presence.add(&channel, client.clone());
-        Box::pin(async move {
-            let result = reply.await.map(drop);
-            if result.is_err() {
-                // Not present: nothing to refresh (unless it was added again meanwhile).
-                inner.presence.forget(&channel, &client);
-            }
-            result
-        })
+        self.write_presence(channel, client, true)
     }
 
     fn remove_presence(&self, channel: &str, client: &str) -> BoxFuture<Result<(), EngineError>> {
