@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use plexus_protocol::client::{
-    encode_command, parse_replies, ConnectRequest, Payload, PushBody, RawJson, ReplyBody, Request,
-    SubscribeRequest,
+    encode_command, parse_replies, ConnectRequest, FilterNode, Payload, PushBody, RawJson,
+    ReplyBody, Request, SubscribeRequest,
 };
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -34,6 +34,8 @@ pub enum Protocol {
     Native {
         token: String,
         channel: Option<String>,
+        /// Sent with the subscribe as its tags filter (`tf`), to measure filtered delivery.
+        tags_filter: Option<Box<FilterNode>>,
     },
 }
 
@@ -198,10 +200,15 @@ impl Endpoint {
         .await
         .map_err(|_| OpenError::Timeout("WebSocket handshake"))?
         .map_err(OpenError::from_ws)?;
-        if let Protocol::Native { token, channel } = &self.protocol {
+        if let Protocol::Native {
+            token,
+            channel,
+            tags_filter,
+        } = &self.protocol
+        {
             tokio::time::timeout(
                 self.timeout,
-                native_handshake(&mut ws, token, channel.as_deref()),
+                native_handshake(&mut ws, token, channel.as_deref(), tags_filter.as_deref()),
             )
             .await
             .map_err(|_| OpenError::Timeout("native connect"))??;
@@ -272,7 +279,11 @@ pub fn native_publish(id: u32, channel: &str, data: String) -> String {
 
 /// The native client's first message: `connect` (id 1) with `token`, and `subscribe` (id 2) to
 /// `channel` when there is one.
-pub(crate) fn native_hello(token: &str, channel: Option<&str>) -> String {
+pub(crate) fn native_hello(
+    token: &str,
+    channel: Option<&str>,
+    tags_filter: Option<&FilterNode>,
+) -> String {
     let mut text = native_command(
         1,
         Request::Connect(ConnectRequest {
@@ -288,6 +299,7 @@ pub(crate) fn native_hello(token: &str, channel: Option<&str>) -> String {
             2,
             Request::Subscribe(SubscribeRequest {
                 channel: channel.to_owned(),
+                tf: tags_filter.cloned().map(Box::new),
                 ..SubscribeRequest::default()
             }),
         ));
@@ -328,8 +340,9 @@ async fn native_handshake(
     ws: &mut Ws,
     token: &str,
     channel: Option<&str>,
+    tags_filter: Option<&FilterNode>,
 ) -> Result<(), OpenError> {
-    ws.send(Message::text(native_hello(token, channel)))
+    ws.send(Message::text(native_hello(token, channel, tags_filter)))
         .await
         .map_err(OpenError::from_ws)?;
     let mut waiting: u32 = if channel.is_some() { 2 } else { 1 };
@@ -559,6 +572,7 @@ mod tests {
         let native = Protocol::Native {
             token: String::new(),
             channel: None,
+            tags_filter: None,
         };
         let stamp = Stamp { seq: 3, t: 9 };
         assert_eq!(

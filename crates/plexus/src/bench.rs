@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use plexus_bench::{
-    BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, OverloadOptions,
-    Probe, ProgressMode, Protocol, PublishOptions, PublishPath, PublishVia, Rate, Report, Sources,
-    Target,
+    BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, FilterNode,
+    OverloadOptions, Probe, ProgressMode, Protocol, PublishOptions, PublishPath, PublishVia, Rate,
+    Report, Sources, Target,
 };
 
 use crate::Failure;
@@ -99,6 +99,10 @@ struct ProtocolArgs {
     /// /chat/{room} URLs use chat:{room}]
     #[arg(long)]
     channel: Option<String>,
+    /// Native protocol: subscribe with this tags filter (JSON, e.g.
+    /// '{"key":"x","cmp":"nex"}'; the namespace must allow tags filters)
+    #[arg(long, value_name = "JSON")]
+    tags_filter: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -391,6 +395,17 @@ impl ProtocolArgs {
                 } else {
                     None
                 },
+                tags_filter: match &self.tags_filter {
+                    None => None,
+                    Some(json) => {
+                        let filter: FilterNode = serde_json::from_str(json)
+                            .map_err(|error| usage(format!("--tags-filter: {error}")))?;
+                        filter
+                            .validate()
+                            .map_err(|error| usage(format!("--tags-filter: {error}")))?;
+                        Some(Box::new(filter))
+                    }
+                },
             }),
         }
     }
@@ -515,6 +530,7 @@ async fn run_publish(args: PublishArgs) -> Result<(), Failure> {
         let protocol = Protocol::Native {
             token,
             channel: None,
+            tags_filter: None,
         };
         PublishPath::Native {
             endpoint: args.common.endpoint(&args.url, protocol).await?,

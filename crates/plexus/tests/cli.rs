@@ -1062,6 +1062,37 @@ fn bench_overload_reports_slow_subscribers_cut_with_3008_and_probes() {
     );
 }
 
+/// `--tags-filter` must be a well-formed filter: a usage error (2) that names the flag.
+#[test]
+fn bench_refuses_a_malformed_tags_filter() {
+    for filter in ["not json", r#"{"key":"x","cmp":"like","val":"y"}"#] {
+        let output = plexus()
+            .args([
+                "bench",
+                "fanout",
+                "ws://127.0.0.1:9/connection/websocket",
+                "--protocol",
+                "native",
+                "--token",
+                "t",
+                "--channel",
+                "ticks:x",
+                "--subscribers",
+                "1",
+                "--tags-filter",
+                filter,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+        assert!(
+            text(&output.stderr).contains("--tags-filter"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+}
+
 #[test]
 fn bench_refuses_remote_targets_and_explains_a_refused_connection() {
     let output = plexus()

@@ -83,10 +83,16 @@ pub async fn open(endpoint: &Endpoint, index: u64, shared: &Shared) -> Result<Op
         state: Subscriber::new(&endpoint.protocol),
         leftover,
     };
-    if let Protocol::Native { token, channel } = &endpoint.protocol {
+    if let Protocol::Native {
+        token,
+        channel,
+        tags_filter,
+    } = &endpoint.protocol
+    {
+        let hello = native_hello(token, channel.as_deref(), tags_filter.as_deref());
         tokio::time::timeout(
             endpoint.timeout,
-            opened.native_hello(token, channel.as_deref(), index, shared),
+            opened.native_hello(&hello, channel.is_some(), index, shared),
         )
         .await
         .map_err(|_| OpenError::Timeout("native connect"))??;
@@ -178,14 +184,14 @@ impl Opened {
     /// came in the same read as the replies are counted here: the reader thread never sees them.)
     async fn native_hello(
         &mut self,
-        token: &str,
-        channel: Option<&str>,
+        hello: &str,
+        subscribes: bool,
         index: u64,
         shared: &Shared,
     ) -> Result<(), OpenError> {
-        self.state.awaiting = if channel.is_some() { 2 } else { 1 };
+        self.state.awaiting = if subscribes { 2 } else { 1 };
         let mut out = Vec::new();
-        wsframe::push_text(&mut out, &native_hello(token, channel));
+        wsframe::push_text(&mut out, hello);
         self.stream
             .write_all(&out)
             .await
@@ -701,6 +707,7 @@ mod tests {
         let native = Protocol::Native {
             token: String::new(),
             channel: Some("chat:x".into()),
+            tags_filter: None,
         };
         let mut subscriber = Subscriber::new(&native);
         subscriber.awaiting = 2;
