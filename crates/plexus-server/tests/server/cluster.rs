@@ -166,6 +166,21 @@ async fn three_nodes_agree(engine: &str, prefix: &str, config: impl Fn(&str) -> 
         assert_eq!(presence["presence"].as_object().unwrap(), clients);
     }
 
+    // New info for ann, through node C's API: her presence entry shows it on every node.
+    let refresh = json!({"user": "ann", "expire_at": 0, "info": {"name": "Ann B."}});
+    assert_eq!(api(&c, "refresh", refresh).await, json!({}));
+    let started = std::time::Instant::now();
+    for node in [&b, &a, &c] {
+        loop {
+            let presence = api(node, "presence", json!({"channel": "chat:r"})).await;
+            if presence["presence"][&ann_id]["conn_info"] == json!({"name": "Ann B."}) {
+                break;
+            }
+            assert!(started.elapsed() < TIMEOUT, "{presence}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     // One history, the same from every node.
     let history = api(&b, "history", json!({"channel": "chat:r", "limit": -1})).await;
     let texts: Vec<&Value> = history["publications"]
