@@ -153,7 +153,8 @@ class Server:
     """A `plexus serve` child process."""
 
     def __init__(self, recorder: Recorder, *, engine: str = "memory",
-                 data_dir: Optional[str] = None, port: Optional[int] = None) -> None:
+                 data_dir: Optional[str] = None, port: Optional[int] = None,
+                 config: Optional[str] = None) -> None:
         if not PLEXUS_BIN.exists():
             raise RuntimeError(f"no server binary at {PLEXUS_BIN}; run `cargo build -p plexus` "
                                "or set PLEXUS_BIN")
@@ -166,6 +167,11 @@ class Server:
         args = [str(PLEXUS_BIN), "serve", "--listen", f"127.0.0.1:{self.port}",
                 "--tcp-echo", "off", "--tcp-chat", "off", "--token-hmac-secret", SECRET,
                 "--api-key", API_KEY, "--engine", engine, "--data-dir", self.data_dir]
+        if config is not None:  # TOML text, in a file in the data folder
+            config_file = os.path.join(self.data_dir, "plexus.toml")
+            with open(config_file, "w") as f:
+                f.write(config)
+            args += ["--config", config_file]
         recorder.add("server", "$ " + " ".join(args))
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         stdin=subprocess.DEVNULL)

@@ -191,3 +191,35 @@ async def test_delta_compression(server, clients, recorder):
     pushed = [f["push"]["pub"] for f in recorder.received()
               if "push" in f and "pub" in f["push"] and f["push"].get("channel") == channel]
     assert sum(1 for p in pushed if p.get("delta")) >= 5, "publications after the first came as deltas"
+
+
+async def test_tags_filter(clients, recorder):
+    """tags_filter: only publications whose tags match reach the subscription (a namespace
+    with allow_tags_filter)."""
+    from centrifuge import Filter
+    from harness import Server
+
+    server = Server(recorder, config=(
+        '[[namespaces]]\nname = "ticks"\nhistory_size = 10\nhistory_ttl = "5m"\n'
+        'recover = true\nallow_tags_filter = true\n'))
+    try:
+        await server.wait_healthy()
+        channel = room("pyfilter").replace("chat:", "ticks:", 1)
+        ann = Client(server.ws, events=Events(recorder, "ann"), token=token("u1"), proxy=None)
+        clients.append(ann)
+        await ann.connect()
+        sub_events = Events(recorder, "ann/sub")
+        tags_filter = Filter.any(Filter.eq("ticker", "BTC"), Filter.gte("size", "100"))
+        sub = ann.new_subscription(channel, events=sub_events, tags_filter=tags_filter)
+        await sub.subscribe()
+        await sub.ready(timeout=5)
+        sent = [("BTC", "1", 1), ("ETH", "5", 2), ("SOL", "250", 3), ("BTC", "2", 4), ("ETH", "99.9", 5)]
+        for ticker, size, n in sent:
+            reply = await server.api("publish", {"channel": channel, "data": {"n": n},
+                                                 "tags": {"ticker": ticker, "size": size}})
+            assert "result" in reply, reply
+        await until(lambda: len(publications(sub_events)) >= 3, "the matching publications")
+        await asyncio.sleep(0.3)  # time for anything more to show up
+        assert [p.data["n"] for p in publications(sub_events)] == [1, 3, 4]
+    finally:
+        server.cleanup()
