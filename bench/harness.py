@@ -26,6 +26,7 @@ Tests (see TESTS and the section of report.py for each target):
                  filters, without a filter and with one every publication passes: what a
                  filtered subscription costs, written by its own task (delta subscriptions
                  take the same path)
+  fanout-protobuf  (only when named) fanout-native with JSON subscribers, then Protobuf ones
 """
 
 import argparse
@@ -388,6 +389,15 @@ def test_fanout_filtered(server, opts, case):
     return res | {"case": case}
 
 
+def test_fanout_protobuf(server, opts, case):
+    """`fanout-native` with JSON subscribers, or with Protobuf ones (binary pushes; the
+    publisher stays on JSON)."""
+    extra = server.native("chat:bench") + (["--protobuf"] if case == "protobuf" else [])
+    res = fanout(server, server.url("/connection/websocket"), opts.subscribers, opts.rate,
+                 opts.duration, extra)
+    return res | {"case": case}
+
+
 def test_echo(server, opts):
     report, samples, lines = run_bench(
         ["echo", server.url("/echo"), "--connections", "10", "--duration",
@@ -492,11 +502,12 @@ TESTS = {"conns": test_conns, "conns-native": test_conns_native, "fanout": test_
          "fanout-wide": test_fanout_wide, "fanout-load": test_fanout_load,
          "fanout-native": test_fanout_native, "echo": test_echo, "idle": test_idle,
          "publish": test_publish, "overload": test_overload, "floor": None,
-         "fanout-filtered": test_fanout_filtered}
+         "fanout-filtered": test_fanout_filtered, "fanout-protobuf": test_fanout_protobuf}
 # Tests only Plexus can take (the peers have no native protocol, API or engines).
-PLEXUS_ONLY = {"conns-native", "fanout-native", "publish", "fanout-filtered"}
+PLEXUS_ONLY = {"conns-native", "fanout-native", "publish", "fanout-filtered",
+               "fanout-protobuf"}
 # Not in the default run (docs/benchmarks.md has no table for them): asked for by name.
-EXTRA_TESTS = {"fanout-filtered"}
+EXTRA_TESTS = {"fanout-filtered", "fanout-protobuf"}
 # Server configuration a test needs.
 CONFIGS = {"fanout-filtered": FILTERED_CONFIG}
 
@@ -513,6 +524,8 @@ def cases(test, peers, opts):
         peers = [p for p in peers if p == "plexus"]
     if test == "fanout-filtered":
         return [(p, "memory", case) for p in peers for case in ("plain", "filter")]
+    if test == "fanout-protobuf":
+        return [(p, "memory", case) for p in peers for case in ("json", "protobuf")]
     if test == "publish":
         # Each publisher count, memory then durable, back to back, for both paths.
         return [(p, engine, (via, n)) for p in peers for n in publisher_counts(opts)

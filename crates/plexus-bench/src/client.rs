@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use plexus_protocol::client::{
-    encode_command, parse_replies, ConnectRequest, FilterNode, Payload, PushBody, RawJson,
-    ReplyBody, Request, SubscribeRequest,
+    encode_command, ConnectRequest, FilterNode, Format, Payload, PushBody, RawJson, ReplyBody,
+    Request, SubscribeRequest,
 };
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -36,6 +36,9 @@ pub enum Protocol {
         channel: Option<String>,
         /// Sent with the subscribe as its tags filter (`tf`), to measure filtered delivery.
         tags_filter: Option<Box<FilterNode>>,
+        /// JSON, or Protobuf (binary messages, subprotocol `centrifuge-protobuf`): only
+        /// `fanout`'s subscribers speak Protobuf; its publisher stays on JSON.
+        format: Format,
     },
 }
 
@@ -204,8 +207,14 @@ impl Endpoint {
             token,
             channel,
             tags_filter,
+            format,
         } = &self.protocol
         {
+            if *format != Format::Json {
+                return Err(OpenError::Ws(
+                    "only fanout subscribers speak Protobuf here".into(),
+                ));
+            }
             tokio::time::timeout(
                 self.timeout,
                 native_handshake(&mut ws, token, channel.as_deref(), tags_filter.as_deref()),
@@ -277,43 +286,44 @@ pub fn native_publish(id: u32, channel: &str, data: String) -> String {
     )
 }
 
-/// The native client's first message: `connect` (id 1) with `token`, and `subscribe` (id 2) to
-/// `channel` when there is one.
+/// The native client's first message, in `format`: `connect` (id 1) with `token`, and
+/// `subscribe` (id 2) to `channel` when there is one.
 pub(crate) fn native_hello(
+    format: Format,
     token: &str,
     channel: Option<&str>,
     tags_filter: Option<&FilterNode>,
-) -> String {
-    let mut text = native_command(
+) -> Vec<u8> {
+    let mut commands = vec![format.encode_command(
         1,
-        Request::Connect(ConnectRequest {
+        &Request::Connect(ConnectRequest {
             token: token.to_owned(),
             name: "plexus-bench".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             ..ConnectRequest::default()
         }),
-    );
+    )];
     if let Some(channel) = channel {
-        text.push('\n');
-        text.push_str(&native_command(
+        commands.push(format.encode_command(
             2,
-            Request::Subscribe(SubscribeRequest {
+            &Request::Subscribe(SubscribeRequest {
                 channel: channel.to_owned(),
                 tf: tags_filter.cloned().map(Box::new),
                 ..SubscribeRequest::default()
             }),
         ));
     }
-    text
+    // Lines in JSON, a concatenation of length-prefixed commands in Protobuf.
+    format.join_batch(commands)
 }
 
 /// What one message told a native client waiting for the answers to [`native_hello`]: how many
 /// of them it carried, and whether a server ping (answer `{}`) came with them. An error reply
 /// (or a message that is not replies) ends the client.
-pub(crate) fn native_hello_replies(text: &str) -> Result<(u32, bool), OpenError> {
+pub(crate) fn native_hello_replies(format: Format, data: &[u8]) -> Result<(u32, bool), OpenError> {
     let mut answered = 0;
     let mut ping = false;
-    for reply in parse_replies(text) {
+    for reply in format.parse_replies(data) {
         let reply = reply.map_err(|error| OpenError::Ws(format!("bad reply: {error}")))?;
         if reply.is_server_ping() {
             ping = true;
@@ -342,16 +352,19 @@ async fn native_handshake(
     channel: Option<&str>,
     tags_filter: Option<&FilterNode>,
 ) -> Result<(), OpenError> {
-    ws.send(Message::text(native_hello(token, channel, tags_filter)))
-        .await
-        .map_err(OpenError::from_ws)?;
+    let hello = native_hello(Format::Json, token, channel, tags_filter);
+    ws.send(Message::text(
+        String::from_utf8(hello).expect("JSON commands are text"),
+    ))
+    .await
+    .map_err(OpenError::from_ws)?;
     let mut waiting: u32 = if channel.is_some() { 2 } else { 1 };
     while waiting > 0 {
         let text = match next_data(ws).await? {
             Some(text) => text,
             None => continue,
         };
-        let (answered, ping) = native_hello_replies(&text)?;
+        let (answered, ping) = native_hello_replies(Format::Json, text.as_bytes())?;
         if ping {
             ws.send(Message::text("{}"))
                 .await
@@ -423,14 +436,25 @@ pub fn interpret_text(protocol: &Protocol, text: &str) -> Received {
             },
             None => Received::Other,
         },
-        Protocol::Native { .. } => interpret_native(text),
+        Protocol::Native { .. } => interpret_native(Format::Json, text.as_bytes()),
     }
 }
 
-fn interpret_native(text: &str) -> Received {
+/// Reads what a native Protobuf (binary) message carries.
+pub fn interpret_binary(protocol: &Protocol, data: &[u8]) -> Received {
+    match protocol {
+        Protocol::Native {
+            format: Format::Protobuf,
+            ..
+        } => interpret_native(Format::Protobuf, data),
+        _ => Received::Other,
+    }
+}
+
+fn interpret_native(format: Format, data: &[u8]) -> Received {
     let mut stamps = Vec::new();
     let mut ping = false;
-    for reply in parse_replies(text).into_iter().flatten() {
+    for reply in format.parse_replies(data).into_iter().flatten() {
         if reply.is_server_ping() {
             ping = true;
             continue;
@@ -478,6 +502,11 @@ pub async fn close(mut ws: Ws, limit: Duration) -> bool {
 /// Opens one client to check that the endpoint answers, and closes it. A refused connection
 /// or a refused handshake is the clear error the run stops with.
 pub async fn preflight(endpoint: &Endpoint) -> Result<(), BenchError> {
+    // In JSON whatever the clients speak: what is checked is the endpoint, token and channel.
+    let mut endpoint = endpoint.clone();
+    if let Protocol::Native { format, .. } = &mut endpoint.protocol {
+        *format = Format::Json;
+    }
     match endpoint.open(u64::MAX).await {
         Ok(ws) => {
             close(ws, Duration::from_secs(2)).await;
@@ -573,6 +602,7 @@ mod tests {
             token: String::new(),
             channel: None,
             tags_filter: None,
+            format: Format::Json,
         };
         let stamp = Stamp { seq: 3, t: 9 };
         assert_eq!(

@@ -104,8 +104,8 @@ pub use echo::{echo, EchoOptions, EchoReport};
 pub use fanout::{fanout, FanoutOptions, FanoutReport};
 pub use latency::LatencySummary;
 pub use overload::{overload, OverloadOptions, OverloadReport, Probe, SLOW_RECV_BUFFER};
-/// A tags filter, as `Protocol::Native` subscribes with.
-pub use plexus_protocol::client::FilterNode;
+/// A tags filter, as `Protocol::Native` subscribes with, and the format it speaks.
+pub use plexus_protocol::client::{FilterNode, Format};
 pub use progress::ProgressMode;
 pub use publish::{publish, PublishOptions, PublishPath, PublishReport};
 pub use publisher::PublishVia;

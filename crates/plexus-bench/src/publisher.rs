@@ -73,8 +73,16 @@ impl Publisher {
         match via {
             PublishVia::Endpoint => {
                 let mut endpoint = endpoint.clone();
-                if let Protocol::Native { channel, .. } = &mut endpoint.protocol {
+                if let Protocol::Native {
+                    channel,
+                    tags_filter,
+                    format,
+                    ..
+                } = &mut endpoint.protocol
+                {
                     *channel = None; // a publisher need not subscribe
+                    *tags_filter = None;
+                    *format = plexus_protocol::client::Format::Json; // publishes JSON stamps
                 }
                 let ws =
                     endpoint

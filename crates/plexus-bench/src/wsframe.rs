@@ -14,8 +14,8 @@ use std::hash::{BuildHasher, Hasher};
 pub const MAX_MESSAGE: usize = 16 << 20;
 
 const CONTINUATION: u8 = 0x0;
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
+pub const TEXT: u8 = 0x1;
+pub const BINARY: u8 = 0x2;
 pub const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 pub const PONG: u8 = 0xA;

@@ -21,8 +21,8 @@ use std::time::Duration;
 use anyhow::anyhow;
 use plexus_bench::{
     BenchError, ChurnOptions, ConnsOptions, EchoOptions, Endpoint, FanoutOptions, FilterNode,
-    OverloadOptions, Probe, ProgressMode, Protocol, PublishOptions, PublishPath, PublishVia, Rate,
-    Report, Sources, Target,
+    Format, OverloadOptions, Probe, ProgressMode, Protocol, PublishOptions, PublishPath,
+    PublishVia, Rate, Report, Sources, Target,
 };
 
 use crate::Failure;
@@ -103,6 +103,10 @@ struct ProtocolArgs {
     /// '{"key":"x","cmp":"nex"}'; the namespace must allow tags filters)
     #[arg(long, value_name = "JSON")]
     tags_filter: Option<String>,
+    /// Native protocol: subscribers speak Protobuf (subprotocol centrifuge-protobuf, binary
+    /// messages) [fanout only; its publisher stays on JSON]
+    #[arg(long)]
+    protobuf: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -406,6 +410,11 @@ impl ProtocolArgs {
                         Some(Box::new(filter))
                     }
                 },
+                format: if self.protobuf {
+                    Format::Protobuf
+                } else {
+                    Format::Json
+                },
             }),
         }
     }
@@ -531,6 +540,7 @@ async fn run_publish(args: PublishArgs) -> Result<(), Failure> {
             token,
             channel: None,
             tags_filter: None,
+            format: Format::Json,
         };
         PublishPath::Native {
             endpoint: args.common.endpoint(&args.url, protocol).await?,

@@ -32,13 +32,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Shared;
 use crate::client::{
-    interpret_text, io_reason, native_hello, native_hello_replies, Endpoint, OpenError, Protocol,
-    Received,
+    interpret_binary, interpret_text, io_reason, native_hello, native_hello_replies, Endpoint,
+    OpenError, Protocol, Received,
 };
 use crate::http::parse_head;
 use crate::latency::Latencies;
 use crate::seq::{SeqTracker, PROBE};
-use crate::wsframe::{self, Frame, FrameReader};
+use crate::wsframe::{self, Frame, FrameReader, BINARY, TEXT};
+use plexus_protocol::client::{Format, PROTOBUF_SUBPROTOCOL};
 
 /// How long the end of a run waits for the servers' answers to our close frames.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
@@ -87,12 +88,16 @@ pub async fn open(endpoint: &Endpoint, index: u64, shared: &Shared) -> Result<Op
         token,
         channel,
         tags_filter,
+        format,
     } = &endpoint.protocol
     {
-        let hello = native_hello(token, channel.as_deref(), tags_filter.as_deref());
+        let hello = native_hello(*format, token, channel.as_deref(), tags_filter.as_deref());
+        let mut out = Vec::new();
+        let opcode = if format.is_binary() { BINARY } else { TEXT };
+        wsframe::push_masked(&mut out, opcode, &hello);
         tokio::time::timeout(
             endpoint.timeout,
-            opened.native_hello(&hello, channel.is_some(), index, shared),
+            opened.native_hello(&out, channel.is_some(), index, shared),
         )
         .await
         .map_err(|_| OpenError::Timeout("native connect"))??;
@@ -106,9 +111,16 @@ async fn upgrade(
     endpoint: &Endpoint,
 ) -> Result<Vec<u8>, OpenError> {
     let key = upgrade_key();
+    let subprotocol = match &endpoint.protocol {
+        Protocol::Native {
+            format: Format::Protobuf,
+            ..
+        } => format!("Sec-WebSocket-Protocol: {PROTOBUF_SUBPROTOCOL}\r\n"),
+        _ => String::new(),
+    };
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n",
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n{subprotocol}\r\n",
         endpoint.target.path, endpoint.target.authority
     );
     stream
@@ -184,16 +196,14 @@ impl Opened {
     /// came in the same read as the replies are counted here: the reader thread never sees them.)
     async fn native_hello(
         &mut self,
-        hello: &str,
+        hello: &[u8],
         subscribes: bool,
         index: u64,
         shared: &Shared,
     ) -> Result<(), OpenError> {
         self.state.awaiting = if subscribes { 2 } else { 1 };
-        let mut out = Vec::new();
-        wsframe::push_text(&mut out, hello);
         self.stream
-            .write_all(&out)
+            .write_all(hello)
             .await
             .map_err(OpenError::from_io)?;
         let mut batch = Batch::default();
@@ -297,6 +307,10 @@ impl Subscriber {
             outgoing,
             closing,
         } = self;
+        let format = match &*protocol {
+            Protocol::Native { format, .. } => Some(*format),
+            Protocol::Raw => None,
+        };
         let fed = frames.feed(bytes, |frame| {
             if ended.is_some() {
                 return;
@@ -317,20 +331,33 @@ impl Subscriber {
                 }
                 _ if *closing => {}
                 Frame::Ping(payload) => wsframe::push_masked(outgoing, wsframe::PONG, payload),
-                Frame::Pong | Frame::Binary(_) => {}
-                Frame::Text(text) if *awaiting > 0 => match native_hello_replies(text) {
-                    Ok((answered, ping)) => {
-                        if ping {
-                            wsframe::push_text(outgoing, "{}");
+                Frame::Pong => {}
+                Frame::Binary(_) if format != Some(Format::Protobuf) => {}
+                Frame::Text(_) if format == Some(Format::Protobuf) => {}
+                Frame::Text(_) | Frame::Binary(_) if *awaiting > 0 => {
+                    let data = match frame {
+                        Frame::Text(text) => text.as_bytes(),
+                        Frame::Binary(data) => data,
+                        _ => &[],
+                    };
+                    match native_hello_replies(format.unwrap_or(Format::Json), data) {
+                        Ok((answered, ping)) => {
+                            if ping {
+                                pong(format, outgoing);
+                            }
+                            *awaiting = awaiting.saturating_sub(answered);
                         }
-                        *awaiting = awaiting.saturating_sub(answered);
+                        Err(error) => ended = Some(Err(error.reason())),
                     }
-                    Err(error) => ended = Some(Err(error.reason())),
-                },
-                Frame::Text(text) => match interpret_text(protocol, text) {
+                }
+                Frame::Text(_) | Frame::Binary(_) => match match frame {
+                    Frame::Text(text) => interpret_text(protocol, text),
+                    Frame::Binary(data) => interpret_binary(protocol, data),
+                    _ => Received::Other,
+                } {
                     Received::Stamps { stamps, ping } => {
                         if ping {
-                            wsframe::push_text(outgoing, "{}");
+                            pong(format, outgoing);
                         }
                         if !*ready {
                             *ready = true;
@@ -343,7 +370,7 @@ impl Subscriber {
                             batch.last_delivery = now;
                         }
                     }
-                    Received::Ping => wsframe::push_text(outgoing, "{}"),
+                    Received::Ping => pong(format, outgoing),
                     Received::Other | Received::Closed(..) => {}
                 },
             }
@@ -353,6 +380,16 @@ impl Subscriber {
             (Err(error), None) => Err(format!("protocol: {error}")),
             (Ok(()), None) => Ok(Status::Open),
         }
+    }
+}
+
+/// Answers a server ping in the connection's format.
+fn pong(format: Option<Format>, outgoing: &mut Vec<u8>) {
+    match format {
+        Some(Format::Protobuf) => {
+            wsframe::push_masked(outgoing, BINARY, Format::Protobuf.client_pong())
+        }
+        _ => wsframe::push_text(outgoing, "{}"),
     }
 }
 
@@ -708,6 +745,7 @@ mod tests {
             token: String::new(),
             channel: Some("chat:x".into()),
             tags_filter: None,
+            format: Format::Json,
         };
         let mut subscriber = Subscriber::new(&native);
         subscriber.awaiting = 2;
@@ -732,6 +770,59 @@ mod tests {
         assert_eq!(
             refused_subscriber.on_bytes(&refused, 1, &mut batch),
             Err("connect error 109: token expired".into())
+        );
+    }
+
+    /// The same in Protobuf: binary messages, a ping answered with the empty command (one 0
+    /// byte in a binary frame), and text ignored.
+    #[test]
+    fn protobuf_replies_then_pushes() {
+        use plexus_protocol::client::{
+            ConnectResult, Payload, Publication, PushBody, Reply, ReplyBody, SubscribeResult,
+        };
+        let native = Protocol::Native {
+            token: String::new(),
+            channel: Some("chat:x".into()),
+            tags_filter: None,
+            format: Format::Protobuf,
+        };
+        let binary = |data: &[u8]| {
+            let mut out = vec![0x82, data.len() as u8];
+            out.extend_from_slice(data);
+            out
+        };
+        let reply = |id, body| Reply {
+            id,
+            error: None,
+            body: Some(body),
+        };
+        let hello = Format::Protobuf.join_batch([
+            Format::Protobuf.encode_reply(&reply(1, ReplyBody::Connect(ConnectResult::default()))),
+            Format::Protobuf
+                .encode_reply(&reply(2, ReplyBody::Subscribe(SubscribeResult::default()))),
+        ]);
+        let publication = Publication {
+            data: Some(Payload::new(&br#"{"seq":1,"t":5}"#[..])),
+            ..Publication::default()
+        };
+        let push = Format::Protobuf.encode_push("chat:x", &PushBody::Publication(publication));
+        let mut subscriber = Subscriber::new(&native);
+        subscriber.awaiting = 2;
+        let mut batch = Batch::default();
+        let mut bytes = binary(&hello);
+        bytes.extend(binary(Format::Protobuf.server_ping()));
+        bytes.extend(server_text(
+            r#"{"push":{"channel":"chat:x","pub":{"data":{"seq":2,"t":5}}}}"#,
+        ));
+        bytes.extend(binary(&push));
+        assert_eq!(subscriber.on_bytes(&bytes, 9, &mut batch), Ok(Status::Open));
+        assert_eq!(subscriber.awaiting, 0);
+        assert_eq!(batch.deliveries, 1, "the binary push only");
+        assert_eq!(batch.latencies, [4]);
+        assert_eq!(
+            &subscriber.outgoing[..2],
+            &[0x82, 0x81],
+            "the ping answered in binary"
         );
     }
 
