@@ -48,7 +48,7 @@ pub struct EmbeddedEngine {
 
 /// The log's stream of idempotency records: a name longer than any channel's
 /// ([`MAX_CHANNEL_LEN`]), so that no publication can go into it.
-pub fn keys_stream() -> Arc<str> {
+fn keys_stream() -> Arc<str> {
     let name = format!(
         "{:~<1$}",
         "~plexus/idempotency-records",

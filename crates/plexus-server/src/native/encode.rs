@@ -24,13 +24,12 @@ fn is_json(data: &[u8]) -> bool {
 
 /// Publication data as a protocol payload for a client of `format`.
 pub(crate) fn data(format: Format, kind: MessageKind, data: &Bytes) -> Payload {
-    let as_string = |text: &str| Payload::new(serde_json::to_vec(text).expect("a string is JSON"));
     match (format, kind, std::str::from_utf8(data)) {
         (Format::Protobuf, _, _) => Payload::new(data.clone()),
         (Format::Json, MessageKind::Text, Ok(_)) if is_json(data) => Payload::new(data.clone()),
-        (Format::Json, MessageKind::Text, Ok(text)) => as_string(text),
+        (Format::Json, MessageKind::Text, Ok(text)) => json_string(text),
         (Format::Json, MessageKind::Text, Err(_)) | (Format::Json, MessageKind::Binary, _) => {
-            as_string(&BASE64.encode(data))
+            json_string(&BASE64.encode(data))
         }
     }
 }
@@ -178,6 +177,7 @@ fn json_text(data: Option<&Payload>) -> String {
     String::from_utf8_lossy(data.map_or(&b"null"[..], Payload::as_bytes)).into_owned()
 }
 
+/// `text` as a JSON string.
 fn json_string(text: &str) -> Payload {
     Payload::new(serde_json::to_vec(text).expect("a string is JSON"))
 }

@@ -1092,11 +1092,9 @@ async fn subscribe(
     asked_for_join_leave: bool,
     mut extra: Option<Box<SubscriptionExtra>>,
 ) -> Result<proto::SubscribeResult, ErrorCode> {
-    let join_leave = asked_for_join_leave
-        || shared
-            .node
-            .options(channel)
-            .is_ok_and(|options| options.force_push_join_leave);
+    let options = shared.node.options(channel).ok();
+    let join_leave =
+        asked_for_join_leave || options.is_some_and(|options| options.force_push_join_leave);
     let subscriber = Subscriber {
         info: connected.info.clone(),
         outbox: peer.outbox.clone(),
@@ -1140,19 +1138,15 @@ async fn subscribe(
         .collect();
     // Recovering the latest only (cache mode) through a filter: the latest that passes, which
     // may be older than the channel's latest.
-    let filtered = extra.as_ref().is_some_and(|extra| extra.filter.is_some());
-    let latest_only = shared
-        .node
-        .options(channel)
-        .is_ok_and(|options| options.recovers_latest_only());
-    if let (true, true, true, Some(from), Some(extra)) = (
-        filtered && latest_only,
-        publications.is_empty(),
-        subscription.recovered,
-        recovering_from.as_ref(),
-        extra.as_deref(),
-    ) {
-        publications.extend(latest_passing(shared, channel, from, extra).await);
+    let latest_only = options.is_some_and(|options| options.recovers_latest_only());
+    if let (Some(extra), Some(from)) = (extra.as_deref(), recovering_from.as_ref()) {
+        if extra.filter.is_some()
+            && latest_only
+            && subscription.recovered
+            && publications.is_empty()
+        {
+            publications.extend(latest_passing(shared, channel, from, extra).await);
+        }
     }
     let delta = extra.as_ref().is_some_and(|extra| extra.delta);
     if let Some(extra) = extra.as_mut().filter(|extra| extra.delta) {
