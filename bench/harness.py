@@ -24,8 +24,7 @@ Tests (see TESTS and the section of report.py for each target):
   floor          the kernel's cost of one write() to a loopback socket (bench/floor)
   fanout-filtered  (only when named) 1,000 x 50 native subscribers in a namespace with tags
                  filters, without a filter and with one every publication passes: what a
-                 filtered subscription costs, written by its own task (delta subscriptions
-                 take the same path)
+                 filtered subscription costs (the hub matches it while fanning out)
   fanout-protobuf  (only when named) fanout-native with JSON subscribers, then Protobuf ones
 """
 

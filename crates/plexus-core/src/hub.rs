@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::engine::{Deliver, NodeCommand};
 use crate::outbox::{Control, Delivery, Outbox, OutboxState};
-use crate::publication::ClientDescriptor;
+use crate::publication::{ClientDescriptor, Publication};
 
 /// Identifies one connection in this process.
 pub type ConnectionId = u64;
@@ -166,11 +166,64 @@ pub struct FanOutReport {
     pub dropped_slow: usize,
 }
 
+/// Decides whether a subscriber is sent a publication (a protocol client's tags filter).
+pub type PublicationFilter = Arc<dyn Fn(&Publication) -> bool + Send + Sync>;
+
+/// How the hub treats a subscriber's publications when not every one goes to it as it is.
+///
+/// The hub applies this while fanning out, under the channel's lock and so in the channel's
+/// order: a filtered subscriber is never woken for what it does not get, and a chained one is
+/// handed what its transport needs to write each publication alone. Either way the connection
+/// can stay parked and be written for by its [`crate::DirectWriter`].
+pub enum Tailored {
+    /// Only the publications that pass.
+    Filtered(PublicationFilter),
+    /// Each publication as a [`Delivery::Chained`], with the one delivered to this subscriber
+    /// before it (delta compression: the transport sends the difference). Starts empty.
+    Chained,
+}
+
+/// What the hub keeps for a tailored subscriber.
+enum Tailoring {
+    Filtered(PublicationFilter),
+    /// The publication last delivered.
+    Chained(Option<Arc<Publication>>),
+}
+
+/// A channel's subscribers, and the tailoring of the few that have one.
+#[derive(Default)]
+struct Members {
+    list: Vec<Subscriber>,
+    /// By connection: only channels with a tailored subscriber pay for the table.
+    tailored: Option<Box<HashMap<ConnectionId, Tailoring>>>,
+}
+
+impl std::fmt::Debug for Members {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Members")
+            .field("list", &self.list)
+            .field("tailored", &self.tailored.as_ref().map_or(0, |t| t.len()))
+            .finish()
+    }
+}
+
+impl Members {
+    fn untailor(&mut self, id: ConnectionId) {
+        if let Some(tailored) = self.tailored.as_mut() {
+            tailored.remove(&id);
+            if tailored.is_empty() {
+                self.tailored = None;
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Channel {
     /// The subscriber list's lock is also the channel's order: deliveries to one channel are
     /// queued to every subscriber in the same order.
-    subscribers: Mutex<Vec<Subscriber>>,
+    subscribers: Mutex<Members>,
     /// Subscribers a fan-out dropped (cut as too slow, or closing) that have not unsubscribed
     /// yet: they are still members until they do (presence, the leave, the engine's watch).
     dropped: Mutex<Vec<ConnectionId>>,
@@ -320,31 +373,54 @@ impl Hub {
         subscriber: Subscriber,
         max_subscribers: usize,
     ) -> Result<(Arc<str>, bool), HubError> {
+        self.subscribe_tailored(channel, subscriber, None, max_subscribers)
+    }
+
+    /// [`Hub::subscribe`], with the subscriber's publications filtered or chained (joins,
+    /// leaves and commands go as they are).
+    pub fn subscribe_tailored(
+        &self,
+        channel: &str,
+        subscriber: Subscriber,
+        tailored: Option<Tailored>,
+        max_subscribers: usize,
+    ) -> Result<(Arc<str>, bool), HubError> {
         let mut shard = write(self.shard(channel));
         let (name, entry) = match shard.get_key_value(channel) {
             Some((name, entry)) => (name.clone(), entry.clone()),
             None => {
                 let name: Arc<str> = channel.into();
                 let entry = Arc::new(Channel {
-                    subscribers: Mutex::new(Vec::new()),
+                    subscribers: Mutex::default(),
                     dropped: Mutex::new(Vec::new()),
                 });
                 shard.insert(name.clone(), entry.clone());
                 (name, entry)
             }
         };
-        let mut subscribers = lock(&entry.subscribers);
-        if subscribers
+        let mut members = lock(&entry.subscribers);
+        if members
+            .list
             .iter()
             .any(|existing| existing.info.id == subscriber.info.id)
         {
             return Err(HubError::AlreadySubscribed(channel.to_owned()));
         }
-        if max_subscribers > 0 && subscribers.len() >= max_subscribers {
+        if max_subscribers > 0 && members.list.len() >= max_subscribers {
             return Err(HubError::TooManySubscribers(channel.to_owned()));
         }
-        subscribers.push(subscriber);
-        Ok((name, subscribers.len() == 1))
+        if let Some(tailored) = tailored {
+            let tailoring = match tailored {
+                Tailored::Filtered(filter) => Tailoring::Filtered(filter),
+                Tailored::Chained => Tailoring::Chained(None),
+            };
+            members
+                .tailored
+                .get_or_insert_with(Box::default)
+                .insert(subscriber.info.id, tailoring);
+        }
+        members.list.push(subscriber);
+        Ok((name, members.list.len() == 1))
     }
 
     /// Removes a connection from a channel; the channel goes away with its last subscriber.
@@ -354,18 +430,19 @@ impl Hub {
         let Entry::Occupied(entry) = shard.entry(channel.into()) else {
             return (false, false);
         };
-        let mut subscribers = lock(&entry.get().subscribers);
-        let before = subscribers.len();
-        subscribers.retain(|subscriber| subscriber.info.id != id);
-        let mut removed = subscribers.len() != before;
+        let mut members = lock(&entry.get().subscribers);
+        let before = members.list.len();
+        members.list.retain(|subscriber| subscriber.info.id != id);
+        members.untailor(id);
+        let mut removed = members.list.len() != before;
         let mut dropped = lock(&entry.get().dropped);
         if !removed {
             let before = dropped.len();
             dropped.retain(|dropped| *dropped != id);
             removed = dropped.len() != before;
         }
-        let now_empty = subscribers.is_empty() && dropped.is_empty();
-        drop((subscribers, dropped));
+        let now_empty = members.list.is_empty() && dropped.is_empty();
+        drop((members, dropped));
         if now_empty {
             entry.remove();
         }
@@ -379,13 +456,39 @@ impl Hub {
         };
         let mut report = FanOutReport::default();
         let membership = matches!(delivery, Delivery::Join(_) | Delivery::Leave(_));
-        let mut subscribers = lock(&channel.subscribers);
+        let mut members = lock(&channel.subscribers);
+        let Members { list, tailored } = &mut *members;
+        // Only a publication is tailored, and only in a channel with a tailored subscriber.
+        let mut tailoring = match (&delivery, tailored.as_deref_mut()) {
+            (Delivery::Publication(publication), Some(table)) => Some((publication, table)),
+            _ => None,
+        };
         let mut gone = Vec::new();
-        subscribers.retain(|subscriber| {
+        list.retain(|subscriber| {
             if membership && !subscriber.join_leave {
                 return true;
             }
-            match subscriber.outbox.push(delivery.clone()) {
+            let mut own = None;
+            if let Some((publication, table)) = tailoring.as_mut() {
+                match table.get_mut(&subscriber.info.id) {
+                    None => {}
+                    Some(Tailoring::Filtered(filter)) => {
+                        if !filter(publication) {
+                            return true;
+                        }
+                    }
+                    Some(Tailoring::Chained(previous)) => {
+                        own = Some(Delivery::Chained {
+                            publication: (*publication).clone(),
+                            previous: previous.replace((*publication).clone()),
+                        });
+                    }
+                }
+            }
+            match subscriber
+                .outbox
+                .push(own.unwrap_or_else(|| delivery.clone()))
+            {
                 Ok(()) => {
                     report.delivered += 1;
                     true
@@ -403,9 +506,12 @@ impl Hub {
             }
         });
         if !gone.is_empty() {
+            for &id in &gone {
+                members.untailor(id);
+            }
             lock(&channel.dropped).extend(gone);
         }
-        drop(subscribers);
+        drop(members);
         self.delivered
             .fetch_add(report.delivered as u64, Ordering::Relaxed);
         self.dropped_slow
@@ -430,6 +536,7 @@ impl Hub {
     pub fn presence(&self, channel: &str) -> Vec<Arc<ClientInfo>> {
         self.channel(channel).map_or_else(Vec::new, |channel| {
             lock(&channel.subscribers)
+                .list
                 .iter()
                 .map(|subscriber| subscriber.info.clone())
                 .collect()
@@ -446,7 +553,7 @@ impl Hub {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             for (name, channel) in read(shard).iter() {
-                out.push((name.clone(), lock(&channel.subscribers).len()));
+                out.push((name.clone(), lock(&channel.subscribers).list.len()));
             }
         }
         out
@@ -455,9 +562,18 @@ impl Hub {
 
 impl Deliver for Hub {
     fn deliver(&self, delivery: Delivery) {
-        let channel = match &delivery {
-            Delivery::Publication(publication) => publication.channel.clone(),
-            Delivery::Join(membership) | Delivery::Leave(membership) => membership.channel.clone(),
+        let (channel, delivery) = match delivery {
+            Delivery::Publication(publication) => {
+                (publication.channel.clone(), Delivery::Publication(publication))
+            }
+            // Chaining is the hub's, per subscriber.
+            Delivery::Chained { publication, .. } => {
+                (publication.channel.clone(), Delivery::Publication(publication))
+            }
+            Delivery::Join(membership) => (membership.channel.clone(), Delivery::Join(membership)),
+            Delivery::Leave(membership) => {
+                (membership.channel.clone(), Delivery::Leave(membership))
+            }
             Delivery::Control(_) => return, // controls go to one connection, not a channel
         };
         self.fan_out(&channel, delivery);
@@ -470,7 +586,7 @@ impl Deliver for Hub {
                 .map(|(name, channel)| (name.clone(), channel.clone()))
                 .collect();
             for (name, channel) in channels {
-                for subscriber in lock(&channel.subscribers).iter() {
+                for subscriber in lock(&channel.subscribers).list.iter() {
                     subscriber.outbox.push_control(Control::Resync {
                         channel: name.clone(),
                     });
@@ -728,6 +844,40 @@ mod tests {
         assert_eq!(report.delivered, 1);
         assert!(quiet.outbox.is_empty());
         assert!(!curious.outbox.is_empty());
+    }
+
+    #[test]
+    fn a_filtered_subscriber_gets_only_the_publications_that_pass() {
+        let hub = Hub::new();
+        let plain = subscriber(&hub, 1 << 20);
+        let picky = Subscriber {
+            join_leave: true,
+            ..subscriber(&hub, 1 << 20)
+        };
+        let even: PublicationFilter =
+            Arc::new(|p: &Publication| p.data.len() % 2 == 0 && !p.data.is_empty());
+        hub.subscribe("chat:x", plain.clone(), 0).unwrap();
+        hub.subscribe_tailored("chat:x", picky.clone(), Some(Tailored::Filtered(even)), 0)
+            .unwrap();
+        for data in ["1", "22", "333", "4444"] {
+            publish(&hub, "chat:x", data);
+        }
+        assert_eq!(received(&plain), ["1", "22", "333", "4444"]);
+        assert_eq!(received(&picky), ["22", "4444"]);
+        // Joins are not publications: not filtered.
+        let membership = Arc::new(crate::Membership::new(
+            "chat:x".into(),
+            plain.info.descriptor(None),
+        ));
+        assert_eq!(hub.fan_out("chat:x", Delivery::Join(membership)).delivered, 1);
+        assert_eq!(received(&picky).len(), 1);
+        // Subscribed again without a filter, it gets everything: the filter went with it.
+        assert_eq!(hub.unsubscribe("chat:x", picky.info.id), (true, false));
+        hub.subscribe("chat:x", picky.clone(), 0).unwrap();
+        publish(&hub, "chat:x", "5");
+        assert_eq!(received(&picky), ["5"]);
+        let channel = hub.channel("chat:x").unwrap();
+        assert!(lock(&channel.subscribers).tailored.is_none(), "table freed");
     }
 
     #[test]

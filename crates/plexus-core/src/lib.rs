@@ -32,7 +32,8 @@ pub use engine::{
     HistoryRetention, MetricKind, NodeCommand, NodeStats, StreamPosition,
 };
 pub use hub::{
-    ClientInfo, CommandHandler, ConnectionId, FanOutReport, Hub, HubError, Subscriber, DEFAULT_NAME,
+    ClientInfo, CommandHandler, ConnectionId, FanOutReport, Hub, HubError, PublicationFilter,
+    Subscriber, Tailored, DEFAULT_NAME,
 };
 pub use memory::{new_epoch, MemoryEngine};
 pub use node::{recovery_is_complete, Node, PublishError, SubscribeError, Subscription};

@@ -143,13 +143,28 @@ impl Node {
         chan_info: Option<bytes::Bytes>,
         recover_from: Option<StreamPosition>,
     ) -> Result<Subscription, SubscribeError> {
+        self.subscribe_tailored(channel, subscriber, None, chan_info, recover_from)
+            .await
+    }
+
+    /// [`Node::subscribe`], with the subscriber's live publications filtered or chained (see
+    /// [`crate::Tailored`]). What it recovers is the caller's to filter or chain: the
+    /// [`Subscription`] holds every publication it missed.
+    pub async fn subscribe_tailored(
+        &self,
+        channel: &str,
+        subscriber: Subscriber,
+        tailored: Option<crate::Tailored>,
+        chan_info: Option<bytes::Bytes>,
+        recover_from: Option<StreamPosition>,
+    ) -> Result<Subscription, SubscribeError> {
         let options = self.options(channel)?.clone();
         let info = subscriber.info.clone();
         // Subscribe locally first, then read history: nothing published in between is missed
         // (a duplicate is possible, and transports drop offsets at or below `position`).
-        let (name, _) = self
-            .hub
-            .subscribe(channel, subscriber, options.max_subscribers)?;
+        let (name, _) =
+            self.hub
+                .subscribe_tailored(channel, subscriber, tailored, options.max_subscribers)?;
         let result = self
             .after_local_subscribe(&name, &options, &info, chan_info, recover_from)
             .await;

@@ -11,6 +11,13 @@ use crate::publication::{Membership, Publication};
 #[derive(Debug, Clone)]
 pub enum Delivery {
     Publication(Arc<Publication>),
+    /// A publication with the one delivered to this connection before it in its channel, if
+    /// any: for a subscriber that gets each publication as a difference from the last (see
+    /// [`crate::Tailored::Chained`]).
+    Chained {
+        publication: Arc<Publication>,
+        previous: Option<Arc<Publication>>,
+    },
     Join(Arc<Membership>),
     Leave(Arc<Membership>),
     /// For this connection only.
@@ -60,7 +67,9 @@ impl Delivery {
     /// Bytes this delivery counts for in an outbox.
     pub fn weight(&self) -> usize {
         match self {
-            Delivery::Publication(publication) => publication.weight(),
+            Delivery::Publication(publication) | Delivery::Chained { publication, .. } => {
+                publication.weight()
+            }
             Delivery::Join(_) | Delivery::Leave(_) => 128,
             Delivery::Control(Control::Frame(frame)) => frame.len() + 32,
             // A command's reply is the connection's own request, not a backlog of deliveries:

@@ -330,7 +330,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> ChatSession<'_, IO> {
         let mut n_sent = 0;
         for delivery in batch {
             match delivery {
-                Delivery::Publication(publication) => {
+                Delivery::Publication(publication) | Delivery::Chained { publication, .. } => {
                     if publication.publisher() == Some(&*self.info.client) {
                         continue; // TCP chat convention: your own lines are not echoed back
                     }

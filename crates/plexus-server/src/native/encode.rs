@@ -191,19 +191,54 @@ pub(crate) fn delta_publication(
     framed: bool,
     deflate: bool,
 ) -> Bytes {
-    // The delta encodings are cached for the base of the first subscriber to ask: one holding
-    // other data at that offset (another epoch's) gets the publication whole.
-    let base = follows(p, base).filter(|base| {
+    if framed {
+        return delta_frame(p, base, format, deflate).clone();
+    }
+    match usable_base(p, base) {
+        None if format == Format::Protobuf => publication_message(p, format),
+        base => encoded_delta(p, base, format, false, deflate).clone(),
+    }
+}
+
+/// [`delta_publication`] in a WebSocket frame, borrowed from the publication's cache (the
+/// flush lane writes it without a reference count).
+pub(crate) fn delta_frame<'a>(
+    p: &'a Publication,
+    base: Option<&Publication>,
+    format: Format,
+    deflate: bool,
+) -> &'a Bytes {
+    match usable_base(p, base) {
+        None if format == Format::Protobuf => publication_frame(p, format, deflate),
+        base => encoded_delta(p, base, format, true, deflate),
+    }
+}
+
+/// `base`, if a delta from it may be sent: it is the publication just before `p`, and the data
+/// the cached delta encodings were made from. They are cached for the base of the first
+/// subscriber to ask: one holding other data at that offset (another epoch's) gets the
+/// publication whole.
+fn usable_base<'a>(p: &Publication, base: Option<&'a Publication>) -> Option<&'a Publication> {
+    follows(p, base).filter(|base| {
         let made_from = p.encoded(Encoding::DeltaBase, |_| base.data.clone());
         made_from.as_ptr() == base.data.as_ptr() && made_from.len() == base.data.len()
             || *made_from == base.data
-    });
+    })
+}
+
+/// The cached push of [`delta_or_whole`] from `base` (already checked by [`usable_base`]); for
+/// Protobuf only with a base (whole, it is the ordinary publication).
+fn encoded_delta<'a>(
+    p: &'a Publication,
+    base: Option<&Publication>,
+    format: Format,
+    framed: bool,
+    deflate: bool,
+) -> &'a Bytes {
     let encoding = match (format, base.is_some(), framed, deflate) {
-        (Format::Protobuf, false, true, _) => return publication_frame(p, format, deflate).clone(),
-        (Format::Protobuf, false, false, _) => return publication_message(p, format),
-        (Format::Protobuf, true, true, false) => Encoding::WebSocketProtobufDelta,
-        (Format::Protobuf, true, true, true) => Encoding::WebSocketProtobufDeltaDeflated,
-        (Format::Protobuf, true, false, _) => Encoding::ProtobufDelta,
+        (Format::Protobuf, _, true, false) => Encoding::WebSocketProtobufDelta,
+        (Format::Protobuf, _, true, true) => Encoding::WebSocketProtobufDeltaDeflated,
+        (Format::Protobuf, _, false, _) => Encoding::ProtobufDelta,
         (Format::Json, true, true, false) => Encoding::WebSocketJsonDelta,
         (Format::Json, true, true, true) => Encoding::WebSocketJsonDeltaDeflated,
         (Format::Json, true, false, _) => Encoding::JsonDelta,
@@ -220,7 +255,6 @@ pub(crate) fn delta_publication(
             push.into()
         }
     })
-    .clone()
 }
 
 /// The `join` or `leave` push in a WebSocket frame, encoded once for all subscribers.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use plexus_auth::{check_subscription, TokenError};
 use plexus_core::{
     user_may_subscribe, ChannelError, ClientInfo, Control, Delivery, HistoryQuery, Outbox,
-    Publication, StreamPosition, SubscribeError, Subscriber, Subscription,
+    Publication, StreamPosition, SubscribeError, Subscriber, Subscription, Tailored,
 };
 use plexus_protocol::client::{
     self as proto, DisconnectCode, ErrorCode, Format, Incoming, PushBody, Reply, ReplyBody, Request,
@@ -72,8 +72,9 @@ struct ChannelState {
     join_leave: bool,
     /// When the subscription token expires unless refreshed with `sub_refresh`.
     expires_at: ExpiresAt,
-    /// Delta compression or a tags filter: a subscription with either is never written for by
-    /// the flush lane, which knows neither.
+    /// Delta compression, a tags filter, channel info: what few subscriptions have. The hub
+    /// applies filters and chains publications for deltas (see `plexus_core::Tailored`), so
+    /// such a subscription parks like any other.
     extra: Option<Box<SubscriptionExtra>>,
 }
 
@@ -83,11 +84,14 @@ struct SubscriptionExtra {
     /// Delta compression was negotiated: publications go as Fossil deltas where the client
     /// holds the previous one (see `encode::delta_publication`).
     delta: bool,
-    /// With `delta`: the last publication the client got in the channel, which it will apply
-    /// the next delta to.
+    /// With `delta`, until the subscription is settled: the last publication the client got
+    /// in the channel, which it will apply the next delta to. Once settled, the hub's chain
+    /// says it (`Delivery::Chained`): the flush lane writes some publications, and the session
+    /// never sees them.
     delta_base: Option<Arc<Publication>>,
-    /// Only publications whose tags match this are sent (`tf`).
-    filter: Option<Box<proto::FilterNode>>,
+    /// Only publications whose tags match this are sent (`tf`): live ones by the hub, which
+    /// shares it, recovered ones by the session.
+    filter: Option<Arc<proto::FilterNode>>,
     /// The channel info the subscription was granted with (token or subscribe proxy), for
     /// the presence entry when the connection's info changes.
     chan_info: Option<Bytes>,
@@ -97,18 +101,28 @@ struct SubscriptionExtra {
 static NO_TAGS: plexus_core::Tags = plexus_core::Tags::new();
 
 impl SubscriptionExtra {
-    /// Whether the session must write this subscription's publications itself (the flush
-    /// lane knows neither delta bases nor filters).
-    fn delivers_itself(&self) -> bool {
-        self.delta || self.filter.is_some()
-    }
-
     /// Whether the subscriber is sent `publication` (its tags filter lets it through).
     fn passes(&self, publication: &Publication) -> bool {
         self.filter
-            .as_ref()
-            .is_none_or(|filter| filter.matches(publication.tags.as_deref().unwrap_or(&NO_TAGS)))
+            .as_deref()
+            .is_none_or(|filter| tags_pass(filter, publication))
     }
+
+    /// What the hub does for this subscription: filters its live publications, or chains
+    /// them for deltas.
+    fn tailored(&self) -> Option<Tailored> {
+        if self.delta {
+            return Some(Tailored::Chained);
+        }
+        let filter = self.filter.clone()?;
+        Some(Tailored::Filtered(Arc::new(move |publication: &Publication| {
+            tags_pass(&filter, publication)
+        })))
+    }
+}
+
+fn tags_pass(filter: &proto::FilterNode, publication: &Publication) -> bool {
+    filter.matches(publication.tags.as_deref().unwrap_or(&NO_TAGS))
 }
 
 /// When something expires (Unix seconds), if it does: 8 bytes, where an `Option<u64>` takes 16.
@@ -342,13 +356,7 @@ impl ClientSession {
     pub(crate) fn may_park(&self) -> bool {
         self.stream().is_none()
             && self.connected.as_ref().is_none_or(|connected| {
-                connected.channels.values().all(|state| {
-                    state.settled
-                        && state
-                            .extra
-                            .as_ref()
-                            .is_none_or(|extra| !extra.delivers_itself())
-                })
+                connected.channels.values().all(|state| state.settled)
             })
     }
 
@@ -735,45 +743,27 @@ impl ClientSession {
         for delivery in batch {
             match delivery {
                 Delivery::Publication(publication) => {
-                    let Some(state) = connected.channels.get_mut(&publication.channel) else {
-                        continue;
-                    };
-                    if publication.offset > 0 {
-                        if publication.offset <= state.last_offset {
-                            continue; // already in the subscribe reply
-                        }
-                        state.last_offset = publication.offset;
-                        state.settled = true;
-                    }
-                    if let Some(extra) = state.extra.as_deref_mut() {
-                        if !extra.passes(&publication) {
-                            continue;
-                        }
-                        if extra.delta {
-                            let base = extra.delta_base.replace(publication.clone());
-                            let push = encode::delta_publication(
-                                &publication,
-                                base.as_deref(),
-                                format,
-                                !stream,
-                                deflate,
-                            );
-                            out.push(if stream {
-                                Out::Message(encode::message_kind(format), push)
-                            } else {
-                                Out::Frame(push)
-                            });
-                            continue;
-                        }
-                    }
-                    out.push(if stream {
-                        Out::Message(
-                            encode::message_kind(format),
-                            encode::publication_message(&publication, format),
-                        )
-                    } else {
-                        Out::Frame(encode::publication_frame(&publication, format, deflate).clone())
-                    });
+                    out.extend(publication_out(
+                        connected,
+                        publication,
+                        None,
+                        format,
+                        stream,
+                        deflate,
+                    ));
+                }
+                Delivery::Chained {
+                    publication,
+                    previous,
+                } => {
+                    out.extend(publication_out(
+                        connected,
+                        publication,
+                        Some(previous),
+                        format,
+                        stream,
+                        deflate,
+                    ));
                 }
                 Delivery::Join(membership) | Delivery::Leave(membership)
                     if !connected
@@ -1028,7 +1018,7 @@ async fn subscribe_command(
                 tracing::debug!(%error, channel, "tags filter refused");
                 return ErrorCode::BadRequest.into();
             }
-            Some(filter)
+            Some(Arc::from(filter))
         }
     };
     let recover = (request.recover && options.recover).then(|| StreamPosition {
@@ -1080,6 +1070,55 @@ async fn subscribe_command(
     }
 }
 
+/// A live publication for this client, if it has not got it yet. `chained`: the hub's
+/// [`Delivery::Chained`], with the publication it delivered before this one. (A filter was
+/// applied by the hub.)
+fn publication_out(
+    connected: &mut Connected,
+    publication: Arc<Publication>,
+    chained: Option<Option<Arc<Publication>>>,
+    format: Format,
+    stream: bool,
+    deflate: bool,
+) -> Option<Out> {
+    let state = connected.channels.get_mut(&publication.channel)?;
+    let was_settled = state.settled;
+    if publication.offset > 0 {
+        if publication.offset <= state.last_offset {
+            return None; // already in the subscribe reply
+        }
+        state.last_offset = publication.offset;
+        state.settled = true;
+    }
+    let Some(extra) = state.extra.as_deref_mut().filter(|extra| extra.delta) else {
+        return Some(if stream {
+            Out::Message(
+                encode::message_kind(format),
+                encode::publication_message(&publication, format),
+            )
+        } else {
+            Out::Frame(encode::publication_frame(&publication, format, deflate).clone())
+        });
+    };
+    // Until settled, the hub's chain may hold publications this client was not sent (those in
+    // its subscribe reply, dropped above): the session's own base is the client's. Once
+    // settled, each publication is chained to the one before it, which the client got, from
+    // the session or from the flush lane.
+    let base = match chained {
+        Some(previous) if was_settled => {
+            extra.delta_base = None;
+            previous
+        }
+        _ => extra.delta_base.replace(publication.clone()),
+    };
+    let push = encode::delta_publication(&publication, base.as_deref(), format, !stream, deflate);
+    Some(if stream {
+        Out::Message(encode::message_kind(format), push)
+    } else {
+        Out::Frame(push)
+    })
+}
+
 /// Subscribes and builds the protocol result; shared by client- and server-side subscriptions.
 #[allow(clippy::too_many_arguments)]
 async fn subscribe(
@@ -1104,9 +1143,10 @@ async fn subscribe(
     if chan_info.is_some() {
         extra.get_or_insert_with(Box::default).chan_info = chan_info.clone();
     }
+    let tailored = extra.as_deref().and_then(SubscriptionExtra::tailored);
     let subscription: Subscription = match shared
         .node
-        .subscribe(channel, subscriber, chan_info, recover)
+        .subscribe_tailored(channel, subscriber, tailored, chan_info, recover)
         .await
     {
         Ok(subscription) => subscription,

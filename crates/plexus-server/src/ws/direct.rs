@@ -297,13 +297,30 @@ impl SocketWriter {
                 Step::Frame(super::connection::heartbeat_frame(frames))
             }
             (_, Delivery::Control(_)) => Step::Stop,
-            (Frames::Raw, Delivery::Publication(publication)) => {
+            (
+                Frames::Raw,
+                Delivery::Publication(publication) | Delivery::Chained { publication, .. },
+            ) => {
                 Step::Frame(super::raw::publication_frame(publication, self.deflate))
             }
             (Frames::Raw, Delivery::Join(_) | Delivery::Leave(_)) => Step::Skip,
             (Frames::Native(format), Delivery::Publication(publication)) => {
                 Step::Frame(encode::publication_frame(publication, format, self.deflate))
             }
+            // A delta subscriber's: the hub chained it to the one before, which the client
+            // holds (the connection parks only once its subscriptions are settled).
+            (
+                Frames::Native(format),
+                Delivery::Chained {
+                    publication,
+                    previous,
+                },
+            ) => Step::Frame(encode::delta_frame(
+                publication,
+                previous.as_deref(),
+                format,
+                self.deflate,
+            )),
             (Frames::Native(format), Delivery::Join(membership)) => Step::Frame(
                 encode::membership_frame(membership, true, format, self.deflate),
             ),

@@ -136,7 +136,7 @@ impl RawRoom {
     ) {
         for delivery in batch {
             match delivery {
-                Delivery::Publication(publication) => {
+                Delivery::Publication(publication) | Delivery::Chained { publication, .. } => {
                     out.push(Out::Frame(publication_frame(&publication, deflate).clone()))
                 }
                 Delivery::Join(_) | Delivery::Leave(_) => {} // raw clients get data only
