@@ -26,6 +26,8 @@ Tests (see TESTS and the section of report.py for each target):
                  filters, without a filter and with one every publication passes: what a
                  filtered subscription costs (the hub matches it while fanning out)
   fanout-protobuf  (only when named) fanout-native with JSON subscribers, then Protobuf ones
+  fanout-delta     (only when named) 1,000 x 50 native subscribers in a namespace with delta
+                 compression, with whole publications, then with Fossil deltas
 """
 
 import argparse
@@ -363,9 +365,9 @@ def test_fanout_native(server, opts):
                   opts.duration, server.native("chat:bench"))
 
 
-# The namespace of `fanout-filtered`: as the built-in chat's history and recovery, clients may
-# publish, and subscribers may pass tags filters.
-FILTERED_CONFIG = """
+# The namespace of `fanout-filtered` and `fanout-delta`: as the built-in chat's history and
+# recovery, clients may publish, and subscribers may pass tags filters or ask for deltas.
+TICKS_CONFIG = """
 [[namespaces]]
 name = "ticks"
 history_size = 100
@@ -373,16 +375,27 @@ history_ttl = "5m"
 recover = true
 allow_publish_for_client = true
 allow_tags_filter = true
+allowed_delta_types = ["fossil"]
 """
 
 
 def test_fanout_filtered(server, opts, case):
     """1,000 x 50 on the native protocol in a namespace that allows tags filters: subscribers
-    without a filter (written by the flush lane), or with one that every publication passes
-    (`nex` of a tag none has: written by each connection's task, which matches it)."""
+    without a filter, or with one that every publication passes (`nex` of a tag none has,
+    matched by the hub for each subscriber)."""
     extra = server.native("ticks:bench")
     if case == "filter":
         extra += ["--tags-filter", '{"key":"none","cmp":"nex"}']
+    res = fanout(server, server.url("/connection/websocket"), opts.subscribers, opts.rate,
+                 opts.duration, extra)
+    return res | {"case": case}
+
+
+def test_fanout_delta(server, opts, case):
+    """1,000 x 50 on the native protocol in a namespace that allows deltas: subscribers with
+    whole publications, or with Fossil deltas from the one before (each subscriber applies
+    them; one that does not apply counts as lost)."""
+    extra = server.native("ticks:bench") + (["--delta"] if case == "delta" else [])
     res = fanout(server, server.url("/connection/websocket"), opts.subscribers, opts.rate,
                  opts.duration, extra)
     return res | {"case": case}
@@ -501,14 +514,15 @@ TESTS = {"conns": test_conns, "conns-native": test_conns_native, "fanout": test_
          "fanout-wide": test_fanout_wide, "fanout-load": test_fanout_load,
          "fanout-native": test_fanout_native, "echo": test_echo, "idle": test_idle,
          "publish": test_publish, "overload": test_overload, "floor": None,
-         "fanout-filtered": test_fanout_filtered, "fanout-protobuf": test_fanout_protobuf}
+         "fanout-filtered": test_fanout_filtered, "fanout-protobuf": test_fanout_protobuf,
+         "fanout-delta": test_fanout_delta}
 # Tests only Plexus can take (the peers have no native protocol, API or engines).
 PLEXUS_ONLY = {"conns-native", "fanout-native", "publish", "fanout-filtered",
-               "fanout-protobuf"}
+               "fanout-protobuf", "fanout-delta"}
 # Not in the default run (docs/benchmarks.md has no table for them): asked for by name.
-EXTRA_TESTS = {"fanout-filtered", "fanout-protobuf"}
+EXTRA_TESTS = {"fanout-filtered", "fanout-protobuf", "fanout-delta"}
 # Server configuration a test needs.
-CONFIGS = {"fanout-filtered": FILTERED_CONFIG}
+CONFIGS = {"fanout-filtered": TICKS_CONFIG, "fanout-delta": TICKS_CONFIG}
 
 
 def publisher_counts(opts):
@@ -525,6 +539,8 @@ def cases(test, peers, opts):
         return [(p, "memory", case) for p in peers for case in ("plain", "filter")]
     if test == "fanout-protobuf":
         return [(p, "memory", case) for p in peers for case in ("json", "protobuf")]
+    if test == "fanout-delta":
+        return [(p, "memory", case) for p in peers for case in ("whole", "delta")]
     if test == "publish":
         # Each publisher count, memory then durable, back to back, for both paths.
         return [(p, engine, (via, n)) for p in peers for n in publisher_counts(opts)

@@ -36,6 +36,9 @@ pub enum Protocol {
         channel: Option<String>,
         /// Sent with the subscribe as its tags filter (`tf`), to measure filtered delivery.
         tags_filter: Option<Box<FilterNode>>,
+        /// Subscribe with delta compression (`delta: "fossil"`): publications come as Fossil
+        /// deltas from the one before, which the subscriber applies.
+        delta: bool,
         /// JSON, or Protobuf (binary messages, subprotocol `centrifuge-protobuf`): only
         /// `fanout`'s subscribers speak Protobuf; its publisher stays on JSON.
         format: Format,
@@ -208,6 +211,7 @@ impl Endpoint {
             channel,
             tags_filter,
             format,
+            delta,
         } = &self.protocol
         {
             if *format != Format::Json {
@@ -217,7 +221,13 @@ impl Endpoint {
             }
             tokio::time::timeout(
                 self.timeout,
-                native_handshake(&mut ws, token, channel.as_deref(), tags_filter.as_deref()),
+                native_handshake(
+                    &mut ws,
+                    token,
+                    channel.as_deref(),
+                    tags_filter.as_deref(),
+                    *delta,
+                ),
             )
             .await
             .map_err(|_| OpenError::Timeout("native connect"))??;
@@ -293,6 +303,7 @@ pub(crate) fn native_hello(
     token: &str,
     channel: Option<&str>,
     tags_filter: Option<&FilterNode>,
+    delta: bool,
 ) -> Vec<u8> {
     let mut commands = vec![format.encode_command(
         1,
@@ -309,6 +320,11 @@ pub(crate) fn native_hello(
             &Request::Subscribe(SubscribeRequest {
                 channel: channel.to_owned(),
                 tf: tags_filter.cloned().map(Box::new),
+                delta: if delta {
+                    "fossil".into()
+                } else {
+                    String::new()
+                },
                 ..SubscribeRequest::default()
             }),
         ));
@@ -319,8 +335,13 @@ pub(crate) fn native_hello(
 
 /// What one message told a native client waiting for the answers to [`native_hello`]: how many
 /// of them it carried, and whether a server ping (answer `{}`) came with them. An error reply
-/// (or a message that is not replies) ends the client.
-pub(crate) fn native_hello_replies(format: Format, data: &[u8]) -> Result<(u32, bool), OpenError> {
+/// (or a message that is not replies) ends the client, and so does a subscribe reply without
+/// delta compression when `delta` asked for it (the namespace does not allow it).
+pub(crate) fn native_hello_replies(
+    format: Format,
+    data: &[u8],
+    delta: bool,
+) -> Result<(u32, bool), OpenError> {
     let mut answered = 0;
     let mut ping = false;
     for reply in format.parse_replies(data) {
@@ -341,6 +362,15 @@ pub(crate) fn native_hello_replies(format: Format, data: &[u8]) -> Result<(u32, 
                 message: error.message,
             });
         }
+        if let Some(ReplyBody::Subscribe(result)) = &reply.body {
+            if delta && !result.delta {
+                return Err(OpenError::Ws(
+                    "the server did not agree to deltas (is \"fossil\" in the namespace's \
+                     allowed_delta_types?)"
+                        .into(),
+                ));
+            }
+        }
         answered += 1;
     }
     Ok((answered, ping))
@@ -351,8 +381,9 @@ async fn native_handshake(
     token: &str,
     channel: Option<&str>,
     tags_filter: Option<&FilterNode>,
+    delta: bool,
 ) -> Result<(), OpenError> {
-    let hello = native_hello(Format::Json, token, channel, tags_filter);
+    let hello = native_hello(Format::Json, token, channel, tags_filter, delta);
     ws.send(Message::text(
         String::from_utf8(hello).expect("JSON commands are text"),
     ))
@@ -364,7 +395,7 @@ async fn native_handshake(
             Some(text) => text,
             None => continue,
         };
-        let (answered, ping) = native_hello_replies(Format::Json, text.as_bytes())?;
+        let (answered, ping) = native_hello_replies(Format::Json, text.as_bytes(), delta)?;
         if ping {
             ws.send(Message::text("{}"))
                 .await
@@ -436,7 +467,7 @@ pub fn interpret_text(protocol: &Protocol, text: &str) -> Received {
             },
             None => Received::Other,
         },
-        Protocol::Native { .. } => interpret_native(Format::Json, text.as_bytes()),
+        Protocol::Native { .. } => interpret_native(Format::Json, text.as_bytes(), None),
     }
 }
 
@@ -446,12 +477,18 @@ pub fn interpret_binary(protocol: &Protocol, data: &[u8]) -> Received {
         Protocol::Native {
             format: Format::Protobuf,
             ..
-        } => interpret_native(Format::Protobuf, data),
+        } => interpret_native(Format::Protobuf, data, None),
         _ => Received::Other,
     }
 }
 
-fn interpret_native(format: Format, data: &[u8]) -> Received {
+/// What a native message carries; `delta_base`, for a subscriber with delta compression: the
+/// data of the last publication, which the next delta applies to (updated here).
+pub(crate) fn interpret_native(
+    format: Format,
+    data: &[u8],
+    mut delta_base: Option<&mut Vec<u8>>,
+) -> Received {
     let mut stamps = Vec::new();
     let mut ping = false;
     for reply in format.parse_replies(data).into_iter().flatten() {
@@ -461,12 +498,15 @@ fn interpret_native(format: Format, data: &[u8]) -> Received {
         }
         if let Some(ReplyBody::Push(push)) = &reply.body {
             if let PushBody::Publication(publication) = &push.body {
-                if let Some(stamp) = publication
-                    .data
-                    .as_ref()
-                    .and_then(|data| std::str::from_utf8(data.as_bytes()).ok())
-                    .and_then(parse_stamp)
-                {
+                let data = publication.data.as_ref().map(|data| data.as_bytes());
+                let stamp = match (data, delta_base.as_deref_mut()) {
+                    (Some(data), Some(base)) => rebuild(format, data, publication.delta, base)
+                        .and_then(|data| std::str::from_utf8(data).ok().and_then(parse_stamp)),
+                    (data, _) => data
+                        .and_then(|data| std::str::from_utf8(data).ok())
+                        .and_then(parse_stamp),
+                };
+                if let Some(stamp) = stamp {
                     stamps.push(stamp);
                 }
             }
@@ -479,6 +519,33 @@ fn interpret_native(format: Format, data: &[u8]) -> Received {
     } else {
         Received::Other
     }
+}
+
+/// What a delta subscriber does with a publication's data: in JSON it is a JSON string, holding
+/// the publication's JSON when whole, else the delta's text; in Protobuf, the bytes. A delta
+/// applies to `base`; either way the result becomes the next base. `None` when it does not
+/// apply (the server sent a delta from something else): counted as not received.
+fn rebuild<'a>(
+    format: Format,
+    data: &[u8],
+    delta: bool,
+    base: &'a mut Vec<u8>,
+) -> Option<&'a [u8]> {
+    let text;
+    let data = match format {
+        Format::Json => {
+            text = serde_json::from_slice::<String>(data).ok()?;
+            text.as_bytes()
+        }
+        Format::Protobuf => data,
+    };
+    let next = if delta {
+        plexus_protocol::fossil::apply(base, data).ok()?
+    } else {
+        data.to_vec()
+    };
+    *base = next;
+    Some(base)
 }
 
 /// Closes politely: a close frame, then whatever the server still sends until its close, within
@@ -603,6 +670,7 @@ mod tests {
             channel: None,
             tags_filter: None,
             format: Format::Json,
+            delta: false,
         };
         let stamp = Stamp { seq: 3, t: 9 };
         assert_eq!(

@@ -77,11 +77,13 @@ impl Publisher {
                     channel,
                     tags_filter,
                     format,
+                    delta,
                     ..
                 } = &mut endpoint.protocol
                 {
                     *channel = None; // a publisher need not subscribe
                     *tags_filter = None;
+                    *delta = false;
                     *format = plexus_protocol::client::Format::Json; // publishes JSON stamps
                 }
                 let ws =

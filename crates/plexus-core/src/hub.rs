@@ -178,24 +178,56 @@ pub type PublicationFilter = Arc<dyn Fn(&Publication) -> bool + Send + Sync>;
 pub enum Tailored {
     /// Only the publications that pass.
     Filtered(PublicationFilter),
-    /// Each publication as a [`Delivery::Chained`], with the one delivered to this subscriber
-    /// before it (delta compression: the transport sends the difference). Starts empty.
-    Chained,
+    /// Each publication as a [`Delivery::Chained`] carrying this chain's id (the caller's,
+    /// to tell this subscription's deliveries from those of an earlier one still queued),
+    /// with the one delivered to this subscriber before it (delta compression: the transport
+    /// sends the difference). Starts empty.
+    Chained(u64),
 }
 
 /// What the hub keeps for a tailored subscriber.
 enum Tailoring {
     Filtered(PublicationFilter),
-    /// The publication last delivered.
-    Chained(Option<Arc<Publication>>),
+    Chained {
+        chain: u64,
+        /// The publication last delivered.
+        previous: Option<Arc<Publication>>,
+    },
 }
+
+/// Hashes a [`ConnectionId`] (a counter) with one multiplication: a fan-out in a channel with
+/// a tailored subscriber looks every subscriber up.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ById<T> = HashMap<ConnectionId, T, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// A channel's subscribers, and the tailoring of the few that have one.
 #[derive(Default)]
 struct Members {
     list: Vec<Subscriber>,
+    /// The offset of the last publication fanned out: one at or below it means the channel's
+    /// stream began again (a new epoch, as when a broker's keys expired), and every subscriber
+    /// is told to resynchronise ([`Control::Resync`]) before it is delivered.
+    last_offset: u64,
     /// By connection: only channels with a tailored subscriber pay for the table.
-    tailored: Option<Box<HashMap<ConnectionId, Tailoring>>>,
+    tailored: Option<Box<ById<Tailoring>>>,
 }
 
 impl std::fmt::Debug for Members {
@@ -412,7 +444,10 @@ impl Hub {
         if let Some(tailored) = tailored {
             let tailoring = match tailored {
                 Tailored::Filtered(filter) => Tailoring::Filtered(filter),
-                Tailored::Chained => Tailoring::Chained(None),
+                Tailored::Chained(chain) => Tailoring::Chained {
+                    chain,
+                    previous: None,
+                },
             };
             members
                 .tailored
@@ -457,7 +492,19 @@ impl Hub {
         let mut report = FanOutReport::default();
         let membership = matches!(delivery, Delivery::Join(_) | Delivery::Leave(_));
         let mut members = lock(&channel.subscribers);
-        let Members { list, tailored } = &mut *members;
+        let Members {
+            list,
+            last_offset,
+            tailored,
+        } = &mut *members;
+        let began_again = match &delivery {
+            Delivery::Publication(publication) if publication.offset > 0 => {
+                let again = publication.offset <= *last_offset;
+                *last_offset = publication.offset;
+                again.then(|| publication.channel.clone())
+            }
+            _ => None,
+        };
         // Only a publication is tailored, and only in a channel with a tailored subscriber.
         let mut tailoring = match (&delivery, tailored.as_deref_mut()) {
             (Delivery::Publication(publication), Some(table)) => Some((publication, table)),
@@ -468,19 +515,21 @@ impl Hub {
             if membership && !subscriber.join_leave {
                 return true;
             }
+            if let Some(channel) = &began_again {
+                subscriber.outbox.push_control(Control::Resync {
+                    channel: channel.clone(),
+                });
+            }
             let mut own = None;
             if let Some((publication, table)) = tailoring.as_mut() {
                 match table.get_mut(&subscriber.info.id) {
-                    None => {}
-                    Some(Tailoring::Filtered(filter)) => {
-                        if !filter(publication) {
-                            return true;
-                        }
-                    }
-                    Some(Tailoring::Chained(previous)) => {
+                    Some(Tailoring::Filtered(filter)) if !filter(publication) => return true,
+                    None | Some(Tailoring::Filtered(_)) => {}
+                    Some(Tailoring::Chained { chain, previous }) => {
                         own = Some(Delivery::Chained {
                             publication: (*publication).clone(),
                             previous: previous.replace((*publication).clone()),
+                            chain: *chain,
                         });
                     }
                 }
@@ -563,13 +612,15 @@ impl Hub {
 impl Deliver for Hub {
     fn deliver(&self, delivery: Delivery) {
         let (channel, delivery) = match delivery {
-            Delivery::Publication(publication) => {
-                (publication.channel.clone(), Delivery::Publication(publication))
-            }
+            Delivery::Publication(publication) => (
+                publication.channel.clone(),
+                Delivery::Publication(publication),
+            ),
             // Chaining is the hub's, per subscriber.
-            Delivery::Chained { publication, .. } => {
-                (publication.channel.clone(), Delivery::Publication(publication))
-            }
+            Delivery::Chained { publication, .. } => (
+                publication.channel.clone(),
+                Delivery::Publication(publication),
+            ),
             Delivery::Join(membership) => (membership.channel.clone(), Delivery::Join(membership)),
             Delivery::Leave(membership) => {
                 (membership.channel.clone(), Delivery::Leave(membership))
@@ -855,7 +906,7 @@ mod tests {
             ..subscriber(&hub, 1 << 20)
         };
         let even: PublicationFilter =
-            Arc::new(|p: &Publication| p.data.len() % 2 == 0 && !p.data.is_empty());
+            Arc::new(|p: &Publication| p.data.len().is_multiple_of(2) && !p.data.is_empty());
         hub.subscribe("chat:x", plain.clone(), 0).unwrap();
         hub.subscribe_tailored("chat:x", picky.clone(), Some(Tailored::Filtered(even)), 0)
             .unwrap();
@@ -869,7 +920,10 @@ mod tests {
             "chat:x".into(),
             plain.info.descriptor(None),
         ));
-        assert_eq!(hub.fan_out("chat:x", Delivery::Join(membership)).delivered, 1);
+        assert_eq!(
+            hub.fan_out("chat:x", Delivery::Join(membership)).delivered,
+            1
+        );
         assert_eq!(received(&picky).len(), 1);
         // Subscribed again without a filter, it gets everything: the filter went with it.
         assert_eq!(hub.unsubscribe("chat:x", picky.info.id), (true, false));
@@ -878,6 +932,74 @@ mod tests {
         assert_eq!(received(&picky), ["5"]);
         let channel = hub.channel("chat:x").unwrap();
         assert!(lock(&channel.subscribers).tailored.is_none(), "table freed");
+    }
+
+    #[test]
+    fn a_chained_subscriber_gets_each_publication_with_the_one_before() {
+        let hub = Hub::new();
+        let plain = subscriber(&hub, 1 << 20);
+        let chained = subscriber(&hub, 1 << 20);
+        hub.subscribe("chat:x", plain.clone(), 0).unwrap();
+        hub.subscribe_tailored("chat:x", chained.clone(), Some(Tailored::Chained(7)), 0)
+            .unwrap();
+        for data in ["1", "2", "3"] {
+            publish(&hub, "chat:x", data);
+        }
+        let data = |p: &Publication| String::from_utf8(p.data.to_vec()).unwrap();
+        let chain = |subscriber: &Subscriber| {
+            let mut out = Vec::new();
+            subscriber.outbox.drain(usize::MAX, &mut out);
+            out.into_iter()
+                .map(|delivery| match delivery {
+                    Delivery::Chained {
+                        publication,
+                        previous,
+                        chain,
+                    } => (data(&publication), previous.as_deref().map(data), chain),
+                    other => panic!("not chained: {other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            chain(&chained),
+            [
+                ("1".into(), None, 7),
+                ("2".into(), Some("1".into()), 7),
+                ("3".into(), Some("2".into()), 7)
+            ]
+        );
+        assert_eq!(received(&plain), ["1", "2", "3"], "others as ever");
+        // A new subscription starts a new chain.
+        hub.unsubscribe("chat:x", chained.info.id);
+        hub.subscribe_tailored("chat:x", chained.clone(), Some(Tailored::Chained(8)), 0)
+            .unwrap();
+        publish(&hub, "chat:x", "4");
+        assert_eq!(chain(&chained), [("4".into(), None, 8)]);
+    }
+
+    #[test]
+    fn offsets_that_go_back_ask_every_subscriber_to_resync_first() {
+        let hub = Hub::new();
+        let a = subscriber(&hub, 1 << 20);
+        hub.subscribe("chat:x", a.clone(), 0).unwrap();
+        let at = |offset: u64| {
+            let mut publication = Publication::new(
+                "chat:x".into(),
+                MessageKind::Text,
+                offset.to_string().into(),
+                None,
+            );
+            publication.offset = offset;
+            hub.fan_out("chat:x", Delivery::Publication(Arc::new(publication)));
+        };
+        at(1);
+        at(2);
+        assert_eq!(received(&a), ["1", "2"]);
+        at(1); // the stream began again
+        at(2);
+        let got = received(&a);
+        assert!(got[0].contains("Resync"), "{got:?}");
+        assert_eq!(got[1..], ["1", "2"]);
     }
 
     #[test]

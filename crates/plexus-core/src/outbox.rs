@@ -17,6 +17,8 @@ pub enum Delivery {
     Chained {
         publication: Arc<Publication>,
         previous: Option<Arc<Publication>>,
+        /// The subscription's chain ([`crate::Tailored::Chained`]).
+        chain: u64,
     },
     Join(Arc<Membership>),
     Leave(Arc<Membership>),

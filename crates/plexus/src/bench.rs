@@ -107,6 +107,10 @@ struct ProtocolArgs {
     /// messages) [fanout only; its publisher stays on JSON]
     #[arg(long)]
     protobuf: bool,
+    /// Native protocol: subscribers ask for delta compression (delta: "fossil"; the namespace
+    /// must allow it) and apply each delta [fanout only]
+    #[arg(long)]
+    delta: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -390,8 +394,18 @@ impl ProtocolArgs {
                 if self.token.is_some() {
                     return Err(usage("--token is for --protocol native".into()));
                 }
+                if self.delta || self.protobuf || self.tags_filter.is_some() {
+                    return Err(usage(
+                        "--delta, --protobuf and --tags-filter are for --protocol native".into(),
+                    ));
+                }
                 Ok(Protocol::Raw)
             }
+            ProtocolName::Native if self.delta && self.tags_filter.is_some() => Err(usage(
+                "--delta and --tags-filter do not go together (the server refuses a filter \
+                 with deltas)"
+                    .into(),
+            )),
             ProtocolName::Native => Ok(Protocol::Native {
                 token: self.token.clone().unwrap_or_default(),
                 channel: if subscribe {
@@ -415,6 +429,7 @@ impl ProtocolArgs {
                 } else {
                     Format::Json
                 },
+                delta: self.delta,
             }),
         }
     }
@@ -541,6 +556,7 @@ async fn run_publish(args: PublishArgs) -> Result<(), Failure> {
             channel: None,
             tags_filter: None,
             format: Format::Json,
+            delta: false,
         };
         PublishPath::Native {
             endpoint: args.common.endpoint(&args.url, protocol).await?,

@@ -32,8 +32,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::Shared;
 use crate::client::{
-    interpret_binary, interpret_text, io_reason, native_hello, native_hello_replies, Endpoint,
-    OpenError, Protocol, Received,
+    interpret_binary, interpret_native, interpret_text, io_reason, native_hello,
+    native_hello_replies, Endpoint, OpenError, Protocol, Received,
 };
 use crate::http::parse_head;
 use crate::latency::Latencies;
@@ -89,9 +89,16 @@ pub async fn open(endpoint: &Endpoint, index: u64, shared: &Shared) -> Result<Op
         channel,
         tags_filter,
         format,
+        delta,
     } = &endpoint.protocol
     {
-        let hello = native_hello(*format, token, channel.as_deref(), tags_filter.as_deref());
+        let hello = native_hello(
+            *format,
+            token,
+            channel.as_deref(),
+            tags_filter.as_deref(),
+            *delta,
+        );
         let mut out = Vec::new();
         let opcode = if format.is_binary() { BINARY } else { TEXT };
         wsframe::push_masked(&mut out, opcode, &hello);
@@ -279,6 +286,8 @@ struct Subscriber {
     outgoing: Vec<u8>,
     /// We sent our close frame: what comes now is only waited through.
     closing: bool,
+    /// With delta compression: the data of the last publication, the next delta's base.
+    delta_base: Option<Vec<u8>>,
 }
 
 impl Subscriber {
@@ -291,6 +300,7 @@ impl Subscriber {
             ready: false,
             outgoing: Vec::new(),
             closing: false,
+            delta_base: matches!(protocol, Protocol::Native { delta: true, .. }).then(Vec::new),
         }
     }
 
@@ -306,6 +316,7 @@ impl Subscriber {
             ready,
             outgoing,
             closing,
+            delta_base,
         } = self;
         let format = match &*protocol {
             Protocol::Native { format, .. } => Some(*format),
@@ -340,7 +351,8 @@ impl Subscriber {
                         Frame::Binary(data) => data,
                         _ => &[],
                     };
-                    match native_hello_replies(format.unwrap_or(Format::Json), data) {
+                    let delta = delta_base.is_some();
+                    match native_hello_replies(format.unwrap_or(Format::Json), data, delta) {
                         Ok((answered, ping)) => {
                             if ping {
                                 pong(format, outgoing);
@@ -351,6 +363,12 @@ impl Subscriber {
                     }
                 }
                 Frame::Text(_) | Frame::Binary(_) => match match frame {
+                    Frame::Text(text) if delta_base.is_some() => {
+                        interpret_native(Format::Json, text.as_bytes(), delta_base.as_mut())
+                    }
+                    Frame::Binary(data) if delta_base.is_some() => {
+                        interpret_native(Format::Protobuf, data, delta_base.as_mut())
+                    }
                     Frame::Text(text) => interpret_text(protocol, text),
                     Frame::Binary(data) => interpret_binary(protocol, data),
                     _ => Received::Other,
@@ -746,6 +764,7 @@ mod tests {
             channel: Some("chat:x".into()),
             tags_filter: None,
             format: Format::Json,
+            delta: false,
         };
         let mut subscriber = Subscriber::new(&native);
         subscriber.awaiting = 2;
@@ -773,6 +792,48 @@ mod tests {
         );
     }
 
+    /// With delta compression: a whole publication (its JSON in a JSON string), then a delta
+    /// from it, rebuilt and counted; a delta that does not apply is not counted.
+    #[test]
+    fn a_delta_subscriber_rebuilds_each_publication() {
+        let native = Protocol::Native {
+            token: String::new(),
+            channel: Some("chat:x".into()),
+            tags_filter: None,
+            format: Format::Json,
+            delta: true,
+        };
+        let mut subscriber = Subscriber::new(&native);
+        let mut batch = Batch::default();
+        let first = crate::seq::stamp_message(1, 5, 64);
+        let second = crate::seq::stamp_message(2, 6, 64);
+        let delta = plexus_protocol::fossil::create_text(&first, &second);
+        let push = |data: &str, delta: bool| {
+            let publication = if delta {
+                serde_json::json!({"data": data, "delta": true})
+            } else {
+                serde_json::json!({"data": data})
+            };
+            server_text(
+                &serde_json::json!({"push": {"channel": "chat:x", "pub": publication}}).to_string(),
+            )
+        };
+        let mut bytes = push(&first, false);
+        bytes.extend(push(&delta, true));
+        assert_eq!(subscriber.on_bytes(&bytes, 9, &mut batch), Ok(Status::Open));
+        assert_eq!(batch.deliveries, 2);
+        assert_eq!(batch.latencies, [4, 3]);
+        // A delta from another base does not apply: not counted.
+        let other = crate::seq::stamp_message(3, 7, 20);
+        let mut bytes = push(&other, false);
+        bytes.extend(push(&delta, true));
+        assert_eq!(
+            subscriber.on_bytes(&bytes, 10, &mut batch),
+            Ok(Status::Open)
+        );
+        assert_eq!(batch.deliveries, 3);
+    }
+
     /// The same in Protobuf: binary messages, a ping answered with the empty command (one 0
     /// byte in a binary frame), and text ignored.
     #[test]
@@ -785,6 +846,7 @@ mod tests {
             channel: Some("chat:x".into()),
             tags_filter: None,
             format: Format::Protobuf,
+            delta: false,
         };
         let binary = |data: &[u8]| {
             let mut out = vec![0x82, data.len() as u8];

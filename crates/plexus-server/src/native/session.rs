@@ -89,12 +89,21 @@ struct SubscriptionExtra {
     /// says it (`Delivery::Chained`): the flush lane writes some publications, and the session
     /// never sees them.
     delta_base: Option<Arc<Publication>>,
+    /// With `delta`: this subscription's chain in the hub (`Tailored::Chained`), unique in
+    /// the process.
+    chain: u64,
     /// Only publications whose tags match this are sent (`tf`): live ones by the hub, which
     /// shares it, recovered ones by the session.
     filter: Option<Arc<proto::FilterNode>>,
     /// The channel info the subscription was granted with (token or subscribe proxy), for
     /// the presence entry when the connection's info changes.
     chan_info: Option<Bytes>,
+}
+
+/// A new id for a delta subscription's chain in the hub.
+fn next_chain() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Tags of a publication without any.
@@ -112,12 +121,12 @@ impl SubscriptionExtra {
     /// them for deltas.
     fn tailored(&self) -> Option<Tailored> {
         if self.delta {
-            return Some(Tailored::Chained);
+            return Some(Tailored::Chained(self.chain));
         }
         let filter = self.filter.clone()?;
-        Some(Tailored::Filtered(Arc::new(move |publication: &Publication| {
-            tags_pass(&filter, publication)
-        })))
+        Some(Tailored::Filtered(Arc::new(
+            move |publication: &Publication| tags_pass(&filter, publication),
+        )))
     }
 }
 
@@ -355,9 +364,10 @@ impl ClientSession {
     /// subscribe reply already carried (only the session can drop it).
     pub(crate) fn may_park(&self) -> bool {
         self.stream().is_none()
-            && self.connected.as_ref().is_none_or(|connected| {
-                connected.channels.values().all(|state| state.settled)
-            })
+            && self
+                .connected
+                .as_ref()
+                .is_none_or(|connected| connected.channels.values().all(|state| state.settled))
     }
 
     /// A session on a stream transport (`sse`, `http_stream`): its pushes are unframed
@@ -755,11 +765,12 @@ impl ClientSession {
                 Delivery::Chained {
                     publication,
                     previous,
+                    chain,
                 } => {
                     out.extend(publication_out(
                         connected,
                         publication,
-                        Some(previous),
+                        Some((previous, chain)),
                         format,
                         stream,
                         deflate,
@@ -796,7 +807,8 @@ impl ClientSession {
                 }
                 Delivery::Control(Control::Resync { channel }) => {
                     // Unsubscribe with 2500 "insufficient state": the client resubscribes with
-                    // its position and learns from `recovered` whether anything was lost.
+                    // its position and learns from `recovered` whether anything was lost (or
+                    // that the stream began again).
                     if connected.channels.remove(&channel).is_some() {
                         shared.node.unsubscribe(&channel, &connected.info).await;
                         let body =
@@ -1032,6 +1044,7 @@ async fn subscribe_command(
         Box::new(SubscriptionExtra {
             delta,
             delta_base: None,
+            chain: if delta { next_chain() } else { 0 },
             filter,
             chan_info: None,
         })
@@ -1071,12 +1084,13 @@ async fn subscribe_command(
 }
 
 /// A live publication for this client, if it has not got it yet. `chained`: the hub's
-/// [`Delivery::Chained`], with the publication it delivered before this one. (A filter was
-/// applied by the hub.)
+/// [`Delivery::Chained`], the publication it delivered before this one and the chain's id.
+/// (Should the channel's offsets go back, its stream began again: the hub sends
+/// [`Control::Resync`] first.)
 fn publication_out(
     connected: &mut Connected,
     publication: Arc<Publication>,
-    chained: Option<Option<Arc<Publication>>>,
+    chained: Option<(Option<Arc<Publication>>, u64)>,
     format: Format,
     stream: bool,
     deflate: bool,
@@ -1090,22 +1104,24 @@ fn publication_out(
         state.last_offset = publication.offset;
         state.settled = true;
     }
-    let Some(extra) = state.extra.as_deref_mut().filter(|extra| extra.delta) else {
-        return Some(if stream {
-            Out::Message(
-                encode::message_kind(format),
-                encode::publication_message(&publication, format),
-            )
-        } else {
-            Out::Frame(encode::publication_frame(&publication, format, deflate).clone())
-        });
+    let Some(extra) = state.extra.as_deref_mut() else {
+        return Some(whole_out(&publication, format, stream, deflate));
     };
+    // The hub applied the filter; this one may have been queued for an earlier subscription
+    // to the channel, without it.
+    if !extra.passes(&publication) {
+        return None;
+    }
+    if !extra.delta {
+        return Some(whole_out(&publication, format, stream, deflate));
+    }
     // Until settled, the hub's chain may hold publications this client was not sent (those in
     // its subscribe reply, dropped above): the session's own base is the client's. Once
-    // settled, each publication is chained to the one before it, which the client got, from
-    // the session or from the flush lane.
+    // settled, each publication of this subscription's chain comes with the one before it,
+    // which the client got, from the session or from the flush lane. (One of another chain
+    // was queued for an earlier subscription to the channel.)
     let base = match chained {
-        Some(previous) if was_settled => {
+        Some((previous, chain)) if was_settled && chain == extra.chain => {
             extra.delta_base = None;
             previous
         }
@@ -1117,6 +1133,18 @@ fn publication_out(
     } else {
         Out::Frame(push)
     })
+}
+
+/// A publication as every subscriber without deltas gets it.
+fn whole_out(publication: &Publication, format: Format, stream: bool, deflate: bool) -> Out {
+    if stream {
+        Out::Message(
+            encode::message_kind(format),
+            encode::publication_message(publication, format),
+        )
+    } else {
+        Out::Frame(encode::publication_frame(publication, format, deflate).clone())
+    }
 }
 
 /// Subscribes and builds the protocol result; shared by client- and server-side subscriptions.

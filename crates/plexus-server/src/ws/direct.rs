@@ -300,20 +300,20 @@ impl SocketWriter {
             (
                 Frames::Raw,
                 Delivery::Publication(publication) | Delivery::Chained { publication, .. },
-            ) => {
-                Step::Frame(super::raw::publication_frame(publication, self.deflate))
-            }
+            ) => Step::Frame(super::raw::publication_frame(publication, self.deflate)),
             (Frames::Raw, Delivery::Join(_) | Delivery::Leave(_)) => Step::Skip,
             (Frames::Native(format), Delivery::Publication(publication)) => {
                 Step::Frame(encode::publication_frame(publication, format, self.deflate))
             }
             // A delta subscriber's: the hub chained it to the one before, which the client
-            // holds (the connection parks only once its subscriptions are settled).
+            // holds. (The connection parks only once its subscriptions are settled, and with
+            // nothing queued: no delivery of an earlier subscription's chain is left.)
             (
                 Frames::Native(format),
                 Delivery::Chained {
                     publication,
                     previous,
+                    ..
                 },
             ) => Step::Frame(encode::delta_frame(
                 publication,

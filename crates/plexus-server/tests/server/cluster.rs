@@ -263,6 +263,55 @@ async fn three_nodes_share_rooms_presence_and_history() {
     remove_keys(&prefix).await;
 }
 
+/// When a channel's stream begins again under a subscriber (its Redis keys expired or were
+/// deleted: a new epoch, offsets from 1), the subscriber is not left waiting for offsets past
+/// the ones it had: it is unsubscribed with 2500 and, resubscribing from its position, learns
+/// that it was not recovered and gets the new epoch.
+#[tokio::test]
+async fn a_stream_that_begins_again_sends_its_subscribers_to_resubscribe() {
+    let prefix = unique_prefix();
+    let server = start(redis_config(&prefix)).await;
+    let channel = "chat:begins-again";
+    let (mut socket, _) = native(&server, "ann").await;
+    let reply = command(&mut socket, 2, json!({"subscribe": {"channel": channel}})).await;
+    let epoch = reply["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=3 {
+        api(
+            &server,
+            "publish",
+            json!({"channel": channel, "data": {"n": n}}),
+        )
+        .await;
+        let push = next_json(&mut socket).await;
+        assert_eq!(push["push"]["pub"]["offset"], n, "{push}");
+    }
+    remove_keys(&prefix).await;
+    let result = api(
+        &server,
+        "publish",
+        json!({"channel": channel, "data": {"n": 4}}),
+    )
+    .await;
+    assert_eq!(result["offset"], 1, "a new stream: {result}");
+    assert_ne!(result["epoch"], epoch.as_str(), "{result}");
+    let push = next_json(&mut socket).await;
+    assert_eq!(push["push"]["channel"], channel, "{push}");
+    assert_eq!(push["push"]["unsubscribe"]["code"], 2500, "{push}");
+    let reply = command(
+        &mut socket,
+        3,
+        json!({"subscribe": {"channel": channel, "recover": true, "epoch": epoch, "offset": 3}}),
+    )
+    .await;
+    assert_eq!(reply["subscribe"]["was_recovering"], true, "{reply}");
+    assert!(
+        reply["subscribe"].get("recovered").is_none(),
+        "not recovered: {reply}"
+    );
+    assert_eq!(reply["subscribe"]["epoch"], result["epoch"], "{reply}");
+    remove_keys(&prefix).await;
+}
+
 /// A redis-server of the test's own that speaks only TLS and only to clients with a
 /// certificate from its CA, on a free port; killed when dropped.
 struct TlsRedis {

@@ -270,3 +270,77 @@ async fn protobuf_subscribers_get_deltas_as_bytes() {
         base = rebuilt;
     }
 }
+
+/// A client that unsubscribes and subscribes again while publications of its first
+/// subscription are still queued for it gets them as the new subscription's, and each applies
+/// to what it holds: the first whole (it starts over at the subscribe reply), then deltas.
+/// Here its own publishes, the unsubscribe and the subscribe come in one message, so the
+/// publications are queued before the new subscription exists; the namespace does not
+/// recover, so they are not dropped as already in the subscribe reply.
+#[tokio::test]
+async fn publications_queued_before_a_resubscribe_apply_to_what_the_client_holds() {
+    let options = ChannelOptions {
+        recover: false,
+        allow_publish_for_client: true,
+        ..ChannelOptions::quotes()
+    };
+    let server = start_with_namespace("ticker", options).await;
+    let channel = "ticker:eth";
+    let (mut socket, _) = native(&server, "ann").await;
+    let subscribe = json!({"subscribe": {"channel": channel, "delta": "fossil"}});
+    let reply = command(&mut socket, 2, subscribe.clone()).await;
+    assert_eq!(reply["subscribe"]["delta"], true, "{reply}");
+    let mut base = Vec::new();
+    for price in [3_000, 3_001] {
+        publish(&server, channel, &quote(price)).await;
+        let (data, bytes) = rebuild(&next_pub(&mut socket, channel).await, &base);
+        assert_eq!(data, quote(price));
+        base = bytes;
+    }
+
+    let lines = [
+        json!({"id": 3, "publish": {"channel": channel, "data": quote(3_002)}}),
+        json!({"id": 4, "publish": {"channel": channel, "data": quote(3_003)}}),
+        json!({"id": 5, "unsubscribe": {"channel": channel}}),
+        json!({"id": 6, "subscribe": {"channel": channel, "delta": "fossil"}}),
+    ];
+    let batch: Vec<String> = lines.iter().map(Value::to_string).collect();
+    send_text(&mut socket, &batch.join("\n")).await;
+    // Replies and pushes may come several to a message, one per line.
+    let mut pending = std::collections::VecDeque::new();
+    let mut next = async |socket: &mut Ws| -> Value {
+        while pending.is_empty() {
+            let text = next_text(socket).await;
+            pending.extend(
+                text.lines()
+                    .map(|line| serde_json::from_str::<Value>(line).unwrap()),
+            );
+        }
+        pending.pop_front().unwrap()
+    };
+    // Up to the subscribe reply, publications are the first subscription's.
+    loop {
+        let message = next(&mut socket).await;
+        if message["id"] == 6 {
+            assert_eq!(message["subscribe"]["delta"], true, "{message}");
+            break;
+        }
+        if let Some(publication) = message["push"].get("pub") {
+            base = rebuild(publication, &base).1;
+        }
+    }
+    // From here the client holds nothing in the channel: what comes applies from scratch.
+    let mut base = Vec::new();
+    let mut seen = Vec::new();
+    publish(&server, channel, &quote(3_004)).await;
+    while seen.last() != Some(&quote(3_004)) {
+        let message = next(&mut socket).await;
+        let Some(publication) = message["push"].get("pub") else {
+            continue;
+        };
+        let (data, bytes) = rebuild(publication, &base);
+        seen.push(data);
+        base = bytes;
+    }
+    assert!(seen.len() <= 3, "{seen:?}");
+}

@@ -209,3 +209,53 @@ async fn filters_are_refused_where_not_allowed_or_not_well_formed() {
     .await;
     assert!(reply.get("error").is_none(), "{reply}");
 }
+
+/// A client that resubscribes with a filter while a publication of its unfiltered first
+/// subscription is still queued for it does not get that publication if it does not pass: its
+/// own publish (no tags), the unsubscribe and the filtered subscribe come in one message, in a
+/// namespace that does not recover (nothing is dropped as already in a subscribe reply).
+#[tokio::test]
+async fn a_publication_queued_before_a_filtered_resubscribe_is_filtered_too() {
+    let options = ChannelOptions {
+        allow_tags_filter: true,
+        allow_publish_for_client: true,
+        recover: false,
+        ..ChannelOptions::quotes()
+    };
+    let server = start_with_namespace("ticks", options).await;
+    let (mut socket, _) = native(&server, "ann").await;
+    let reply = command(
+        &mut socket,
+        2,
+        json!({"subscribe": {"channel": "ticks:all"}}),
+    )
+    .await;
+    assert!(reply.get("subscribe").is_some(), "{reply}");
+    let filter = json!({"key": "ticker", "cmp": "ex"});
+    let lines = [
+        json!({"id": 3, "publish": {"channel": "ticks:all", "data": {"n": 1}}}),
+        json!({"id": 4, "unsubscribe": {"channel": "ticks:all"}}),
+        json!({"id": 5, "subscribe": {"channel": "ticks:all", "tf": filter}}),
+    ];
+    let batch: Vec<String> = lines.iter().map(Value::to_string).collect();
+    send_text(&mut socket, &batch.join("\n")).await;
+    // Replies and pushes may come several to a message, one per line.
+    let mut after_subscribe = false;
+    let mut after: Vec<Value> = Vec::new();
+    while !after.iter().any(|n| n == 2) {
+        let text = next_text(&mut socket).await;
+        for line in text.lines() {
+            let message: Value = serde_json::from_str(line).unwrap();
+            if message["id"] == 5 {
+                assert!(message.get("subscribe").is_some(), "{message}");
+                after_subscribe = true;
+                publish(&server, Some("BTC"), 2).await;
+            } else if let Some(publication) = message["push"].get("pub") {
+                if after_subscribe {
+                    after.push(publication["data"]["n"].clone());
+                }
+            }
+        }
+    }
+    assert_eq!(after, [json!(2)], "only what passes the filter");
+}
