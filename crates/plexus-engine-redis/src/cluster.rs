@@ -7,8 +7,12 @@
 //!
 //! The slot map comes from `CLUSTER SLOTS`, asked of a known master or else of the seed
 //! addresses, on a connection kept from one reading to the next. It is asked again every [`REFRESH`], and soon after a writer meets `MOVED`, `ASK`,
-//! `CLUSTERDOWN` or `TRYAGAIN` or loses its connection (a failover, a resharding). The call that
-//! met the redirection fails as unavailable; the calls after the new map go to the new master.
+//! `CLUSTERDOWN` or `TRYAGAIN` or loses its connection (a failover, a resharding). A call
+//! answered `MOVED` or `ASK` goes on to the master named (after `ASKING` for `ASK`, which
+//! holds only for the command after it, so the writer sends the two together), one answered
+//! `TRYAGAIN` again by its slot after [`RETRY_PAUSE`], each at most
+//! [`crate::writer::MAX_REDIRECTS`] times; the calls after the new map go to the new master.
+//! Only calls in flight at the same time can be reordered by this.
 //! Writers of masters that left the map are stopped.
 //!
 //! Publications are read from the master that holds their channel ([`Shards`]): one pub/sub
@@ -34,7 +38,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::source::{Rotation, Source};
 use crate::subscriber::{Role, Subscriber};
-use crate::writer::{Backoff, Health, LinkError, Request, Writer, CONNECT_TIMEOUT};
+use crate::writer::{
+    Backoff, ClusterLink, Health, LinkError, Redirect, Request, Writer, CONNECT_TIMEOUT,
+};
 
 /// Hash slots of a Redis Cluster.
 pub const SLOTS: usize = 16384;
@@ -44,6 +50,10 @@ pub const REFRESH: Duration = Duration::from_secs(10);
 
 /// The shortest time between two refreshes of the slot map.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
+
+/// How long a call waits before it is sent again after `TRYAGAIN`, or after a redirection to
+/// a master this node has no writer for (by its slot, once the map was read again).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// CRC16/XMODEM (polynomial 0x1021, initial value 0), the checksum Redis Cluster hashes keys
 /// with.
@@ -173,6 +183,8 @@ struct Routes {
     /// Slot → index in `queues`; `u16::MAX` for a slot no master serves.
     slots: Vec<u16>,
     queues: Vec<mpsc::UnboundedSender<Request>>,
+    /// Master → index in `queues`, for redirections.
+    by_address: HashMap<Address, usize>,
     /// Rung when a call finds no master for its slot: the map may be out of date.
     stale: Arc<Notify>,
 }
@@ -201,6 +213,8 @@ pub(crate) struct Router {
     rotation: Arc<Rotation>,
     /// The pub/sub connections to the masters, which follow the map too.
     shards: Arc<Shards>,
+    /// Given to the writers: the calls Redis redirected (`MOVED`, `ASK`, `TRYAGAIN`).
+    redirected: mpsc::UnboundedSender<(Request, Redirect)>,
 }
 
 impl Routes {
@@ -271,6 +285,7 @@ impl Router {
         health: Arc<Health>,
         cancel: &CancellationToken,
     ) -> Arc<Router> {
+        let (redirected, redirections) = mpsc::unbounded_channel();
         let router = Arc::new(Router {
             state: Mutex::new(State {
                 routes: None,
@@ -279,13 +294,78 @@ impl Router {
             stale: shards.stale.clone(),
             rotation,
             shards,
+            redirected,
         });
         tokio::spawn(
             router
                 .clone()
                 .upkeep(template, seeds, health, cancel.clone()),
         );
+        tokio::spawn(router.clone().follow(redirections, cancel.clone()));
         router
+    }
+
+    /// Sends on the calls Redis redirected, until `cancel`.
+    async fn follow(
+        self: Arc<Self>,
+        mut redirections: mpsc::UnboundedReceiver<(Request, Redirect)>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let (request, redirect) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                redirection = redirections.recv() => match redirection {
+                    Some(redirection) => redirection,
+                    None => return,
+                },
+            };
+            self.redirect(request, redirect);
+        }
+    }
+
+    /// `MOVED` and `ASK` go straight to the master named, when this node writes to it; a
+    /// `TRYAGAIN`, or a master it does not know (not in its map yet), goes again by the slot
+    /// after [`RETRY_PAUSE`], once the map was read again.
+    fn redirect(self: &Arc<Self>, mut request: Request, redirect: Redirect) {
+        let routes = self.lock().routes.clone();
+        let to = match &redirect {
+            Redirect::Moved(host, port) | Redirect::Ask(host, port) => {
+                let address = (host.clone(), *port);
+                routes
+                    .as_ref()
+                    .and_then(|routes| routes.by_address.get(&address).map(|&i| &routes.queues[i]))
+            }
+            Redirect::TryAgain => None,
+        };
+        if let Some(queue) = to {
+            if let Err(unsent) = queue.send(request) {
+                let why = "the redis cluster master a call was redirected to is gone";
+                let _ = unsent
+                    .0
+                    .reply
+                    .send(Err(LinkError::Disconnected(why.into())));
+            }
+            return;
+        }
+        if !matches!(redirect, Redirect::TryAgain) {
+            self.stale.notify_one();
+        }
+        request.route.asking = false;
+        let router = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(RETRY_PAUSE).await;
+            if request.reply.is_closed() {
+                return; // the caller gave up
+            }
+            let routes = router.lock().routes.clone();
+            match routes {
+                Some(routes) => routes.send(request.route.slot, request),
+                None => {
+                    let why = "the redis cluster's slot map is not known";
+                    let _ = request.reply.send(Err(LinkError::Disconnected(why.into())));
+                }
+            }
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -304,6 +384,8 @@ impl Router {
             return;
         }
         let slot = channel_slot(channel);
+        let mut request = request;
+        request.route.slot = slot;
         let mut state = self.lock();
         if let Some(routes) = &state.routes {
             return routes.send(slot, request);
@@ -428,7 +510,10 @@ impl Router {
                     name,
                     Source::direct(client),
                     health.clone(),
-                    Some(self.stale.clone()),
+                    Some(ClusterLink {
+                        stale_map: self.stale.clone(),
+                        redirected: self.redirected.clone(),
+                    }),
                 );
                 tokio::spawn(writer.run(requests, stop.clone()));
                 writers.insert(master.clone(), NodeWriter { queue, stop });
@@ -451,9 +536,15 @@ impl Router {
         }
         self.rotation.set(rotation);
         self.shards.install(&served, &slots, template, cancel);
+        let by_address = served
+            .iter()
+            .enumerate()
+            .map(|(i, address)| (address.clone(), i))
+            .collect();
         let routes = Arc::new(Routes {
             slots,
             queues,
+            by_address,
             stale: self.stale.clone(),
         });
         let mut state = self.lock();

@@ -48,8 +48,8 @@
 //! its hash tag, `{prefix}:stream:{{channel}}` and so on, so a channel's keys share a slot and
 //! its scripts run on the master that holds it. There is one writer per master (`cluster`):
 //! a call goes to the master of its channel's slot, by a slot map read with `CLUSTER SLOTS`
-//! and read again when a node answers `MOVED`/`ASK`/`CLUSTERDOWN`/`TRYAGAIN` or is lost (the
-//! call that met it fails as unavailable). Pub/sub is Redis's classic kind: each channel is
+//! and read again when a node answers `MOVED`/`ASK`/`CLUSTERDOWN`/`TRYAGAIN` or is lost (a
+//! call answered `MOVED`, `ASK` or `TRYAGAIN` is sent on, at most 5 times; see `cluster`). Pub/sub is Redis's classic kind: each channel is
 //! subscribed on the master that holds it (one pub/sub connection per master), where its
 //! publications are published, so they do not cross the cluster bus; node commands go
 //! through one more connection, to any node. A channel whose name starts with `}` would have

@@ -127,6 +127,60 @@ impl Health {
 pub(crate) struct Request {
     pub cmd: Cmd,
     pub reply: oneshot::Sender<Result<Value, LinkError>>,
+    /// Redis Cluster: the slot of the call's keys, and the redirections it followed.
+    pub route: Route,
+}
+
+/// How a Redis Cluster call got where it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Route {
+    pub slot: u16,
+    /// Redirections followed so far (at most [`MAX_REDIRECTS`]).
+    pub redirects: u8,
+    /// Sent after `ASKING`: an `ASK` redirection to the master importing the slot.
+    pub asking: bool,
+}
+
+/// Most redirections one Redis Cluster call follows before it fails as unavailable.
+pub(crate) const MAX_REDIRECTS: u8 = 5;
+
+/// Where Redis Cluster told a call to go instead of failing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Redirect {
+    /// `MOVED slot host:port`: the slot is served there now (the map is read again).
+    Moved(String, u16),
+    /// `ASK slot host:port`: the slot is being moved there, and the call's keys already are;
+    /// send it there once, after `ASKING`.
+    Ask(String, u16),
+    /// `TRYAGAIN`: the call's keys are split between two masters while the slot moves; send it
+    /// again shortly.
+    TryAgain,
+}
+
+impl Redirect {
+    /// The redirection an error reply asks for, if any.
+    pub(crate) fn of(code: &str, details: Option<&str>) -> Option<Redirect> {
+        let address = || {
+            let (_slot, address) = details?.trim().split_once(' ')?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        };
+        match code {
+            "MOVED" => address().map(|(host, port)| Redirect::Moved(host, port)),
+            "ASK" => address().map(|(host, port)| Redirect::Ask(host, port)),
+            "TRYAGAIN" => Some(Redirect::TryAgain),
+            _ => None,
+        }
+    }
+}
+
+/// What a cluster master's writer shares with the router.
+#[derive(Clone)]
+pub(crate) struct ClusterLink {
+    /// Rung when a reply or a lost connection says the slot map may have changed.
+    pub stale_map: Arc<Notify>,
+    /// Calls Redis redirected, for the router to send on.
+    pub redirected: mpsc::UnboundedSender<(Request, Redirect)>,
 }
 
 /// The queues of the writers.
@@ -169,7 +223,11 @@ impl Writers {
         cmd: Cmd,
     ) -> Option<oneshot::Receiver<Result<Value, LinkError>>> {
         let (reply, receiver) = oneshot::channel();
-        let request = Request { cmd, reply };
+        let request = Request {
+            cmd,
+            reply,
+            route: Route::default(),
+        };
         match self {
             Writers::Hashed(queues) => {
                 let mut hasher = std::hash::DefaultHasher::new();
@@ -192,9 +250,8 @@ pub(crate) struct Writer {
     connection: Option<MultiplexedConnection>,
     backoff: Backoff,
     last_error: Arc<str>,
-    /// Redis Cluster: rung when a reply or a lost connection says the slot map may have
-    /// changed.
-    stale_map: Option<Arc<Notify>>,
+    /// Redis Cluster: where redirected calls and signs of a changed map go.
+    cluster: Option<ClusterLink>,
 }
 
 /// Error codes by which Redis Cluster says a key is served elsewhere or not at the moment.
@@ -206,7 +263,7 @@ impl Writer {
         name: Arc<str>,
         source: Source,
         health: Arc<Health>,
-        stale_map: Option<Arc<Notify>>,
+        cluster: Option<ClusterLink>,
     ) -> Writer {
         Writer {
             name,
@@ -215,7 +272,7 @@ impl Writer {
             connection: None,
             backoff: Backoff::default(),
             last_error: "not connected yet".into(),
-            stale_map,
+            cluster,
         }
     }
 
@@ -324,9 +381,9 @@ impl Writer {
         } else {
             tracing::debug!(writer = %self.name, %error, "redis writer cannot connect");
         }
-        if let Some(stale_map) = &self.stale_map {
+        if let Some(cluster) = &self.cluster {
             // A cluster node that is gone may have been replaced by another master.
-            stale_map.notify_one();
+            cluster.stale_map.notify_one();
         }
         self.last_error = error;
         self.backoff.failed();
@@ -358,37 +415,69 @@ impl Writer {
             return;
         };
         let mut pipeline = redis::pipe();
-        let mut replies = Vec::with_capacity(batch.len());
+        let mut calls = Vec::with_capacity(batch.len());
         for request in batch.drain(..) {
+            if request.route.asking {
+                // Applies to the next command on this connection only: its own.
+                pipeline.cmd("ASKING");
+            }
             pipeline.add_command(request.cmd);
-            replies.push(request.reply);
+            calls.push((request.reply, request.route));
         }
-        let count = replies.len();
+        let count = calls.len() + calls.iter().filter(|(_, route)| route.asking).count();
         let sent = tokio::time::timeout(
             RESPONSE_TIMEOUT,
             connection.send_packed_commands(&pipeline, 0, count),
         )
         .await;
+        let (replies, routes): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
         let error = match sent {
             Ok(Ok(values)) if values.len() == count => {
                 let mut scripts_missing = false;
                 let mut read_only = false;
                 let mut map_changed = false;
-                for (value, reply) in values.into_iter().zip(replies) {
+                let mut values = values.into_iter();
+                let mut commands = pipeline.cmd_iter();
+                for (reply, route) in replies.into_iter().zip(routes) {
+                    if route.asking {
+                        values.next(); // `ASKING`'s OK
+                        commands.next();
+                    }
+                    let (Some(value), Some(cmd)) = (values.next(), commands.next()) else {
+                        break; // counted above: not reached
+                    };
                     let result = match value {
                         Value::ServerError(error) => {
+                            let redirect = Redirect::of(error.code(), error.details());
+                            map_changed |= CLUSTER_CHANGED.contains(&error.code());
+                            if let (Some(redirect), Some(cluster)) = (redirect, &self.cluster) {
+                                if route.redirects < MAX_REDIRECTS && !reply.is_closed() {
+                                    let route = Route {
+                                        slot: route.slot,
+                                        redirects: route.redirects + 1,
+                                        asking: matches!(redirect, Redirect::Ask(..)),
+                                    };
+                                    let request = Request {
+                                        cmd: cmd.clone(),
+                                        reply,
+                                        route,
+                                    };
+                                    // The router sends it on; if it is gone, so is the caller.
+                                    let _ = cluster.redirected.send((request, redirect));
+                                    continue;
+                                }
+                            }
                             scripts_missing |= error.code() == "NOSCRIPT";
                             read_only |= error.code() == "READONLY";
-                            map_changed |= CLUSTER_CHANGED.contains(&error.code());
                             Err(LinkError::Server(error.to_string()))
                         }
                         value => Ok(value),
                     };
                     let _ = reply.send(result);
                 }
-                if let (true, Some(stale_map)) = (map_changed, &self.stale_map) {
-                    // Those calls failed; the next ones go where the new map says.
-                    stale_map.notify_one();
+                if let (true, Some(cluster)) = (map_changed, &self.cluster) {
+                    // The next calls go where the new map says.
+                    cluster.stale_map.notify_one();
                 }
                 if scripts_missing {
                     // Someone flushed the script cache: those calls failed (in order, nothing
@@ -412,5 +501,42 @@ impl Writer {
         }
         // The connection's state is unknown (replies may still come): start over.
         self.lost(error.to_string().into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Redirect;
+
+    #[test]
+    fn redirections_are_read_from_error_replies() {
+        assert_eq!(
+            Redirect::of("MOVED", Some("3999 127.0.0.1:6381")),
+            Some(Redirect::Moved("127.0.0.1".into(), 6381))
+        );
+        assert_eq!(
+            Redirect::of("ASK", Some("3999 10.0.0.7:7000")),
+            Some(Redirect::Ask("10.0.0.7".into(), 7000))
+        );
+        assert_eq!(
+            Redirect::of("ASK", Some("3999 ::1:7000")),
+            Some(Redirect::Ask("::1".into(), 7000)),
+            "an IPv6 host"
+        );
+        assert_eq!(
+            Redirect::of(
+                "TRYAGAIN",
+                Some("Multiple keys request during rehashing of slot")
+            ),
+            Some(Redirect::TryAgain)
+        );
+        assert_eq!(Redirect::of("MOVED", Some("3999")), None, "no address");
+        assert_eq!(
+            Redirect::of("MOVED", Some("3999 host:port")),
+            None,
+            "bad port"
+        );
+        assert_eq!(Redirect::of("CLUSTERDOWN", Some("down")), None);
+        assert_eq!(Redirect::of("ERR", None), None);
     }
 }

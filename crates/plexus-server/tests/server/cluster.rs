@@ -490,6 +490,166 @@ async fn on_a_redis_cluster(sharded: bool) {
     three_nodes_agree("redis", &unique_prefix(), config).await;
 }
 
+/// `redis-cli -p PORT ARGS…` (not following redirections): its output, trimmed.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Publishing keeps working while a channel's slot moves to another master, as
+/// `redis-cli --cluster reshard` moves it: while the slot is migrating and its keys are
+/// already on the new master (`ASK`, followed with `ASKING`), and once it belongs there but
+/// this node's map still says otherwise (`MOVED`). The channel's history is whole: one stream,
+/// offsets 1 to 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishing_follows_a_channel_whose_slot_moves_to_another_master() {
+    slot_moves(false).await;
+}
+
+/// The same with sharded pub/sub, whose `SPUBLISH` the publish script runs on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishing_follows_a_moving_slot_with_sharded_pubsub() {
+    slot_moves(true).await;
+}
+
+async fn slot_moves(sharded: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisCluster::start(dir.path());
+    let seeds = redis
+        .ports
+        .iter()
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect();
+    let prefix = unique_prefix();
+    let server = start(Config {
+        redis_url: "redis://127.0.0.1:1".into(),
+        redis_cluster: Some(seeds),
+        redis_cluster_sharded_pubsub: sharded,
+        ..redis_config(&prefix)
+    })
+    .await;
+    let channel = "chat:moving";
+    let (mut subscriber, _) = native(&server, "ann").await;
+    let reply = command(
+        &mut subscriber,
+        2,
+        json!({"subscribe": {"channel": channel}}),
+    )
+    .await;
+    let epoch = reply["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    let publish = async |n: u32| {
+        let body = json!({"channel": channel, "data": {"n": n}});
+        api_call(&server, "publish", body).await
+    };
+    for n in 1..=2 {
+        let reply = publish(n).await;
+        assert_eq!(reply["result"]["offset"], n, "{reply}");
+    }
+
+    // Who holds the slot (the others answer MOVED), and where it goes.
+    let slot = redis_cli(redis.ports[0], &["cluster", "keyslot", channel]);
+    let key = format!("{{{channel}}}probe");
+    let from = *redis
+        .ports
+        .iter()
+        .find(|&&port| redis_cli(port, &["set", &key, "x"]) == "OK")
+        .expect("an owner");
+    redis_cli(from, &["del", &key]);
+    let to = *redis.ports.iter().find(|&&port| port != from).unwrap();
+    let others: Vec<u16> = redis.ports.clone();
+    let id = |port: u16| redis_cli(port, &["cluster", "myid"]);
+    let (from_id, to_id) = (id(from), id(to));
+    assert_eq!(
+        redis_cli(to, &["cluster", "setslot", &slot, "importing", &from_id]),
+        "OK"
+    );
+    assert_eq!(
+        redis_cli(from, &["cluster", "setslot", &slot, "migrating", &to_id]),
+        "OK"
+    );
+    let reply = publish(3).await;
+    assert_eq!(reply["result"]["offset"], 3, "keys not moved yet: {reply}");
+
+    // Move the channel's stream alone: its keys are split between the masters, and the
+    // publish script meets TRYAGAIN until the rest follows, which it does 150 ms later; then
+    // the old master answers ASK for them.
+    let keys = redis_cli(from, &["cluster", "getkeysinslot", &slot, "100"]);
+    let (stream, rest): (Vec<&str>, Vec<&str>) =
+        keys.lines().partition(|key| key.contains(":stream:"));
+    assert_eq!(stream.len(), 1, "{keys}");
+    assert!(!rest.is_empty(), "{keys}");
+    let port = to.to_string();
+    let migrate = |keys: &[&str]| {
+        let mut migrate = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
+        migrate.extend(keys.iter().copied());
+        assert_eq!(redis_cli(from, &migrate), "OK", "{keys:?}");
+    };
+    migrate(&stream);
+    let (reply, ()) = tokio::join!(publish(4), async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        migrate(&rest);
+    });
+    assert_eq!(
+        reply["result"]["offset"], 4,
+        "through TRYAGAIN and ASK: {reply}"
+    );
+
+    // The slot is the new master's: the old one answers MOVED until this node reads the map.
+    for port in &others {
+        redis_cli(*port, &["cluster", "setslot", &slot, "node", &to_id]);
+    }
+    let reply = publish(5).await;
+    assert_eq!(reply["result"]["offset"], 5, "through MOVED: {reply}");
+
+    let history = api_call(&server, "history", json!({"channel": channel, "limit": -1})).await;
+    let offsets: Vec<&Value> = history["result"]["publications"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{history}"))
+        .iter()
+        .map(|p| &p["offset"])
+        .collect();
+    assert_eq!(offsets, [1, 2, 3, 4, 5], "{history}");
+
+    // The subscriber gets all five, live or (told to resubscribe, 2500, when its channel's
+    // pub/sub moved to the new master) recovered.
+    let mut got: Vec<u64> = Vec::new();
+    let mut id = 3;
+    while got.len() < 5 {
+        let message = next_json(&mut subscriber).await;
+        if let Some(publication) = message["push"].get("pub") {
+            got.push(publication["offset"].as_u64().unwrap());
+        } else if message["push"]["unsubscribe"]["code"] == 2500 {
+            let offset = got.last().copied().unwrap_or(0);
+            let recover = json!({"subscribe": {"channel": channel, "recover": true,
+                "epoch": epoch, "offset": offset}});
+            // Until this node read the new map, a subscribe may fail as temporary (with
+            // sharded pub/sub the old master answers MOVED): the SDKs try again.
+            let reply = loop {
+                let reply = command(&mut subscriber, id, recover.clone()).await;
+                id += 1;
+                if reply["error"]["temporary"] != true {
+                    break reply;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert_eq!(reply["subscribe"]["recovered"], true, "{reply}");
+            for publication in reply["subscribe"]["publications"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                got.push(publication["offset"].as_u64().unwrap());
+            }
+        }
+    }
+    assert_eq!(got, [1, 2, 3, 4, 5]);
+    remove_keys(&prefix).await;
+}
+
 /// Several nodes on one NATS (`engine = "nats"`, JetStream at `PLEXUS_TEST_NATS_URL`, default
 /// `nats://127.0.0.1:4222`) under a prefix of the test's own, whose streams and bucket are
 /// deleted at the end.
