@@ -185,7 +185,8 @@ pub trait Deliver: Send + Sync + 'static {
 /// Contract every engine keeps (checked by one conformance suite):
 /// - `publish` orders the publication in its channel when it is called, before the returned
 ///   future is polled, so a caller may publish several times and drop the futures without
-///   losing or reordering anything;
+///   losing or reordering anything (Redis Cluster: except around a slot's move to another
+///   master, see `plexus-engine-redis`);
 /// - with `retention`, the publication gets the next offset of its channel's stream and is kept
 ///   in history; without, it gets offset 0 and is only delivered;
 /// - it is delivered to [`Deliver::deliver`] on every node, in offset order, after it is stored

@@ -9,10 +9,11 @@
 //! addresses, on a connection kept from one reading to the next. It is asked again every [`REFRESH`], and soon after a writer meets `MOVED`, `ASK`,
 //! `CLUSTERDOWN` or `TRYAGAIN` or loses its connection (a failover, a resharding). A call
 //! answered `MOVED` or `ASK` goes on to the master named (after `ASKING` for `ASK`, which
-//! holds only for the command after it, so the writer sends the two together), one answered
-//! `TRYAGAIN` again by its slot after [`RETRY_PAUSE`], each at most
-//! [`crate::writer::MAX_REDIRECTS`] times; the calls after the new map go to the new master.
-//! Only calls in flight at the same time can be reordered by this.
+//! holds only for the command after it, so the writer sends the two together; a master no map
+//! lists yet gets a writer of its own), one answered `TRYAGAIN` again by its slot after
+//! [`RETRY_PAUSE`] (at most [`crate::writer::MAX_REDIRECTS`] and
+//! [`crate::writer::MAX_TRIES`] times); meanwhile the slot's new calls wait behind them
+//! ([`Redirections`]). The calls after the new map go to the new master.
 //! Writers of masters that left the map are stopped.
 //!
 //! Publications are read from the master that holds their channel ([`Shards`]): one pub/sub
@@ -41,6 +42,8 @@ use crate::subscriber::{Role, Subscriber};
 use crate::writer::{
     Backoff, ClusterLink, Health, LinkError, Redirect, Request, Writer, CONNECT_TIMEOUT,
 };
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
 
 /// Hash slots of a Redis Cluster.
 pub const SLOTS: usize = 16384;
@@ -189,6 +192,10 @@ struct Routes {
     stale: Arc<Notify>,
 }
 
+fn lock_map<K, V>(map: &Mutex<HashMap<K, V>>) -> std::sync::MutexGuard<'_, HashMap<K, V>> {
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A running writer for one master.
 struct NodeWriter {
     queue: mpsc::UnboundedSender<Request>,
@@ -213,8 +220,112 @@ pub(crate) struct Router {
     rotation: Arc<Rotation>,
     /// The pub/sub connections to the masters, which follow the map too.
     shards: Arc<Shards>,
-    /// Given to the writers: the calls Redis redirected (`MOVED`, `ASK`, `TRYAGAIN`).
-    redirected: mpsc::UnboundedSender<(Request, Redirect)>,
+    /// Shared with the writers: the calls Redis redirected (`MOVED`, `ASK`, `TRYAGAIN`),
+    /// until they are sent on.
+    pub(crate) redirections: Arc<Redirections>,
+    /// For writers to masters a redirection names that the map does not list yet.
+    template: NodeTemplate,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    /// Those writers (a master importing its first slots), until a map lists their master.
+    adhoc: Mutex<HashMap<Address, NodeWriter>>,
+}
+
+/// Calls Redis redirected, waiting to be sent on in the order they came.
+///
+/// While a slot has calls held here, new calls of that slot are held behind them
+/// ([`Router::send`]), so that a call sent again never overtakes a later one of its channel
+/// made meanwhile. (Only a call that was in flight when this node learnt a new map can still
+/// be overtaken by one sent to the new master at once.)
+#[derive(Default)]
+pub(crate) struct Redirections {
+    held: Mutex<Held>,
+    /// Rung when the queue gets its first call.
+    wake: Notify,
+    pub(crate) moved: AtomicU64,
+    pub(crate) asked: AtomicU64,
+    pub(crate) tried_again: AtomicU64,
+}
+
+#[derive(Default)]
+struct Held {
+    queue: VecDeque<HeldCall>,
+    per_slot: HashMap<u16, usize>,
+}
+
+struct HeldCall {
+    /// Not sent on before this.
+    due: tokio::time::Instant,
+    request: Request,
+    /// The master named by `MOVED` or `ASK`; else the call goes by its slot.
+    to: Option<Address>,
+}
+
+impl Redirections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A call Redis redirected (the writer counted it in its route): held for the router,
+    /// `TRYAGAIN` for [`RETRY_PAUSE`].
+    pub(crate) fn push(&self, request: Request, redirect: Redirect) {
+        let now = tokio::time::Instant::now();
+        let (due, to, counter) = match redirect {
+            Redirect::Moved(host, port) => (now, Some((host, port)), &self.moved),
+            Redirect::Ask(host, port) => (now, Some((host, port)), &self.asked),
+            Redirect::TryAgain => (now + RETRY_PAUSE, None, &self.tried_again),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.hold(HeldCall { due, request, to });
+    }
+
+    fn hold(&self, call: HeldCall) {
+        let mut held = self.lock();
+        let was_empty = held.queue.is_empty();
+        *held.per_slot.entry(call.request.route.slot).or_default() += 1;
+        held.queue.push_back(call);
+        drop(held);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A new call of `slot`: held behind the slot's held calls, if it has any.
+    fn behind(&self, slot: u16, request: Request) -> Option<Request> {
+        let mut held = self.lock();
+        let Some(count) = held.per_slot.get_mut(&slot) else {
+            return Some(request);
+        };
+        *count += 1;
+        held.queue.push_back(HeldCall {
+            due: tokio::time::Instant::now(),
+            request,
+            to: None,
+        });
+        None
+    }
+
+    /// The held calls due now, in order; and when the next one is due.
+    fn take_due(&self, into: &mut Vec<HeldCall>) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let mut held = self.lock();
+        while held.queue.front().is_some_and(|call| call.due <= now) {
+            let call = held.queue.pop_front().expect("a front");
+            let slot = call.request.route.slot;
+            if let std::collections::hash_map::Entry::Occupied(mut count) =
+                held.per_slot.entry(slot)
+            {
+                *count.get_mut() -= 1;
+                if *count.get() == 0 {
+                    count.remove();
+                }
+            }
+            into.push(call);
+        }
+        held.queue.front().map(|call| call.due)
+    }
 }
 
 impl Routes {
@@ -285,7 +396,6 @@ impl Router {
         health: Arc<Health>,
         cancel: &CancellationToken,
     ) -> Arc<Router> {
-        let (redirected, redirections) = mpsc::unbounded_channel();
         let router = Arc::new(Router {
             state: Mutex::new(State {
                 routes: None,
@@ -294,78 +404,118 @@ impl Router {
             stale: shards.stale.clone(),
             rotation,
             shards,
-            redirected,
+            redirections: Arc::default(),
+            template: template.clone(),
+            health: health.clone(),
+            cancel: cancel.clone(),
+            adhoc: Mutex::default(),
         });
         tokio::spawn(
             router
                 .clone()
                 .upkeep(template, seeds, health, cancel.clone()),
         );
-        tokio::spawn(router.clone().follow(redirections, cancel.clone()));
+        tokio::spawn(router.clone().follow(cancel.clone()));
         router
     }
 
-    /// Sends on the calls Redis redirected, until `cancel`.
-    async fn follow(
-        self: Arc<Self>,
-        mut redirections: mpsc::UnboundedReceiver<(Request, Redirect)>,
-        cancel: CancellationToken,
-    ) {
+    /// Sends on the calls Redis redirected as they fall due, in order, until `cancel`.
+    async fn follow(self: Arc<Self>, cancel: CancellationToken) {
+        let mut due = Vec::new();
         loop {
-            let (request, redirect) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                redirection = redirections.recv() => match redirection {
-                    Some(redirection) => redirection,
-                    None => return,
-                },
+            let next = self.redirections.take_due(&mut due);
+            for call in due.drain(..) {
+                self.send_on(call);
+            }
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
             };
-            self.redirect(request, redirect);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                () = self.redirections.wake.notified() => {}
+                () = sleep => {}
+            }
+        }
+        for writer in crate::cluster::lock_map(&self.adhoc).values() {
+            writer.stop.cancel();
         }
     }
 
-    /// `MOVED` and `ASK` go straight to the master named, when this node writes to it; a
-    /// `TRYAGAIN`, or a master it does not know (not in its map yet), goes again by the slot
-    /// after [`RETRY_PAUSE`], once the map was read again.
-    fn redirect(self: &Arc<Self>, mut request: Request, redirect: Redirect) {
+    /// A held call: to the master `MOVED` or `ASK` named (a writer of its own if the map does
+    /// not list it yet), else by its slot, as the map says now.
+    fn send_on(&self, call: HeldCall) {
+        let HeldCall {
+            mut request, to, ..
+        } = call;
         let routes = self.lock().routes.clone();
-        let to = match &redirect {
-            Redirect::Moved(host, port) | Redirect::Ask(host, port) => {
-                let address = (host.clone(), *port);
-                routes
-                    .as_ref()
-                    .and_then(|routes| routes.by_address.get(&address).map(|&i| &routes.queues[i]))
-            }
-            Redirect::TryAgain => None,
-        };
-        if let Some(queue) = to {
-            if let Err(unsent) = queue.send(request) {
-                let why = "the redis cluster master a call was redirected to is gone";
-                let _ = unsent
-                    .0
-                    .reply
-                    .send(Err(LinkError::Disconnected(why.into())));
-            }
+        let Some(routes) = routes else {
+            let why = "the redis cluster's slot map is not known";
+            let _ = request.reply.send(Err(LinkError::Disconnected(why.into())));
             return;
-        }
-        if !matches!(redirect, Redirect::TryAgain) {
-            self.stale.notify_one();
-        }
-        request.route.asking = false;
-        let router = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(RETRY_PAUSE).await;
-            if request.reply.is_closed() {
-                return; // the caller gave up
-            }
-            let routes = router.lock().routes.clone();
-            match routes {
-                Some(routes) => routes.send(request.route.slot, request),
+        };
+        let Some(address) = to else {
+            request.route.asking = false;
+            return routes.send(request.route.slot, request);
+        };
+        let queue = match routes.by_address.get(&address) {
+            Some(&i) => routes.queues[i].clone(),
+            None => match self.adhoc_writer(&address) {
+                Some(queue) => queue,
                 None => {
-                    let why = "the redis cluster's slot map is not known";
-                    let _ = request.reply.send(Err(LinkError::Disconnected(why.into())));
+                    request.route.asking = false;
+                    return routes.send(request.route.slot, request);
                 }
+            },
+        };
+        if let Err(unsent) = queue.send(request) {
+            let why = "the redis cluster master a call was redirected to is gone";
+            let _ = unsent
+                .0
+                .reply
+                .send(Err(LinkError::Disconnected(why.into())));
+        }
+    }
+
+    /// The queue of a writer to `address`, a master the map does not list (yet): started
+    /// now if there is none.
+    fn adhoc_writer(&self, address: &Address) -> Option<mpsc::UnboundedSender<Request>> {
+        let mut adhoc = lock_map(&self.adhoc);
+        if let Some(writer) = adhoc.get(address) {
+            return Some(writer.queue.clone());
+        }
+        let writer = self.start_writer(address)?;
+        let queue = writer.queue.clone();
+        adhoc.insert(address.clone(), writer);
+        Some(queue)
+    }
+
+    /// A writer for the master at `address` (`None` if no client can be made for it).
+    fn start_writer(&self, address: &Address) -> Option<NodeWriter> {
+        let name: Arc<str> = format!("{}:{}", address.0, address.1).into();
+        let client = match self.template.client(&address.0, address.1) {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::warn!(node = %name, %error, "cannot connect to a redis cluster master");
+                return None;
             }
-        });
+        };
+        let stop = self.cancel.child_token();
+        let (queue, requests) = mpsc::unbounded_channel();
+        self.health.writers_down.fetch_add(1, Ordering::AcqRel);
+        let writer = Writer::new(
+            name,
+            Source::direct(client),
+            self.health.clone(),
+            Some(ClusterLink {
+                stale_map: self.stale.clone(),
+                redirections: self.redirections.clone(),
+            }),
+        );
+        tokio::spawn(writer.run(requests, stop.clone()));
+        Some(NodeWriter { queue, stop })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -386,6 +536,10 @@ impl Router {
         let slot = channel_slot(channel);
         let mut request = request;
         request.route.slot = slot;
+        // Behind the calls of its slot being sent on, if any (in order).
+        let Some(request) = self.redirections.behind(slot, request) else {
+            return;
+        };
         let mut state = self.lock();
         if let Some(routes) = &state.routes {
             return routes.send(slot, request);
@@ -436,7 +590,7 @@ impl Router {
             let wait = match map {
                 Ok(ranges) => {
                     backoff.reset();
-                    self.install(&ranges, &template, &seeds, &mut writers, &health, &cancel);
+                    self.install(&ranges, &template, &seeds, &mut writers, &cancel);
                     if !known {
                         known = true;
                         health.writers_down.fetch_sub(1, Ordering::AcqRel);
@@ -474,7 +628,6 @@ impl Router {
         template: &NodeTemplate,
         seeds: &[Address],
         writers: &mut HashMap<Address, NodeWriter>,
-        health: &Arc<Health>,
         cancel: &CancellationToken,
     ) {
         let mut masters: Vec<Address> = ranges.iter().map(|range| range.master.clone()).collect();
@@ -493,30 +646,14 @@ impl Router {
         let mut served = Vec::with_capacity(masters.len());
         for master in &masters {
             if !writers.contains_key(master) {
-                let name: Arc<str> = format!("{}:{}", master.0, master.1).into();
-                let client = match template.client(&master.0, master.1) {
-                    Ok(client) => client,
-                    Err(error) => {
-                        // A bad address from the cluster itself: its slots fail as
-                        // unavailable (and ask for the map again) until the map changes.
-                        tracing::warn!(node = %name, %error, "cannot connect to a redis cluster master");
-                        continue;
-                    }
+                // A writer started for a redirection to this master, or a new one.
+                let writer = lock_map(&self.adhoc).remove(master);
+                let Some(writer) = writer.or_else(|| self.start_writer(master)) else {
+                    // A bad address from the cluster itself: its slots fail as unavailable
+                    // (and ask for the map again) until the map changes.
+                    continue;
                 };
-                let stop = cancel.child_token();
-                let (queue, requests) = mpsc::unbounded_channel();
-                health.writers_down.fetch_add(1, Ordering::AcqRel);
-                let writer = Writer::new(
-                    name,
-                    Source::direct(client),
-                    health.clone(),
-                    Some(ClusterLink {
-                        stale_map: self.stale.clone(),
-                        redirected: self.redirected.clone(),
-                    }),
-                );
-                tokio::spawn(writer.run(requests, stop.clone()));
-                writers.insert(master.clone(), NodeWriter { queue, stop });
+                writers.insert(master.clone(), writer);
             }
             let index = queues.len() as u16;
             queues.push(writers[master].queue.clone());

@@ -516,6 +516,33 @@ impl Engine for RedisEngine {
         self.is_ready()
     }
 
+    /// With Redis Cluster: the redirections calls followed (a resharding or a failover).
+    fn metrics(&self) -> Vec<plexus_core::EngineMetric> {
+        let Writers::Cluster(router) = &self.inner.writers else {
+            return Vec::new();
+        };
+        let count =
+            |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        let redirections = &router.redirections;
+        vec![
+            plexus_core::EngineMetric::counter(
+                "redis_cluster_moved",
+                "Calls answered MOVED by a Redis Cluster node and sent on to the master named",
+                count(&redirections.moved),
+            ),
+            plexus_core::EngineMetric::counter(
+                "redis_cluster_asked",
+                "Calls answered ASK (their slot moving) and sent on, after ASKING, to the master named",
+                count(&redirections.asked),
+            ),
+            plexus_core::EngineMetric::counter(
+                "redis_cluster_tried_again",
+                "Calls answered TRYAGAIN (their keys split mid-move) and sent again 100 ms later",
+                count(&redirections.tried_again),
+            ),
+        ]
+    }
+
     fn publish(
         &self,
         publication: Publication,

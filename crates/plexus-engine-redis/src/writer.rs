@@ -3,7 +3,8 @@
 //!
 //! A call hashes its channel to a shard (or finds its slot's master) and queues its command on
 //! that writer's unbounded queue *in the call*, so commands of one channel reach Redis in call
-//! order. The shard's task
+//! order (with Redis Cluster, a redirected call is sent on by the router, and its slot's later
+//! calls wait behind it: see `cluster::Redirections`). The shard's task
 //! takes every queued command (up to [`MAX_BATCH`]), sends them as one pipeline over its own
 //! multiplexed connection, waits for the replies (at most [`RESPONSE_TIMEOUT`]) and answers
 //! each caller through its oneshot; then the next batch. A batch in flight is the only one, so
@@ -135,14 +136,23 @@ pub(crate) struct Request {
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Route {
     pub slot: u16,
-    /// Redirections followed so far (at most [`MAX_REDIRECTS`]).
+    /// `MOVED` and `ASK` redirections followed so far (at most [`MAX_REDIRECTS`]).
     pub redirects: u8,
+    /// `TRYAGAIN` answers met so far (at most [`MAX_TRIES`]).
+    pub tries: u8,
     /// Sent after `ASKING`: an `ASK` redirection to the master importing the slot.
     pub asking: bool,
 }
 
-/// Most redirections one Redis Cluster call follows before it fails as unavailable.
+/// Most `MOVED` and `ASK` redirections one Redis Cluster call follows before it fails as
+/// unavailable.
 pub(crate) const MAX_REDIRECTS: u8 = 5;
+
+/// Most `TRYAGAIN` answers one Redis Cluster call takes (each sent again 100 ms later):
+/// about 2 s for a slot's keys to be moved together, or for a channel's first keys to be
+/// written while its slot moves (the importing master refuses a script whose keys do not all
+/// exist yet until the move is done).
+pub(crate) const MAX_TRIES: u8 = 20;
 
 /// Where Redis Cluster told a call to go instead of failing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,7 +190,7 @@ pub(crate) struct ClusterLink {
     /// Rung when a reply or a lost connection says the slot map may have changed.
     pub stale_map: Arc<Notify>,
     /// Calls Redis redirected, for the router to send on.
-    pub redirected: mpsc::UnboundedSender<(Request, Redirect)>,
+    pub redirections: Arc<crate::cluster::Redirections>,
 }
 
 /// The queues of the writers.
@@ -451,19 +461,32 @@ impl Writer {
                             let redirect = Redirect::of(error.code(), error.details());
                             map_changed |= CLUSTER_CHANGED.contains(&error.code());
                             if let (Some(redirect), Some(cluster)) = (redirect, &self.cluster) {
-                                if route.redirects < MAX_REDIRECTS && !reply.is_closed() {
-                                    let route = Route {
-                                        slot: route.slot,
-                                        redirects: route.redirects + 1,
-                                        asking: matches!(redirect, Redirect::Ask(..)),
-                                    };
+                                // Followed whether or not the caller still waits: a call is
+                                // ordered when it is made (an engine's promise).
+                                let route = match redirect {
+                                    Redirect::TryAgain if route.tries < MAX_TRIES => Some(Route {
+                                        tries: route.tries + 1,
+                                        asking: false,
+                                        ..route
+                                    }),
+                                    Redirect::Moved(..) | Redirect::Ask(..)
+                                        if route.redirects < MAX_REDIRECTS =>
+                                    {
+                                        Some(Route {
+                                            redirects: route.redirects + 1,
+                                            asking: matches!(redirect, Redirect::Ask(..)),
+                                            ..route
+                                        })
+                                    }
+                                    _ => None,
+                                };
+                                if let Some(route) = route {
                                     let request = Request {
                                         cmd: cmd.clone(),
                                         reply,
                                         route,
                                     };
-                                    // The router sends it on; if it is gone, so is the caller.
-                                    let _ = cluster.redirected.send((request, redirect));
+                                    cluster.redirections.push(request, redirect);
                                     continue;
                                 }
                             }

@@ -326,6 +326,8 @@ mod wire {
         pub delta: String,
         #[prost(message, optional, tag = "13")]
         pub tf: Option<FilterNode>,
+        #[prost(int64, tag = "14")]
+        pub flag: i64,
     }
 
     #[derive(Clone, PartialEq, prost::Message)]
@@ -528,7 +530,7 @@ macro_rules! same_field {
     };
 }
 
-same_field!(u32, u64, i32, bool, String, Vec<String>, BTreeMap<String, String>);
+same_field!(u32, u64, i32, i64, bool, String, Vec<String>, BTreeMap<String, String>);
 
 impl Field<Bytes> for Option<Payload> {
     fn to_field(&self) -> Bytes {
@@ -617,7 +619,7 @@ messages! {
     RefreshResult { client, version, expires, ttl }
     SubscribeRequest {
         channel, token, recover, epoch, offset, data, positioned, recoverable, join_leave, delta,
-        tf
+        tf, flag
     }
     FilterNode { op, key, cmp, val, vals, nodes }
     SubscribeResult {

@@ -236,7 +236,20 @@ message! {
         pub delta: String,
         /// Only publications whose tags match are wanted (see [`FilterNode::matches`]).
         pub tf: Option<Box<FilterNode>>,
+        /// Bits of [`SubscribeRequest::REJECT_UNRECOVERED`] and the like (centrifuge-js 5.8
+        /// sends them); unknown bits are ignored.
+        pub flag: i64,
     }
+}
+
+impl SubscribeRequest {
+    /// Channel compaction: pushes may name the channel by a number instead. Not given:
+    /// Plexus's pushes always name the channel, which every SDK reads.
+    pub const CHANNEL_COMPACTION: i64 = 1;
+    /// A recovering subscribe that cannot recover everything fails with 112 instead of
+    /// succeeding with `recovered: false` (centrifuge-js with `getState` then reloads the
+    /// application's state and subscribes from its new position).
+    pub const REJECT_UNRECOVERED: i64 = 2;
 }
 
 message! {

@@ -1061,6 +1061,16 @@ async fn subscribe_command(
     )
     .await
     {
+        Ok(result)
+            if result.was_recovering
+                && !result.recovered
+                && request.flag & proto::SubscribeRequest::REJECT_UNRECOVERED != 0 =>
+        {
+            // Asked to fail rather than go on with a gap: undone, and 112.
+            connected.channels.remove(channel);
+            shared.node.unsubscribe(channel, &connected.info).await;
+            ErrorCode::UnrecoverablePosition.into()
+        }
         Ok(mut result) => {
             result.data = subscribe_data;
             if let Some(at) = expires_at {
