@@ -54,8 +54,7 @@ pub const REFRESH: Duration = Duration::from_secs(10);
 /// The shortest time between two refreshes of the slot map.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 
-/// How long a call waits before it is sent again after `TRYAGAIN`, or after a redirection to
-/// a master this node has no writer for (by its slot, once the map was read again).
+/// How long a call waits before it is sent again after `TRYAGAIN`.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// CRC16/XMODEM (polynomial 0x1021, initial value 0), the checksum Redis Cluster hashes keys
@@ -105,7 +104,7 @@ pub fn channel_slot(channel: &str) -> u16 {
 }
 
 /// A master's address as `CLUSTER SLOTS` gives it.
-type Address = (String, u16);
+pub(crate) type Address = (String, u16);
 
 /// One slot range of `CLUSTER SLOTS` and its master.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +250,8 @@ pub(crate) struct Redirections {
 struct Held {
     queue: VecDeque<HeldCall>,
     per_slot: HashMap<u16, usize>,
+    /// The engine is stopping: nothing is held any more.
+    closed: bool,
 }
 
 struct HeldCall {
@@ -268,14 +269,19 @@ impl Redirections {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A call Redis redirected (the writer counted it in its route): held for the router,
-    /// `TRYAGAIN` for [`RETRY_PAUSE`].
-    pub(crate) fn push(&self, request: Request, redirect: Redirect) {
+    /// A call Redis redirected (the writer counted it in its route), from the writer of the
+    /// master at `here`: held for the router, `TRYAGAIN` for [`RETRY_PAUSE`] (and, if it was
+    /// sent after `ASKING`, to be sent to `here` again the same way: the map still names the
+    /// master the slot leaves).
+    pub(crate) fn push(&self, request: Request, redirect: Redirect, here: &Address) {
         let now = tokio::time::Instant::now();
         let (due, to, counter) = match redirect {
             Redirect::Moved(host, port) => (now, Some((host, port)), &self.moved),
             Redirect::Ask(host, port) => (now, Some((host, port)), &self.asked),
-            Redirect::TryAgain => (now + RETRY_PAUSE, None, &self.tried_again),
+            Redirect::TryAgain => {
+                let to = request.route.asking.then(|| here.clone());
+                (now + RETRY_PAUSE, to, &self.tried_again)
+            }
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.hold(HeldCall { due, request, to });
@@ -283,6 +289,15 @@ impl Redirections {
 
     fn hold(&self, call: HeldCall) {
         let mut held = self.lock();
+        if held.closed {
+            drop(held);
+            let why = "the redis engine is stopping";
+            let _ = call
+                .request
+                .reply
+                .send(Err(LinkError::Disconnected(why.into())));
+            return;
+        }
         let was_empty = held.queue.is_empty();
         *held.per_slot.entry(call.request.route.slot).or_default() += 1;
         held.queue.push_back(call);
@@ -296,7 +311,7 @@ impl Redirections {
     fn behind(&self, slot: u16, request: Request) -> Option<Request> {
         let mut held = self.lock();
         let Some(count) = held.per_slot.get_mut(&slot) else {
-            return Some(request);
+            return Some(request); // none held (or the engine is stopping)
         };
         *count += 1;
         held.queue.push_back(HeldCall {
@@ -307,24 +322,43 @@ impl Redirections {
         None
     }
 
-    /// The held calls due now, in order; and when the next one is due.
+    /// The held calls due now, in order; and when the next one is due. They still count as
+    /// held (their slot's new calls wait) until [`Redirections::sent`].
     fn take_due(&self, into: &mut Vec<HeldCall>) -> Option<tokio::time::Instant> {
         let now = tokio::time::Instant::now();
         let mut held = self.lock();
         while held.queue.front().is_some_and(|call| call.due <= now) {
-            let call = held.queue.pop_front().expect("a front");
-            let slot = call.request.route.slot;
-            if let std::collections::hash_map::Entry::Occupied(mut count) =
-                held.per_slot.entry(slot)
-            {
-                *count.get_mut() -= 1;
-                if *count.get() == 0 {
-                    count.remove();
-                }
-            }
-            into.push(call);
+            into.push(held.queue.pop_front().expect("a front"));
         }
         held.queue.front().map(|call| call.due)
+    }
+
+    /// A call of `slot` taken by [`Redirections::take_due`] was queued on a writer: the
+    /// slot's new calls need not wait for it any more.
+    fn sent(&self, slot: u16) {
+        let mut held = self.lock();
+        if let std::collections::hash_map::Entry::Occupied(mut count) = held.per_slot.entry(slot) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+    }
+
+    /// Shutdown: every held call fails, and new ones are no longer held.
+    fn close(&self) {
+        let mut held = self.lock();
+        held.closed = true;
+        held.per_slot.clear();
+        let calls = std::mem::take(&mut held.queue);
+        drop(held);
+        for call in calls {
+            let why = "the redis engine is stopping";
+            let _ = call
+                .request
+                .reply
+                .send(Err(LinkError::Disconnected(why.into())));
+        }
     }
 }
 
@@ -425,7 +459,9 @@ impl Router {
         loop {
             let next = self.redirections.take_due(&mut due);
             for call in due.drain(..) {
+                let slot = call.request.route.slot;
                 self.send_on(call);
+                self.redirections.sent(slot);
             }
             let sleep = async {
                 match next {
@@ -439,7 +475,8 @@ impl Router {
                 () = sleep => {}
             }
         }
-        for writer in crate::cluster::lock_map(&self.adhoc).values() {
+        self.redirections.close();
+        for writer in lock_map(&self.adhoc).values() {
             writer.stop.cancel();
         }
     }
@@ -482,18 +519,27 @@ impl Router {
     /// The queue of a writer to `address`, a master the map does not list (yet): started
     /// now if there is none.
     fn adhoc_writer(&self, address: &Address) -> Option<mpsc::UnboundedSender<Request>> {
+        // Under this lock, which `install` holds while it adopts these writers and publishes
+        // its routes: a map that lists the master now has its writer.
         let mut adhoc = lock_map(&self.adhoc);
         if let Some(writer) = adhoc.get(address) {
             return Some(writer.queue.clone());
         }
-        let writer = self.start_writer(address)?;
+        if let Some(routes) = &self.lock().routes {
+            if let Some(&i) = routes.by_address.get(address) {
+                return Some(routes.queues[i].clone());
+            }
+        }
+        // Not counted in readiness: a redirection may name a master that is gone.
+        let writer = self.start_writer(address, &Arc::new(Health::new(1, 0)))?;
         let queue = writer.queue.clone();
         adhoc.insert(address.clone(), writer);
         Some(queue)
     }
 
-    /// A writer for the master at `address` (`None` if no client can be made for it).
-    fn start_writer(&self, address: &Address) -> Option<NodeWriter> {
+    /// A writer for the master at `address` (`None` if no client can be made for it), down
+    /// in `health` until it connects.
+    fn start_writer(&self, address: &Address, health: &Arc<Health>) -> Option<NodeWriter> {
         let name: Arc<str> = format!("{}:{}", address.0, address.1).into();
         let client = match self.template.client(&address.0, address.1) {
             Ok(client) => client,
@@ -504,14 +550,17 @@ impl Router {
         };
         let stop = self.cancel.child_token();
         let (queue, requests) = mpsc::unbounded_channel();
-        self.health.writers_down.fetch_add(1, Ordering::AcqRel);
+        if Arc::ptr_eq(health, &self.health) {
+            health.writers_down.fetch_add(1, Ordering::AcqRel);
+        }
         let writer = Writer::new(
             name,
             Source::direct(client),
-            self.health.clone(),
+            health.clone(),
             Some(ClusterLink {
                 stale_map: self.stale.clone(),
                 redirections: self.redirections.clone(),
+                address: address.clone(),
             }),
         );
         tokio::spawn(writer.run(requests, stop.clone()));
@@ -644,11 +693,15 @@ impl Router {
         let mut slots = vec![u16::MAX; SLOTS];
         let mut queues = Vec::with_capacity(masters.len());
         let mut served = Vec::with_capacity(masters.len());
+        // Held until the routes are published (see `adhoc_writer`).
+        let mut adhoc = lock_map(&self.adhoc);
         for master in &masters {
             if !writers.contains_key(master) {
-                // A writer started for a redirection to this master, or a new one.
-                let writer = lock_map(&self.adhoc).remove(master);
-                let Some(writer) = writer.or_else(|| self.start_writer(master)) else {
+                // A writer started for a redirection to this master (still not counted in
+                // readiness: the master's pub/sub connection is), or a new one.
+                let writer = adhoc.remove(master);
+                let Some(writer) = writer.or_else(|| self.start_writer(master, &self.health))
+                else {
                     // A bad address from the cluster itself: its slots fail as unavailable
                     // (and ask for the map again) until the map changes.
                     continue;

@@ -191,6 +191,8 @@ pub(crate) struct ClusterLink {
     pub stale_map: Arc<Notify>,
     /// Calls Redis redirected, for the router to send on.
     pub redirections: Arc<crate::cluster::Redirections>,
+    /// The master this writer writes to.
+    pub address: crate::cluster::Address,
 }
 
 /// The queues of the writers.
@@ -464,9 +466,9 @@ impl Writer {
                                 // Followed whether or not the caller still waits: a call is
                                 // ordered when it is made (an engine's promise).
                                 let route = match redirect {
+                                    // After `ASKING`, again to this master the same way.
                                     Redirect::TryAgain if route.tries < MAX_TRIES => Some(Route {
                                         tries: route.tries + 1,
-                                        asking: false,
                                         ..route
                                     }),
                                     Redirect::Moved(..) | Redirect::Ask(..)
@@ -486,7 +488,9 @@ impl Writer {
                                         reply,
                                         route,
                                     };
-                                    cluster.redirections.push(request, redirect);
+                                    cluster
+                                        .redirections
+                                        .push(request, redirect, &cluster.address);
                                     continue;
                                 }
                             }

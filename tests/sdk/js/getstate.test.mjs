@@ -70,3 +70,39 @@ test('a position it can recover from: getState once, the missed publications rec
   assert.deepEqual(seen.map((ctx) => ctx.data.n), [2, 3]);
   assert.equal(loads, 1);
 });
+
+test('cache mode, a channel still empty: the state of its empty stream is taken, not reloaded for ever', async (t) => {
+  const config = `
+[[namespaces]]
+name = "state"
+history_size = 1
+history_ttl = "1h"
+recover = true
+force_recovery_mode = "cache"
+`;
+  const { recorder, server } = await setup(t, FILE, { config });
+  const channel = room('value', 'state');
+  // The application reads the stream's top position first, as centrifuge-js's docs say.
+  const { result: top } = await server.api('history', { channel, limit: 0 });
+  assert.equal(top.offset ?? 0, 0);
+  let loads = 0;
+  const ann = client(server, recorder, 'ann', { token: token('u1') });
+  const sub = watch(recorder, 'ann', ann.newSubscription(channel, {
+    getState: async () => {
+      loads += 1;
+      return { offset: 0, epoch: top.epoch };
+    },
+    minResubscribeDelay: 50,
+    maxResubscribeDelay: 200,
+  }));
+  const seen = collect(sub);
+  const subscribed = [];
+  sub.on('subscribed', (ctx) => subscribed.push(ctx));
+  ann.connect();
+  sub.subscribe();
+  await until(() => subscribed.length === 1, 'subscribed', 8_000);
+  assert.equal(loads, 1, 'getState once');
+  await server.publish(channel, { v: 1 });
+  await until(() => seen.length === 1, 'the live publication');
+  assert.equal(loads, 1);
+});

@@ -1064,9 +1064,12 @@ async fn subscribe_command(
         Ok(result)
             if result.was_recovering
                 && !result.recovered
+                && !(result.offset == 0 && result.epoch == request.epoch)
                 && request.flag & proto::SubscribeRequest::REJECT_UNRECOVERED != 0 =>
         {
-            // Asked to fail rather than go on with a gap: undone, and 112.
+            // Asked to fail rather than go on with a gap: undone, and 112. (A stream still
+            // empty in the client's epoch has nothing to miss: cache mode answers it
+            // `recovered: false`, which must not send the SDK back to its state for ever.)
             connected.channels.remove(channel);
             shared.node.unsubscribe(channel, &connected.info).await;
             ErrorCode::UnrecoverablePosition.into()
