@@ -254,6 +254,17 @@ struct Held {
     closed: bool,
 }
 
+impl HeldCall {
+    /// Answers the caller: the engine stops, the call is not sent on.
+    fn stopping(self) {
+        let why = "the redis engine is stopping";
+        let _ = self
+            .request
+            .reply
+            .send(Err(LinkError::Disconnected(why.into())));
+    }
+}
+
 struct HeldCall {
     /// Not sent on before this.
     due: tokio::time::Instant,
@@ -291,11 +302,7 @@ impl Redirections {
         let mut held = self.lock();
         if held.closed {
             drop(held);
-            let why = "the redis engine is stopping";
-            let _ = call
-                .request
-                .reply
-                .send(Err(LinkError::Disconnected(why.into())));
+            call.stopping();
             return;
         }
         let was_empty = held.queue.is_empty();
@@ -353,11 +360,7 @@ impl Redirections {
         let calls = std::mem::take(&mut held.queue);
         drop(held);
         for call in calls {
-            let why = "the redis engine is stopping";
-            let _ = call
-                .request
-                .reply
-                .send(Err(LinkError::Disconnected(why.into())));
+            call.stopping();
         }
     }
 }
@@ -531,14 +534,14 @@ impl Router {
             }
         }
         // Not counted in readiness: a redirection may name a master that is gone.
-        let writer = self.start_writer(address, &Arc::new(Health::new(1, 0)))?;
+        let writer = self.start_writer(address, &Arc::new(Health::new(0, 0)))?;
         let queue = writer.queue.clone();
         adhoc.insert(address.clone(), writer);
         Some(queue)
     }
 
-    /// A writer for the master at `address` (`None` if no client can be made for it), down
-    /// in `health` until it connects.
+    /// A writer for the master at `address` (`None` if no client can be made for it),
+    /// counted down in `health` until it connects.
     fn start_writer(&self, address: &Address, health: &Arc<Health>) -> Option<NodeWriter> {
         let name: Arc<str> = format!("{}:{}", address.0, address.1).into();
         let client = match self.template.client(&address.0, address.1) {
@@ -550,9 +553,7 @@ impl Router {
         };
         let stop = self.cancel.child_token();
         let (queue, requests) = mpsc::unbounded_channel();
-        if Arc::ptr_eq(health, &self.health) {
-            health.writers_down.fetch_add(1, Ordering::AcqRel);
-        }
+        health.writers_down.fetch_add(1, Ordering::AcqRel);
         let writer = Writer::new(
             name,
             Source::direct(client),
